@@ -1,0 +1,39 @@
+# embedft — `make help` lists the targets. A newcomer needs two: `make train` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch keeps installs small; on a GPU machine use `make setup TORCH=torch`.
+TORCH ?= torch==2.13.0
+CONFIG ?= experiments/default.yaml
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help setup train test test-fast bench-pricerunner bench-encode ui clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed ## Create .venv and install embedft with its dev extras
+
+train: setup ## Train the default experiment (or CONFIG=path)
+	$(PY) -m embedft train $(CONFIG)
+
+test: setup ## Run the test-suite
+	$(PY) -m pytest -q
+
+bench-pricerunner: setup ## Train + evaluate on real PriceRunner data (../shared/datasets), ~30 min on 2 cores
+	$(PY) -m embedft train experiments/pricerunner-matching.yaml --no-progress
+
+ui: setup ## MLflow UI on the local SQLite store, bound to 127.0.0.1
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean: ## Remove runs, the MLflow store and caches (not .venv)
+	rm -rf runs mlflow.db mlartifacts .pytest_cache

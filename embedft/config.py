@@ -1,0 +1,419 @@
+"""Typed, frozen configuration: the only place defaults live.
+
+An experiment YAML is one of these dataclasses written down; `-o key=value` on the
+command line overrides the YAML. Everything is validated here, before any model or
+data is loaded, with messages that name the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the field and the fix."""
+
+
+Column = Union[str, int]
+POLICIES = ("error", "warn", "drop")
+
+
+def _check(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: {msg}")
+
+
+def _check_policy(section: str, name: str, value: str) -> None:
+    _check(value in POLICIES, f"{section}.{name}", f"must be one of {POLICIES}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from, their shape, the split and the validation policy."""
+
+    train: str | None = None  # CSV/TSV/JSONL/Parquet file, save_to_disk folder, or hub name
+    eval: str | None = None  # given eval file; None = deterministic split of `train`
+    format: str = "auto"  # auto|csv|tsv|jsonl|parquet|disk|hub
+    header: bool = True  # CSV/TSV only: False when the file has no header row
+    hub_split: str = "train"  # for format=hub
+    # labeled: (text, label); grouped: (text, group[, label]); pairs: (query, positive[, negatives])
+    shape: str = "labeled"
+    text_column: Column = "text"
+    label_column: Column | None = "label"
+    group_column: Column | None = "group"
+    query_column: Column = "query"
+    positive_column: Column = "positive"
+    negative_columns: tuple[Column, ...] = ()
+    # given: `eval` file; hash: deterministic by label/group; modulo: eval when int(group) % split_modulo == 0
+    split: str = "hash"
+    eval_fraction: float = 0.2
+    split_modulo: int = 5
+    split_seed: int = 13
+    max_train_rows: int | None = None  # subsample (deterministic) for quick runs
+    max_eval_rows: int | None = None
+    # Validation policy per problem: error (default, names rows and this option), warn, drop.
+    on_empty_text: str = "error"
+    on_singleton: str = "error"  # label/group with a single example in train
+    on_duplicate: str = "error"  # exact duplicate texts in train
+    on_overlap: str = "error"  # identical text in train and eval
+
+    def __post_init__(self) -> None:
+        _check(self.format in ("auto", "csv", "tsv", "jsonl", "parquet", "disk", "hub"), "data.format",
+               f"unknown format {self.format!r}; use auto, csv, tsv, jsonl, parquet, disk or hub")
+        _check(self.shape in ("labeled", "grouped", "pairs"), "data.shape",
+               f"unknown shape {self.shape!r}; use labeled, grouped or pairs")
+        _check(self.split in ("given", "hash", "modulo"), "data.split",
+               f"unknown split {self.split!r}; use given, hash or modulo")
+        _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+        _check(self.split_modulo >= 2, "data.split_modulo", f"must be >= 2, got {self.split_modulo}")
+        if self.split == "given":
+            _check(self.eval is not None, "data.eval", "split=given needs an eval file; set data.eval or use split=hash")
+        if self.shape == "grouped":
+            _check(self.group_column is not None, "data.group_column", "shape=grouped needs a group column")
+        if self.shape == "labeled":
+            _check(self.label_column is not None, "data.label_column", "shape=labeled needs a label column")
+        for n in ("max_train_rows", "max_eval_rows"):
+            v = getattr(self, n)
+            _check(v is None or v > 0, f"data.{n}", f"must be positive or null, got {v}")
+        for n in ("on_empty_text", "on_singleton", "on_duplicate", "on_overlap"):
+            _check_policy("data", n, getattr(self, n))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base encoder and how it embeds text."""
+
+    name: str = "minilm"  # hub id, local folder, or alias (minilm)
+    family: str = "auto"  # auto|bert|decoder: decides pooling, padding side, prompts and LoRA targets
+    pooling: str = "auto"  # auto (the model's own sentence-transformers config)|mean|cls|lasttoken
+    max_length: int = 128
+    normalize: bool = True
+    # Decoder embedders (Qwen3-Embedding): instruction applied to queries only.
+    query_instruction: str | None = None  # e.g. "Instruct: {task}\nQuery:{text}"; null = family default
+    task: str = "Given a query, retrieve relevant passages that answer the query"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "must be set (hub id, local folder or 'minilm')")
+        _check(self.family in ("auto", "bert", "decoder"), "model.family",
+               f"unknown family {self.family!r}; use auto, bert or decoder")
+        _check(self.pooling in ("auto", "mean", "cls", "lasttoken"), "model.pooling",
+               f"unknown pooling {self.pooling!r}; use auto, mean, cls or lasttoken")
+        _check(self.max_length >= 4, "model.max_length", f"must be >= 4, got {self.max_length}")
+        if self.query_instruction is not None:
+            _check("{text}" in self.query_instruction, "model.query_instruction",
+                   "must contain {text} (and may contain {task})")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters; by default on the attention Q, K and V projections of the family."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] | None = None  # null = the family's Q/K/V
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "lora.r", f"rank must be >= 1, got {self.r}")
+        _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None:
+            _check(len(self.target_modules) > 0, "lora.target_modules", "must be null or a non-empty list")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """InfoNCE over in-batch (and hard) negatives."""
+
+    temperature: float = 0.05  # a temperature: logits = cos / temperature (scale = 20)
+    symmetric: bool = False  # add the positive->anchor direction
+    hard_negatives: int = 0  # per anchor, from the data's negative columns (pairs) or mined (grouped/labeled)
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.temperature <= 1.0, "loss.temperature", f"must be in (0, 1], got {self.temperature}")
+        _check(self.hard_negatives >= 0, "loss.hard_negatives", f"must be >= 0, got {self.hard_negatives}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = 1
+    max_steps: int | None = None  # stop early after this many optimizer steps
+    batch_size: int = 64  # anchors per step (each brings a positive)
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None  # overrides warmup_ratio when set
+    scheduler: str = "linear"  # linear|cosine|constant
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    device: str = "auto"  # auto|cpu|cuda
+    # random: anchors shuffled; by_label: each batch drawn from one label (harder in-batch negatives)
+    batch_sampling: str = "random"
+    mini_batch_size: int | None = None  # cached negatives (GradCache): embed in chunks of this size
+    output_dir: str = "runs/{name}"
+    log_every: int = 10
+    eval_every_epoch: bool = True
+    val_max_queries: int = 1000  # per-epoch validation recall@10 on at most this many queries
+    threads: int | None = None  # torch CPU threads; null = torch's default
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
+        _check(self.batch_size >= 2, "train.batch_size", f"must be >= 2 (in-batch negatives), got {self.batch_size}")
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", f"learning rate must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "train.warmup_steps",
+               f"must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps is not None and self.max_steps is not None:
+            _check(self.warmup_steps <= self.max_steps, "train.warmup_steps",
+                   f"warmup ({self.warmup_steps}) is longer than training (max_steps={self.max_steps}); lower it")
+        _check(self.scheduler in ("linear", "cosine", "constant"), "train.scheduler",
+               f"unknown scheduler {self.scheduler!r}; use linear, cosine or constant")
+        _check(self.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device",
+               f"unknown device {self.device!r}; use auto, cpu or cuda")
+        _check(self.batch_sampling in ("random", "by_label"), "train.batch_sampling",
+               f"unknown batch_sampling {self.batch_sampling!r}; use random or by_label")
+        if self.mini_batch_size is not None:
+            _check(1 <= self.mini_batch_size, "train.mini_batch_size", f"must be >= 1, got {self.mini_batch_size}")
+        _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _check(self.val_max_queries >= 1, "train.val_max_queries", f"must be >= 1, got {self.val_max_queries}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation with FAISS: retrieval and kNN classification, base vs adapted."""
+
+    tasks: tuple[str, ...] = ("retrieval", "classification")
+    ks: tuple[int, ...] = (1, 5, 10, 100)
+    knn_k: int = 10
+    knn_weighted: bool = True
+    indexes: tuple[str, ...] = ()  # FAISS factory strings next to exact search, e.g. HNSW32, IVF256,Flat
+    linear_probe: bool = False
+    batch_size: int = 256
+    compare_base: bool = True
+    output_dir: str | None = None  # default: the run's output_dir / eval
+
+    def __post_init__(self) -> None:
+        for t in self.tasks:
+            _check(t in ("retrieval", "classification"), "eval.tasks", f"unknown task {t!r}; use retrieval, classification")
+        _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks", f"must be positive integers, got {self.ks}")
+        _check(self.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {self.knn_k}")
+        _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking. Default store: SQLite file in the working directory."""
+
+    enabled: bool = True
+    uri: str | None = None  # null = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str | None = None  # null = the experiment's name
+    run_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Merged export of the trained encoder."""
+
+    n_probe: int = 64  # probe texts saved with the export for parity checks
+    min_cosine: float = 0.99999
+    max_abs_diff: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check(self.n_probe >= 1, "export.n_probe", f"must be >= 1, got {self.n_probe}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: every stage's section."""
+
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+
+    @property
+    def output_dir(self) -> Path:
+        """The run folder, with {name} filled in."""
+        return Path(self.train.output_dir.format(name=self.name))
+
+
+# ---------------------------------------------------------------------------------------
+# Building configs from dicts, YAML files and -o overrides
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Coerce a YAML value into the annotated type; reject what does not fit."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if origin is Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: may not be null")
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of the allowed types")
+    if origin is tuple:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner, *_rest) = get_args(tp)
+        return tuple(_coerce(v, inner, where) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, values: dict, where: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(str(k), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where + '.' if where else ''}{k}: unknown key{hint}; valid keys: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> ExperimentConfig:
+    """Build and validate an ExperimentConfig from a nested dict."""
+    return _build(ExperimentConfig, values or {})
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. -o train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML reads 1e-4 as a string; numbers in scientific notation are common in lr overrides.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") else int(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Return a copy of the nested dict with `a.b=value` overrides applied."""
+    import copy
+
+    out = copy.deepcopy(values or {})
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read an experiment YAML into a dict, with a clear error for a missing or bad file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found; pass an experiment YAML such as experiments/default.yaml")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections (data, model, lora, ...)")
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load an experiment YAML (or the defaults when path is None) and apply overrides."""
+    values = read_yaml(path) if path is not None else {}
+    values = apply_overrides(values, overrides)
+    try:
+        cfg = config_from_dict(values)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+    # Relative data paths in a YAML are relative to the working directory (the repo root),
+    # which is where the Makefile and README run commands.
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """Nested plain dict (tuples as lists) for YAML/JSON/MLflow."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (loadable again with load_config)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,486 @@
+"""Data: read files into validated examples, split them, and sample training batches.
+
+Three shapes: labeled texts (text, label), grouped texts (text, group[, label]) and
+pairs (query, positive[, negatives]). Everything here is checked before a model is
+loaded; problems are reported with the file, the row numbers and the option to change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from embedft.config import Column, DataConfig
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the rows and the fix."""
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Validated rows of one split. For pairs, `texts` holds the queries."""
+
+    shape: str
+    source: str
+    rows: np.ndarray  # (N,) 1-based row numbers in the source file, for messages
+    texts: list[str]
+    groups: list[str] | None = None  # positives share a group (grouped) or a label (labeled)
+    labels: list[str] | None = None  # class labels for kNN classification
+    positives: list[str] | None = None  # pairs
+    negatives: list[list[str]] | None = None  # pairs, hard negatives per row
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, idx: np.ndarray) -> "Examples":
+        """A subset of rows (idx: integer positions)."""
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        return replace(self, rows=self.rows[idx], texts=pick(self.texts), groups=pick(self.groups),
+                       labels=pick(self.labels), positives=pick(self.positives), negatives=pick(self.negatives))
+
+    def all_texts(self) -> list[str]:
+        """Every text of the split (queries, positives and negatives for pairs)."""
+        out = list(self.texts)
+        if self.positives is not None:
+            out += self.positives
+        if self.negatives is not None:
+            out += [t for ns in self.negatives for t in ns]
+        return out
+
+    def digest(self) -> str:
+        """A content digest (for tracking and model cards)."""
+        h = hashlib.sha256()
+        for i in range(len(self)):
+            for part in (self.texts[i], self.groups and self.groups[i], self.labels and self.labels[i],
+                         self.positives and self.positives[i]):
+                h.update(str(part).encode())
+                h.update(b"\x1f")
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class DataReport:
+    """Counts of what validation found and did, logged with the run."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, key: str, n: int) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+def _detect_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    p = Path(path)
+    if p.is_dir():
+        return "disk"
+    suffix = "".join(p.suffixes[-2:]).lower() if p.suffix.lower() == ".gz" else p.suffix.lower()
+    for ext, name in ((".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".json", "jsonl"),
+                      (".parquet", "parquet"), (".pq", "parquet")):
+        if suffix.startswith(ext):
+            return name
+    if not p.exists() and "/" in path and not path.startswith((".", "/")):
+        return "hub"
+    raise DataError(f"{path}: cannot tell the file format from its name; set data.format "
+                    "(csv, tsv, jsonl, parquet, disk or hub)")
+
+
+def read_table(path: str, cfg: DataConfig):
+    """Read a file, folder or hub dataset into a pandas DataFrame (all columns as read)."""
+    import pandas as pd
+
+    fmt = _detect_format(path, cfg.format)
+    if fmt != "hub" and not Path(path).exists():
+        raise DataError(f"{path}: file not found; check data.train / data.eval (paths are relative to "
+                        f"the directory you run embedft from: {Path.cwd()})")
+    try:
+        if fmt in ("csv", "tsv"):
+            sep = "\t" if fmt == "tsv" else ","
+            df = pd.read_csv(path, sep=sep, header=0 if cfg.header else None, dtype=str,
+                             keep_default_na=False, na_values=["", "NaN", "nan", "NA", "null", "None"])
+        elif fmt == "jsonl":
+            df = pd.read_json(path, lines=True, dtype=False)
+        elif fmt == "parquet":
+            df = pd.read_parquet(path)
+        elif fmt == "disk":
+            import datasets
+
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[cfg.hub_split]
+            df = ds.to_pandas()
+        else:  # hub: needs internet; kept for users who have it
+            import datasets
+
+            df = datasets.load_dataset(path, split=cfg.hub_split).to_pandas()
+    except DataError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty; it needs at least one data row") from None
+    except Exception as e:  # parser errors carry the line; add the file and the fix
+        raise DataError(f"{path}: could not read as {fmt}: {e}. Set data.format if the extension is misleading") from e
+    if len(df) == 0:
+        raise DataError(f"{path}: the file has no data rows")
+    return df
+
+
+def _column(df, col: Column, path: str, option: str):
+    if isinstance(col, int):
+        if not 0 <= col < df.shape[1]:
+            raise DataError(f"{path}: {option}={col} but the file has {df.shape[1]} columns (0-based index)")
+        return df.iloc[:, col]
+    if col not in df.columns:
+        names = ", ".join(map(str, df.columns))
+        hint = " (the file may have no header row: set data.header=false and use column numbers)" if all(
+            str(c).isdigit() for c in df.columns) is False and df.shape[0] > 0 else ""
+        raise DataError(f"{path}: missing column {col!r} for {option}; columns are: {names}{hint}")
+    return df[col]
+
+
+def _texts(series) -> list[str]:
+    return ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in series.tolist()]
+
+
+def load_examples(path: str, cfg: DataConfig) -> Examples:
+    """Read one split into Examples of the configured shape (not yet validated)."""
+    df = read_table(path, cfg)
+    rows = np.arange(len(df)) + (2 if cfg.header and _detect_format(path, cfg.format) in ("csv", "tsv") else 1)
+    if cfg.shape == "pairs":
+        texts = _texts(_column(df, cfg.query_column, path, "data.query_column"))
+        positives = _texts(_column(df, cfg.positive_column, path, "data.positive_column"))
+        negatives = None
+        if cfg.negative_columns:
+            cols = [_texts(_column(df, c, path, "data.negative_columns")) for c in cfg.negative_columns]
+            negatives = [[c[i] for c in cols] for i in range(len(df))]
+        return Examples("pairs", path, rows, texts, positives=positives, negatives=negatives)
+    texts = _texts(_column(df, cfg.text_column, path, "data.text_column"))
+    labels = None
+    if cfg.label_column is not None and (cfg.shape == "labeled" or _has_column(df, cfg.label_column)):
+        labels = _texts(_column(df, cfg.label_column, path, "data.label_column"))
+    if cfg.shape == "labeled":
+        return Examples("labeled", path, rows, texts, groups=labels, labels=labels)
+    groups = _texts(_column(df, cfg.group_column, path, "data.group_column"))
+    return Examples("grouped", path, rows, texts, groups=groups, labels=labels)
+
+
+def _has_column(df, col: Column) -> bool:
+    return (0 <= col < df.shape[1]) if isinstance(col, int) else col in df.columns
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+
+
+def _rows_str(rows: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:limit])
+    return shown + (f" ... ({len(rows)} rows)" if len(rows) > limit else "")
+
+
+def _apply_policy(ex: Examples, bad: np.ndarray, policy: str, option: str, what: str,
+                  report: DataReport, key: str) -> Examples:
+    """Act on a boolean mask of bad rows: error / warn / drop, as the policy says."""
+    n = int(bad.sum())
+    if n == 0:
+        return ex
+    report.add(key, n)
+    msg = f"{ex.source}: {n} {what} at rows {_rows_str(ex.rows[bad])}"
+    if policy == "error":
+        raise DataError(f"{msg}. Fix the data, or set {option}=drop (remove them) or {option}=warn (keep them)")
+    if policy == "warn":
+        report.warnings.append(msg)
+        log.warning(msg)
+        return ex
+    log.info("%s: dropped (%s=drop)", msg, option)
+    return ex.take(np.flatnonzero(~bad))
+
+
+def _empty_mask(ex: Examples) -> np.ndarray:
+    bad = np.array([not t.strip() for t in ex.texts], dtype=bool)
+    for col in (ex.positives, ex.groups):
+        if col is not None:
+            bad |= np.array([not t.strip() for t in col], dtype=bool)
+    return bad
+
+
+def validate_split(ex: Examples, cfg: DataConfig, report: DataReport, role: str) -> Examples:
+    """Empty texts (any split); single-member groups and duplicate texts (train only)."""
+    ex = _apply_policy(ex, _empty_mask(ex), cfg.on_empty_text, "data.on_empty_text",
+                       "empty or missing texts/groups", report, f"{role}_empty")
+    if len(ex) == 0:
+        raise DataError(f"{ex.source}: no usable rows left after removing empty texts")
+    if role != "train":
+        return ex
+    texts = np.array(ex.texts, dtype=object)
+    _, first = np.unique(texts, return_index=True)
+    dup = np.ones(len(ex), dtype=bool)
+    dup[first] = False
+    ex = _apply_policy(ex, dup, cfg.on_duplicate, "data.on_duplicate", "exact duplicate texts (first kept)",
+                       report, "train_duplicate")
+    if ex.groups is not None:
+        keys, inverse, counts = np.unique(np.array(ex.groups, dtype=object), return_inverse=True, return_counts=True)
+        single = counts[inverse] == 1
+        what = "labels" if ex.shape == "labeled" else "groups"
+        ex = _apply_policy(ex, single, cfg.on_singleton, "data.on_singleton",
+                           f"{what} with a single example (no positive to pair with)", report, "train_singleton")
+    if len(ex) < 2:
+        raise DataError(f"{ex.source}: fewer than 2 usable training rows after validation")
+    return ex
+
+
+def check_overlap(train: Examples, eval_: Examples, cfg: DataConfig, report: DataReport) -> Examples:
+    """Texts present in both splits leak the answer; the policy acts on the train side."""
+    eval_texts = set(eval_.all_texts())
+    bad = np.array([t in eval_texts for t in train.texts], dtype=bool)
+    if train.positives is not None:
+        bad |= np.array([t in eval_texts for t in train.positives], dtype=bool)
+    return _apply_policy(train, bad, cfg.on_overlap, "data.on_overlap", "train texts that also appear in the eval split",
+                         report, "train_eval_overlap")
+
+
+# ---------------------------------------------------------------------------------------
+# Splits
+
+
+def _stable_hash(s: str, seed: int) -> float:
+    d = hashlib.blake2b(f"{seed}:{s}".encode(), digest_size=8).digest()
+    return int.from_bytes(d, "little") / 2**64
+
+
+def split_examples(ex: Examples, cfg: DataConfig) -> tuple[Examples, Examples]:
+    """Deterministic split: whole groups (grouped), whole texts (labeled) or whole queries (pairs)."""
+    if ex.shape == "grouped":
+        keys = ex.groups
+    else:
+        keys = ex.texts
+    if cfg.split == "modulo":
+        if ex.shape != "grouped":
+            raise DataError("data.split=modulo needs grouped data with integer group ids; use split=hash")
+        try:
+            is_eval = np.array([int(g) % cfg.split_modulo == 0 for g in keys], dtype=bool)
+        except ValueError:
+            raise DataError(f"{ex.source}: data.split=modulo needs integer group ids; use split=hash") from None
+    else:
+        is_eval = np.array([_stable_hash(k, cfg.split_seed) < cfg.eval_fraction for k in keys], dtype=bool)
+    if is_eval.all() or not is_eval.any():
+        raise DataError(f"{ex.source}: the split left one side empty; change data.eval_fraction or provide data.eval")
+    return ex.take(np.flatnonzero(~is_eval)), ex.take(np.flatnonzero(is_eval))
+
+
+def _subsample(ex: Examples, n: int | None, seed: int) -> Examples:
+    if n is None or n >= len(ex):
+        return ex
+    idx = np.sort(np.random.default_rng(seed).choice(len(ex), size=n, replace=False))
+    return ex.take(idx)
+
+
+def load_splits(cfg: DataConfig) -> tuple[Examples, Examples, DataReport]:
+    """Read, split and validate train and eval examples, as the config says."""
+    if cfg.train is None:
+        raise DataError("data.train is not set; point it at a CSV/TSV/JSONL/Parquet file or a dataset folder")
+    report = DataReport()
+    full = load_examples(cfg.train, cfg)
+    if cfg.split == "given":
+        train, eval_ = full, load_examples(cfg.eval, cfg)
+    else:
+        # Empty texts are handled before splitting so their rows are reported once.
+        full = validate_split(full, replace(cfg, on_duplicate="warn", on_singleton="warn"), DataReport(), "eval") \
+            if cfg.on_empty_text != "error" else full
+        train, eval_ = split_examples(full, cfg)
+    train = _subsample(train, cfg.max_train_rows, cfg.split_seed)
+    eval_ = _subsample(eval_, cfg.max_eval_rows, cfg.split_seed + 1)
+    eval_ = validate_split(eval_, cfg, report, "eval")
+    train = validate_split(train, cfg, report, "train")
+    train = check_overlap(train, eval_, cfg, report)
+    if len(train) < 2:
+        raise DataError(f"{cfg.train}: fewer than 2 training rows remain after the overlap check")
+    report.counts["train_rows"] = len(train)
+    report.counts["eval_rows"] = len(eval_)
+    return train, eval_, report
+
+
+# ---------------------------------------------------------------------------------------
+# Training batches
+
+
+@dataclass(frozen=True)
+class PairSource:
+    """Training examples as ids into one table of unique texts.
+
+    Each anchor has a key; texts with the same key are positives of each other and are
+    never used as in-batch negatives for one another.
+    """
+
+    texts: list[str]  # unique texts
+    anchors: np.ndarray  # (N,) text ids
+    anchor_keys: np.ndarray  # (N,) int
+    text_keys: np.ndarray  # (T,) int key of each text (-1: none)
+    members: dict[int, np.ndarray] | None  # key -> text ids (grouped/labeled)
+    positives: np.ndarray | None  # (N,) text ids (pairs)
+    negatives: np.ndarray | None  # (N, H) text ids (pairs), -1 padded
+    batch_labels: np.ndarray | None  # (N,) int, for by_label sampling
+
+    @property
+    def n_anchors(self) -> int:
+        return len(self.anchors)
+
+
+def build_pair_source(ex: Examples) -> PairSource:
+    """Turn validated training examples into a PairSource."""
+    table: dict[str, int] = {}
+
+    def tid(t: str) -> int:
+        return table.setdefault(t, len(table))
+
+    if ex.shape == "pairs":
+        anchors = np.array([tid(t) for t in ex.texts])
+        positives = np.array([tid(t) for t in ex.positives])
+        negatives = None
+        if ex.negatives:
+            width = max(len(n) for n in ex.negatives)
+            negatives = np.full((len(ex), width), -1, dtype=np.int64)
+            for i, ns in enumerate(ex.negatives):
+                for j, t in enumerate(ns):
+                    if t.strip():
+                        negatives[i, j] = tid(t)
+        # Rows that share a positive are positives of each other: key = positive's text id.
+        anchor_keys = positives.copy()
+        text_keys = np.full(len(table), -1, dtype=np.int64)
+        text_keys[positives] = positives
+        text_keys[anchors] = anchor_keys
+        return PairSource(list(table), anchors, anchor_keys, text_keys, None, positives, negatives, None)
+
+    key_of: dict[str, int] = {}
+    anchors = np.array([tid(t) for t in ex.texts])
+    anchor_keys = np.array([key_of.setdefault(g, len(key_of)) for g in ex.groups])
+    text_keys = np.full(len(table), -1, dtype=np.int64)
+    text_keys[anchors] = anchor_keys
+    members: dict[int, list[int]] = {}
+    for a, k in zip(anchors.tolist(), anchor_keys.tolist()):
+        members.setdefault(k, []).append(a)
+    members_np = {k: np.unique(np.array(v)) for k, v in members.items()}
+    # Anchors need at least one other member to pair with.
+    keep = np.array([len(members_np[k]) >= 2 for k in anchor_keys.tolist()], dtype=bool)
+    batch_labels = None
+    if ex.labels is not None:
+        lab_of: dict[str, int] = {}
+        batch_labels = np.array([lab_of.setdefault(lab, len(lab_of)) for lab in ex.labels])[keep]
+    if not keep.any():
+        raise DataError(f"{ex.source}: no label or group has two different texts, so there are no positive pairs")
+    return PairSource(list(table), anchors[keep], anchor_keys[keep], text_keys, members_np, None, None, batch_labels)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Text ids for one step. Candidates for anchor i are all positives and negatives."""
+
+    anchors: np.ndarray  # (B,)
+    positives: np.ndarray  # (B,)
+    negatives: np.ndarray | None  # (B, H), -1 where missing
+    anchor_keys: np.ndarray  # (B,)
+
+
+def steps_per_epoch(src: PairSource, batch_size: int) -> int:
+    """Full batches per epoch (a ragged last batch is dropped: it would have fewer negatives)."""
+    return src.n_anchors // batch_size
+
+
+def epoch_batches(src: PairSource, batch_size: int, seed: int, epoch: int, sampling: str = "random",
+                  hard_negatives: int = 0, mined: np.ndarray | None = None) -> Iterator[Batch]:
+    """Batches of one epoch, a pure function of (seed, epoch) so a resumed run replays them exactly."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(src.n_anchors)
+    if sampling == "by_label" and src.batch_labels is not None:
+        # Batches drawn from one label: in-batch negatives are then the hard, same-category ones.
+        chunks = []
+        for lab in np.unique(src.batch_labels):
+            idx = order[src.batch_labels[order] == lab]
+            chunks += [idx[i:i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)]
+        leftovers = np.setdiff1d(order, np.concatenate(chunks) if chunks else np.array([], dtype=int))
+        leftovers = rng.permutation(leftovers)
+        chunks += [leftovers[i:i + batch_size] for i in range(0, len(leftovers) - batch_size + 1, batch_size)]
+        batches = [chunks[i] for i in rng.permutation(len(chunks))]
+    else:
+        batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    for idx in batches:
+        anchors = src.anchors[idx]
+        keys = src.anchor_keys[idx]
+        if src.positives is not None:
+            positives = src.positives[idx]
+        else:
+            positives = np.empty(len(idx), dtype=np.int64)
+            for j, (a, k) in enumerate(zip(anchors.tolist(), keys.tolist())):
+                positives[j] = _other_member(src.members[k], a, rng)
+        negatives = None
+        if hard_negatives > 0:
+            if src.negatives is not None:
+                negatives = src.negatives[idx, :hard_negatives]
+            elif mined is not None:
+                negatives = mined[idx, :hard_negatives]
+        yield Batch(anchors, positives, negatives, keys)
+
+
+def _other_member(pool: np.ndarray, anchor: int, rng: np.random.Generator) -> int:
+    """A uniformly random member of the group other than the anchor."""
+    j = int(rng.integers(len(pool) - 1))
+    pos = int(np.searchsorted(pool, anchor))
+    return int(pool[j + 1] if j >= pos else pool[j])
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation tasks built from a split
+
+
+@dataclass(frozen=True)
+class RetrievalTask:
+    """Queries against a corpus with relevance judgements (corpus indices per query)."""
+
+    queries: list[str]
+    corpus: list[str]
+    positives: list[np.ndarray]
+    self_ids: np.ndarray | None  # each query's own corpus index, excluded from its results
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+def retrieval_task(ex: Examples, max_queries: int | None = None, seed: int = 0) -> RetrievalTask:
+    """Grouped/labeled: every item with another of its group queries all others.
+    Pairs: unique queries against the unique positives and negatives."""
+    if ex.shape == "pairs":
+        corpus_of: dict[str, int] = {}
+        for t in ex.positives + [t for ns in (ex.negatives or []) for t in ns if t.strip()]:
+            corpus_of.setdefault(t, len(corpus_of))
+        pos_of: dict[str, set[int]] = {}
+        for q, p in zip(ex.texts, ex.positives):
+            pos_of.setdefault(q, set()).add(corpus_of[p])
+        queries = list(pos_of)
+        positives = [np.array(sorted(pos_of[q])) for q in queries]
+        task = RetrievalTask(queries, list(corpus_of), positives, None)
+    else:
+        groups = np.array(ex.groups, dtype=object)
+        _, inverse = np.unique(groups, return_inverse=True)
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(inverse.tolist()):
+            members.setdefault(g, []).append(i)
+        qidx = [i for i, g in enumerate(inverse.tolist()) if len(members[g]) > 1]
+        positives = [np.array([j for j in members[inverse[i]] if j != i]) for i in qidx]
+        task = RetrievalTask([ex.texts[i] for i in qidx], list(ex.texts), positives, np.array(qidx, dtype=np.int64))
+    if max_queries is not None and len(task) > max_queries:
+        pick = np.sort(np.random.default_rng(seed).choice(len(task), size=max_queries, replace=False))
+        task = RetrievalTask([task.queries[i] for i in pick], task.corpus, [task.positives[i] for i in pick],
+                             None if task.self_ids is None else task.self_ids[pick])
+    return task

@@ -1,0 +1,197 @@
+"""Evaluation with FAISS: retrieval and kNN classification, base vs adapted, one report.
+
+Exact inner-product search is always the reference; any FAISS factory string in
+`eval.indexes` is reported next to it with its recall of the exact top-k and its QPS.
+Every figure comes back in a flat dict with stable keys (`retrieval/recall@10`,
+`classification/macro_f1`, `retrieval/HNSW32/recall@10`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedft.config import EvalConfig
+from embedft.data import Examples, RetrievalTask, retrieval_task
+
+log = logging.getLogger(__name__)
+
+
+class EvalError(ValueError):
+    """The evaluation cannot run as asked; the message says why and what to change."""
+
+
+@dataclass
+class EvalOutput:
+    metrics: dict[str, float]
+    details: dict[str, Any]  # per-class report, confusion matrix, recall curve: for JSON and plots
+
+
+def evaluate_retrieval(q: np.ndarray, c: np.ndarray, task: RetrievalTask, ks: tuple[int, ...],
+                       indexes: tuple[str, ...] = ()) -> EvalOutput:
+    """Recall@k, MRR@10, nDCG@10 by exact search, and the same for each ANN index."""
+    from embedft.index import ann_report, exact_search
+    from embedft.metrics import retrieval_metrics
+
+    if len(task.corpus) == 0 or len(task) == 0:
+        raise EvalError("retrieval: the corpus or the query set is empty; the eval split needs groups with "
+                        "at least two items (grouped data) or query/positive rows (pairs)")
+    n_avail = len(task.corpus) - (1 if task.self_ids is not None else 0)
+    depth = max(max(ks), 10)
+    if depth > n_avail:
+        log.warning("retrieval: k=%d is larger than the corpus (%d items per query); capping at %d",
+                    depth, n_avail, n_avail)
+        depth = n_avail
+    ks_used = tuple(k for k in ks if k <= depth) or (depth,)
+    t0 = time.perf_counter()
+    _, ranked = exact_search(c, q, depth, self_ids=task.self_ids)
+    exact_s = time.perf_counter() - t0
+    metrics = retrieval_metrics(ranked, task.positives, ks=ks_used, prefix="retrieval/")
+    metrics["retrieval/exact/qps"] = len(q) / max(exact_s, 1e-9)
+    curve = {int(k): metrics[f"retrieval/recall@{k}"] for k in ks_used}
+    for factory in indexes:
+        ann, ann_ranked = ann_report(c, q, depth, factory, self_ids=task.self_ids)
+        metrics.update({f"retrieval/{k}": v for k, v in ann.items()})
+        metrics.update(retrieval_metrics(ann_ranked, task.positives, ks=ks_used, prefix=f"retrieval/{factory}/"))
+    return EvalOutput(metrics, {"recall_curve": curve, "n_queries": len(task), "n_corpus": len(task.corpus)})
+
+
+def evaluate_classification(train_emb: np.ndarray, train_labels: list[str], test_emb: np.ndarray,
+                            test_labels: list[str], k: int, weighted: bool = True,
+                            linear_probe: bool = False) -> EvalOutput:
+    """kNN over FAISS (index = train split) with a similarity-weighted vote; optional linear probe."""
+    from embedft.index import exact_search
+    from embedft.metrics import classification_metrics, classification_report, knn_vote
+
+    if len(train_emb) == 0 or len(test_emb) == 0:
+        raise EvalError("classification: the train (index) or eval (query) split is empty")
+    if k > len(train_emb):
+        raise EvalError(f"eval.knn_k={k} is larger than the {len(train_emb)} training texts in the index; lower it")
+    classes = sorted(set(train_labels))
+    class_id = {c: i for i, c in enumerate(classes)}
+    unseen = sorted(set(test_labels) - set(classes))
+    names = classes + unseen  # unseen labels get ids past the trainable ones: always counted as errors
+    all_id = {c: i for i, c in enumerate(names)}
+    y_train = np.array([class_id[x] for x in train_labels])
+    y_true = np.array([all_id[x] for x in test_labels])
+    scores, nn = exact_search(train_emb, test_emb, k)
+    y_pred = knn_vote(np.where(nn >= 0, y_train[np.clip(nn, 0, None)], -1), scores, len(classes), weighted=weighted)
+    metrics = classification_metrics(y_true, y_pred, names, prefix="classification/")
+    n_unseen = int(np.isin(y_true, [all_id[u] for u in unseen]).sum())
+    metrics["classification/unseen_label_queries"] = float(n_unseen)
+    if unseen:
+        log.warning("classification: %d eval rows have %d labels never seen in training (%s); they count as errors",
+                    n_unseen, len(unseen), ", ".join(unseen[:5]))
+    details = {"report": classification_report(y_true, y_pred, names), "class_names": names,
+               "unseen_labels": unseen}
+    if linear_probe:
+        from sklearn.linear_model import LogisticRegression
+
+        clf = LogisticRegression(max_iter=1000).fit(train_emb, y_train)
+        probe = classification_metrics(y_true, clf.predict(test_emb), names, prefix="classification/probe/")
+        metrics.update(probe)
+    return EvalOutput(metrics, details)
+
+
+def evaluate_encoder(encoder, train: Examples, eval_: Examples, cfg: EvalConfig, device=None,
+                     progress: bool = False) -> EvalOutput:
+    """All configured tasks for one encoder."""
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    for task_name in tasks_for(cfg, train, eval_):
+        t0 = time.perf_counter()
+        if task_name == "retrieval":
+            task = retrieval_task(eval_)
+            q = encoder.encode(task.queries, is_query=True, batch_size=cfg.batch_size, progress=progress, device=device)
+            # Grouped data: the corpus holds the same texts in document form.
+            c = encoder.encode(task.corpus, is_query=False, batch_size=cfg.batch_size, progress=progress, device=device)
+            out = evaluate_retrieval(q, c, task, cfg.ks, cfg.indexes)
+        else:
+            tr = encoder.encode(train.texts, is_query=False, batch_size=cfg.batch_size, progress=progress, device=device)
+            te = encoder.encode(eval_.texts, is_query=True, batch_size=cfg.batch_size, progress=progress, device=device)
+            out = evaluate_classification(tr, train.labels, te, eval_.labels, cfg.knn_k, cfg.knn_weighted,
+                                          cfg.linear_probe)
+        metrics.update(out.metrics)
+        details[task_name] = out.details
+        metrics[f"{task_name}/seconds"] = time.perf_counter() - t0
+    return EvalOutput(metrics, details)
+
+
+def tasks_for(cfg: EvalConfig, train: Examples, eval_: Examples) -> list[str]:
+    """The configured tasks that the data supports (retrieval needs groups/pairs, classification labels)."""
+    out = []
+    for t in cfg.tasks:
+        if t == "retrieval" and eval_.shape in ("grouped", "pairs"):
+            out.append(t)
+        if t == "classification" and train.labels is not None and eval_.labels is not None:
+            out.append(t)
+    if not out:
+        raise EvalError(f"none of eval.tasks={list(cfg.tasks)} fits {eval_.shape} data: retrieval needs grouped or "
+                        "pairs data, classification needs a label column in both splits")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Side-by-side report
+
+
+def compare(base: dict[str, float] | None, adapted: dict[str, float]) -> list[tuple[str, float | None, float, float | None]]:
+    """Rows (metric, base, adapted, delta) for the quality figures (timings left out)."""
+    rows = []
+    for k, v in adapted.items():
+        if k.endswith(("/seconds", "/qps", "/build_s", "n_queries", "unseen_label_queries")):
+            continue
+        b = None if base is None else base.get(k)
+        rows.append((k, b, v, None if b is None else v - b))
+    return rows
+
+
+def format_table(rows, markdown: bool = False) -> str:
+    """A plain-text (or Markdown) table of compare() rows."""
+    head = ("metric", "base", "adapted", "delta")
+    body = [(m, "" if b is None else f"{b:.4f}", f"{a:.4f}", "" if d is None else f"{d:+.4f}") for m, b, a, d in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda r: "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in body])
+
+
+def write_report(out_dir: str | Path, base: EvalOutput | None, adapted: EvalOutput, meta: dict[str, Any]) -> Path:
+    """report.json + report.md, written to a temp folder and moved into place (never half-written)."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rows = compare(base.metrics if base else None, adapted.metrics)
+    payload = {"meta": meta, "base": base.metrics if base else None, "adapted": adapted.metrics,
+               "base_details": base.details if base else None, "adapted_details": adapted.details}
+    (tmp / "report.json").write_text(json.dumps(payload, indent=2, default=_json_default))
+    md = [f"# Evaluation: {meta.get('name', '')}", "", f"- model: `{meta.get('model')}`",
+          f"- adapter: `{meta.get('adapter')}`", f"- eval data: `{meta.get('eval_data')}`", "",
+          format_table(rows, markdown=True), ""]
+    (tmp / "report.md").write_text("\n".join(md))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    raise TypeError(type(o))

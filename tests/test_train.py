@@ -1,0 +1,153 @@
+"""The training loop on tiny random models: it learns, resumes exactly, and its memory
+savers (cached negatives, gradient checkpointing) give the same gradients."""
+
+import numpy as np
+import pytest
+import torch
+
+from embedft.config import LossConfig, LoraConfig, ModelConfig, TrainConfig
+from embedft.data import Examples, build_pair_source, epoch_batches
+from embedft.models import apply_lora, load_encoder
+from embedft.train import TokenCache, batch_loss, batch_sequences, embed, train, train_step_cached
+
+WORDS = ["apple", "samsung", "sony", "bosch", "intel", "canon", "nikon", "miele", "lg", "amd", "pixel", "galaxy"]
+
+
+def toy_examples(n_groups: int = 12, per_group: int = 4) -> Examples:
+    """Groups of texts sharing a distinctive word pair: learnable, not trivial for a random model."""
+    rng = np.random.default_rng(0)
+    texts, groups = [], []
+    for g in range(n_groups):
+        key = f"{WORDS[g % len(WORDS)]} {WORDS[(g * 5 + 3) % len(WORDS)]} {g}"
+        for j in range(per_group):
+            filler = " ".join(rng.choice(["tv", "phone", "black", "white", "pro", "max", "mini"], size=3))
+            texts.append(f"{filler} {key} {j}")
+            groups.append(str(g))
+    return Examples("grouped", "toy", np.arange(len(texts)) + 1, texts, groups=groups, labels=None)
+
+
+def _encoder(path, dropout=0.0, **model_kw):
+    torch.manual_seed(0)
+    return apply_lora(load_encoder(ModelConfig(name=str(path), **model_kw)), LoraConfig(r=4, alpha=8, dropout=dropout))
+
+
+def _loss_on(enc, src, cache, loss_cfg, n_batches=3, bs=8):
+    with torch.no_grad():
+        enc.eval()
+        vals = []
+        for i, b in enumerate(epoch_batches(src, bs, seed=123, epoch=0)):
+            if i >= n_batches:
+                break
+            seqs, gather = batch_sequences(b, cache)
+            vals.append(float(batch_loss(embed(enc, seqs, torch.device("cpu"), 64, False), b, gather, src.text_keys, loss_cfg)))
+        enc.train()
+    return float(np.mean(vals))
+
+
+def test_a_few_steps_lower_the_loss(tiny_model_dir, tmp_path):
+    enc = _encoder(tiny_model_dir)
+    src = build_pair_source(toy_examples())
+    loss_cfg = LossConfig(temperature=0.1)
+    cache = TokenCache(enc, src.texts)
+    before = _loss_on(enc, src, cache, loss_cfg)
+    res = train(enc, src, TrainConfig(epochs=10, batch_size=8, lr=3e-2, warmup_ratio=0.0, log_every=1), loss_cfg,
+                tmp_path, progress=False)
+    after = _loss_on(enc, src, cache, loss_cfg)
+    assert res.steps == 10 * (48 // 8)
+    assert after < 0.7 * before, (before, after)
+    assert (tmp_path / "checkpoint" / "state.pt").is_file()
+
+
+def _adapter(enc):
+    return {k: v.detach().clone() for k, v in enc.named_parameters() if v.requires_grad}
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
+    src = build_pair_source(toy_examples())
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=3e-3, warmup_steps=2, scheduler="cosine", log_every=1)
+    loss_cfg = LossConfig(temperature=0.1, symmetric=True)
+
+    full = _encoder(tiny_model_dir, dropout=0.1)  # dropout on: the RNG state must be restored too
+    train(full, src, cfg, loss_cfg, tmp_path / "full", progress=False)
+
+    import embedft.train as T
+
+    real_save = T.save_checkpoint
+
+    def save_then_die(path, *a, **k):
+        real_save(path, *a, **k)
+        raise KeyboardInterrupt  # killed right after the epoch-1 checkpoint
+
+    killed = _encoder(tiny_model_dir, dropout=0.1)
+    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(killed, src, cfg, loss_cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+
+    resumed = _encoder(tiny_model_dir, dropout=0.1)  # a fresh process: fresh weights, state from disk
+    res = train(resumed, src, cfg, loss_cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert res.steps == 3 * 6 and res.epochs_done == 3
+    a, b = _adapter(full), _adapter(resumed)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_bert_dir, tmp_path):
+    enc = _encoder(tiny_bert_dir)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(enc, build_pair_source(toy_examples()), TrainConfig(batch_size=8), LossConfig(), tmp_path,
+              resume=True, progress=False)
+
+
+def _grads(enc):
+    return {k: v.grad.detach().clone() for k, v in enc.named_parameters() if v.requires_grad}
+
+
+def _one_batch(src, bs=16, negatives=None):
+    return next(epoch_batches(src, bs, seed=1, epoch=0))
+
+
+def test_cached_negatives_match_full_batch(tiny_model_dir):
+    src = build_pair_source(toy_examples())
+    loss_cfg = LossConfig(temperature=0.05, symmetric=True)
+    batch = _one_batch(src)
+    results = []
+    for mini in (None, 5):
+        enc = _encoder(tiny_model_dir)
+        cache = TokenCache(enc, src.texts)
+        seqs, gather = batch_sequences(batch, cache)
+        loss_of = lambda e: batch_loss(e, batch, gather, src.text_keys, loss_cfg)  # noqa: E731
+        if mini is None:
+            loss_t = loss_of(embed(enc, seqs, torch.device("cpu"), 64, False))
+            loss_t.backward()
+            loss = float(loss_t)
+        else:
+            loss = train_step_cached(enc, seqs, loss_of, torch.device("cpu"), mini, False)
+        results.append((loss, _grads(enc)))
+    (l_full, g_full), (l_cached, g_cached) = results
+    assert abs(l_full - l_cached) <= 1e-5
+    assert sum(g.abs().sum().item() for g in g_full.values()) > 0
+    assert max((g_full[k] - g_cached[k]).abs().max().item() for k in g_full) <= 1e-5
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
+    src = build_pair_source(toy_examples())
+    batch = _one_batch(src)
+    grads = []
+    for ckpt in (False, True):
+        enc = _encoder(tiny_model_dir, gradient_checkpointing=ckpt)
+        enc.train()
+        seqs, gather = batch_sequences(batch, TokenCache(enc, src.texts))
+        batch_loss(embed(enc, seqs, torch.device("cpu"), 64, False), batch, gather, src.text_keys, LossConfig()).backward()
+        grads.append(_grads(enc))
+    plain, ckpt = grads
+    # Non-zero on every LoRA matrix that feeds the output (no silently detached graph).
+    # (lora_A has zero gradient at init because lora_B starts at zero; lora_B must not.)
+    assert all(g.abs().sum() > 0 for k, g in ckpt.items() if "lora_B" in k)
+    assert max((plain[k] - ckpt[k]).abs().max().item() for k in plain) <= 1e-5
+
+
+def test_batch_larger_than_data_is_rejected(tiny_bert_dir, tmp_path):
+    enc = _encoder(tiny_bert_dir)
+    with pytest.raises(ValueError, match="train.batch_size=64 is larger than the 48"):
+        train(enc, build_pair_source(toy_examples()), TrainConfig(batch_size=64), LossConfig(), tmp_path, progress=False)
