@@ -37,9 +37,10 @@ class _Group(click.Group):
         try:
             from embedft.data import DataError
             from embedft.evaluate import EvalError
+            from embedft.export import ExportError
             from embedft.models import ModelError
 
-            known += (DataError, ModelError, EvalError)
+            known += (DataError, ModelError, EvalError, ExportError)
         except ImportError:  # an install without torch still reports config errors cleanly
             pass
         try:
@@ -126,6 +127,74 @@ def check(config: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"train rows: {len(data.train)}  eval rows: {len(data.eval)}  training anchors: {data.source.n_anchors}")
     for k, v in sorted(data.report.counts.items()):
         click.echo(f"  {k}: {v}")
+
+
+@main.command("export")
+@click.option("--adapter", type=click.Path(), help="Adapter folder (runs/<name>/adapter).")
+@click.option("--run", "run_id", help="MLflow run id whose adapter to export (instead of --adapter).")
+@click.option("--out", required=True, type=click.Path(), help="Folder for the merged sentence-transformers model.")
+@click.option("--model", help="Base model (hub id, folder or alias); default: the one the adapter was trained on.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Weights dtype of the export (parity is checked against a looser tolerance for bf16/fp16).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
+@click.option("--onnx", is_flag=True, help="Also write ONNX weights (needs sentence-transformers[onnx]).")
+def export_cmd(adapter, run_id, out, model, dtype, overwrite, onnx) -> None:
+    """Merge a LoRA adapter into its base and save a plain sentence-transformers model, parity-checked."""
+    import tempfile
+
+    from embedft.export import export_merged
+
+    if bool(adapter) == bool(run_id):
+        raise click.UsageError("pass exactly one of --adapter DIR or --run RUN_ID")
+    with tempfile.TemporaryDirectory(prefix="embedft-adapter-") as tmp:
+        if run_id:
+            from embedft import tracking
+            from embedft.config import TrackingConfig
+
+            adapter = tracking.download_adapter(tracking.resolve_uri(TrackingConfig()), run_id, tmp)
+        report = export_merged(adapter, out, model_name=model, dtype=dtype, overwrite=overwrite, onnx=onnx)
+    p = report["parity"]
+    click.echo(f"exported {report['out_dir']} ({dtype}): min cosine {p['min_cosine']:.7f}, "
+               f"max abs diff {p['max_abs_diff']:.3g} over {p['n_probes']} probes")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("--min-cosine", type=float, help="Override the export's saved tolerance.")
+@click.option("--max-abs-diff", type=float, help="Override the export's saved tolerance.")
+def verify(model_dir: str, min_cosine: float | None, max_abs_diff: float | None) -> None:
+    """Re-embed an export's probe texts with plain sentence-transformers; exit 1 if they drifted."""
+    from embedft.export import ExportError, verify_export
+
+    try:
+        p = verify_export(model_dir, min_cosine=min_cosine, max_abs_diff=max_abs_diff)
+    except ExportError as e:
+        click.echo(f"FAIL: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"OK: min cosine {p['min_cosine']:.7f} (>= {p['tolerances']['min_cosine']}), max abs diff "
+               f"{p['max_abs_diff']:.3g} (<= {p['tolerances']['max_abs_diff']:.3g}) over {p['n_probes']} probes")
+
+
+@main.group("index")
+def index_group() -> None:
+    """FAISS indexes built with an exported model."""
+
+
+@index_group.command("build")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="An `embedft export` folder.")
+@click.option("--corpus", required=True, type=click.Path(), help="CSV/TSV/JSONL/Parquet file of documents.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--id-column", default="id", show_default=True, help="Row numbers are used when the column is absent.")
+@click.option("--index", "factory", default="Flat", show_default=True, help="FAISS factory string, e.g. HNSW32.")
+@click.option("--out", required=True, type=click.Path(), help="Index folder (index.faiss, ids.json, manifest.json).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing index folder.")
+def index_build(model_dir, corpus, text_column, id_column, factory, out, overwrite) -> None:
+    """Embed a corpus with an exported model and save a FAISS inner-product index."""
+    from embedft.export import index_corpus
+
+    m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
+                     overwrite=overwrite)
+    click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
 
 
 if __name__ == "__main__":

@@ -166,6 +166,8 @@ class TrainConfig:
     eval_every_epoch: bool = True
     val_max_queries: int = 1000  # per-epoch validation recall@10 on at most this many queries
     threads: int | None = None  # torch CPU threads; null = torch's default
+    # Frozen base weights: auto = bf16 on CUDA (LoRA weights and optimizer state stay fp32), fp32 on CPU.
+    base_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -189,6 +191,8 @@ class TrainConfig:
         if self.mini_batch_size is not None:
             _check(1 <= self.mini_batch_size, "train.mini_batch_size", f"must be >= 1, got {self.mini_batch_size}")
         _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _check(self.base_dtype in ("auto", "fp32", "bf16"), "train.base_dtype",
+               f"unknown base_dtype {self.base_dtype!r}; use auto, fp32 or bf16")
         _check(self.val_max_queries >= 1, "train.val_max_queries", f"must be >= 1, got {self.val_max_queries}")
 
 
@@ -313,13 +317,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+# Names other tools use for our keys; difflib cannot see that learning_rate means lr.
+_SYNONYMS = {"learning_rate": "lr", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+             "num_epochs": "epochs", "num_train_epochs": "epochs", "warmup": "warmup_steps", "temp": "temperature"}
+
+
 def _build(cls: type, values: dict, where: str = "") -> Any:
     hints = get_type_hints(cls)
     names = [f.name for f in fields(cls)]
     unknown = [k for k in values if k not in names]
     if unknown:
         k = unknown[0]
-        close = difflib.get_close_matches(str(k), names, n=1)
+        close = [_SYNONYMS[k]] if _SYNONYMS.get(k) in names else difflib.get_close_matches(str(k), names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{where + '.' if where else ''}{k}: unknown key{hint}; valid keys: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in values.items()}

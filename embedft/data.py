@@ -152,7 +152,9 @@ def _column(df, col: Column, path: str, option: str):
 
 
 def _texts(series) -> list[str]:
-    return ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in series.tolist()]
+    # An int id column with a missing value comes back as floats from JSONL/Parquet: 7.0 -> "7", as in a CSV.
+    return ["" if v is None or (isinstance(v, float) and math.isnan(v))
+            else str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in series.tolist()]
 
 
 def load_examples(path: str, cfg: DataConfig) -> Examples:
@@ -224,7 +226,10 @@ def validate_split(ex: Examples, cfg: DataConfig, report: DataReport, role: str)
         raise DataError(f"{ex.source}: no usable rows left after removing empty texts")
     if role != "train":
         return ex
-    texts = np.array(ex.texts, dtype=object)
+    # For pairs a row is a duplicate only when the query AND its positive repeat: one query
+    # may have several positives.
+    keys = ex.texts if ex.positives is None else [f"{q}\x1f{p}" for q, p in zip(ex.texts, ex.positives)]
+    texts = np.array(keys, dtype=object)
     _, first = np.unique(texts, return_index=True)
     dup = np.ones(len(ex), dtype=bool)
     dup[first] = False
@@ -296,9 +301,12 @@ def load_splits(cfg: DataConfig) -> tuple[Examples, Examples, DataReport]:
     if cfg.split == "given":
         train, eval_ = full, load_examples(cfg.eval, cfg)
     else:
-        # Empty texts are handled before splitting so their rows are reported once.
-        full = validate_split(full, replace(cfg, on_duplicate="warn", on_singleton="warn"), DataReport(), "eval") \
-            if cfg.on_empty_text != "error" else full
+        # Dropped empty texts are removed before splitting and counted once, against the train file.
+        if cfg.on_empty_text == "drop":
+            full = _apply_policy(full, _empty_mask(full), "drop", "data.on_empty_text",
+                                 "empty or missing texts/groups", report, "train_empty")
+            if len(full) == 0:
+                raise DataError(f"{full.source}: no usable rows left after removing empty texts")
         train, eval_ = split_examples(full, cfg)
     train = _subsample(train, cfg.max_train_rows, cfg.split_seed)
     eval_ = _subsample(eval_, cfg.max_eval_rows, cfg.split_seed + 1)
@@ -356,10 +364,22 @@ def build_pair_source(ex: Examples) -> PairSource:
                 for j, t in enumerate(ns):
                     if t.strip():
                         negatives[i, j] = tid(t)
-        # Rows that share a positive are positives of each other: key = positive's text id.
-        anchor_keys = positives.copy()
+        # Rows connected by a shared query or a shared positive are positives of each other,
+        # so none of them may be another's negative: key = connected component of (query, positive).
+        root = np.arange(len(table))
+
+        def find(i: int) -> int:
+            while root[i] != i:
+                root[i] = root[root[i]]
+                i = root[i]
+            return i
+
+        for a, p in zip(anchors.tolist(), positives.tolist()):
+            root[find(a)] = find(p)
+        comp = np.array([find(i) for i in range(len(table))], dtype=np.int64)
+        anchor_keys = comp[anchors]
         text_keys = np.full(len(table), -1, dtype=np.int64)
-        text_keys[positives] = positives
+        text_keys[positives] = comp[positives]
         text_keys[anchors] = anchor_keys
         return PairSource(list(table), anchors, anchor_keys, text_keys, None, positives, negatives, None)
 

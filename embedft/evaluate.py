@@ -106,17 +106,28 @@ def evaluate_encoder(encoder, train: Examples, eval_: Examples, cfg: EvalConfig,
     """All configured tasks for one encoder."""
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
+    memo: dict[tuple[str, bool], np.ndarray] = {}
+    plain = not encoder.spec.query_template  # queries and documents embed the same way
+
+    def enc(name: str, texts: list[str], is_query: bool) -> np.ndarray:
+        # The eval texts serve as queries, corpus and kNN queries: embed each form once.
+        key = (name, is_query and not plain)
+        if key not in memo:
+            memo[key] = encoder.encode(texts, is_query=is_query, batch_size=cfg.batch_size, progress=progress,
+                                       device=device)
+        return memo[key]
+
     for task_name in tasks_for(cfg, train, eval_):
         t0 = time.perf_counter()
         if task_name == "retrieval":
             task = retrieval_task(eval_)
-            q = encoder.encode(task.queries, is_query=True, batch_size=cfg.batch_size, progress=progress, device=device)
-            # Grouped data: the corpus holds the same texts in document form.
-            c = encoder.encode(task.corpus, is_query=False, batch_size=cfg.batch_size, progress=progress, device=device)
+            grouped = task.self_ids is not None  # corpus == eval texts, queries a subset of them
+            c = enc("eval", eval_.texts, False) if grouped else enc("corpus", task.corpus, False)
+            q = enc("eval", eval_.texts, True)[task.self_ids] if grouped else enc("queries", task.queries, True)
             out = evaluate_retrieval(q, c, task, cfg.ks, cfg.indexes)
         else:
-            tr = encoder.encode(train.texts, is_query=False, batch_size=cfg.batch_size, progress=progress, device=device)
-            te = encoder.encode(eval_.texts, is_query=True, batch_size=cfg.batch_size, progress=progress, device=device)
+            tr = enc("train", train.texts, False)
+            te = enc("eval", eval_.texts, True)
             out = evaluate_classification(tr, train.labels, te, eval_.labels, cfg.knn_k, cfg.knn_weighted,
                                           cfg.linear_probe)
         metrics.update(out.metrics)

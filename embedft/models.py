@@ -202,6 +202,8 @@ class Encoder(nn.Module):
             else:
                 input_ids[i, :len(x)] = torch.tensor(x)
                 mask[i, :len(x)] = 1
+        if torch.device(device).type == "cuda":  # pinned host memory: the copy overlaps with compute
+            input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
         return {"input_ids": input_ids.to(device, non_blocking=True), "attention_mask": mask.to(device, non_blocking=True)}
 
     # -- ids -> vectors ---------------------------------------------------------------
@@ -223,6 +225,12 @@ class Encoder(nn.Module):
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 128, progress: bool = False,
                    device: torch.device | str = "cpu") -> np.ndarray:
         """Embed pre-tokenized texts (tokenize once, encode many times)."""
+        # Identical token sequences (repeated titles) are embedded once.
+        first: dict[tuple[int, ...], int] = {}
+        inverse = np.array([first.setdefault(tuple(x), len(first)) for x in ids], dtype=np.int64)
+        if len(first) < len(ids):
+            unique = [list(k) for k in first]
+            return self.encode_ids(unique, batch_size=batch_size, progress=progress, device=device)[inverse]
         was_training = self.training
         self.eval()
         order = np.argsort([-len(x) for x in ids], kind="stable")

@@ -96,6 +96,8 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     base_eval = evaluate_encoder(encoder, data.train, data.eval, cfg.eval, device, progress) \
         if cfg.eval.compare_base else None
     seed_everything(cfg.train.seed)  # LoRA init does not depend on whether the base was evaluated
+    if cfg.train.base_dtype == "bf16" or (cfg.train.base_dtype == "auto" and device.type == "cuda"):
+        encoder.backbone.to(torch.bfloat16)  # peft keeps the adapter weights in fp32
     apply_lora(encoder, cfg.lora)
     val = build_val_set(encoder, data.eval, cfg.train.val_max_queries, cfg.train.seed)
 

@@ -409,6 +409,9 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                        "train/samples_per_s": len(batch.anchors) / dt, "train/grad_norm": float(grad_norm)}
                 result.history.append({"step": step, **rec})
                 sink.log_metrics(rec, step=step)
+                if bar is None:
+                    log.info("step %d/%d loss=%.4f lr=%.2e samples/s=%.1f", step, n_total, loss,
+                             rec["train/lr"], seen / max(t_train, 1e-9))
         epoch_done = epoch + 1
         if val is not None and cfg.eval_every_epoch:
             metrics = validate(encoder, val, val_cache, loss_cfg, cfg.batch_size, device, cfg.seed)

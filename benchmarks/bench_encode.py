@@ -1,0 +1,83 @@
+"""Encoding throughput: embedft's encoder vs SentenceTransformer.encode, same model, same texts.
+
+    python benchmarks/bench_encode.py [--model minilm] [--limit N] [--batch-size 128]
+
+Texts: the 35,311 PriceRunner titles from ../shared/datasets/pricerunner when present,
+else the sample in data/. Prints throughput of both, the ratio, and the max abs
+difference of the embeddings (speed is not bought with wrong vectors), as JSON too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+PRICERUNNER = REPO.parent / "shared" / "datasets" / "pricerunner" / "pricerunner_aggregate.csv"
+
+
+def load_titles(limit: int | None) -> tuple[list[str], str]:
+    if PRICERUNNER.is_file():
+        with PRICERUNNER.open() as f:
+            titles = [row[1] for row in csv.reader(f)]
+        source = str(PRICERUNNER)
+    else:
+        with (REPO / "data" / "products.csv").open() as f:
+            titles = [row["text"] for row in csv.DictReader(f)]
+        source = "data/products.csv"
+    return (titles[:limit] if limit else titles), source
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--max-length", type=int, default=128)
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from embedft.config import ModelConfig
+    from embedft.models import load_encoder, resolve_model_path
+
+    texts, source = load_titles(args.limit)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    st = SentenceTransformer(resolve_model_path(args.model), device=device)
+    st.max_seq_length = args.max_length
+    enc = load_encoder(ModelConfig(name=args.model, max_length=args.max_length), device)
+    warm = texts[:256]
+    st.encode(warm, batch_size=args.batch_size)
+    enc.encode(warm, batch_size=args.batch_size)
+
+    t0 = time.perf_counter()
+    ref = st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True, normalize_embeddings=True)
+    t_st = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours = enc.encode(texts, batch_size=args.batch_size)
+    t_ours = time.perf_counter() - t0
+
+    result = {
+        "texts": len(texts), "unique_texts": len(set(texts)), "source": source, "model": args.model,
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+        "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
+        "sentence_transformers_texts_per_s": len(texts) / t_st, "embedft_texts_per_s": len(texts) / t_ours,
+        "ratio_embedft_over_st": t_st / t_ours, "max_abs_diff": float(np.abs(ref - ours).max()),
+    }
+    print(f"sentence-transformers encode: {result['sentence_transformers_texts_per_s']:8.1f} texts/s")
+    print(f"embedft encoder:              {result['embedft_texts_per_s']:8.1f} texts/s")
+    print(f"ratio embedft / ST:           {result['ratio_embedft_over_st']:8.2f}x   max |diff| = {result['max_abs_diff']:.2e}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""GPU check: LoRA Q/K/V training throughput and memory of a Qwen3-Embedding-0.6B-shaped model.
+
+    python benchmarks/gpu_check.py                  # on a CUDA machine: the real check
+    python benchmarks/gpu_check.py --tiny --steps 3 # anywhere: exercises the same code on a tiny model
+
+The model is randomly initialised from the published Qwen3-Embedding-0.6B config
+(benchmarks/qwen3-embedding-0.6b.config.json): weights cannot be downloaded here, and
+speed does not depend on their values. Texts are ~32 tokens. For each batch size it
+trains a fixed number of steps with embedft's own loop (cached negatives for the large
+batches) and prints samples/s, tokens/s, peak GPU memory and
+MFU = 4 x non-embedding parameters x tokens/s / peak bf16 FLOP/s of the device.
+With --write, the table is appended to docs/benchmarks.md with the device name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "benchmarks" / "qwen3-embedding-0.6b.config.json"
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from the vendors' datasheets.
+PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+             "L40S": 362e12, "A10G": 70e12}
+
+
+def peak_flops(device_name: str) -> tuple[float | None, str]:
+    for key, value in PEAK_BF16.items():
+        if key.lower() in device_name.lower():
+            return value, key
+    return None, "unknown"
+
+
+def synthetic_source(n_groups: int, words_per_text: int, seed: int = 0):
+    """Grouped texts of about `words_per_text` tokens (one token per word with the local tokenizer)."""
+    import numpy as np
+
+    from embedft.data import Examples, build_pair_source
+    from embedft.synthetic import WORDS
+
+    rng = np.random.default_rng(seed)
+    texts, groups = [], []
+    for g in range(n_groups):
+        stem = list(rng.choice(WORDS, size=words_per_text - 4))
+        for j in range(2):
+            texts.append(" ".join(stem + list(rng.choice(WORDS, size=3)) + [str(g * 2 + j)]))
+            groups.append(str(g))
+    return build_pair_source(Examples("grouped", "synthetic", np.arange(len(texts)) + 1, texts, groups=groups))
+
+
+def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: bool) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from embedft.config import LossConfig, LoraConfig, ModelConfig, TrainConfig
+    from embedft.models import apply_lora, load_encoder
+    from embedft.synthetic import qwen3_from_config, tiny_qwen3
+    from embedft.train import train
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
+    peak, peak_key = peak_flops(name) if cuda else (None, "n/a")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tiny_qwen3(Path(tmp) / "m") if tiny else qwen3_from_config(CONFIG, Path(tmp) / "m")
+        for bs in batch_sizes:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            enc = load_encoder(ModelConfig(name=str(path), max_length=64), device)
+            if cuda:  # frozen base weights in bf16; LoRA weights and optimizer state stay fp32
+                enc.backbone.to(torch.bfloat16)
+            apply_lora(enc, LoraConfig(r=16, alpha=32, dropout=0.0))
+            params = sum(p.numel() for n, p in enc.backbone.named_parameters() if "embed" not in n and "lora_" not in n)
+            src = synthetic_source(n_groups=bs * (steps + 1), words_per_text=32)
+            cfg = TrainConfig(epochs=1, max_steps=steps, batch_size=bs, lr=1e-4, warmup_steps=0, log_every=1,
+                              mini_batch_size=mini_batch if bs > mini_batch else None, eval_every_epoch=False)
+            res = train(enc, src, cfg, LossConfig(), Path(tmp) / f"run{bs}", progress=False)
+            sps = [h["train/samples_per_s"] for h in res.history[min(2, len(res.history) - 1):]]
+            samples_per_s = float(np.median(sps))
+            tokens_per_sample = res.tokens_per_s / res.samples_per_s if res.samples_per_s else 0.0
+            tokens_per_s = samples_per_s * tokens_per_sample
+            row = {"batch": bs, "cached": cfg.mini_batch_size is not None, "samples_per_s": samples_per_s,
+                   "tokens_per_s": tokens_per_s, "non_embedding_params": params,
+                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                   "mfu": 4 * params * tokens_per_s / peak if peak else None}
+            rows.append(row)
+            print(_fmt(row), flush=True)
+            del enc
+    table = _table(rows, name, peak, peak_key, steps, tiny)
+    print(table)
+    if write:
+        with (REPO / "docs" / "benchmarks.md").open("a") as f:
+            f.write("\n" + table + "\n")
+    return rows
+
+
+def _fmt(r: dict) -> str:
+    mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f} GiB"
+    mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    return (f"batch {r['batch']:5d} cached={r['cached']!s:5}  {r['samples_per_s']:9.1f} samples/s  "
+            f"{r['tokens_per_s']:11.0f} tokens/s  peak {mem}  MFU {mfu}")
+
+
+def _table(rows: list[dict], device: str, peak: float | None, peak_key: str, steps: int, tiny: bool) -> str:
+    head = (f"### GPU check: {'tiny Qwen3' if tiny else 'Qwen3-Embedding-0.6B-shaped'} LoRA Q/K/V training\n\n"
+            f"- device: {device}; peak bf16 used for MFU: {peak_key} = {peak / 1e12 if peak else 'n/a'} TFLOP/s\n"
+            f"- date: {datetime.date.today().isoformat()}; command: `python benchmarks/gpu_check.py"
+            f"{' --tiny' if tiny else ''} --steps {steps}`\n\n"
+            "| batch | cached negatives | samples/s | tokens/s | peak GPU memory | MFU |\n|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f} GiB"
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['batch']} | {'yes' if r['cached'] else 'no'} | {r['samples_per_s']:.1f} | "
+                     f"{r['tokens_per_s']:.0f} | {mem} | {mfu} |")
+    body = "\n".join(lines)
+    return head + body
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-sizes", default="64,256,1024")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--mini-batch", type=int, default=128, help="GradCache chunk for batches larger than this")
+    ap.add_argument("--tiny", action="store_true", help="a tiny Qwen3 (CPU smoke run of the same code)")
+    ap.add_argument("--write", action="store_true", help="append the table to docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    run([int(b) for b in args.batch_sizes.split(",")], args.steps, args.tiny, args.mini_batch, args.write)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()

@@ -1,0 +1,154 @@
+"""CLI: bad input gives exit code 2 and one clear line (file, row, option named), never a traceback."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from embedft.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = [(f"item {g} variant {j}", str(g), f"cat{g % 3}") for g in range(12) for j in range(3)]
+
+needs_tracking = pytest.mark.skipif(
+    importlib.util.find_spec("embedft.tracking") is None,
+    reason="embedft/tracking.py (NullTracker) is not written yet; run_train loads the model after open_tracker")
+
+
+def write_csv(path: Path, rows, header="text,group,label") -> Path:
+    path.write_text(header + "\n" + "".join(",".join(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def experiment(tmp_path) -> Path:
+    """An experiment YAML over a small grouped CSV, writing its run folder under tmp_path."""
+    write_csv(tmp_path / "data.csv", ROWS)
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"name: clitest\ndata:\n  train: {tmp_path / 'data.csv'}\n  shape: grouped\n  eval_fraction: 0.25\n"
+                   f"train:\n  batch_size: 4\n  output_dir: {tmp_path / 'run'}\ntracking:\n  enabled: false\n")
+    return cfg
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_clean_error(result, *needles: str) -> str:
+    """Exit code 2, the message on one `error:` line holding every needle, no traceback anywhere."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def test_help_lists_the_commands_without_importing_torch():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for cmd in ("train", "eval", "check"):
+        assert f"  {cmd} " in result.output
+    code = "import sys, embedft.cli; print(sorted({'torch', 'faiss', 'mlflow', 'pandas'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_check_default_experiment_prints_rows(monkeypatch):
+    monkeypatch.chdir(REPO)  # its data path is relative to the repo root
+    result = invoke("check", "experiments/default.yaml")
+    assert result.exit_code == 0, result.output
+    assert "name: default" in result.output
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("train rows: "))
+    parts = line.split()
+    train_rows, eval_rows, anchors = int(parts[2]), int(parts[5]), int(parts[8])
+    assert train_rows > 0 and eval_rows > 0 and 0 < anchors <= train_rows
+    assert f"  train_rows: {train_rows}" in result.stdout and f"  eval_rows: {eval_rows}" in result.stdout
+
+
+def test_check_our_experiment(experiment):
+    result = invoke("check", str(experiment), "-o", "data.split=modulo", "-o", "data.split_modulo=4")
+    assert result.exit_code == 0, result.output
+    # groups 0, 4, 8 (3 texts each) are eval; the other 9 groups are train.
+    assert "train rows: 27  eval rows: 9  training anchors: 27" in result.stdout
+
+
+def test_missing_config_file(tmp_path):
+    assert_clean_error(invoke("check", str(tmp_path / "nope.yaml")), "nope.yaml", "config file not found")
+
+
+def test_train_empty_file(experiment, tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    result = invoke("train", str(experiment), "-o", f"data.train={tmp_path / 'empty.csv'}", "-o",
+                    "tracking.enabled=false")
+    assert_clean_error(result, "empty.csv", "the file is empty")
+
+
+def test_train_missing_column(experiment):
+    result = invoke("train", str(experiment), "-o", "data.text_column=title", "-o", "tracking.enabled=false")
+    assert_clean_error(result, "data.csv", "missing column 'title'", "data.text_column", "columns are: text, group, label")
+
+
+def test_train_nan_text(experiment, tmp_path):
+    rows = [list(r) for r in ROWS]
+    rows[4][0] = "NaN"  # group 1: file row 6 (header is row 1)
+    write_csv(tmp_path / "data.csv", rows)
+    result = invoke("train", str(experiment), "-o", "tracking.enabled=false")
+    assert_clean_error(result, "data.csv", "1 empty or missing texts/groups at rows 6", "data.on_empty_text=drop")
+
+
+def test_train_negative_lr(experiment):
+    result = invoke("train", str(experiment), "-o", "train.lr=-1", "-o", "tracking.enabled=false")
+    assert_clean_error(result, "exp.yaml", "train.lr", "must be > 0")
+
+
+def test_train_unknown_key(experiment):
+    result = invoke("train", str(experiment), "-o", "train.learning_rate=1e-4")
+    assert_clean_error(result, "train.learning_rate: unknown key", "did you mean 'lr'")
+
+
+def test_train_batch_larger_than_data(experiment):
+    result = invoke("train", str(experiment), "-o", "train.batch_size=500", "-o", "tracking.enabled=false")
+    assert_clean_error(result, "data.csv", "train.batch_size=500", "training anchors")
+    assert not (experiment.parent / "run").exists()  # rejected before the run folder is made
+
+
+@needs_tracking
+def test_train_model_path_that_does_not_exist(experiment, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", str(experiment), "-o", "model.name=./nope", "-o", "tracking.enabled=false")
+    assert_clean_error(result, "model.name='./nope'", "no such folder")
+
+
+@pytest.fixture(scope="module")
+def opt_model_dir(tmp_path_factory) -> Path:
+    """A tiny random OPT model: a model_type embedft has no family for."""
+    import torch
+    from transformers import OPTConfig, OPTModel
+
+    from embedft.models import MODEL_TYPES
+    from embedft.synthetic import build_bert_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-opt")
+    tok = build_bert_tokenizer(out)
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
+                    max_position_embeddings=64, word_embed_proj_dim=16)
+    assert cfg.model_type not in MODEL_TYPES
+    OPTModel(cfg).save_pretrained(out)
+    return out
+
+
+@needs_tracking
+def test_train_unknown_model_family(experiment, opt_model_dir):
+    result = invoke("train", str(experiment), "-o", f"model.name={opt_model_dir}", "-o", "tracking.enabled=false")
+    line = assert_clean_error(result, "unrecognised architecture 'opt'", "lora.target_modules", "model.family")
+    linear = line.split("Its linear layers are: ", 1)[1].split(".", 1)[0]
+    assert linear == "fc1, fc2, k_proj, out_proj, q_proj, v_proj"

@@ -1,0 +1,197 @@
+"""Config: defaults, every experiment YAML, unknown keys, impossible values, -o overrides."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from embedft.config import (ConfigError, DataConfig, ExperimentConfig, LoraConfig, TrainConfig, config_from_dict,
+                            load_config, parse_override, to_yaml)
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+def test_defaults_construct_and_load_config_none_gives_them():
+    cfg = load_config(None)
+    assert cfg == ExperimentConfig()
+    assert cfg.train.lr == 2e-4 and cfg.lora.r == 16 and cfg.data.shape == "labeled"
+    assert cfg.output_dir == Path("runs/default")
+
+
+def test_experiments_folder_has_yamls():
+    assert len(EXPERIMENTS) >= 1
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_loads_and_round_trips(path):
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    assert cfg.name == raw["name"]
+    # What the YAML sets is what the config holds (the YAML only overrides defaults).
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                got = getattr(getattr(cfg, section), key)
+                assert (list(got) if isinstance(got, tuple) else got) == value, f"{section}.{key}"
+    assert config_from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+def test_round_trip_keeps_int_columns_and_tuples():
+    cfg = load_config(None, ["data.text_column=1", "data.negative_columns=[neg1, 3]", "lora.target_modules=[q,v]",
+                             "data.header=false"])
+    assert cfg.data.text_column == 1 and cfg.data.negative_columns == ("neg1", 3)
+    assert config_from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+# -- unknown keys --------------------------------------------------------------------------
+
+
+def test_unknown_top_level_key_lists_sections():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"trian": {"lr": 1e-4}})
+    msg = str(e.value)
+    assert "trian: unknown key" in msg and "did you mean 'train'" in msg
+    for section in ("data", "model", "lora", "loss", "train", "eval", "tracking", "export"):
+        assert section in msg
+
+
+def test_unknown_key_in_section_suggests_the_right_one():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"train": {"learning_rate": 1e-4}})
+    msg = str(e.value)
+    assert msg.startswith("train.learning_rate: unknown key")
+    assert "did you mean 'lr'" in msg
+    assert "valid keys:" in msg and "batch_size" in msg and "warmup_steps" in msg
+
+
+def test_unknown_key_typo_suggests_close_name():
+    with pytest.raises(ConfigError, match=r"lora\.alhpa: unknown key \(did you mean 'alpha'\?\)"):
+        config_from_dict({"lora": {"alhpa": 8}})
+
+
+# -- impossible values -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values, field, needle", [
+    ({"train": {"lr": -1e-4}}, "train.lr", "must be > 0"),
+    ({"train": {"lr": float("nan")}}, "train.lr", "must be > 0"),
+    ({"lora": {"r": 0}}, "lora.r", "rank must be >= 1"),
+    ({"train": {"max_steps": 5, "warmup_steps": 10}}, "train.warmup_steps", "longer than training"),
+    ({"train": {"batch_size": 1}}, "train.batch_size", "must be >= 2"),
+    ({"train": {"scheduler": "exponential"}}, "train.scheduler", "linear, cosine or constant"),
+    ({"train": {"epochs": "two"}}, "train.epochs", "expected an integer, got 'two'"),
+    ({"train": {"epochs": 1.5}}, "train.epochs", "expected an integer"),
+    ({"data": {"on_duplicate": "ignore"}}, "data.on_duplicate", "must be one of"),
+    ({"data": {"split": "given"}}, "data.eval", "needs an eval file"),
+    ({"data": {"eval_fraction": 1.0}}, "data.eval_fraction", "must be in (0, 1)"),
+    ({"model": {"query_instruction": "Query: {task}"}}, "model.query_instruction", "must contain {text}"),
+    ({"loss": {"temperature": 0}}, "loss.temperature", "must be in (0, 1]"),
+    ({"tracking": {"enabled": "yes"}}, "tracking.enabled", "expected true or false"),
+    ({"lora": {"target_modules": []}}, "lora.target_modules", "non-empty"),
+    ({"name": "a/b"}, "name", "without '/'"),
+])
+def test_impossible_values_name_the_field(values, field, needle):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(values)
+    msg = str(e.value)
+    assert msg.startswith(f"{field}: "), msg
+    assert needle in msg
+
+
+def test_dataclasses_validate_when_built_directly():
+    with pytest.raises(ConfigError, match="train.warmup_steps"):
+        TrainConfig(max_steps=5, warmup_steps=6)
+    assert TrainConfig(max_steps=5, warmup_steps=5).warmup_steps == 5
+    with pytest.raises(ConfigError, match="lora.r"):
+        LoraConfig(r=0)
+    with pytest.raises(ConfigError, match="data.group_column"):
+        DataConfig(shape="grouped", group_column=None)
+
+
+def test_configs_are_frozen():
+    cfg = ExperimentConfig()
+    with pytest.raises(AttributeError):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+# -- overrides ---------------------------------------------------------------------------
+
+
+def test_override_scientific_lr_is_a_float():
+    cfg = load_config(None, ["train.lr=1e-4"])
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1e-4
+
+
+def test_override_list_gives_a_tuple():
+    cfg = load_config(None, ["lora.target_modules=[q,k]"])
+    assert cfg.lora.target_modules == ("q", "k")
+
+
+def test_override_values_are_typed():
+    cfg = load_config(None, ["train.epochs=3", "tracking.enabled=false", "data.train=data/x.csv",
+                             "train.max_steps=null", "model.name=minilm"])
+    assert cfg.train.epochs == 3 and cfg.tracking.enabled is False and cfg.data.train == "data/x.csv"
+    assert cfg.train.max_steps is None
+    assert parse_override("a.b = 2") == (["a", "b"], 2)
+    assert parse_override("x=") == (["x"], None)
+
+
+def test_override_applies_on_top_of_yaml(tmp_path):
+    p = tmp_path / "exp.yaml"
+    p.write_text("name: exp\ntrain:\n  lr: 5.0e-4\n  epochs: 2\n")
+    cfg = load_config(p, ["train.lr=1e-3"])
+    assert (cfg.name, cfg.train.lr, cfg.train.epochs) == ("exp", 1e-3, 2)
+
+
+def test_override_nested_unknown_key_rejected():
+    with pytest.raises(ConfigError, match=r"train\.foo: unknown key"):
+        load_config(None, ["train.foo.bar=1"])
+    with pytest.raises(ConfigError, match=r"lora\.rank: unknown key \(did you mean 'r'\?\)"):
+        load_config(None, ["lora.rank=8"])
+
+
+def test_override_into_a_value_is_rejected(tmp_path):
+    p = tmp_path / "exp.yaml"
+    p.write_text("train:\n  lr: 5.0e-4\n")
+    with pytest.raises(ConfigError, match="lr is not a section"):
+        load_config(p, ["train.lr.x=1"])
+
+
+def test_malformed_override_rejected():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_override_bad_value_names_field():
+    with pytest.raises(ConfigError, match=r"train\.lr: learning rate must be > 0, got -1"):
+        load_config(None, ["train.lr=-1"])
+
+
+# -- files -------------------------------------------------------------------------------
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(missing)
+    assert str(missing) in str(e.value) and "not found" in str(e.value)
+
+
+def test_invalid_yaml_and_non_mapping_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(lst)
+
+
+def test_error_in_file_names_the_file(tmp_path):
+    p = tmp_path / "exp.yaml"
+    p.write_text("lora:\n  r: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: lora.r:")

@@ -1,0 +1,484 @@
+"""Data: readers, shapes, validation policies (with file row numbers), splits, batches, eval tasks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedft.config import DataConfig, ExperimentConfig, TrainConfig
+from embedft.data import (DataError, DataReport, build_pair_source, epoch_batches, load_examples, load_splits,
+                          retrieval_task, split_examples, steps_per_epoch, validate_split)
+
+# (text, group, label): four texts per group, two groups per label; file rows 2..41 in a CSV.
+ROWS = [(f"item {g} variant {j}", str(g), f"cat{g // 2}") for g in range(10) for j in range(4)]
+N = len(ROWS)
+
+
+def write_csv(path: Path, rows, header=("text", "group", "label"), sep=",") -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, delimiter=sep)
+        if header:
+            w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def grouped(**kw) -> DataConfig:
+    return DataConfig(shape="grouped", **kw)
+
+
+def given(train: Path, eval_: Path, **kw) -> DataConfig:
+    return DataConfig(train=str(train), eval=str(eval_), split="given", **kw)
+
+
+# -- readers -------------------------------------------------------------------------------
+
+
+def _frame():
+    import pandas as pd
+
+    return pd.DataFrame(ROWS, columns=["text", "group", "label"])
+
+
+def _write_all_formats(tmp_path: Path) -> dict[str, tuple[Path, dict]]:
+    import datasets
+
+    df = _frame()
+    out = {"csv": (write_csv(tmp_path / "d.csv", ROWS), {}),
+           "csv-noheader": (write_csv(tmp_path / "n.csv", ROWS, header=None),
+                            {"header": False, "text_column": 0, "group_column": 1, "label_column": 2}),
+           "tsv": (write_csv(tmp_path / "d.tsv", ROWS, sep="\t"), {})}
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t, "group": g, "label": lab}) + "\n"
+                                              for t, g, lab in ROWS))
+    out["jsonl"] = (tmp_path / "d.jsonl", {})
+    df.to_parquet(tmp_path / "d.parquet")
+    out["parquet"] = (tmp_path / "d.parquet", {})
+    datasets.Dataset.from_pandas(df).save_to_disk(str(tmp_path / "ds"))
+    out["disk"] = (tmp_path / "ds", {})
+    return out
+
+
+def test_every_reader_gives_the_same_examples(tmp_path):
+    texts = [r[0] for r in ROWS]
+    groups = [r[1] for r in ROWS]
+    labels = [r[2] for r in ROWS]
+    for name, (path, opts) in _write_all_formats(tmp_path).items():
+        ex = load_examples(str(path), grouped(**opts))
+        assert (ex.texts, ex.groups, ex.labels) == (texts, groups, labels), name
+        first_row = 2 if name in ("csv", "tsv") else 1  # the header line counts in CSV/TSV
+        assert ex.rows.tolist() == list(range(first_row, first_row + len(ROWS))), name
+
+
+def test_integer_ids_read_the_same_from_typed_formats(tmp_path):
+    # JSONL/Parquet keep numbers typed; a missing value turns an int column into floats.
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "group": 7}\n{"text": "b", "group": null}\n'
+                                      '{"text": "c", "group": 10}\n')
+    ex = load_examples(str(tmp_path / "d.jsonl"), grouped(label_column=None))
+    assert ex.groups == ["7", "", "10"]
+
+
+def test_unknown_extension_asks_for_data_format(tmp_path):
+    p = tmp_path / "data.txt"
+    p.write_text("text,label\na,b\n")
+    with pytest.raises(DataError, match="set data.format"):
+        load_examples(str(p), DataConfig())
+    ex = load_examples(str(p), DataConfig(format="csv"))
+    assert (ex.texts, ex.labels) == (["a"], ["b"])
+
+
+def test_missing_file_names_it_and_the_option(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.csv: file not found; check data\.train"):
+        load_examples(str(tmp_path / "nope.csv"), DataConfig())
+
+
+# -- shapes --------------------------------------------------------------------------------
+
+
+def test_labeled_shape_groups_are_the_labels(tmp_path):
+    p = write_csv(tmp_path / "l.csv", [(t, lab) for t, _, lab in ROWS], header=("text", "label"))
+    ex = load_examples(str(p), DataConfig(shape="labeled"))
+    assert ex.shape == "labeled" and ex.groups == ex.labels == [r[2] for r in ROWS]
+
+
+def test_grouped_shape_with_and_without_a_label_column(tmp_path):
+    p = write_csv(tmp_path / "g.csv", ROWS)
+    ex = load_examples(str(p), grouped(text_column="text", group_column="group", label_column="label"))
+    assert ex.groups == [r[1] for r in ROWS] and ex.labels == [r[2] for r in ROWS]
+    p2 = write_csv(tmp_path / "g2.csv", [(t, g) for t, g, _ in ROWS], header=("text", "group"))
+    ex2 = load_examples(str(p2), grouped())  # label_column defaults to "label"; absent -> no labels
+    assert ex2.groups == ex.groups and ex2.labels is None
+
+
+def test_pairs_shape_with_negative_columns(tmp_path):
+    rows = [("q1", "p1", "n1", "m1"), ("q2", "p2", "", "m2"), ("q3", "p3", "n3", "m3")]
+    p = write_csv(tmp_path / "p.csv", rows, header=("query", "positive", "neg_a", "neg_b"))
+    ex = load_examples(str(p), DataConfig(shape="pairs", negative_columns=("neg_a", "neg_b")))
+    assert ex.texts == ["q1", "q2", "q3"] and ex.positives == ["p1", "p2", "p3"]
+    assert ex.negatives == [["n1", "m1"], ["", "m2"], ["n3", "m3"]]
+    assert ex.groups is None and ex.all_texts() == ["q1", "q2", "q3", "p1", "p2", "p3", "n1", "m1", "", "m2", "n3", "m3"]
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+def test_empty_file_is_rejected(tmp_path):
+    p = tmp_path / "empty.csv"
+    p.write_text("")
+    with pytest.raises(DataError, match=r"empty\.csv: the file is empty"):
+        load_splits(DataConfig(train=str(p)))
+
+
+def test_header_only_file_has_no_data_rows(tmp_path):
+    p = tmp_path / "h.csv"
+    p.write_text("text,label\n")
+    with pytest.raises(DataError, match=r"h\.csv: the file has no data rows"):
+        load_splits(DataConfig(train=str(p)))
+    j = tmp_path / "e.jsonl"
+    j.write_text("")
+    with pytest.raises(DataError, match=r"e\.jsonl: .*(empty|no data rows)"):
+        load_splits(DataConfig(train=str(j)))
+
+
+def test_missing_column_lists_the_available_ones(tmp_path):
+    p = write_csv(tmp_path / "g.csv", ROWS)
+    with pytest.raises(DataError) as e:
+        load_examples(str(p), grouped(text_column="title"))
+    msg = str(e.value)
+    assert "g.csv" in msg and "missing column 'title' for data.text_column" in msg
+    assert "columns are: text, group, label" in msg
+
+
+def test_column_index_out_of_range_is_named(tmp_path):
+    p = write_csv(tmp_path / "n.csv", ROWS, header=None)
+    with pytest.raises(DataError, match=r"data\.text_column=5 but the file has 3 columns"):
+        load_examples(str(p), grouped(header=False, text_column=5, group_column=1, label_column=2))
+
+
+def _with_empty_texts(tmp_path: Path) -> tuple[Path, list[int]]:
+    """ROWS with two texts of group 3 emptied (one blank, one NaN); returns their 1-based file rows."""
+    rows = [list(r) for r in ROWS]
+    rows[12][0] = ""
+    rows[14][0] = "NaN"
+    return write_csv(tmp_path / "g.csv", rows), [12 + 2, 14 + 2]  # +1 for 1-based, +1 for the header
+
+
+def test_empty_text_error_names_file_rows_and_option(tmp_path):
+    p, bad_rows = _with_empty_texts(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_splits(grouped(train=str(p)))
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: 2 empty or missing texts/groups at rows {bad_rows[0]}, {bad_rows[1]}.")
+    assert "data.on_empty_text=drop" in msg and "data.on_empty_text=warn" in msg
+
+
+def test_empty_text_rows_in_jsonl_are_line_numbers(tmp_path):
+    lines = [{"text": t, "label": lab} for t, _, lab in ROWS]
+    lines[3]["text"] = None
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(DataError, match=r"1 empty or missing texts/groups at rows 4\."):
+        validate_split(load_examples(str(p), DataConfig()), DataConfig(), DataReport(), "train")
+
+
+def test_empty_text_drop_removes_exactly_those_rows_and_counts_them(tmp_path):
+    p, bad_rows = _with_empty_texts(tmp_path)
+    train, eval_, report = load_splits(grouped(train=str(p), on_empty_text="drop"))
+    kept = sorted(train.rows.tolist() + eval_.rows.tolist())
+    assert kept == [r for r in range(2, len(ROWS) + 2) if r not in bad_rows]
+    assert "" not in train.texts + eval_.texts
+    assert sum(v for k, v in report.counts.items() if k.endswith("_empty")) == 2
+    assert report.warnings == []
+
+
+def test_empty_text_drop_counts_with_a_given_split(tmp_path):
+    p, bad_rows = _with_empty_texts(tmp_path)
+    ev = write_csv(tmp_path / "eval.csv", [("other a", "90", "x"), ("other b", "90", "x")])
+    train, _, report = load_splits(grouped(train=str(p), eval=str(ev), split="given", on_empty_text="drop"))
+    assert set(bad_rows).isdisjoint(train.rows.tolist()) and len(train) == len(ROWS) - 2
+    assert report.counts["train_empty"] == 2
+
+
+def test_empty_text_warn_keeps_rows_and_records_a_warning(tmp_path):
+    rows = [list(r) for r in ROWS]
+    rows[12][0] = ""
+    ev = write_csv(tmp_path / "eval.csv", [("other a", "90", "x"), ("other b", "90", "x")])
+    p = write_csv(tmp_path / "g.csv", rows)
+    train, _, report = load_splits(given(p, ev, shape="grouped", on_empty_text="warn"))
+    assert len(train) == len(ROWS) and "" in train.texts
+    assert report.counts["train_empty"] == 1
+    assert report.warnings == [f"{p}: 1 empty or missing texts/groups at rows 14"]
+
+
+def test_empty_group_is_an_empty_row_too(tmp_path):
+    rows = [list(r) for r in ROWS]
+    rows[0][1] = ""
+    p = write_csv(tmp_path / "g.csv", rows)
+    with pytest.raises(DataError, match=r"at rows 2\."):
+        validate_split(load_examples(str(p), grouped()), grouped(), DataReport(), "train")
+
+
+def _eval_file(tmp_path: Path) -> Path:
+    return write_csv(tmp_path / "eval.csv", [("other a", "90", "cat9"), ("other b", "90", "cat9")])
+
+
+def test_singleton_groups_error_drop_warn(tmp_path):
+    rows = list(ROWS) + [("lonely one", "50", "cat0"), ("lonely two", "51", "cat1")]  # file rows N+2, N+3
+    p, ev = write_csv(tmp_path / "g.csv", rows), _eval_file(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_splits(given(p, ev, shape="grouped"))
+    msg = str(e.value)
+    assert "2 groups with a single example" in msg and f"at rows {N + 2}, {N + 3}." in msg and "data.on_singleton" in msg
+    train, _, report = load_splits(given(p, ev, shape="grouped", on_singleton="drop"))
+    assert train.texts == [r[0] for r in ROWS] and report.counts["train_singleton"] == 2
+    train, _, report = load_splits(given(p, ev, shape="grouped", on_singleton="warn"))
+    assert len(train) == len(rows) and report.counts["train_singleton"] == 2
+    assert report.warnings == [f"{p}: 2 groups with a single example (no positive to pair with) at rows {N + 2}, {N + 3}"]
+
+
+def test_singleton_labels_in_labeled_data(tmp_path):
+    rows = [("a", "x"), ("b", "x"), ("c", "y"), ("d", "z"), ("e", "z")]
+    p = write_csv(tmp_path / "l.csv", rows, header=("text", "label"))
+    ev = write_csv(tmp_path / "e.csv", [("f", "x")], header=("text", "label"))
+    with pytest.raises(DataError, match=r"1 labels with a single example .* at rows 4\."):
+        load_splits(given(p, ev))
+
+
+def test_duplicate_texts_error_drop_warn_first_kept(tmp_path):
+    rows = list(ROWS) + [(ROWS[0][0], "0", "cat0"), (ROWS[4][0], "1", "cat0")]  # file rows N+2, N+3
+    p, ev = write_csv(tmp_path / "g.csv", rows), _eval_file(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_splits(given(p, ev, shape="grouped"))
+    assert f"2 exact duplicate texts (first kept) at rows {N + 2}, {N + 3}." in str(e.value)
+    assert "data.on_duplicate" in str(e.value)
+    train, _, report = load_splits(given(p, ev, shape="grouped", on_duplicate="drop"))
+    assert train.rows.tolist() == list(range(2, len(ROWS) + 2))  # the first of each is the one kept
+    assert report.counts["train_duplicate"] == 2
+    train, _, report = load_splits(given(p, ev, shape="grouped", on_duplicate="warn"))
+    assert len(train) == len(rows) and len(report.warnings) == 1 and f"rows {N + 2}, {N + 3}" in report.warnings[0]
+
+
+def test_train_eval_overlap_error_drop_warn(tmp_path):
+    p = write_csv(tmp_path / "g.csv", ROWS)
+    ev = write_csv(tmp_path / "eval.csv", [(ROWS[1][0], "90", "x"), ("other", "90", "x"), (ROWS[7][0], "91", "x")])
+    with pytest.raises(DataError) as e:
+        load_splits(given(p, ev, shape="grouped"))
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: 2 train texts that also appear in the eval split at rows 3, 9.")
+    assert "data.on_overlap=drop" in msg
+    train, eval_, report = load_splits(given(p, ev, shape="grouped", on_overlap="drop"))
+    assert 3 not in train.rows and 9 not in train.rows and len(train) == len(ROWS) - 2
+    assert len(eval_) == 3 and report.counts["train_eval_overlap"] == 2
+    train, _, report = load_splits(given(p, ev, shape="grouped", on_overlap="warn"))
+    assert len(train) == len(ROWS) and report.counts["train_eval_overlap"] == 2 and len(report.warnings) == 1
+
+
+def test_report_counts_rows(tmp_path):
+    p = write_csv(tmp_path / "g.csv", ROWS)
+    train, eval_, report = load_splits(given(p, _eval_file(tmp_path), shape="grouped"))
+    assert report.counts == {"train_rows": len(ROWS), "eval_rows": 2} and report.warnings == []
+
+
+def test_pairs_query_with_two_positives_is_not_a_duplicate(tmp_path):
+    rows = [("q1", "p1"), ("q2", "p2"), ("q1", "p3"), ("q1", "p1")]
+    p = write_csv(tmp_path / "p.csv", rows, header=("query", "positive"))
+    cfg = DataConfig(shape="pairs", on_duplicate="drop")
+    report = DataReport()
+    ex = validate_split(load_examples(str(p), cfg), cfg, report, "train")
+    assert len(ex) == 3 and report.counts["train_duplicate"] == 1  # only the repeated (q1, p1) row
+    # In training, q1's other positive is never its negative: both rows share one key.
+    src = build_pair_source(ex)
+    k = dict(zip(src.anchors.tolist(), src.anchor_keys.tolist()))
+    q1 = src.texts.index("q1")
+    assert src.text_keys[src.texts.index("p1")] == src.text_keys[src.texts.index("p3")] == k[q1]
+    assert src.text_keys[src.texts.index("p2")] != k[q1]
+
+
+# -- splits --------------------------------------------------------------------------------
+
+
+def _many_groups(n_groups=200, per=3):
+    from embedft.data import Examples
+
+    rows = [(f"text {g}-{j}", str(g)) for g in range(n_groups) for j in range(per)]
+    return Examples("grouped", "mem", np.arange(len(rows)) + 2, [r[0] for r in rows], groups=[r[1] for r in rows])
+
+
+def test_hash_split_keeps_groups_whole_and_is_deterministic():
+    ex = _many_groups()
+    cfg = DataConfig(shape="grouped", split="hash", eval_fraction=0.2)
+    train, eval_ = split_examples(ex, cfg)
+    assert set(train.groups).isdisjoint(eval_.groups)
+    assert len(train) + len(eval_) == len(ex)
+    frac = len(set(eval_.groups)) / 200
+    assert 0.12 <= frac <= 0.28, frac
+    train2, eval2 = split_examples(ex, cfg)
+    assert train2.texts == train.texts and eval2.texts == eval_.texts
+    _, eval_other_seed = split_examples(ex, replace(cfg, split_seed=14))
+    assert eval_other_seed.texts != eval_.texts
+
+
+def test_modulo_split_is_exactly_group_mod_n():
+    ex = _many_groups(n_groups=23, per=2)
+    train, eval_ = split_examples(ex, DataConfig(shape="grouped", split="modulo", split_modulo=5))
+    assert sorted(set(map(int, eval_.groups))) == [0, 5, 10, 15, 20]
+    assert all(int(g) % 5 != 0 for g in train.groups)
+    assert len(train) + len(eval_) == len(ex)
+
+
+def test_modulo_split_needs_integer_groups():
+    from embedft.data import Examples
+
+    ex = Examples("grouped", "mem", np.arange(4) + 1, list("abcd"), groups=["x", "x", "5", "5"])
+    with pytest.raises(DataError, match="integer group ids"):
+        split_examples(ex, DataConfig(shape="grouped", split="modulo"))
+
+
+def test_given_split_uses_the_eval_file(tmp_path):
+    p = write_csv(tmp_path / "g.csv", ROWS)
+    ev = _eval_file(tmp_path)
+    train, eval_, _ = load_splits(given(p, ev, shape="grouped"))
+    assert train.texts == [r[0] for r in ROWS]
+    assert eval_.texts == ["other a", "other b"] and eval_.source == str(ev) and eval_.rows.tolist() == [2, 3]
+
+
+def test_load_splits_hash_on_a_file(tmp_path):
+    rows = [(f"text {g}-{j}", str(g), "c") for g in range(60) for j in range(2)]
+    p = write_csv(tmp_path / "g.csv", rows)
+    train, eval_, report = load_splits(grouped(train=str(p), eval_fraction=0.25))
+    assert set(train.groups).isdisjoint(eval_.groups)
+    assert report.counts["train_rows"] == len(train) and len(train) + len(eval_) == len(rows)
+
+
+# -- training batches ----------------------------------------------------------------------
+
+
+def _grouped_examples(n_groups=12, per=3, n_labels=3):
+    from embedft.data import Examples
+
+    rows = [(f"text {g}-{j}", f"g{g}", f"lab{g % n_labels}") for g in range(n_groups) for j in range(per)]
+    return Examples("grouped", "mem", np.arange(len(rows)) + 2, [r[0] for r in rows],
+                    groups=[r[1] for r in rows], labels=[r[2] for r in rows])
+
+
+def test_positives_share_the_anchor_key_and_are_other_texts():
+    src = build_pair_source(_grouped_examples())
+    batches = list(epoch_batches(src, 4, seed=3, epoch=0))
+    assert len(batches) == steps_per_epoch(src, 4) == 36 // 4
+    seen = np.concatenate([b.anchors for b in batches])
+    assert sorted(seen.tolist()) == sorted(src.anchors.tolist())  # each anchor once per epoch
+    for b in batches:
+        assert (src.text_keys[b.positives] == b.anchor_keys).all()
+        assert (b.positives != b.anchors).all()
+        assert (src.text_keys[b.anchors] == b.anchor_keys).all()
+
+
+def test_batches_are_a_pure_function_of_seed_and_epoch():
+    src = build_pair_source(_grouped_examples())
+
+    def run(seed, epoch):
+        return [(b.anchors.tolist(), b.positives.tolist()) for b in epoch_batches(src, 4, seed=seed, epoch=epoch)]
+
+    assert run(7, 0) == run(7, 0)
+    assert run(7, 1) == run(7, 1)
+    assert run(7, 0) != run(7, 1)
+    assert run(7, 0) != run(8, 0)
+
+
+def test_by_label_batches_hold_one_label_each():
+    # 3 labels x 4 groups x 3 texts = 12 anchors per label; batch size 4 divides them exactly.
+    src = build_pair_source(_grouped_examples(n_groups=12, per=3, n_labels=3))
+    label_of = dict(zip(src.anchors.tolist(), src.batch_labels.tolist()))
+    batches = list(epoch_batches(src, 4, seed=0, epoch=0, sampling="by_label"))
+    assert len(batches) == 9
+    assert all(len({label_of[a] for a in b.anchors.tolist()}) == 1 for b in batches)
+    mixed = list(epoch_batches(src, 4, seed=0, epoch=0, sampling="random"))
+    assert any(len({label_of[a] for a in b.anchors.tolist()}) > 1 for b in mixed)
+
+
+def test_by_label_with_leftovers_keeps_full_single_label_batches():
+    # 6 labels x 5 anchors, batch size 4: one single-label batch per label; the 6 leftovers
+    # (one per label) make one mixed batch and 2 are dropped.
+    src = build_pair_source(_grouped_examples(n_groups=6, per=5, n_labels=6))
+    label_of = dict(zip(src.anchors.tolist(), src.batch_labels.tolist()))
+    batches = list(epoch_batches(src, 4, seed=1, epoch=2, sampling="by_label"))
+    single = [b for b in batches if len({label_of[a] for a in b.anchors.tolist()}) == 1]
+    assert len(single) == 6 and len(batches) == 7
+    anchors = np.concatenate([b.anchors for b in batches])
+    assert len(set(anchors.tolist())) == len(anchors)  # no anchor twice in an epoch
+
+
+def test_pairs_batches_use_the_given_positives_and_negatives(tmp_path):
+    rows = [(f"q{i}", f"p{i}", f"n{i}", f"m{i}") for i in range(8)]
+    p = write_csv(tmp_path / "p.csv", rows, header=("query", "positive", "na", "nb"))
+    ex = load_examples(str(p), DataConfig(shape="pairs", negative_columns=("na", "nb")))
+    src = build_pair_source(ex)
+    for b in epoch_batches(src, 4, seed=0, epoch=0, hard_negatives=2):
+        for a, pos, negs in zip(b.anchors, b.positives, b.negatives):
+            i = int(src.texts[a][1:])
+            assert src.texts[pos] == f"p{i}"
+            assert [src.texts[n] for n in negs] == [f"n{i}", f"m{i}"]
+    b0 = next(epoch_batches(src, 4, seed=0, epoch=0, hard_negatives=1))
+    assert b0.negatives.shape == (4, 1)
+    assert next(epoch_batches(src, 4, seed=0, epoch=0)).negatives is None
+
+
+def test_pair_source_rejects_data_without_positive_pairs():
+    from embedft.data import Examples
+
+    ex = Examples("grouped", "x.csv", np.arange(3) + 1, ["a", "b", "c"], groups=["1", "2", "3"])
+    with pytest.raises(DataError, match="x.csv: no label or group has two different texts"):
+        build_pair_source(ex)
+
+
+# -- evaluation tasks ----------------------------------------------------------------------
+
+
+def test_retrieval_task_grouped():
+    from embedft.data import Examples
+
+    texts = ["a1", "a2", "a3", "b1", "c1", "c2"]
+    ex = Examples("grouped", "m", np.arange(6) + 1, texts, groups=["a", "a", "a", "b", "c", "c"])
+    task = retrieval_task(ex)
+    assert task.corpus == texts
+    assert task.queries == ["a1", "a2", "a3", "c1", "c2"]  # b1 is alone: not a query
+    assert task.self_ids.tolist() == [0, 1, 2, 4, 5]
+    assert [p.tolist() for p in task.positives] == [[1, 2], [0, 2], [0, 1], [5], [4]]
+    capped = retrieval_task(ex, max_queries=2, seed=0)
+    assert len(capped) == 2 and capped.corpus == texts
+    for q, sid, pos in zip(capped.queries, capped.self_ids, capped.positives):
+        assert texts[sid] == q and sid not in pos.tolist()
+
+
+def test_retrieval_task_pairs():
+    from embedft.data import Examples
+
+    ex = Examples("pairs", "m", np.arange(4) + 1, ["q1", "q2", "q1", "q3"], positives=["p1", "p2", "p3", "p1"],
+                  negatives=[["n1"], ["p2"], [""], ["n1"]])
+    task = retrieval_task(ex)
+    assert task.queries == ["q1", "q2", "q3"]
+    assert task.corpus == ["p1", "p2", "p3", "n1"]
+    assert [p.tolist() for p in task.positives] == [[0, 2], [1], [0]]
+    assert task.self_ids is None
+
+
+# -- prepare_data: checked before any model is loaded --------------------------------------
+
+
+def test_prepare_data_rejects_batch_larger_than_anchors_before_loading_a_model(tmp_path, monkeypatch):
+    from embedft.pipeline import prepare_data
+
+    monkeypatch.setitem(sys.modules, "embedft.models", None)  # any model import would now fail
+    p = write_csv(tmp_path / "g.csv", ROWS)
+    cfg = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped"), train=TrainConfig(batch_size=64))
+    with pytest.raises(DataError) as e:
+        prepare_data(cfg)
+    msg = str(e.value)
+    assert "train.batch_size=64" in msg and f"{len(ROWS)} training anchors" in msg and f"at most {len(ROWS)}" in msg
+    ok = prepare_data(replace(cfg, train=TrainConfig(batch_size=len(ROWS))))
+    assert ok.source.n_anchors == len(ROWS) and len(ok.train) == len(ROWS)

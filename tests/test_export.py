@@ -1,0 +1,233 @@
+"""Merged export: a plain sentence-transformers load matches the adapter model; errors are clear."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from embedft.cli import main
+from embedft.config import ExportConfig, LoraConfig, ModelConfig
+from embedft.export import ExportError, export_merged, verify_export, weights_digest
+from embedft.models import ModelError, apply_lora, load_adapter, load_encoder, save_adapter
+
+PROBES = ["apple iphone 8 plus 64gb silver", "tv", "bosch serie 6 washing machine 9kg 1400 rpm white",
+          "How do I reset my password?", "a", "£499.99 – 20% off!!!", "Смартфон с хорошей камерой",
+          " ".join(["long text that is truncated at max length"] * 60)]
+
+# Runs in a fresh interpreter (-I: no PYTHONPATH, no cwd on sys.path) where embedft and peft
+# cannot be imported: None in sys.modules makes both `import` and find_spec report them absent.
+PLAIN_LOAD = r"""
+import json, sys
+sys.modules["embedft"] = None
+sys.modules["peft"] = None
+import numpy as np
+from sentence_transformers import SentenceTransformer
+out = {}
+for name, path in json.loads(sys.argv[1]).items():
+    model = SentenceTransformer(path, device="cpu")
+    texts = json.load(open(path + "/probes.json"))
+    np.save(f"{name}-docs.npy", model.encode(texts, normalize_embeddings=False))
+    np.save(f"{name}-queries.npy", model.encode(texts, prompt_name="query", normalize_embeddings=False))
+    tok = model.tokenizer
+    out[name] = {"padding_side": tok.padding_side, "ids": tok(["tv", "apple tv"])["input_ids"],
+                 "eos": tok.eos_token_id, "pooling": model[1].pooling_mode}
+try:
+    import embedft
+    out["embedft_importable"] = True
+except ImportError:
+    out["embedft_importable"] = False
+out["peft_loaded"] = sys.modules.get("peft") is not None
+print(json.dumps(out))
+"""
+
+
+def make_adapter(model_dir: Path, out: Path, zero: bool = False) -> Path:
+    """A saved LoRA adapter whose lora_B is random (so it changes the model) or all zero."""
+    torch.manual_seed(0)
+    enc = apply_lora(load_encoder(ModelConfig(name=str(model_dir))), LoraConfig(r=4))
+    with torch.no_grad():
+        for n, p in enc.named_parameters():
+            if "lora_B" in n:
+                p.zero_() if zero else p.normal_(0, 0.1)
+    return save_adapter(enc, out, {"data": {"train_digest": "abc123", "train_rows": 10}})
+
+
+def adapter_embeddings(model_dir: Path, adapter: Path) -> np.ndarray:
+    """(2, N, D): the unmerged adapter model's documents and queries."""
+    enc = load_adapter(load_encoder(ModelConfig(name=str(model_dir))), adapter)
+    return np.stack([enc.encode(PROBES), enc.encode(PROBES, is_query=True)])
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tiny_bert_dir, tiny_qwen3_dir) -> dict:
+    """family -> (model dir, adapter dir, fp32 export dir, export report)."""
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for fam, model_dir in (("bert", tiny_bert_dir), ("qwen3", tiny_qwen3_dir)):
+        adapter = make_adapter(model_dir, root / fam / "adapter")
+        (root / fam / "eval").mkdir()
+        (root / fam / "eval" / "report.md").write_text("# Evaluation\n\n| metric | base | adapted |\n|---|---|---|\n"
+                                                     "| retrieval/recall@10 | 0.5000 | 0.7500 |\n")
+        report = export_merged(adapter, root / fam / "export", probe_texts=PROBES)
+        out[fam] = (model_dir, adapter, root / fam / "export", report)
+    return out
+
+
+def test_plain_load_without_embedft_or_peft_matches_adapter(exports, tmp_path):
+    paths = {fam: str(v[2]) for fam, v in exports.items()}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    res = subprocess.run([sys.executable, "-I", "-c", PLAIN_LOAD, json.dumps(paths)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["embedft_importable"] is False and info["peft_loaded"] is False
+    for fam, (model_dir, adapter, export_dir, report) in exports.items():
+        ref = adapter_embeddings(model_dir, adapter)
+        docs, queries = np.load(tmp_path / f"{fam}-docs.npy"), np.load(tmp_path / f"{fam}-queries.npy")
+        assert np.abs(docs - ref[0]).max() <= 1e-5, fam
+        assert np.abs(queries - ref[1]).max() <= 1e-5, fam
+        assert report["parity"]["ok"] and report["parity"]["max_abs_diff"] <= 1e-5
+        # The adapter really changed the model, so the parity above is not the base matching itself.
+        assert report["adapter_vs_base_max_abs_diff"] > 1e-3
+    q = info["qwen3"]
+    assert q["pooling"] == "lasttoken" and q["padding_side"] == "left"
+    assert all(ids[-1] == q["eos"] and ids.count(q["eos"]) == 1 for ids in q["ids"])
+    assert info["bert"]["pooling"] == "mean" and info["bert"]["padding_side"] == "right"
+
+
+def test_export_folder_contents(exports):
+    _, _, qdir, _ = exports["qwen3"]
+    assert json.loads((qdir / "1_Pooling" / "config.json").read_text())["pooling_mode"] == "lasttoken"
+    assert json.loads((qdir / "tokenizer_config.json").read_text())["padding_side"] == "left"
+    st_cfg = json.loads((qdir / "config_sentence_transformers.json").read_text())
+    assert st_cfg["default_prompt_name"] is None and st_cfg["prompts"]["document"] == ""
+    assert st_cfg["prompts"]["query"] == "Instruct: Given a query, retrieve relevant passages that answer the query\nQuery:"
+    assert np.load(qdir / "probe_embeddings.npy").shape == (2, len(PROBES), 32)
+    assert json.loads((qdir / "probes.json").read_text()) == PROBES
+    meta = json.loads((qdir / "embedft_export.json").read_text())
+    assert meta["dtype"] == "fp32" and meta["spec"]["pooling"] == "lasttoken" and meta["adapter"]["lora"]["r"] == 4
+    card = (qdir / "README.md").read_text()
+    assert 'prompt_name="query"' in card and "r=4" in card and "abc123" in card and "q_proj" in card
+    assert "| retrieval/recall@10 | 0.5000 | 0.7500 |" in card  # the run's evaluation table
+
+
+def test_zero_adapter_is_reported(tiny_bert_dir, tmp_path):
+    adapter = make_adapter(tiny_bert_dir, tmp_path / "adapter", zero=True)
+    with pytest.raises(ExportError, match="no effect") as e:
+        export_merged(adapter, tmp_path / "export", probe_texts=PROBES)
+    assert "delta W" in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_verify_passes_then_fails_after_a_weight_changes(exports, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = shutil.copytree(exports["bert"][2], tmp_path / "export")
+    parity = verify_export(d)
+    assert parity["ok"] and parity["max_abs_diff"] <= 1e-5
+    weights = load_file(d / "model.safetensors")
+    name = next(k for k in weights if k.endswith("attention.self.query.weight"))
+    weights[name] = weights[name] + 0.2 * torch.randn_like(weights[name])
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=r"min cosine 0\.\d+ \(need >= 0.99999\), max abs diff"):
+        verify_export(d)
+    res = CliRunner().invoke(main, ["verify", str(d)])
+    assert res.exit_code == 1 and "max abs diff" in res.output
+
+
+def test_existing_out_refused_failed_export_leaves_no_tmp_overwrite_works(exports, tmp_path):
+    adapter = exports["bert"][1]
+    out = tmp_path / "out" / "export"
+    out.mkdir(parents=True)
+    (out / "old.txt").write_text("previous export")
+    res = CliRunner().invoke(main, ["export", "--adapter", str(adapter), "--out", str(out)])
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    # A parity failure (impossible tolerance) keeps the old folder and leaves no temporary folder.
+    with pytest.raises(ExportError, match="parity check failed.*min cosine"):
+        export_merged(adapter, out, overwrite=True, probe_texts=PROBES, cfg=ExportConfig(min_cosine=1.5))
+    assert os.listdir(out.parent) == ["export"] and (out / "old.txt").is_file()
+    res = CliRunner().invoke(main, ["export", "--adapter", str(adapter), "--out", str(out), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert "min cosine" in res.output
+    assert not (out / "old.txt").exists() and (out / "modules.json").is_file()
+    assert os.listdir(out.parent) == ["export"]
+
+
+def test_wrong_base_missing_file_corrupted_weights(exports, tiny_qwen3_dir, tmp_path):
+    adapter = exports["bert"][1]
+    with pytest.raises(ModelError, match="trained on base model") as e:
+        export_merged(adapter, tmp_path / "a", model_name=str(tiny_qwen3_dir))
+    assert str(tiny_qwen3_dir) in str(e.value)
+    broken = shutil.copytree(adapter, tmp_path / "broken")
+    (broken / "adapter_config.json").unlink()
+    with pytest.raises(ModelError, match="missing adapter_config.json"):
+        export_merged(broken, tmp_path / "b")
+    corrupt = shutil.copytree(adapter, tmp_path / "corrupt")
+    f = corrupt / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ExportError, match="adapter_model.safetensors is corrupted or truncated"):
+        export_merged(corrupt, tmp_path / "c")
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_non_prefix_query_template_and_missing_onnx_are_clear(exports, tmp_path):
+    import importlib.util
+
+    adapter = shutil.copytree(exports["qwen3"][1], tmp_path / "adapter")
+    meta = json.loads((adapter / "embedft_meta.json").read_text())
+    meta["spec"]["query_template"] = "{text} (a query)"
+    (adapter / "embedft_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="not a prefix"):
+        export_merged(adapter, tmp_path / "out")
+    if all(importlib.util.find_spec(m) for m in ("optimum", "onnx", "onnxruntime")):
+        pytest.skip("ONNX packages installed")
+    with pytest.raises(ExportError, match=r"pip install 'sentence-transformers\[onnx\]'"):
+        export_merged(exports["qwen3"][1], tmp_path / "out2", onnx=True)
+
+
+def test_bf16_export_parity_against_looser_tolerance(exports, tmp_path):
+    from safetensors import safe_open
+
+    _, adapter, _, _ = exports["qwen3"]
+    report = export_merged(adapter, tmp_path / "bf16", dtype="bf16", probe_texts=PROBES)
+    assert report["tolerances"] == {"min_cosine": 0.99, "max_abs_diff": 2e-2}
+    p = report["parity"]
+    assert p["ok"] and p["min_cosine"] >= 0.99 and 0 < p["max_abs_diff"] <= 2e-2
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    saved = json.loads((tmp_path / "bf16" / "embedft_export.json").read_text())
+    assert saved["dtype"] == "bf16" and saved["parity"]["max_abs_diff"] == p["max_abs_diff"]
+    assert verify_export(tmp_path / "bf16")["ok"]
+
+
+def test_index_build_cli(exports, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from embedft.index import load_index, search
+
+    export_dir = exports["bert"][2]
+    texts = [f"{w} product {i}" for i, w in enumerate(["apple", "sony", "bosch", "intel", "canon"] * 4)]
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("doc_id,body\n" + "\n".join(f"d{i},{t}" for i, t in enumerate(texts)) + "\n")
+    res = CliRunner().invoke(main, ["index", "build", "--model", str(export_dir), "--corpus", str(corpus),
+                                    "--text-column", "body", "--id-column", "doc_id", "--index", "HNSW32",
+                                    "--out", str(tmp_path / "idx")])
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in (tmp_path / "idx").iterdir()} == {"index.faiss", "ids.json", "manifest.json"}
+    index, ids, manifest = load_index(tmp_path / "idx", expected_model=weights_digest(export_dir), expected_dim=32)
+    assert (manifest["count"], manifest["dim"], index.ntotal) == (20, 32, 20)
+    assert manifest["metric"] == "inner_product" and manifest["normalized"] and manifest["factory"] == "HNSW32"
+    assert manifest["id_column"] == "doc_id" and ids[:2] == ["d0", "d1"]
+    q = SentenceTransformer(str(export_dir), device="cpu").encode([texts[7]], normalize_embeddings=True)
+    scores, hits = search(index, q, 1)
+    assert ids[hits[0, 0]] == "d7" and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+    res = CliRunner().invoke(main, ["index", "build", "--model", str(export_dir), "--corpus", str(corpus),
+                                    "--text-column", "nope", "--out", str(tmp_path / "idx2")])
+    assert res.exit_code == 2 and "no column 'nope'" in res.output

@@ -1,0 +1,26 @@
+"""The GPU check script runs its full code path on CPU with a tiny Qwen3 (no figures asserted)."""
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def test_gpu_check_runs_on_cpu_with_a_tiny_model():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.run([4, 8], steps=2, tiny=True, mini_batch=4, write=False)
+    assert [r["batch"] for r in rows] == [4, 8]
+    assert [r["cached"] for r in rows] == [False, True]  # the larger batch uses cached negatives
+    assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > r["samples_per_s"] for r in rows)
+    assert rows[0]["non_embedding_params"] > 0 and rows[0]["mfu"] is None  # no peak FLOP/s on CPU
+
+
+def test_peak_flops_table():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.peak_flops("NVIDIA H100 80GB HBM3")[0] == 989e12
+    assert mod.peak_flops("NVIDIA H100 PCIe")[0] == 756e12
+    assert mod.peak_flops("some cpu")[0] is None
