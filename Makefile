@@ -9,7 +9,7 @@ CONFIG ?= experiments/default.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-fast bench-pricerunner bench-encode ui clean
+.PHONY: help setup train test bench-pricerunner bench-encode bench-train gpu-check ui clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -31,6 +31,16 @@ test: setup ## Run the test-suite
 
 bench-pricerunner: setup ## Train + evaluate on real PriceRunner data (../shared/datasets), ~30 min on 2 cores
 	$(PY) -m embedft train experiments/pricerunner-matching.yaml --no-progress
+
+bench-encode: setup ## Encoding throughput, embedft vs SentenceTransformer.encode (PriceRunner titles)
+	$(PY) benchmarks/bench_encode.py
+
+bench-train: setup ## Training throughput and quality, embedft vs the sentence-transformers trainer
+	$(PY) benchmarks/bench_train.py
+
+gpu-check: setup ## On a CUDA machine: tests on GPU, Qwen3-0.6B-shaped training at batch 64/256/1024, figures to docs/benchmarks.md
+	$(PY) -m pytest -q
+	$(PY) benchmarks/gpu_check.py --write
 
 ui: setup ## MLflow UI on the local SQLite store, bound to 127.0.0.1
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -17,7 +17,7 @@ OVERRIDE_HELP = "Override a config value, e.g. -o train.lr=1e-4 (repeatable)."
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "sentence_transformers", "transformers", "alembic", "mlflow"):
+    for noisy in ("httpx", "urllib3", "sentence_transformers", "transformers", "alembic", "mlflow", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -34,6 +34,12 @@ class _Group(click.Group):
         from embedft.config import ConfigError
 
         known: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+        try:
+            from embedft.tracking import TrackingError
+
+            known += (TrackingError,)
+        except ImportError:
+            pass
         try:
             from embedft.data import DataError
             from embedft.evaluate import EvalError
@@ -95,7 +101,9 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
 @click.option("--out", type=click.Path(), help="Report folder; default: <run folder>/eval.")
 @click.option("--no-base", is_flag=True, help="Skip the base model (no side-by-side).")
 @click.option("--base-only", is_flag=True, help="Evaluate only the base model (no adapter).")
-def eval_cmd(config, overrides, model, adapter, run_id, data, indexes, save_index, out, no_base, base_only) -> None:
+@click.option("--linear-probe", is_flag=True, help="Also a logistic-regression probe (MTEB-style classification).")
+def eval_cmd(config, overrides, model, adapter, run_id, data, indexes, save_index, out, no_base, base_only,
+             linear_probe) -> None:
     """Evaluate base vs adapted with FAISS: retrieval recall/MRR/nDCG and kNN classification."""
     from embedft.pipeline import run_eval
 
@@ -106,6 +114,8 @@ def eval_cmd(config, overrides, model, adapter, run_id, data, indexes, save_inde
         extra.append(f"data.train={data}")
     if indexes:
         extra.append("eval.indexes=[" + ", ".join(f'"{i}"' for i in indexes) + "]")
+    if linear_probe:
+        extra.append("eval.linear_probe=true")
     cfg = _load(config, tuple(extra))
     summary = run_eval(cfg, adapter=adapter, run_id=run_id, out=out, compare_base=not no_base,
                        base_only=base_only, save_index=save_index)
@@ -195,6 +205,40 @@ def index_build(model_dir, corpus, text_column, id_column, factory, out, overwri
     m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
                      overwrite=overwrite)
     click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
+
+
+@main.group("runs")
+def runs_group() -> None:
+    """List, compare and sync MLflow runs."""
+
+
+@runs_group.command("list")
+@click.argument("config", required=False, type=click.Path())
+@click.option("--experiment", help="MLflow experiment name; default: the config's (or 'default').")
+@click.option("--sort", "sort_by", default="metrics.adapted/retrieval/recall@10", show_default=True,
+              help="Sort key, e.g. metrics.adapted/classification/macro_f1 or params.lora.r.")
+@click.option("-n", "--max-results", default=50, show_default=True)
+def runs_list(config, experiment, sort_by, max_results) -> None:
+    """A table of an experiment's runs with their main params and metrics, best first."""
+    from embedft import tracking
+
+    cfg = _load(config, ())
+    uri = tracking.resolve_uri(cfg.tracking)
+    rows = tracking.list_runs(uri, experiment or cfg.tracking.experiment or cfg.name, sort_by=sort_by,
+                              max_results=max_results)
+    click.echo(tracking.format_runs_table(rows) if rows else f"no runs in experiment "
+               f"{experiment or cfg.tracking.experiment or cfg.name!r} at {uri}")
+
+
+@runs_group.command("sync")
+@click.argument("path", default="runs", type=click.Path())
+@click.option("--uri", help="Tracking URI; default: the one each spool was written for.")
+def runs_sync(path: str, uri: str | None) -> None:
+    """Deliver records spooled while the tracking server was away (runs/<name>/.mlflow-pending)."""
+    from embedft import tracking
+
+    n = tracking.sync_pending(path, uri=uri)
+    click.echo(f"delivered {n} pending record(s) from {path}")
 
 
 if __name__ == "__main__":

@@ -45,23 +45,30 @@ def evaluate_retrieval(q: np.ndarray, c: np.ndarray, task: RetrievalTask, ks: tu
         raise EvalError("retrieval: the corpus or the query set is empty; the eval split needs groups with "
                         "at least two items (grouped data) or query/positive rows (pairs)")
     n_avail = len(task.corpus) - (1 if task.self_ids is not None else 0)
-    depth = max(max(ks), 10)
-    if depth > n_avail:
-        log.warning("retrieval: k=%d is larger than the corpus (%d items per query); capping at %d",
-                    depth, n_avail, n_avail)
-        depth = n_avail
-    ks_used = tuple(k for k in ks if k <= depth) or (depth,)
+    want = max(max(ks), 10)  # MRR and nDCG are @10
+    depth = min(want, n_avail)
+    if depth < want:
+        log.warning("retrieval: k=%d is larger than the corpus (%d items per query); ranks past %d are empty",
+                    want, n_avail, n_avail)
     t0 = time.perf_counter()
     _, ranked = exact_search(c, q, depth, self_ids=task.self_ids)
     exact_s = time.perf_counter() - t0
-    metrics = retrieval_metrics(ranked, task.positives, ks=ks_used, prefix="retrieval/")
+    ranked = _pad(ranked, want)
+    metrics = retrieval_metrics(ranked, task.positives, ks=ks, prefix="retrieval/")
     metrics["retrieval/exact/qps"] = len(q) / max(exact_s, 1e-9)
-    curve = {int(k): metrics[f"retrieval/recall@{k}"] for k in ks_used}
+    curve = {int(k): metrics[f"retrieval/recall@{k}"] for k in ks}
     for factory in indexes:
         ann, ann_ranked = ann_report(c, q, depth, factory, self_ids=task.self_ids)
         metrics.update({f"retrieval/{k}": v for k, v in ann.items()})
-        metrics.update(retrieval_metrics(ann_ranked, task.positives, ks=ks_used, prefix=f"retrieval/{factory}/"))
+        metrics.update(retrieval_metrics(_pad(ann_ranked, want), task.positives, ks=ks, prefix=f"retrieval/{factory}/"))
     return EvalOutput(metrics, {"recall_curve": curve, "n_queries": len(task), "n_corpus": len(task.corpus)})
+
+
+def _pad(ranked: np.ndarray, width: int) -> np.ndarray:
+    """Pad ranked ids with -1 (no result) up to `width` columns: a small corpus has no more results."""
+    if ranked.shape[1] >= width:
+        return ranked
+    return np.concatenate([ranked, np.full((ranked.shape[0], width - ranked.shape[1]), -1, ranked.dtype)], axis=1)
 
 
 def evaluate_classification(train_emb: np.ndarray, train_labels: list[str], test_emb: np.ndarray,

@@ -317,7 +317,9 @@ def run_sweep(cfg: ExperimentConfig, config_path: str, overrides: tuple[str, ...
     for point in grid:  # validate the whole grid before training anything
         suffix = "-".join(p.split("=", 1)[0].rsplit(".", 1)[-1] + p.split("=", 1)[1] for p in point)
         child = load_config(config_path, tuple(overrides) + tuple(point))
-        points.append(replace(child, name=f"{cfg.name}-{suffix}"))
+        # Children keep the parent's MLflow experiment; only the run (and its folder) is renamed.
+        points.append(replace(child, name=f"{cfg.name}-{suffix}",
+                              tracking=replace(child.tracking, experiment=cfg.tracking.experiment or cfg.name)))
     tracker = open_tracker(cfg.tracking, cfg.name, cfg.output_dir)
     parent = tracker.start_run(run_name=f"{cfg.name}-sweep", params={"sweep": " x ".join(sweeps)},
                                tags={"embedft.sweep": "parent"})

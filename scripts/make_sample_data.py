@@ -36,6 +36,17 @@ CATEGORIES = {
                     ["sms", "g 7000", "din", "hfc", "s513", "sn"],
                     ["60cm", "45cm"], ["12 place", "13 place", "14 place", "integrated", "freestanding", "slimline"]),
 }
+# Merchants usually name the product type, in several ways.
+NOUNS = {
+    "Mobile Phones": ["smartphone", "mobile phone", "phone", "handset"],
+    "TVs": ["tv", "television", "smart tv", "led tv"],
+    "Washing Machines": ["washing machine", "washer", "front loader"],
+    "Fridge Freezers": ["fridge freezer", "fridge-freezer", "combi fridge"],
+    "CPUs": ["processor", "cpu", "desktop processor"],
+    "Digital Cameras": ["camera", "digital camera", "system camera"],
+    "Microwaves": ["microwave", "microwave oven", "combi microwave"],
+    "Dishwashers": ["dishwasher", "dish washer", "built-in dishwasher"],
+}
 COLOURS = ["black", "white", "silver", "grey", "stainless steel", "graphite", "blue", "gold"]
 NOISE = ["new", "uk", "2023", "official", "free delivery", "warranty", "best price", "in stock"]
 
@@ -54,6 +65,8 @@ def offer(rng: random.Random, p: dict) -> str:
     words += rng.sample(p["extras"], rng.randint(0, 2))
     if rng.random() < 0.3:
         words.append(rng.choice(NOISE))
+    if rng.random() < 0.7:
+        words.append(rng.choice(NOUNS[p["category"]]))
     if rng.random() < 0.3:  # merchants drop the brand or the product line
         words.remove(rng.choice([p["brand"], p["line"]]))
     head, tail = words[:2], words[2:]

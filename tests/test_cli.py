@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +14,6 @@ from embedft.cli import main
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [(f"item {g} variant {j}", str(g), f"cat{g % 3}") for g in range(12) for j in range(3)]
 
-needs_tracking = pytest.mark.skipif(
-    importlib.util.find_spec("embedft.tracking") is None,
-    reason="embedft/tracking.py (NullTracker) is not written yet; run_train loads the model after open_tracker")
 
 
 def write_csv(path: Path, rows, header="text,group,label") -> Path:
@@ -120,7 +116,6 @@ def test_train_batch_larger_than_data(experiment):
     assert not (experiment.parent / "run").exists()  # rejected before the run folder is made
 
 
-@needs_tracking
 def test_train_model_path_that_does_not_exist(experiment, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("train", str(experiment), "-o", "model.name=./nope", "-o", "tracking.enabled=false")
@@ -146,9 +141,21 @@ def opt_model_dir(tmp_path_factory) -> Path:
     return out
 
 
-@needs_tracking
 def test_train_unknown_model_family(experiment, opt_model_dir):
     result = invoke("train", str(experiment), "-o", f"model.name={opt_model_dir}", "-o", "tracking.enabled=false")
     line = assert_clean_error(result, "unrecognised architecture 'opt'", "lora.target_modules", "model.family")
     linear = line.split("Its linear layers are: ", 1)[1].split(".", 1)[0]
     assert linear == "fc1, fc2, k_proj, out_proj, q_proj, v_proj"
+
+
+def test_train_unreachable_tracking_server_fails_before_training(experiment, monkeypatch):
+    import socket
+
+    import embedft.models
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(embedft.models, "load_encoder", lambda *a, **k: pytest.fail("model loaded before the check"))
+    result = invoke("train", str(experiment), "-o", "tracking.enabled=true", "-o", f"tracking.uri=http://127.0.0.1:{port}")
+    assert_clean_error(result, f"127.0.0.1:{port}", "not reachable", "tracking.enabled=false")

@@ -1,0 +1,65 @@
+"""Evaluation on fixed embeddings: the side-by-side report, kNN classification edge cases."""
+
+import json
+
+import numpy as np
+import pytest
+
+from embedft.data import Examples, retrieval_task
+from embedft.evaluate import (EvalError, EvalOutput, compare, evaluate_classification, evaluate_retrieval,
+                              format_table, write_report)
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_knn_classification_counts_unseen_labels_as_errors():
+    # Two well separated classes in the index; the eval set adds a label never seen in training.
+    train = _unit(np.array([[1, 0.1], [1, -0.1], [0.1, 1], [-0.1, 1]], dtype=np.float32))
+    test = _unit(np.array([[1, 0.05], [0.05, 1], [1, 0.0]], dtype=np.float32))
+    out = evaluate_classification(train, ["a", "a", "b", "b"], test, ["a", "b", "c"], k=2)
+    m = out.metrics
+    assert m["classification/unseen_label_queries"] == 1.0
+    assert m["classification/accuracy"] == pytest.approx(2 / 3)
+    # Per class F1: a: P=1/2 (the 'c' row is predicted a), R=1 -> 2/3; b: 1; c: 0 -> macro = (2/3 + 1 + 0) / 3.
+    assert m["classification/macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert out.details["unseen_labels"] == ["c"]
+    assert np.array(out.details["report"]["confusion_matrix"]).sum() == 3
+
+
+def test_knn_k_larger_than_index_is_a_clear_error():
+    x = _unit(np.eye(3, dtype=np.float32))
+    with pytest.raises(EvalError, match="eval.knn_k=5 is larger than the 3 training texts"):
+        evaluate_classification(x, ["a", "b", "c"], x, ["a", "b", "c"], k=5)
+
+
+def test_retrieval_on_grouped_examples_excludes_self():
+    ex = Examples("grouped", "t", np.arange(4) + 1, ["a1", "a2", "b1", "b2"], groups=["a", "a", "b", "b"])
+    task = retrieval_task(ex)
+    # a1 ~ a2 and b1 ~ b2; each item's nearest other item is its group mate.
+    c = _unit(np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32))
+    out = evaluate_retrieval(c[task.self_ids], c, task, ks=(1, 2))
+    assert out.metrics["retrieval/recall@1"] == 1.0 and out.metrics["retrieval/mrr@10"] == 1.0
+    assert out.details["n_queries"] == 4
+
+
+def test_empty_corpus_is_a_clear_error():
+    ex = Examples("grouped", "t", np.arange(2) + 1, ["a", "b"], groups=["a", "b"])  # no group has two items
+    task = retrieval_task(ex)
+    with pytest.raises(EvalError, match="empty"):
+        evaluate_retrieval(np.zeros((0, 2), np.float32), np.zeros((2, 2), np.float32), task, ks=(1,))
+
+
+def test_report_side_by_side_with_deltas(tmp_path):
+    base = EvalOutput({"retrieval/recall@10": 0.5, "retrieval/seconds": 3.0}, {})
+    adapted = EvalOutput({"retrieval/recall@10": 0.8, "retrieval/seconds": 2.0}, {"retrieval": {"n_queries": 7}})
+    rows = compare(base.metrics, adapted.metrics)
+    assert rows == [("retrieval/recall@10", 0.5, 0.8, pytest.approx(0.3))]  # timings are not quality rows
+    table = format_table(rows)
+    assert "0.5000" in table and "0.8000" in table and "+0.3000" in table
+    out = write_report(tmp_path / "eval", base, adapted, {"name": "t", "model": "m"})
+    payload = json.loads((out / "report.json").read_text())
+    assert payload["base"]["retrieval/recall@10"] == 0.5 and payload["adapted"]["retrieval/recall@10"] == 0.8
+    assert "| retrieval/recall@10 | 0.5000 | 0.8000 | +0.3000 |" in (out / "report.md").read_text()
+    assert not list(tmp_path.glob("*.tmp"))  # written in a temp folder and moved into place

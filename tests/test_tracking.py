@@ -1,0 +1,577 @@
+"""Tracking against a local SQLite store, a real `mlflow server` (slow) that dies mid-run, and the plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from embedft import tracking
+from embedft.tracking import NullTracker, Tracker, TrackingError, metric_key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
+    """Every artifact file path of a run, recursively."""
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite database with its schema; copying it skips the slow migrations per store."""
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    _client(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture(scope="module")
+def store(template_db, tmp_path_factory) -> str:
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    shutil.copy(template_db, db)
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture
+def adapter_dir(tmp_path) -> Path:
+    d = tmp_path / "out" / "adapter"
+    d.mkdir(parents=True)
+    (d / "adapter_model.safetensors").write_bytes(os.urandom(2048))
+    (d / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    (d / "embedft_meta.json").write_text(json.dumps({"experiment": "t"}))
+    return d
+
+
+def _tracker(uri: str, tmp_path: Path, experiment: str, **kw) -> Tracker:
+    kw = {"flush_interval": 0.05, "end_timeout": 1.0, "max_backoff": 0.2, **kw}
+    return Tracker(uri, experiment, tmp_path / "out" / ".mlflow-pending", **kw)
+
+
+def _log_everything(t: Tracker, adapter_dir: Path, steps: range) -> None:
+    t.log_text("name: t\nlora:\n  r: 4\n", "config.yaml")
+    t.log_input("t-train", "d1g35t0000000001", 120, str(adapter_dir / "embedft_meta.json"), "training")
+    t.log_input("t-eval", "d1g35t0000000002", 30, "some/hub-dataset", "evaluation")
+    for s in steps:
+        t.log_metrics({"train/loss": 1.0 / (s + 1), "val/recall@10": s / 100}, step=s)
+    t.log_artifacts(adapter_dir, "adapter")
+    t.log_artifact(adapter_dir / "adapter_config.json", "plots")
+
+
+PARAMS = {"model.name": "tiny", "lora.r": 4, "train.lr": 2e-4, "eval.ks": [1, 5, 10], "data.eval": None,
+          "long": "x" * 7000}
+
+
+# ---------------------------------------------------------------------------------------
+# Local SQLite store
+
+
+def test_run_is_logged_and_reads_back(store, tmp_path, adapter_dir):
+    with _tracker(store, tmp_path, "roundtrip") as t:
+        run_id = t.start_run("r1", PARAMS, {"embedft.family": "bert"})
+        _log_everything(t, adapter_dir, range(30))
+        assert t.flush(20)
+    assert t.end() is True and t.pending == 0
+    c = _client(store)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "r1"
+    p = run.data.params
+    assert p["model.name"] == "tiny" and p["lora.r"] == "4" and p["train.lr"] == "0.0002"
+    assert p["eval.ks"] == "[1, 5, 10]" and p["data.eval"] == "None"
+    assert len(p["long"]) == tracking.MAX_PARAM_LEN and p["long"].endswith("...[truncated]")
+    assert run.data.tags["embedft.family"] == "bert" and "mlflow.parentRunId" not in run.data.tags
+    assert _history(c, run_id, "train/loss") == [(s, 1.0 / (s + 1)) for s in range(30)]
+    assert _history(c, run_id, "val/recall_at_10") == [(s, s / 100) for s in range(30)]
+    assert _artifacts(c, run_id) == {"config.yaml", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+                                     "adapter/embedft_meta.json", "plots/adapter_config.json"}
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"t-train", "t-eval"}
+    train = inputs["t-train"]
+    assert train.dataset.digest == "d1g35t0000000001" and json.loads(train.dataset.profile) == {"num_rows": 120}
+    assert json.loads(train.dataset.source) == {"uri": str((adapter_dir / "embedft_meta.json").resolve())}
+    assert {tg.key: tg.value for tg in train.tags}["mlflow.data.context"] == "training"
+    assert inputs["t-eval"].dataset.source_type == "external"
+    # Artifacts sit next to the database, not in a ./mlruns of the working directory.
+    db_dir = Path(store[len("sqlite:///"):]).parent
+    assert (db_dir / "mlartifacts" / "roundtrip" / run_id / "artifacts" / "config.yaml").is_file()
+    assert not (tmp_path / "out" / ".mlflow-pending").exists()
+
+
+def test_nested_child_run_has_parent_tag(store, tmp_path):
+    parent = _tracker(store, tmp_path, "sweep")
+    pid = parent.start_run("sweep", {"sweep": "lora.r=4,8"}, {"embedft.sweep": "parent"})
+    kids = []
+    for r in (4, 8):
+        child = _tracker(store, tmp_path, "sweep")
+        kids.append(child.start_run(f"r{r}", {"lora.r": r}, {}, parent_run_id=pid))
+        child.log_metrics({"adapted/retrieval/recall@10": r / 10}, step=1)
+        assert child.end()
+    assert parent.end()
+    c = _client(store)
+    exp = c.get_experiment_by_name("sweep")
+    found = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{pid}'")
+    assert sorted(r.info.run_id for r in found) == sorted(kids)
+    assert all(c.get_run(k).data.params["lora.r"] in ("4", "8") for k in kids)
+
+
+def test_context_manager_ends_failed_on_exception(store, tmp_path):
+    with pytest.raises(ValueError):
+        with _tracker(store, tmp_path, "ctx") as t:
+            run_id = t.start_run("boom", {}, {})
+            t.log_metrics({"train/loss": 1.0}, step=0)
+            raise ValueError("training blew up")
+    c = _client(store)
+    assert c.get_run(run_id).info.status == "FAILED"
+    assert _history(c, run_id, "train/loss") == [(0, 1.0)]
+
+
+def test_bad_values_do_not_raise_or_block_others(store, tmp_path, caplog):
+    t = _tracker(store, tmp_path, "bad")
+    run_id = t.start_run("bad", {"lora.r": 4}, {})
+    t.log_metrics({"train/loss": float("nan"), "note": "not a number", "retrieval/IVF256,Flat/recall@10": 0.5}, step=3)
+    t.log_params({"lora.r": 8, "extra": "ok"})  # params cannot change: refused with a warning, not raised
+    assert t.end()
+    c = _client(store)
+    run = c.get_run(run_id)
+    assert run.data.params["lora.r"] == "4" and run.data.params["extra"] == "ok"
+    assert math.isnan(run.data.metrics["train/loss"]) and "note" not in run.data.metrics
+    assert run.data.metrics["retrieval/IVF256_Flat/recall_at_10"] == 0.5
+    assert "not a number" in caplog.text and "cannot change" in caplog.text
+
+
+def _flaky(fn, fail_before: bool, times: int):
+    """Wrap a client method: raise a transient error `times` times, before or after doing the call."""
+    from mlflow.exceptions import MlflowException
+
+    state = {"left": times}
+
+    def wrapped(*a, **kw):
+        if state["left"] > 0:
+            state["left"] -= 1
+            if not fail_before:
+                fn(*a, **kw)  # stored, but the response is "lost"
+            raise MlflowException("connection reset by peer")
+        return fn(*a, **kw)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("stored_before_failure", [False, True], ids=["request-failed", "response-lost"])
+def test_failed_requests_are_retried_without_loss_or_duplicates(store, tmp_path, monkeypatch, stored_before_failure):
+    t = _tracker(store, tmp_path, "flaky")
+    run_id = t.start_run("flaky", {}, {})
+    flaky = _flaky(t._client.log_batch, fail_before=not stored_before_failure, times=2)
+    monkeypatch.setattr(t._client, "log_batch", flaky)
+    for s in range(20):
+        t.log_metrics({"train/loss": 1.0 / (s + 1)}, step=s)
+    assert t.flush(20)
+    assert t.end()
+    assert _history(_client(store), run_id, "train/loss") == [(s, 1.0 / (s + 1)) for s in range(20)]
+
+
+def test_already_logged_matches_exact_points_only(store, tmp_path):
+    t = _tracker(store, tmp_path, "dedupe")
+    run_id = t.start_run("dedupe", {}, {})
+    t.log_metrics({"train/loss": 0.5, "train/lr": float("nan")}, step=2)
+    assert t.end()
+    c = _client(store)
+    (point,) = c.get_metric_history(run_id, "train/loss")
+    ts = point.timestamp
+    candidates = [{"key": "train/loss", "value": 0.5, "timestamp": ts, "step": 2},       # stored
+                  {"key": "train/loss", "value": 0.5, "timestamp": ts + 1, "step": 2},   # a later point
+                  {"key": "train/loss", "value": 0.5, "timestamp": ts, "step": 3},
+                  {"key": "train/lr", "value": float("nan"), "timestamp": ts, "step": 2},  # stored NaN
+                  {"key": "other", "value": 1.0, "timestamp": ts, "step": 2}]
+    assert tracking._already_logged(c, run_id, candidates) == {0, 3}
+
+
+def test_store_away_at_end_spools_then_sync_delivers(store, tmp_path, adapter_dir, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    spool_root = tmp_path / "out" / ".mlflow-pending"
+    t = _tracker(store, tmp_path, "spool")
+    run_id = t.start_run("spool", {"lora.r": 4}, {})
+    t.log_metrics({"train/loss": 1.0}, step=0)
+    assert t.flush(10)
+
+    def down(*a, **kw):
+        raise MlflowException("connection refused")
+
+    for name in ("log_batch", "log_text", "log_artifact", "log_artifacts", "log_inputs", "set_terminated",
+                 "get_metric_history"):
+        monkeypatch.setattr(t._client, name, down)
+    _log_everything(t, adapter_dir, range(1, 10))
+    t0 = time.monotonic()
+    assert t.end("FINISHED") is False
+    assert time.monotonic() - t0 < 10
+    spool = spool_root / run_id
+    meta = json.loads((spool / "spool.json").read_text())
+    assert meta["status"] == "FINISHED" and meta["run_id"] == run_id and meta["uri"] == store
+    records = [json.loads(x) for x in (spool / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in records if r["type"] == "metric") == sorted(list(range(1, 10)) * 2)
+    assert {r["type"] for r in records} == {"metric", "input", "artifact"}  # text kept as a file artifact
+    c = _client(store)
+    assert c.get_run(run_id).info.status == "RUNNING"
+
+    backup = tmp_path / "again" / ".mlflow-pending"
+    shutil.copytree(spool_root, backup)
+    n = tracking.sync_pending(spool_root)
+    assert n == len(records)
+    assert not spool_root.exists()
+    assert tracking.sync_pending(backup) == len(records)  # a second delivery adds nothing
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    loss = _history(c, run_id, "train/loss")
+    assert loss == [(0, 1.0)] + [(s, 1.0 / (s + 1)) for s in range(1, 10)]
+    assert _history(c, run_id, "val/recall_at_10") == [(s, s / 100) for s in range(1, 10)]
+    assert {"config.yaml", "adapter/adapter_model.safetensors", "plots/adapter_config.json"} <= _artifacts(c, run_id)
+    assert len(run.inputs.dataset_inputs) == 2
+
+
+def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
+    ids = {}
+    for name, recall in (("low", 0.3), ("high", 0.9), ("none", None)):
+        t = _tracker(store, tmp_path, "listing")
+        ids[name] = t.start_run(name, {"model.name": "tiny", "lora.r": 8, "train.lr": 1e-4}, {})
+        if recall is not None:
+            t.log_metrics({"adapted/retrieval/recall@10": recall, "base/retrieval/recall@10": 0.2}, step=5)
+            t.log_artifacts(adapter_dir, "adapter")
+        assert t.end()
+    rows = tracking.list_runs(store, "listing")
+    assert [r["name"] for r in rows] == ["high", "low", "none"]
+    assert rows[0]["metrics.adapted/retrieval/recall_at_10"] == 0.9 and rows[0]["params.lora.r"] == "8"
+    assert rows[0]["status"] == "FINISHED" and rows[2]["metrics.adapted/retrieval/recall_at_10"] is None
+    table = tracking.format_runs_table(rows).splitlines()
+    assert table[0].split()[:4] == ["run_id", "name", "status", "start"]
+    assert "0.9000" in table[2] and ids["high"] in table[2] and table[4].rstrip().endswith("-")
+    assert tracking.format_runs_table([]) == "(no runs)"
+    with pytest.raises(TrackingError, match="no MLflow experiment 'missing'"):
+        tracking.list_runs(store, "missing")
+
+    got = tracking.download_adapter(store, ids["high"], tmp_path / "dl")
+    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in adapter_dir.iterdir())
+    assert (got / "adapter_model.safetensors").read_bytes() == (adapter_dir / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(TrackingError, match="no adapter/ artifact"):
+        tracking.download_adapter(store, ids["none"], tmp_path / "dl2")
+    with pytest.raises(TrackingError, match="not found"):
+        tracking.download_adapter(store, "0" * 32, tmp_path / "dl3")
+
+
+# ---------------------------------------------------------------------------------------
+# Pure helpers (no store)
+
+
+def test_resolve_uri(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_uri(SimpleNamespace(uri=None)) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking.resolve_uri(SimpleNamespace(uri="sqlite:///sub/x.db")) == f"sqlite:///{tmp_path.resolve()}/sub/x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.resolve_uri(SimpleNamespace(uri=None)) == "http://127.0.0.1:5000"
+    assert tracking.resolve_uri(SimpleNamespace(uri="http://mlflow:8080")) == "http://mlflow:8080"
+
+
+def test_metric_key_is_accepted_by_mlflow():
+    from mlflow.utils.validation import _validate_metric_name
+
+    for raw, want in (("val/recall@10", "val/recall_at_10"), ("retrieval/IVF256,Flat/mrr@10",
+                                                              "retrieval/IVF256_Flat/mrr_at_10"),
+                      ("a//b/./c", "a/b/c"), ("train/loss", "train/loss")):
+        assert metric_key(raw) == want
+        _validate_metric_name(want)
+
+
+def test_dead_server_fails_fast_with_the_fix(tmp_path):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError) as e:
+        tracking.check_reachable(uri, timeout=2)
+    assert time.monotonic() - t0 < 3
+    msg = str(e.value)
+    assert uri in msg and "mlflow server" in msg and "tracking.enabled=false" in msg and "MLFLOW_TRACKING_URI" in msg
+    with pytest.raises(TrackingError, match="not reachable"):
+        Tracker(uri, "x", tmp_path).start_run("r", {}, {})
+
+
+def test_null_tracker_accepts_everything(tmp_path):
+    with NullTracker() as t:
+        assert t.start_run("r", {"a": 1}, {"b": "c"}, parent_run_id="p") is None
+        t.log_metrics({"x": 1.0}, step=1)
+        t.log_params({"a": 1})
+        t.set_tags({"k": "v"})
+        t.log_text("t", "config.yaml")
+        t.log_artifact(tmp_path, "plots")
+        t.log_artifacts(tmp_path, "adapter")
+        t.log_input("n", "d", 1, "s", "training")
+        assert t.flush() and t.end("FAILED")
+
+
+def test_import_does_not_load_mlflow():
+    code = "import sys, embedft.tracking, embedft.plots; print('mlflow' in sys.modules, 'matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+# ---------------------------------------------------------------------------------------
+# A real `mlflow server`
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts, in its own process group."""
+
+    def __init__(self, root: Path, db: Path):
+        self.root, self.db, self.port = root, db, _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner / huey workers
+        self.log = open(self.root / f"server-{time.time():.0f}.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.db}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            cwd=self.root, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {self.logs()}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.25)
+        raise RuntimeError(f"mlflow server not healthy after {timeout}s: {self.logs()}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole group: `mlflow server` runs uvicorn as a child that proc.kill() would orphan."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the group
+            except ProcessLookupError:
+                pass
+            self.log.close()
+        self.proc = None
+
+    def logs(self) -> str:
+        return "".join(sorted(p.read_text() for p in self.root.glob("server-*.log")))[-3000:]
+
+
+@pytest.fixture(scope="module")
+def server(template_db, tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    shutil.copy(template_db, root / "mlflow.db")
+    srv = MlflowServer(root, root / "mlflow.db")
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.kill()
+
+
+@pytest.mark.slow
+def test_http_run_roundtrip(server, tmp_path, adapter_dir):
+    t = _tracker(server.uri, tmp_path, "http")
+    run_id = t.start_run("http", PARAMS, {"embedft.family": "bert"})
+    _log_everything(t, adapter_dir, range(15))
+    assert t.end() is True
+    c = _client(server.uri)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["lora.r"] == "4"
+    assert _history(c, run_id, "train/loss") == [(s, 1.0 / (s + 1)) for s in range(15)]
+    assert "adapter/adapter_model.safetensors" in _artifacts(c, run_id)
+    assert len(run.inputs.dataset_inputs) == 2
+    # Proxied artifacts land in the server's --artifacts-destination.
+    assert list((server.root / "artifacts").rglob("adapter_model.safetensors"))
+    got = tracking.download_adapter(server.uri, run_id, tmp_path / "dl")
+    assert (got / "adapter_config.json").read_text() == (adapter_dir / "adapter_config.json").read_text()
+
+
+@pytest.mark.slow
+def test_server_killed_mid_run_spools_and_syncs(server, tmp_path, adapter_dir):
+    spool_root = tmp_path / "out" / ".mlflow-pending"
+    t = _tracker(server.uri, tmp_path, "fault")
+    run_id = t.start_run("fault", PARAMS, {})
+    t.log_text("name: fault\n", "config.yaml")
+    for s in range(10):
+        t.log_metrics({"train/loss": 1.0 / (s + 1)}, step=s)
+    assert t.flush(20) and t.delivered >= 11
+
+    server.kill()
+    slowest = 0.0
+    for s in range(10, 30):
+        t0 = time.monotonic()
+        t.log_metrics({"train/loss": 1.0 / (s + 1)}, step=s)
+        slowest = max(slowest, time.monotonic() - t0)
+        time.sleep(0.02)
+    t.log_artifacts(adapter_dir, "adapter")
+    assert slowest < 0.5
+    t0 = time.monotonic()
+    assert t.end("FINISHED") is False
+    assert time.monotonic() - t0 < 20
+    records = [json.loads(x) for x in (spool_root / run_id / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in records if r["type"] == "metric") == list(range(10, 30))
+    assert (spool_root / run_id / "files").is_dir()
+
+    server.start()
+    c = _client(server.uri)
+    assert c.get_run(run_id).info.status == "RUNNING"
+    assert _history(c, run_id, "train/loss") == [(s, 1.0 / (s + 1)) for s in range(10)]
+    assert tracking.sync_pending(spool_root) == len(records)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert _history(c, run_id, "train/loss") == [(s, 1.0 / (s + 1)) for s in range(30)]  # no duplicates
+    assert run.data.params["model.name"] == "tiny"
+    assert {"config.yaml", "adapter/adapter_model.safetensors", "adapter/embedft_meta.json"} <= _artifacts(c, run_id)
+    assert not spool_root.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Plots
+
+
+def _png(path: Path):
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(path)  # (H, W, 4) floats
+    assert img.std() > 0.05, "the image is blank"
+    return img
+
+
+def test_plots_write_real_pngs(tmp_path):
+    from embedft import plots
+
+    steps = list(range(0, 300, 10))
+    loss = plots.plot_loss_curve(steps, [2.0 / (1 + s / 50) for s in steps], tmp_path / "p" / "loss.png",
+                                 val_epochs=[100, 200, 290], val_recall=[0.4, None, 0.7])
+    assert _png(loss).shape == (4 * plots.DPI, 7 * plots.DPI, 4)
+    rec = plots.plot_recall_curve([1, 5, 10, 100], {1: 0.2, 5: 0.4, 10: 0.5, 100: 0.8},
+                                  {"1": 0.3, "5": 0.6, "10": 0.7, "100": 0.95}, tmp_path / "recall.png")
+    assert _png(rec).shape == (4 * plots.DPI, 6 * plots.DPI, 4)
+    only_adapted = plots.plot_recall_curve([1, 10], {}, {1: 0.5, 10: 0.9}, tmp_path / "recall_adapted.png")
+    _png(only_adapted)
+    cm = plots.plot_confusion_matrix([[5, 1, 0], [0, 4, 2], [1, 0, 7]], ["refund", "delivery", "account"],
+                                     tmp_path / "cm.png", "adapted kNN")
+    h, w, _ = _png(cm).shape
+    assert (h, w) == (4 * plots.DPI, 5 * plots.DPI)
+    with pytest.raises(ValueError, match="does not match"):
+        plots.plot_confusion_matrix([[1, 2], [3, 4]], ["a", "b", "c"], tmp_path / "bad.png", "x")
+
+
+# ---------------------------------------------------------------------------------------
+# The whole pipeline against a real server
+
+
+@pytest.mark.slow
+def test_train_over_http_then_eval_and_export_from_the_run(server, tmp_path, tiny_bert_dir, monkeypatch):
+    from click.testing import CliRunner
+
+    from embedft.cli import main
+    from embedft.config import load_config
+    from embedft.pipeline import run_train
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"model.name={tiny_bert_dir}", f"data.train={repo / 'data' / 'products.csv'}",
+                 f"tracking.uri={server.uri}", "tracking.experiment=http-train", "train.epochs=2",
+                 "train.max_steps=6", "train.batch_size=16", "train.log_every=1", "eval.indexes=[]"]
+    cfg = load_config(repo / "experiments" / "default.yaml", overrides)
+    summary = run_train(cfg, progress=False)
+    run_id = summary["run_id"]
+
+    c = _client(server.uri)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lora.r"] == "16" and run.data.params["model.name"] == str(tiny_bert_dir)
+    assert run.data.tags["embedft.family"] == "bert"
+    assert [s for s, _ in _history(c, run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]  # every step, in full
+    assert len(_history(c, run_id, "train/lr")) == 6
+    assert len(_history(c, run_id, "val/recall_at_10")) == 1  # max_steps ends training inside epoch 1
+    for key in ("adapted/retrieval/recall_at_10", "base/retrieval/recall_at_10", "adapted/classification/macro_f1"):
+        assert key in run.data.metrics
+    assert run.data.metrics["adapted/retrieval/recall_at_10"] == pytest.approx(
+        summary["metrics"]["adapted/retrieval/recall@10"])
+    files = _artifacts(c, run_id)
+    assert {"config.yaml", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+            "adapter/embedft_meta.json", "eval/report.json", "eval/report.md", "plots/loss.png",
+            "plots/recall_at_k.png", "plots/confusion_matrix.png"} <= files
+    assert len(run.inputs.dataset_inputs) == 2
+
+    # The adapter is loadable from the run: eval --run and export --run use it.
+    env = {"MLFLOW_TRACKING_URI": server.uri}
+    args = ["eval", str(repo / "experiments" / "default.yaml"), *sum((["-o", o] for o in overrides), []),
+            "--run", run_id, "--out", str(tmp_path / "eval-from-run"), "--no-base"]
+    res = CliRunner().invoke(main, args, env=env)
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "eval-from-run" / "report.json").read_text())
+    assert report["adapted"]["retrieval/recall@10"] == pytest.approx(summary["metrics"]["adapted/retrieval/recall@10"],
+                                                                     abs=1e-6)
+    res = CliRunner().invoke(main, ["export", "--run", run_id, "--out", str(tmp_path / "export")], env=env)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "export" / "modules.json").is_file()
+
+
+def test_sweep_runs_children_under_one_parent(tmp_path, tiny_bert_dir, monkeypatch, template_db):
+    from click.testing import CliRunner
+
+    from embedft.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["train", str(repo / "experiments" / "default.yaml"), "--no-progress",
+            "-o", f"model.name={tiny_bert_dir}", "-o", f"data.train={repo / 'data' / 'products.csv'}",
+            "-o", f"tracking.uri={uri}", "-o", "train.max_steps=2", "-o", "train.batch_size=8",
+            "-o", "eval.indexes=[]", "-o", "eval.compare_base=false",
+            "--sweep", "lora.r=2,4", "--sweep", "train.lr=1e-3"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    c = _client(uri)
+    exp = c.get_experiment_by_name("default")
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("embedft.sweep") == "parent"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.params["lora.r"] for r in children) == ["2", "4"]
+    assert {r.data.params["train.lr"] for r in children} == {"0.001"}
+    assert all("adapted/retrieval/recall_at_10" in r.data.metrics for r in children)
+    # The sweep points got their own run folders.
+    assert (tmp_path / "runs" / "default-r2-lr1e-3" / "adapter").is_dir()
+
+    res = CliRunner().invoke(main, ["runs", "list", "--experiment", "default"], env={"MLFLOW_TRACKING_URI": uri})
+    assert res.exit_code == 0, res.output
+    assert "default-r2-lr1e-3" in res.output and "default-r4-lr1e-3" in res.output
