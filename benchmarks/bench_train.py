@@ -37,6 +37,9 @@ in-batch negative (MNRL does; `same_product_pairs_per_batch` says how often that
 embeds duplicate texts of a batch once; HF's linear warmup gives lr 0 at the first step where
 embedft gives lr/warmup (a one-step shift); HF's default AdamW is fused, embedft's is foreach.
 Model families with a query prompt are not covered (anchors would be formatted differently).
+
+Timings need an otherwise idle machine: with another job on the cores, both sides' OpenMP
+threads stall unpredictably (3-step smoke runs next to a training job swung from 0.6x to 4.7x).
 """
 
 from __future__ import annotations

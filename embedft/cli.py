@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import click
 
@@ -148,7 +147,10 @@ def check(config: str, overrides: tuple[str, ...]) -> None:
               help="Weights dtype of the export (parity is checked against a looser tolerance for bf16/fp16).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
 @click.option("--onnx", is_flag=True, help="Also write ONNX weights (needs sentence-transformers[onnx]).")
-def export_cmd(adapter, run_id, out, model, dtype, overwrite, onnx) -> None:
+@click.option("--register", "register_name", metavar="NAME",
+              help="Then register the export in the MLflow model registry as NAME (a new version), linked to "
+                   "the adapter's training run when the store has it.")
+def export_cmd(adapter, run_id, out, model, dtype, overwrite, onnx, register_name) -> None:
     """Merge a LoRA adapter into its base and save a plain sentence-transformers model, parity-checked."""
     import tempfile
 
@@ -166,6 +168,19 @@ def export_cmd(adapter, run_id, out, model, dtype, overwrite, onnx) -> None:
     p = report["parity"]
     click.echo(f"exported {report['out_dir']} ({dtype}): min cosine {p['min_cosine']:.7f}, "
                f"max abs diff {p['max_abs_diff']:.3g} over {p['n_probes']} probes")
+    if register_name:
+        import json
+        from pathlib import Path
+
+        from embedft import tracking
+        from embedft.config import TrackingConfig
+        from embedft.export import EXPORT_META
+
+        saved = json.loads((Path(report["out_dir"]) / EXPORT_META).read_text())
+        source_run = ((saved.get("adapter") or {}).get("meta") or {}).get("mlflow_run_id") or run_id
+        reg = tracking.register_model(tracking.resolve_uri(TrackingConfig()), report["out_dir"], register_name,
+                                      run_id=source_run)
+        click.echo(f"registered {reg['name']} version {reg['version']}")
 
 
 @main.command()

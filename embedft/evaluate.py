@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from embedft.atomic import replace_dir, temp_sibling
 from embedft.config import EvalConfig
 from embedft.data import Examples, RetrievalTask, retrieval_task
 
@@ -188,9 +187,7 @@ def format_table(rows, markdown: bool = False) -> str:
 def write_report(out_dir: str | Path, base: EvalOutput | None, adapted: EvalOutput, meta: dict[str, Any]) -> Path:
     """report.json + report.md, written to a temp folder and moved into place (never half-written)."""
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temp_sibling(out)
     rows = compare(base.metrics if base else None, adapted.metrics)
     payload = {"meta": meta, "base": base.metrics if base else None, "adapted": adapted.metrics,
                "base_details": base.details if base else None, "adapted_details": adapted.details}
@@ -199,9 +196,7 @@ def write_report(out_dir: str | Path, base: EvalOutput | None, adapted: EvalOutp
           f"- adapter: `{meta.get('adapter')}`", f"- eval data: `{meta.get('eval_data')}`", "",
           format_table(rows, markdown=True), ""]
     (tmp / "report.md").write_text("\n".join(md))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     return out
 
 

@@ -20,15 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from embedft.atomic import replace_dir, temp_sibling
 from embedft.config import ExportConfig, LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -177,8 +176,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str 
     merged.to(torch_dtype)
     st = _build_st(encoder, query_prompt, device)
 
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(out)
     try:
         st.save(str(tmp))
         (tmp / PROBES_FILE).write_text(json.dumps(probes, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -509,18 +507,7 @@ def _export_onnx(tmp: Path, probes: list[str], ref: np.ndarray, spec, device: st
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        # rename() cannot replace a non-empty folder: move the old one aside, restore it on failure.
-        old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
 
 
 def _lora_summary(lora_cfg: dict) -> dict:

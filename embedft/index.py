@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -20,6 +19,8 @@ from typing import Any
 
 import faiss
 import numpy as np
+
+from embedft.atomic import replace_dir, temp_sibling
 
 __all__ = [
     "normalize",
@@ -294,29 +295,13 @@ def save_index(
     if _is_gpu_index(index):
         index = faiss.index_gpu_to_cpu(index)  # write_index only serialises CPU indexes
 
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    # Sibling of out_dir so the final rename stays on one filesystem (atomic).
-    tmp_dir = parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
+    tmp_dir = temp_sibling(out_dir)
     try:
         faiss.write_index(index, str(tmp_dir / INDEX_FILE))
         (tmp_dir / IDS_FILE).write_text(json.dumps(ids_list, default=_json_default), encoding="utf-8")
         manifest_text = json.dumps(full_manifest, indent=2, sort_keys=True, default=_json_default) + "\n"
         (tmp_dir / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
-        if out_dir.exists():
-            # rename() cannot replace a non-empty folder: move the old one aside
-            # first and restore it if the swap fails.
-            old_dir = parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old_dir)
-            try:
-                os.replace(tmp_dir, out_dir)
-            except BaseException:
-                os.replace(old_dir, out_dir)
-                raise
-            shutil.rmtree(old_dir, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, out_dir)
+        replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from embedft.atomic import replace_dir, temp_sibling
 from embedft.config import ExperimentConfig, TrackingConfig, flatten, to_dict, to_yaml
 from embedft.data import DataError, Examples, PairSource, build_pair_source, load_splits, retrieval_task, steps_per_epoch
 
@@ -61,18 +61,6 @@ def build_val_set(encoder, eval_ex: Examples, max_queries: int, seed: int):
                   task.positives, task.self_ids, loss_source=loss_src)
 
 
-def _atomic_dir(final: Path) -> Path:
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
               parent_run_id: str | None = None) -> dict[str, Any]:
     """Train one experiment end to end; returns the run summary (paths and metrics)."""
@@ -115,12 +103,12 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
                        progress=progress)
 
         adapter_dir = out / "adapter"
-        tmp = _atomic_dir(adapter_dir)
+        tmp = temp_sibling(adapter_dir)
         save_adapter(encoder, tmp, {"experiment": cfg.name, "config": to_dict(cfg),
                                     "data": {"train_digest": data.train.digest(), "eval_digest": data.eval.digest(),
                                              "train_rows": len(data.train), "eval_rows": len(data.eval)},
                                     "mlflow_run_id": run_id})
-        _move_into_place(tmp, adapter_dir)
+        replace_dir(tmp, adapter_dir)
         (out / "config.yaml").write_text(to_yaml(cfg))
 
         adapted_eval = evaluate_encoder(encoder, data.train, data.eval, cfg.eval, device, progress)

@@ -483,16 +483,7 @@ class Tracker:
         return exp.experiment_id
 
     def _artifact_location(self) -> str | None:
-        # With a bare SQLite store mlflow would put artifacts in ./mlruns of whatever folder we run
-        # in (and a ./mlruns folder makes a later `mlflow server` pick the file store); keep them
-        # next to the database instead, where `mlflow ui` and `make clean` find them.
-        db = _sqlite_path(self.uri)
-        if db is None:
-            return None
-        name = re.sub(r"[^\w.\-]", "_", self.experiment)
-        if name.isdigit():
-            name = f"exp-{name}"
-        return (db.parent.resolve() / "mlartifacts" / name).as_uri()
+        return _artifact_location(self.uri, self.experiment)
 
     def _param_record(self, key: str, value: Any) -> dict | None:
         k = metric_key(key)
@@ -592,6 +583,20 @@ class Tracker:
                 "end_time": _now_ms(), "spooled_at": _dt.datetime.now().isoformat(timespec="seconds")}
         (folder / SPOOL_META).write_text(json.dumps(meta, indent=2))
         return folder
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifact location for a new experiment: next to the database for a SQLite store, else the server's default."""
+    # With a bare SQLite store mlflow would put artifacts in ./mlruns of whatever folder we run
+    # in (and a ./mlruns folder makes a later `mlflow server` pick the file store); keep them
+    # next to the database instead, where `mlflow ui` and `make clean` find them.
+    db = _sqlite_path(uri)
+    if db is None:
+        return None
+    name = re.sub(r"[^\w.\-]", "_", experiment)
+    if name.isdigit():
+        name = f"exp-{name}"
+    return (db.parent.resolve() / "mlartifacts" / name).as_uri()
 
 
 def _user() -> str:
@@ -778,3 +783,129 @@ def download_adapter(uri: str, run_id: str, dst: str | Path) -> Path:
                             "or its records are still spooled: `embedft runs sync`); pass --adapter DIR instead")
     Path(dst).mkdir(parents=True, exist_ok=True)
     return Path(client.download_artifacts(run_id, "adapter", str(dst)))
+
+
+REGISTER_ARTIFACT_PATH = "registered_model"
+REGISTER_METRIC_PREFIXES = ("adapted/", "base/")
+# embedft's own files of an export, kept next to the re-saved model so `embedft verify` works on a download.
+_EXPORT_EXTRAS = ("embedft_export.json", "probes.json", "probe_embeddings.npy", "README.md")
+
+
+def register_model(uri: str, model_dir: str | Path, name: str, run_id: str | None = None,
+                   metrics: dict[str, float] | None = None, experiment: str = "embedft-exports") -> dict:
+    """Register an `embedft export` folder in the MLflow model registry as a sentence-transformers model.
+
+    The export is saved with MLflow's sentence_transformers flavor and logged as artifacts of the
+    training run `run_id` under `registered_model/` (so the version links to the run it came from);
+    when run_id is None or not in this store, a new run in `experiment` holds them instead. Then
+    a version of registered model `name` (created if absent) is made from those artifacts, with the
+    metrics as version tags and a description line. metrics=None: the linked run's final
+    `adapted/*` and `base/*` metrics. Returns {"name", "version", "run_id", "source"}.
+    """
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "modules.json").is_file():
+        raise TrackingError(f"{model_dir} is not a sentence-transformers folder (no modules.json); "
+                            "make one with `embedft export`")
+    check_reachable(uri)
+    _configure_http()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    where = f"MLflow at {uri}"
+    try:
+        run = _existing_run(client, run_id)
+        created = run is None
+        if created:
+            if run_id:
+                log.warning("MLflow run %s is not in %s; registering %s from a new run in experiment %r",
+                            run_id, uri, model_dir, experiment)
+            run = _register_run(client, uri, experiment, name, model_dir)
+        elif metrics is None:
+            metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(REGISTER_METRIC_PREFIXES)}
+        rid = run.info.run_id
+        # A second registration from the same run gets its own folder: overwriting registered_model/
+        # would silently change what the earlier version points to.
+        artifact_path, n = REGISTER_ARTIFACT_PATH, 1
+        while client.list_artifacts(rid, artifact_path):
+            n += 1
+            artifact_path = f"{REGISTER_ARTIFACT_PATH}_{n}"
+        try:
+            with tempfile.TemporaryDirectory(prefix="embedft-register-") as tmp:
+                local = Path(tmp) / "model"
+                _save_flavor(model_dir, local)
+                client.log_artifacts(rid, str(local), artifact_path)
+        except BaseException:
+            if created:
+                client.set_terminated(rid, "FAILED")
+            raise
+        if created:
+            client.set_terminated(rid, "FINISHED")
+        source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+        tags = {metric_key(k): repr(float(v)) for k, v in sorted((metrics or {}).items())}
+        desc = f"embedft export {model_dir.resolve()} from MLflow run {rid}"
+        if tags:
+            desc += "; " + ", ".join(f"{k}={float(v):.4f}" for k, v in tags.items())
+        try:
+            client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        mv = client.create_model_version(name, source, run_id=rid, tags=tags, description=desc)
+    except MlflowException as e:
+        raise TrackingError(f"{where}: cannot register {model_dir} as model {name!r}: {e}; check tracking.uri / "
+                            "MLFLOW_TRACKING_URI (a running server or a writable SQLite file)") from e
+    log.info("registered %s as %s version %s (run %s, %s)", model_dir, name, mv.version, rid, source)
+    return {"name": name, "version": int(mv.version), "run_id": rid, "source": source}
+
+
+def _existing_run(client, run_id: str | None):
+    """run_id's run, or None when there is no id, no such run in this store, or it is deleted."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+    return None if run.info.lifecycle_stage == "deleted" else run
+
+
+def _register_run(client, uri: str, experiment: str, name: str, model_dir: Path):
+    """A new run in `experiment` to hold a registered export whose training run is not in this store."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(experiment, artifact_location=_artifact_location(uri, experiment))
+        except MlflowException:  # created meanwhile
+            exp_id = client.get_experiment_by_name(experiment).experiment_id
+    elif exp.lifecycle_stage == "deleted":
+        raise TrackingError(f"MLflow experiment {experiment!r} at {uri} is deleted; restore it "
+                            f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or pick another")
+    else:
+        exp_id = exp.experiment_id
+    tags = {"mlflow.source.name": "embedft", "mlflow.source.type": "LOCAL", "mlflow.user": _user(),
+            "embedft.export_dir": str(model_dir.resolve())}
+    return client.create_run(exp_id, run_name=f"register-{name}", tags=tags)
+
+
+def _save_flavor(model_dir: Path, dst: Path) -> None:
+    """Save the export with mlflow.sentence_transformers into dst (with embedft's probe files beside the weights)."""
+    import mlflow.sentence_transformers as mst
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    # Explicit requirements: inferring them starts a subprocess that loads the model again (slow).
+    mst.save_model(model, str(dst), pip_requirements=mst.get_default_pip_requirements())
+    data = dst / mst.SENTENCE_TRANSFORMERS_DATA_PATH
+    for f in _EXPORT_EXTRAS:
+        if (model_dir / f).is_file():
+            shutil.copy2(model_dir / f, data / f)

@@ -47,6 +47,12 @@ NOUNS = {
     "Microwaves": ["microwave", "microwave oven", "combi microwave"],
     "Dishwashers": ["dishwasher", "dish washer", "built-in dishwasher"],
 }
+CODE_PREFIX = {
+    "Mobile Phones": ["sm-g", "sm-a", "xt", "ta-", "a2"], "TVs": ["qe", "oled", "kd-", "ue", "tx-"],
+    "Washing Machines": ["ww", "wan", "wm", "nswm", "wtk"], "Fridge Freezers": ["rb", "kgn", "gbb", "cfg", "cnef"],
+    "CPUs": ["i5-", "i7-", "i9-", "r5-", "r7-"], "Digital Cameras": ["eos-", "z", "ilce-", "x-t", "dc-"],
+    "Microwaves": ["nn-", "mc", "r-", "hmt", "kor"], "Dishwashers": ["sms", "smv", "din", "hfc", "sn"],
+}
 COLOURS = ["black", "white", "silver", "grey", "stainless steel", "graphite", "blue", "gold"]
 NOISE = ["new", "uk", "2023", "official", "free delivery", "warranty", "best price", "in stock"]
 
@@ -54,7 +60,8 @@ NOISE = ["new", "uk", "2023", "official", "free delivery", "warranty", "best pri
 def product(rng: random.Random, cat: str, pid: int) -> dict:
     brands, lines, sizes, extras = CATEGORIES[cat]
     return {"id": pid, "category": cat, "brand": rng.choice(brands), "line": rng.choice(lines),
-            "model": f"{rng.choice('abcdefghkmnprstwx')}{rng.randint(10, 9999)}{rng.choice(['', 'x', 'n', 'gb', 'pro'])}",
+            # Real model codes carry the product type in their prefix (QE55.. TVs, WW90.. washers).
+            "model": f"{rng.choice(CODE_PREFIX[cat])}{rng.randint(10, 9999)}{rng.choice(['', 'x', 'n', 'gb', 'pro'])}",
             "size": rng.choice(sizes), "extras": rng.sample(extras, 2), "colour": rng.choice(COLOURS)}
 
 

@@ -62,4 +62,4 @@ def test_report_side_by_side_with_deltas(tmp_path):
     payload = json.loads((out / "report.json").read_text())
     assert payload["base"]["retrieval/recall@10"] == 0.5 and payload["adapted"]["retrieval/recall@10"] == 0.8
     assert "| retrieval/recall@10 | 0.5000 | 0.8000 | +0.3000 |" in (out / "report.md").read_text()
-    assert not list(tmp_path.glob("*.tmp"))  # written in a temp folder and moved into place
+    assert [p.name for p in tmp_path.iterdir()] == ["eval"]  # no temp folder left behind

@@ -1,0 +1,32 @@
+"""Artifacts appear whole or not at all: write into a temporary sibling, then swap it in."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+def temp_sibling(out: Path) -> Path:
+    """A fresh hidden folder next to `out` (same filesystem, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move `tmp` to `out`, replacing an existing `out`; the old one is restored if the swap fails."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    # rename() cannot replace a non-empty folder: move the old one aside first.
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
