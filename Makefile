@@ -9,7 +9,7 @@ CONFIG ?= experiments/default.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test bench-pricerunner bench-encode bench-train gpu-check ui clean
+.PHONY: help setup train test bench-pricerunner bench-encode bench-train bench-chunking gpu-check ui clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ bench-encode: setup ## Encoding throughput, embedft vs SentenceTransformer.encod
 
 bench-train: setup ## Training throughput and quality, embedft vs the sentence-transformers trainer
 	$(PY) benchmarks/bench_train.py
+
+bench-chunking: setup ## Forward+backward time per step: random padding vs length-sorted chunks (embedft's)
+	$(PY) benchmarks/bench_chunking.py
 
 gpu-check: setup ## On a CUDA machine: tests on GPU, Qwen3-0.6B-shaped training at batch 64/256/1024, figures to docs/benchmarks.md
 	$(PY) -m pytest -q

@@ -110,8 +110,14 @@ def read_table(path: str, cfg: DataConfig):
     try:
         if fmt in ("csv", "tsv"):
             sep = "\t" if fmt == "tsv" else ","
-            df = pd.read_csv(path, sep=sep, header=0 if cfg.header else None, dtype=str,
+            df = pd.read_csv(path, sep=sep, header=0 if cfg.header else None, dtype=str, skip_blank_lines=False,
                              keep_default_na=False, na_values=["", "NaN", "nan", "NA", "null", "None"])
+            # Blank lines are skipped, but counted, so that row numbers in messages are the file's.
+            blank = df.isna().all(axis=1).to_numpy()
+            if blank.any():
+                positions = np.flatnonzero(~blank)
+                df = df[~blank].reset_index(drop=True)
+                df.attrs["positions"] = positions
         elif fmt == "jsonl":
             df = pd.read_json(path, lines=True, dtype=False)
         elif fmt == "parquet":
@@ -160,7 +166,7 @@ def _texts(series) -> list[str]:
 def load_examples(path: str, cfg: DataConfig) -> Examples:
     """Read one split into Examples of the configured shape (not yet validated)."""
     df = read_table(path, cfg)
-    rows = np.arange(len(df)) + (2 if cfg.header and _detect_format(path, cfg.format) in ("csv", "tsv") else 1)
+    rows = np.asarray(df.attrs.get("positions", np.arange(len(df)))) + (2 if cfg.header and _detect_format(path, cfg.format) in ("csv", "tsv") else 1)
     if cfg.shape == "pairs":
         texts = _texts(_column(df, cfg.query_column, path, "data.query_column"))
         positives = _texts(_column(df, cfg.positive_column, path, "data.positive_column"))

@@ -224,7 +224,11 @@ class Encoder(nn.Module):
     @torch.inference_mode()
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 128, progress: bool = False,
                    device: torch.device | str = "cpu") -> np.ndarray:
-        """Embed pre-tokenized texts (tokenize once, encode many times)."""
+        """Embed pre-tokenized texts (tokenize once, encode many times).
+
+        Batches of at most batch_size rows, cut from the length-sorted texts where padding
+        waste is least (`length_chunks`).
+        """
         # Identical token sequences (repeated titles) are embedded once.
         first: dict[tuple[int, ...], int] = {}
         inverse = np.array([first.setdefault(tuple(x), len(first)) for x in ids], dtype=np.int64)
@@ -233,22 +237,54 @@ class Encoder(nn.Module):
             return self.encode_ids(unique, batch_size=batch_size, progress=progress, device=device)[inverse]
         was_training = self.training
         self.eval()
-        order = np.argsort([-len(x) for x in ids], kind="stable")
+        # Longest chunk first: an out-of-memory batch fails at once, not at the end.
+        chunks = length_chunks([len(x) for x in ids], batch_size)[::-1]
         out = np.empty((len(ids), self.spec.hidden_size), dtype=np.float32)
         use_amp = torch.device(device).type == "cuda"
-        batches = range(0, len(ids), batch_size)
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="encode", unit="batch", leave=False)
-        for start in batches:
-            idx = order[start:start + batch_size]
+            chunks = tqdm(chunks, desc="encode", unit="batch", leave=False)
+        for idx in chunks:
             batch = self.collate([ids[i] for i in idx], device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 emb = self(**batch)
             out[idx] = emb.float().cpu().numpy()
         self.train(was_training)
         return out
+
+
+# A forward call costs about this many padded tokens of work on top of its tokens (measured on
+# CPU with MiniLM, see docs/benchmarks.md); it keeps the chunking below from splitting too finely.
+CALL_OVERHEAD_TOKENS = 48
+
+
+def length_chunks(lengths: Sequence[int], max_rows: int,
+                  overhead: int = CALL_OVERHEAD_TOKENS) -> list[np.ndarray]:
+    """Split sequences into forward chunks that waste the least work on padding.
+
+    Sequences are sorted by length and cut into consecutive chunks of at most max_rows,
+    minimising sum(rows x longest + overhead) over chunks (exact, by dynamic programming).
+    Returns index arrays into `lengths`, shortest chunk first.
+    """
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    n = len(order)
+    if n == 0:
+        return []
+    L = np.asarray(lengths, dtype=np.int64)[order]
+    best = np.zeros(n + 1, dtype=np.int64)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        i = np.arange(max(0, j - max_rows), j)
+        cost = best[i] + (j - i) * L[j - 1] + overhead
+        k = int(np.argmin(cost))
+        best[j], cut[j] = cost[k], i[k]
+    bounds = []
+    j = n
+    while j > 0:
+        bounds.append((int(cut[j]), j))
+        j = int(cut[j])
+    return [order[a:b] for a, b in reversed(bounds)]
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

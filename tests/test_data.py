@@ -482,3 +482,13 @@ def test_prepare_data_rejects_batch_larger_than_anchors_before_loading_a_model(t
     assert "train.batch_size=64" in msg and f"{len(ROWS)} training anchors" in msg and f"at most {len(ROWS)}" in msg
     ok = prepare_data(replace(cfg, train=TrainConfig(batch_size=len(ROWS))))
     assert ok.source.n_anchors == len(ROWS) and len(ok.train) == len(ROWS)
+
+
+def test_csv_row_numbers_count_blank_lines(tmp_path):
+    """Rows in messages are the file's line numbers, blank lines included."""
+    p = tmp_path / "blank.csv"
+    p.write_text("text,group\n\na,1\nb,1\n\n\n,2\nc,2\n")
+    ex = load_examples(str(p), DataConfig(text_column="text", group_column="group", shape="grouped"))
+    assert ex.rows.tolist() == [3, 4, 7, 8]
+    with pytest.raises(DataError, match=r"1 empty or missing texts/groups at rows 7\."):
+        validate_split(ex, DataConfig(), DataReport(), "train")

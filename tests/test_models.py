@@ -8,7 +8,7 @@ import torch
 
 from embedft.config import LoraConfig, ModelConfig
 from embedft.models import (ModelError, apply_lora, load_adapter, load_encoder, read_adapter_meta,
-                            resolve_model_path, save_adapter)
+                            length_chunks, resolve_model_path, save_adapter)
 
 TEXTS = ["apple iphone 8 plus 64gb silver", "tv", "bosch serie 6 washing machine 9kg 1400 rpm white",
          "intel core i7 processor box", "a"]
@@ -113,3 +113,37 @@ def test_adapter_roundtrip_and_base_mismatch(tiny_bert_dir, tiny_qwen3_dir, tmp_
     (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
     with pytest.raises(ModelError, match="missing adapter_model.safetensors"):
         read_adapter_meta(tmp_path / "adapter")
+
+
+def _padded_cost(lengths, chunks, overhead):
+    return sum(len(c) * max(lengths[i] for i in c) + overhead for c in chunks)
+
+
+def _best_cost_brute_force(sorted_lengths, max_rows, overhead):
+    """Cheapest split of a sorted list into consecutive chunks, by trying every cut set."""
+    n = len(sorted_lengths)
+    best = None
+    for mask in range(1 << (n - 1)):
+        cuts = [0] + [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
+        parts = [sorted_lengths[a:b] for a, b in zip(cuts, cuts[1:])]
+        if any(len(p) > max_rows for p in parts):
+            continue
+        cost = sum(len(p) * max(p) + overhead for p in parts)
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_chunks_is_an_optimal_partition(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 60, size=11).tolist()
+    chunks = length_chunks(lengths, max_rows=4, overhead=20)
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(11))  # every text exactly once
+    assert all(len(c) <= 4 for c in chunks)
+    assert _padded_cost(lengths, chunks, 20) == _best_cost_brute_force(sorted(lengths), 4, 20)
+
+
+def test_length_chunks_edge_cases():
+    assert length_chunks([], 8) == []
+    assert [c.tolist() for c in length_chunks([5, 5, 5], 8, overhead=10)] == [[0, 1, 2]]  # no padding: one call
+    assert [len(c) for c in length_chunks([3] * 10, 4)] == [2, 4, 4]  # rows capped
