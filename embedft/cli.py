@@ -146,7 +146,7 @@ def check(config: str, overrides: tuple[str, ...]) -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Weights dtype of the export (parity is checked against a looser tolerance for bf16/fp16).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
-@click.option("--onnx", is_flag=True, help="Also write ONNX weights (needs sentence-transformers[onnx]).")
+@click.option("--onnx", is_flag=True, help="Also write onnx/model.onnx (the whole embedding as one graph), parity-checked with onnxruntime; needs embedft[onnx].")
 @click.option("--register", "register_name", metavar="NAME",
               help="Then register the export in the MLflow model registry as NAME (a new version), linked to "
                    "the adapter's training run when the store has it.")
@@ -168,6 +168,9 @@ def export_cmd(adapter, run_id, out, model, dtype, overwrite, onnx, register_nam
     p = report["parity"]
     click.echo(f"exported {report['out_dir']} ({dtype}): min cosine {p['min_cosine']:.7f}, "
                f"max abs diff {p['max_abs_diff']:.3g} over {p['n_probes']} probes")
+    if "onnx" in report:
+        o = report["onnx"]
+        click.echo(f"onnx/model.onnx (onnxruntime): min cosine {o['min_cosine']:.7f}, max abs diff {o['max_abs_diff']:.3g}")
     if register_name:
         import json
         from pathlib import Path

@@ -137,10 +137,19 @@ class LossConfig:
     temperature: float = 0.05  # a temperature: logits = cos / temperature (scale = 20)
     symmetric: bool = False  # add the positive->anchor direction
     hard_negatives: int = 0  # per anchor, from the data's negative columns (pairs) or mined (grouped/labeled)
+    # Grouped data with a label column (offers of products, with categories): weight of a supervised
+    # contrastive term that keeps items of one label together (what kNN classification needs) next
+    # to the matching InfoNCE. 0 = off.
+    label_weight: float = 0.0
+    label_temperature: float = 0.1  # a temperature, as above
 
     def __post_init__(self) -> None:
         _check(0.0 < self.temperature <= 1.0, "loss.temperature", f"must be in (0, 1], got {self.temperature}")
         _check(self.hard_negatives >= 0, "loss.hard_negatives", f"must be >= 0, got {self.hard_negatives}")
+        _check(self.label_weight >= 0.0 and math.isfinite(self.label_weight), "loss.label_weight",
+               f"must be >= 0, got {self.label_weight}")
+        _check(0.0 < self.label_temperature <= 1.0, "loss.label_temperature",
+               f"must be in (0, 1], got {self.label_temperature}")
 
 
 @dataclass(frozen=True)

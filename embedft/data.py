@@ -417,6 +417,7 @@ class Batch:
     positives: np.ndarray  # (B,)
     negatives: np.ndarray | None  # (B, H), -1 where missing
     anchor_keys: np.ndarray  # (B,)
+    anchor_labels: np.ndarray | None = None  # (B,) label ids (grouped data with labels); positives share them
 
 
 def steps_per_epoch(src: PairSource, batch_size: int) -> int:
@@ -456,7 +457,8 @@ def epoch_batches(src: PairSource, batch_size: int, seed: int, epoch: int, sampl
                 negatives = src.negatives[idx, :hard_negatives]
             elif mined is not None:
                 negatives = mined[idx, :hard_negatives]
-        yield Batch(anchors, positives, negatives, keys)
+        labels = src.batch_labels[idx] if src.batch_labels is not None and src.positives is None else None
+        yield Batch(anchors, positives, negatives, keys, labels)
 
 
 def _other_member(pool: np.ndarray, anchor: int, rng: np.random.Generator) -> int:

@@ -49,3 +49,24 @@ def _mask(logits: torch.Tensor, exclude: torch.Tensor | None, target: torch.Tens
     ex = exclude[:, : logits.shape[1]].clone()
     ex[target, target] = False  # the positive itself is never excluded
     return logits.masked_fill(ex, float("-inf"))
+
+
+def label_contrastive(emb: torch.Tensor, labels: torch.Tensor, *, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, L_out) over labels such as categories.
+
+    emb (N, D) L2-normalised, labels (N,) int. For item i, every other item with its label is
+    a positive and all other items are the denominator: -mean_p log softmax_i(p). Averaged
+    over the items that have a positive; 0 when none has. Next to the matching InfoNCE it
+    keeps items of one category near each other, which kNN classification relies on.
+    """
+    N = emb.shape[0]
+    eye = torch.eye(N, dtype=torch.bool, device=emb.device)
+    logits = (emb @ emb.T / temperature).masked_fill(eye, float("-inf"))  # (N, N), self excluded
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # (N, N)
+    pos = (labels[:, None] == labels[None, :]) & ~eye  # (N, N)
+    n_pos = pos.sum(1)  # (N,)
+    has = n_pos > 0
+    if not bool(has.any()):
+        return emb.sum() * 0.0
+    per_item = -(log_prob.masked_fill(~pos, 0.0).sum(1)[has] / n_pos[has])  # (N_has,)
+    return per_item.mean()

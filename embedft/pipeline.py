@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from embedft.atomic import replace_dir, temp_sibling
-from embedft.config import ExperimentConfig, TrackingConfig, flatten, to_dict, to_yaml
+from embedft.config import ConfigError, ExperimentConfig, TrackingConfig, flatten, to_dict, to_yaml
 from embedft.data import DataError, Examples, PairSource, build_pair_source, load_splits, retrieval_task, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -26,13 +26,27 @@ class PreparedData:
 
 def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     """Read and validate everything a run needs before any model is loaded."""
+    _check_extras(cfg)
     train_ex, eval_ex, report = load_splits(cfg.data)
     src = build_pair_source(train_ex)
+    if cfg.loss.label_weight > 0 and (src.batch_labels is None or src.positives is not None):
+        raise ConfigError(f"loss.label_weight={cfg.loss.label_weight} needs grouped data with a label column "
+                          f"(data.shape=grouped, data.label_column set; {cfg.data.train} has shape "
+                          f"{cfg.data.shape!r}, label column {cfg.data.label_column!r}); set -o loss.label_weight=0")
     if steps_per_epoch(src, cfg.train.batch_size) == 0:
         raise DataError(f"{cfg.data.train}: train.batch_size={cfg.train.batch_size} is larger than the "
                         f"{src.n_anchors} training anchors (texts with a positive); lower train.batch_size "
                         f"to at most {src.n_anchors}")
     return PreparedData(train_ex, eval_ex, src, report)
+
+
+def _check_extras(cfg: ExperimentConfig) -> None:
+    """Optional packages the config asks for, checked now rather than after training."""
+    import importlib.util
+
+    if cfg.eval.linear_probe and importlib.util.find_spec("sklearn") is None:
+        raise ConfigError("eval.linear_probe=true needs scikit-learn (not installed): pip install 'embedft[probe]', "
+                          "or set -o eval.linear_probe=false")
 
 
 def open_tracker(tcfg: TrackingConfig, experiment: str, out_dir: Path):
@@ -173,10 +187,8 @@ def _git_commit() -> str | None:
 
 def _make_plots(out: Path, result, base_eval, adapted_eval) -> list[Path]:
     """Loss curve, recall@k base vs adapted, confusion matrix (when those exist)."""
-    try:
-        from embedft import plots
-    except ImportError:
-        return []
+    from embedft import plots
+
     out.mkdir(parents=True, exist_ok=True)
     made = []
     if result.history:
@@ -205,6 +217,7 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     from embedft.models import ModelError, load_adapter, load_encoder, read_adapter_meta
     from embedft.train import resolve_device
 
+    _check_extras(cfg)
     train_ex, eval_ex, _ = load_splits(cfg.data)
     adapter_dir: Path | None = None
     tmp_download = None

@@ -23,7 +23,7 @@ import torch
 
 from embedft.config import LossConfig, TrainConfig
 from embedft.data import Batch, PairSource, epoch_batches, steps_per_epoch
-from embedft.losses import false_negative_mask, info_nce
+from embedft.losses import false_negative_mask, info_nce, label_contrastive
 from embedft.models import Encoder, length_chunks
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,13 @@ def batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], text_key
     if loss_cfg.symmetric:
         pos_keys = torch.as_tensor(text_keys[batch.positives], device=dev)
         exclude_sym = false_negative_mask(pos_keys, anchor_keys, torch.as_tensor(batch.positives, device=dev), anchor_ids)
-    return info_nce(q, p, n, temperature=loss_cfg.temperature, exclude=exclude, symmetric=loss_cfg.symmetric,
+    loss = info_nce(q, p, n, temperature=loss_cfg.temperature, exclude=exclude, symmetric=loss_cfg.symmetric,
                     exclude_sym=exclude_sym)
+    if loss_cfg.label_weight > 0 and batch.anchor_labels is not None:
+        labels = torch.as_tensor(batch.anchor_labels, device=dev)
+        loss = loss + loss_cfg.label_weight * label_contrastive(torch.cat([q, p]), torch.cat([labels, labels]),
+                                                                temperature=loss_cfg.label_temperature)
+    return loss
 
 
 def train_step_cached(encoder: Encoder, seqs: Sequence[Sequence[int]], loss_of, device: torch.device,

@@ -492,3 +492,43 @@ def test_csv_row_numbers_count_blank_lines(tmp_path):
     assert ex.rows.tolist() == [3, 4, 7, 8]
     with pytest.raises(DataError, match=r"1 empty or missing texts/groups at rows 7\."):
         validate_split(ex, DataConfig(), DataReport(), "train")
+
+
+def test_linear_probe_without_scikit_learn_fails_before_any_model(tmp_path, monkeypatch):
+    import importlib.util
+
+    from embedft.config import ConfigError, EvalConfig
+    from embedft.pipeline import prepare_data
+
+    monkeypatch.setitem(sys.modules, "embedft.models", None)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    p = write_csv(tmp_path / "g.csv", ROWS)
+    cfg = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped"), train=TrainConfig(batch_size=2),
+                           eval=EvalConfig(linear_probe=True))
+    with pytest.raises(ConfigError, match=r"eval.linear_probe=true needs scikit-learn.*embedft\[probe\]"):
+        prepare_data(cfg)
+    assert prepare_data(replace(cfg, eval=EvalConfig())).source.n_anchors == len(ROWS)
+
+
+def test_grouped_batches_carry_each_anchors_label_for_the_label_term(tmp_path):
+    from embedft.config import ConfigError, LossConfig
+    from embedft.pipeline import prepare_data
+
+    p = write_csv(tmp_path / "g.csv", ROWS)
+    cfg = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped"), train=TrainConfig(batch_size=8),
+                           loss=LossConfig(label_weight=0.2))
+    src = prepare_data(cfg).source
+    label_of_text = {t: lab for t, _, lab in ROWS}
+    pairs = set()
+    for batch in epoch_batches(src, 8, seed=0, epoch=0):
+        pairs |= {(int(i), label_of_text[src.texts[a]]) for i, a in zip(batch.anchor_labels, batch.anchors)}
+        # A positive is another offer of the anchor's product, so it has the anchor's label too.
+        assert [label_of_text[src.texts[a]] for a in batch.anchors] == [label_of_text[src.texts[q]] for q in batch.positives]
+    # Label ids stand one-to-one for the label names, and every label is seen.
+    assert len(pairs) == len({i for i, _ in pairs}) == len({n for _, n in pairs}) == len(set(label_of_text.values()))
+    # Without a label column the term has nothing to work on: a clear error before any model.
+    no_label = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped", label_column=None),
+                                train=TrainConfig(batch_size=8), loss=LossConfig(label_weight=0.2))
+    with pytest.raises(ConfigError, match=r"loss.label_weight=0.2 needs grouped data with a label column"):
+        prepare_data(no_label)

@@ -177,7 +177,7 @@ def test_wrong_base_missing_file_corrupted_weights(exports, tiny_qwen3_dir, tmp_
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
-def test_non_prefix_query_template_and_missing_onnx_are_clear(exports, tmp_path):
+def test_non_prefix_query_template_and_missing_onnx_are_clear(exports, tmp_path, monkeypatch):
     import importlib.util
 
     adapter = shutil.copytree(exports["qwen3"][1], tmp_path / "adapter")
@@ -186,10 +186,46 @@ def test_non_prefix_query_template_and_missing_onnx_are_clear(exports, tmp_path)
     (adapter / "embedft_meta.json").write_text(json.dumps(meta))
     with pytest.raises(ExportError, match="not a prefix"):
         export_merged(adapter, tmp_path / "out")
-    if all(importlib.util.find_spec(m) for m in ("optimum", "onnx", "onnxruntime")):
-        pytest.skip("ONNX packages installed")
-    with pytest.raises(ExportError, match=r"pip install 'sentence-transformers\[onnx\]'"):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
+    with pytest.raises(ExportError, match=r"--onnx needs onnxruntime \(not installed\): pip install 'embedft\[onnx\]'"):
         export_merged(exports["qwen3"][1], tmp_path / "out2", onnx=True)
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("fam", ["bert", "qwen3"])
+def test_onnx_export_runs_in_onnxruntime_like_the_adapter(exports, fam, tmp_path):
+    """onnx/model.onnx, fed by the export's tokenizer, gives the adapter model's vectors; verify re-checks it."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+    from sentence_transformers import SentenceTransformer
+
+    model_dir, adapter, _, _ = exports[fam]
+    report = export_merged(adapter, tmp_path / "onnx-export", probe_texts=PROBES, onnx=True)
+    assert report["onnx"]["ok"] and report["onnx"]["max_abs_diff"] <= 1e-4
+    ref = adapter_embeddings(model_dir, adapter)
+    st = SentenceTransformer(str(tmp_path / "onnx-export"), device="cpu")
+    session = ort.InferenceSession(str(tmp_path / "onnx-export" / "onnx" / "model.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    # A batch of other sizes than the traced one: batch and sequence axes are dynamic.
+    for texts, want, prompt in ((PROBES, ref[0], ""), (PROBES[:3], ref[1][:3], st.prompts["query"])):
+        f = st.tokenize([prompt + t for t in texts])
+        hidden, emb = session.run(None, {"input_ids": f["input_ids"].numpy(), "attention_mask": f["attention_mask"].numpy()})
+        assert hidden.shape[:2] == tuple(f["input_ids"].shape) and np.abs(emb - want).max() <= 1e-4
+    checked = verify_export(tmp_path / "onnx-export")
+    assert checked["onnx"]["ok"] and checked["onnx"]["max_abs_diff"] <= 1e-4
+
+
+def test_onnx_export_failure_names_the_architecture_and_leaves_nothing(exports, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::fancy_attention' to ONNX opset 17 is not supported")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    with pytest.raises(ExportError, match=r"model type 'qwen3' \(decoder family\).*aten::fancy_attention.*without --onnx"):
+        export_merged(exports["qwen3"][1], tmp_path / "out", onnx=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bf16_export_parity_against_looser_tolerance(exports, tmp_path):

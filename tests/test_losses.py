@@ -78,3 +78,28 @@ def test_gradient_flows_to_both_sides():
     p = _unit([0.9, 0.1], [0.1, 1.0]).requires_grad_(True)
     info_nce(a, p, temperature=0.05).backward()
     assert a.grad.abs().sum() > 0 and p.grad.abs().sum() > 0
+
+
+def test_label_contrastive_matches_hand_computation():
+    from embedft.losses import label_contrastive
+
+    # Items 0 and 2 share label 0 (cosine 1 to each other, 0 to item 1); item 1 has no peer.
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], requires_grad=True)
+    loss = label_contrastive(emb, torch.tensor([0, 1, 0]), temperature=1.0)
+    # For item 0: -log(e^1 / (e^0 + e^1)) = log(1 + e) - 1; item 2 the same; item 1 has no positive.
+    assert float(loss) == pytest.approx(math.log(1 + math.e) - 1, abs=1e-6)
+    loss.backward()
+    assert emb.grad.abs().sum() > 0
+    # Temperature divides the cosines: at 0.5 the logit gap is 2.
+    assert float(label_contrastive(emb.detach(), torch.tensor([0, 1, 0]), temperature=0.5)) == \
+        pytest.approx(math.log(1 + math.e ** 2) - 2, abs=1e-6)
+
+
+def test_label_contrastive_is_zero_without_any_shared_label():
+    from embedft.losses import label_contrastive
+
+    emb = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_(True)
+    loss = label_contrastive(emb, torch.arange(4))
+    assert float(loss) == 0.0
+    loss.backward()
+    assert torch.equal(emb.grad, torch.zeros_like(emb))

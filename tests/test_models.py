@@ -60,10 +60,17 @@ def test_batch_equals_single_under_padding(tiny_model_dir, padding_side):
     from dataclasses import replace
 
     enc.spec = replace(enc.spec, padding_side=padding_side)
-    batch = enc.encode(TEXTS, batch_size=len(TEXTS))
-    single = np.concatenate([enc.encode([t], batch_size=1) for t in TEXTS])
+    enc.eval()
+    ids = enc.tokenize(TEXTS)
+    padded = enc.collate(ids)  # one batch, every text but the longest padded
+    assert (padded["attention_mask"] == 0).sum() > 0
+    with torch.no_grad():
+        batch = enc(**padded).numpy()
+        single = np.concatenate([enc(**enc.collate([x])).numpy() for x in ids])
     assert np.abs(batch - single).max() <= 1e-5
     assert np.allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+    # encode() (length-sorted chunks) gives the same vectors.
+    assert np.abs(enc.encode(TEXTS, batch_size=len(TEXTS)) - single).max() <= 1e-5
 
 
 def test_minilm_alias_resolves_to_packaged_folder():
