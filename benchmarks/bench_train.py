@@ -36,7 +36,8 @@ Known differences that stay: embedft never uses a text of the anchor's own produ
 in-batch negative (MNRL does; `same_product_pairs_per_batch` says how often that happens) and
 embeds duplicate texts of a batch once; HF's linear warmup gives lr 0 at the first step where
 embedft gives lr/warmup (a one-step shift); HF's default AdamW is fused, embedft's is foreach.
-Model families with a query prompt are not covered (anchors would be formatted differently).
+Decoder embedders (Qwen3) train without their query prompt here, as ST's trainer does: both sides
+embed anchors and positives as plain offers.
 
 Timings need an otherwise idle machine: with another job on the cores, both sides' OpenMP
 threads stall unpredictably (3-step smoke runs next to a training job swung from 0.6x to 4.7x).
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -430,6 +432,9 @@ def run_embedft(s: BenchSettings, data: BenchData) -> dict[str, Any]:
 
     device = _device(s.device)
     encoder = load_encoder(ModelConfig(name=s.model, max_length=s.max_length), device)
+    # Offer matching is symmetric: anchors are offers, not queries, so no query prompt on
+    # either side (ST's trainer applies none); decoders keep last-token pooling and EOS.
+    encoder.spec = dataclasses.replace(encoder.spec, query_template=None)
     seed_everything(s.seed)
     if device.type == "cuda":  # embedft's default base_dtype=auto, as the pipeline applies it
         encoder.backbone.to(torch.bfloat16)

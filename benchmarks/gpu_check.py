@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", default="64,256,1024")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--mini-batch", type=int, default=128, help="GradCache chunk for batches larger than this")
+    ap.add_argument("--mini-batch", type=int, default=256, help="GradCache chunk (texts) for batches larger than this")
     ap.add_argument("--tiny", action="store_true", help="a tiny Qwen3 (CPU smoke run of the same code)")
     ap.add_argument("--write", action="store_true", help="append the table to docs/benchmarks.md")
     args = ap.parse_args(argv)

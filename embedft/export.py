@@ -177,7 +177,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     tol = _tolerances(dtype, cfg)
     merged.to(torch_dtype)
-    st = _build_st(encoder, query_prompt, device)
+    st = to_sentence_transformer(encoder, query_prompt, device)
 
     tmp = temp_sibling(out)
     try:
@@ -444,7 +444,7 @@ def _st_classes():
     return Pooling, Normalize
 
 
-def _build_st(encoder, query_prompt: str, device: str):
+def to_sentence_transformer(encoder, query_prompt: str = "", device: str = "cpu"):
     """A SentenceTransformer of the merged Transformer module, the spec's pooling and normalisation."""
     from sentence_transformers import SentenceTransformer
 

@@ -28,6 +28,7 @@ __all__ = [
     "search",
     "search_excluding_self",
     "exact_search",
+    "TorchFlatIP",
     "ann_report",
     "save_index",
     "load_index",
@@ -75,6 +76,43 @@ def _json_default(obj: Any) -> Any:
 def _gpu_available() -> bool:
     # faiss-cpu wheels have get_num_gpus() but no StandardGpuResources.
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class TorchFlatIP:
+    """Exact inner-product search by a torch matmul + top-k, for GPUs where faiss has no GPU build.
+
+    Quacks like a faiss index for :func:`search` (``d``, ``ntotal``, ``search``). fp32 throughout
+    (no TF32), so it ranks as IndexFlatIP does; queries go in chunks that keep the (chunk, N)
+    score matrix within ``max_scores_bytes``.
+    """
+
+    def __init__(self, vectors: np.ndarray, device: str = "cuda", max_scores_bytes: int = 1 << 30):
+        import torch
+
+        vectors = _as_matrix(vectors, "vectors")
+        self.ntotal, self.d = vectors.shape
+        self.device = torch.device(device)
+        self._corpus = torch.from_numpy(vectors).to(self.device)
+        self._chunk = max(1, max_scores_bytes // (4 * max(self.ntotal, 1)))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        scores = np.empty((len(queries), k), dtype=np.float32)
+        ids = np.empty((len(queries), k), dtype=np.int64)
+        with torch.inference_mode():
+            for i in range(0, len(queries), self._chunk):
+                q = torch.from_numpy(queries[i:i + self._chunk]).to(self.device)
+                top = torch.topk(q @ self._corpus.T, k, dim=1)
+                scores[i:i + len(q)] = top.values.cpu().numpy()
+                ids[i:i + len(q)] = top.indices.cpu().numpy()
+        return scores, ids
 
 
 def _is_gpu_index(index: faiss.Index) -> bool:
@@ -216,8 +254,15 @@ def exact_search(
     *,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k of queries against corpus (optionally excluding each query's own row)."""
-    index = build_index(corpus, "Flat", use_gpu=use_gpu)
+    """Exact inner-product top-k of queries against corpus (optionally excluding each query's own row).
+
+    On GPU: faiss-gpu when installed, else torch (same ranking) when CUDA is visible; use_gpu=False
+    keeps it on the CPU.
+    """
+    if use_gpu is not False and len(corpus) and not _gpu_available() and _torch_cuda_available():
+        index = TorchFlatIP(corpus, "cuda")
+    else:
+        index = build_index(corpus, "Flat", use_gpu=use_gpu)
     if self_ids is None:
         return search(index, queries, k)
     return search_excluding_self(index, queries, k, self_ids)

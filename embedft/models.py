@@ -10,6 +10,8 @@ The family decides pooling, padding side, prompts and LoRA targets:
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import logging
@@ -165,6 +167,20 @@ def _st_pooling(st) -> str | None:
     return None
 
 
+def sdpa_backends(device: torch.device, padding_side: str):
+    """Attention kernels for a forward call: on CUDA with left padding, not cuDNN's.
+
+    Left-padded causal attention has fully masked query rows (the pads). Flash, memory-efficient
+    and math SDPA give those rows zeros; cuDNN's gives NaN, whose gradient then turns every
+    LoRA weight into NaN after the first step (seen on an H100, torch 2.11).
+    """
+    if device.type != "cuda" or padding_side != "left":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class Encoder(nn.Module):
     """Text -> normalised embedding, the way the model family wants it."""
 
@@ -209,7 +225,8 @@ class Encoder(nn.Module):
     # -- ids -> vectors ---------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids and mask -> (B, D) embeddings."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        with sdpa_backends(input_ids.device, self.spec.padding_side):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
         emb = pool(hidden, attention_mask, self.spec.pooling)
         return nn.functional.normalize(emb.float(), dim=-1) if self.spec.normalize else emb.float()
 
@@ -238,7 +255,7 @@ class Encoder(nn.Module):
         was_training = self.training
         self.eval()
         # Longest chunk first: an out-of-memory batch fails at once, not at the end.
-        chunks = length_chunks([len(x) for x in ids], batch_size)[::-1]
+        chunks = length_chunks([len(x) for x in ids], batch_size, call_overhead(device))[::-1]
         out = np.empty((len(ids), self.spec.hidden_size), dtype=np.float32)
         use_amp = torch.device(device).type == "cuda"
         if progress:
@@ -257,6 +274,14 @@ class Encoder(nn.Module):
 # A forward call costs about this many padded tokens of work on top of its tokens (measured on
 # CPU with MiniLM, see docs/benchmarks.md); it keeps the chunking below from splitting too finely.
 CALL_OVERHEAD_TOKENS = 48
+# On a GPU a call's fixed cost (kernel launches of every layer, ~10-30 ms eager) outweighs any
+# padding it could save: there, cut only where max_rows forces it (fewest calls, then least padding).
+CUDA_CALL_OVERHEAD_TOKENS = 1 << 24
+
+
+def call_overhead(device: torch.device | str) -> int:
+    """The `length_chunks` overhead for forward calls on this device."""
+    return CUDA_CALL_OVERHEAD_TOKENS if torch.device(device).type == "cuda" else CALL_OVERHEAD_TOKENS
 
 
 def length_chunks(lengths: Sequence[int], max_rows: int,

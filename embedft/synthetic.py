@@ -110,3 +110,41 @@ def qwen3_from_config(config_path: str | Path, out_dir: str | Path, seed: int = 
     # The tokenizer's ids must stay within the model's vocabulary; the real vocab is larger.
     assert len(tok) <= cfg.vocab_size
     return out
+
+
+def random_like(model_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+    """A copy of a model folder with the same config, tokenizer and modules but random weights.
+
+    For speed benchmarks on machines that cannot receive the real weights (throughput does
+    not depend on their values). Weight files are not copied.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    src, out = Path(model_dir), Path(out_dir)
+    weights = {".safetensors", ".bin", ".onnx", ".h5", ".ot", ".msgpack"}
+    for f in src.rglob("*"):
+        rel = f.relative_to(src)
+        if f.is_file() and f.suffix not in weights and not {"onnx", "openvino"} & set(rel.parts):
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, out / rel)
+    torch.manual_seed(seed)
+    AutoModel.from_config(AutoConfig.from_pretrained(src)).save_pretrained(out)
+    return out
+
+
+def save_as_sentence_transformer(model_dir: str | Path) -> Path:
+    """Turn a Hugging Face folder into a sentence-transformers one, as embedft would embed with it.
+
+    The family's pooling (last-token for decoders), normalisation, and a tokenizer that appends
+    EOS itself, so `SentenceTransformer(model_dir)` and embedft's encoder give the same vectors.
+    """
+    from embedft.config import ModelConfig
+    from embedft.export import to_sentence_transformer
+    from embedft.models import load_encoder
+
+    encoder = load_encoder(ModelConfig(name=str(model_dir)))
+    to_sentence_transformer(encoder).save(str(model_dir))
+    return Path(model_dir)

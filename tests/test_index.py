@@ -6,6 +6,7 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 from embedft.index import (  # noqa: E402
+    TorchFlatIP,
     ann_report,
     build_index,
     exact_search,
@@ -63,6 +64,39 @@ def test_search_excluding_self_matches_numpy(data):
     np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
     # exact_search is the same thing in one call
     np.testing.assert_array_equal(exact_search(corpus, corpus[self_ids], K, self_ids)[1], ref_ids)
+
+
+def test_torch_exact_search_matches_numpy_across_query_chunks(data):
+    # The GPU fallback when faiss has no GPU build; run on CPU here, in chunks of 3 queries.
+    corpus, queries = data
+    index = TorchFlatIP(corpus, "cpu", max_scores_bytes=3 * 4 * N)
+    assert (index.ntotal, index.d, index._chunk) == (N, D, 3)
+    scores, ids = search(index, queries, K)
+    ref_scores, ref_ids = brute_force(corpus, queries, K)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    self_ids = np.arange(0, N, 7)
+    np.testing.assert_array_equal(search_excluding_self(index, corpus[self_ids], K, self_ids)[1],
+                                  brute_force(corpus, corpus[self_ids], K, self_ids)[1])
+
+
+def test_exact_search_uses_torch_on_cuda_without_faiss_gpu(data, monkeypatch):
+    import embedft.index as index_mod
+
+    made = []
+
+    class Spy(TorchFlatIP):
+        def __init__(self, vectors, device="cuda", **kw):
+            made.append(device)
+            super().__init__(vectors, "cpu", **kw)
+
+    corpus, queries = data
+    monkeypatch.setattr(index_mod, "_torch_cuda_available", lambda: True)
+    monkeypatch.setattr(index_mod, "TorchFlatIP", Spy)
+    np.testing.assert_array_equal(exact_search(corpus, queries, K)[1], brute_force(corpus, queries, K)[1])
+    assert made == ["cuda"]
+    exact_search(corpus, queries, K, use_gpu=False)  # stays on faiss-cpu
+    assert made == ["cuda"]
 
 
 def test_search_excluding_self_drops_last_when_self_not_found(data):

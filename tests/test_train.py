@@ -39,7 +39,7 @@ def _loss_on(enc, src, cache, loss_cfg, n_batches=3, bs=8):
             if i >= n_batches:
                 break
             seqs, gather = batch_sequences(b, cache)
-            vals.append(float(batch_loss(embed(enc, seqs, torch.device("cpu"), 64, False), b, gather, src.text_keys, loss_cfg)))
+            vals.append(float(batch_loss(embed(enc, seqs, torch.device("cpu"), False, chunk=64), b, gather, src.text_keys, loss_cfg)))
         enc.train()
     return float(np.mean(vals))
 
@@ -118,7 +118,7 @@ def test_cached_negatives_match_full_batch(tiny_model_dir):
         seqs, gather = batch_sequences(batch, cache)
         loss_of = lambda e: batch_loss(e, batch, gather, src.text_keys, loss_cfg)  # noqa: E731
         if mini is None:
-            loss_t = loss_of(embed(enc, seqs, torch.device("cpu"), 64, False))
+            loss_t = loss_of(embed(enc, seqs, torch.device("cpu"), False, chunk=64))
             loss_t.backward()
             loss = float(loss_t)
         else:
@@ -138,7 +138,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
         enc = _encoder(tiny_model_dir, gradient_checkpointing=ckpt)
         enc.train()
         seqs, gather = batch_sequences(batch, TokenCache(enc, src.texts))
-        batch_loss(embed(enc, seqs, torch.device("cpu"), 64, False), batch, gather, src.text_keys, LossConfig()).backward()
+        batch_loss(embed(enc, seqs, torch.device("cpu"), False, chunk=64), batch, gather, src.text_keys, LossConfig()).backward()
         grads.append(_grads(enc))
     plain, ckpt = grads
     # Non-zero on every LoRA matrix that feeds the output (no silently detached graph).
