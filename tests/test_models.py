@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from embedft.config import LoraConfig, ModelConfig
-from embedft.models import (ModelError, apply_lora, load_adapter, load_encoder, read_adapter_meta,
+from embedft.models import (CALL_OVERHEAD_TOKENS, ModelError, apply_lora, call_overhead, load_adapter, load_encoder,
+                            read_adapter_meta, sdpa_backends,
                             length_chunks, resolve_model_path, save_adapter)
 
 TEXTS = ["apple iphone 8 plus 64gb silver", "tv", "bosch serie 6 washing machine 9kg 1400 rpm white",
@@ -154,3 +155,21 @@ def test_length_chunks_edge_cases():
     assert length_chunks([], 8) == []
     assert [c.tolist() for c in length_chunks([5, 5, 5], 8, overhead=10)] == [[0, 1, 2]]  # no padding: one call
     assert [len(c) for c in length_chunks([3] * 10, 4)] == [2, 4, 4]  # rows capped
+
+
+def test_gpu_chunking_takes_fewest_calls():
+    # On CUDA a call's fixed cost outweighs padding: cut only where max_rows forces it.
+    lengths = [3, 60, 4, 58, 5, 61, 2, 59]
+    assert call_overhead("cpu") == CALL_OVERHEAD_TOKENS
+    assert [len(c) for c in length_chunks(lengths, 8, call_overhead("cpu"))] == [4, 4]  # splits short/long
+    assert [len(c) for c in length_chunks(lengths, 8, call_overhead("cuda"))] == [8]
+    assert [len(c) for c in length_chunks(lengths, 3, call_overhead("cuda"))] == [3, 2, 3]  # 3 calls, least padding
+
+
+def test_sdpa_backends_only_constrain_left_padding_on_cuda():
+    import contextlib
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert isinstance(sdpa_backends(cpu, "left"), contextlib.nullcontext)
+    assert isinstance(sdpa_backends(cuda, "right"), contextlib.nullcontext)
+    assert not isinstance(sdpa_backends(cuda, "left"), contextlib.nullcontext)  # not entered: no GPU needed
