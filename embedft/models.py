@@ -11,7 +11,6 @@ The family decides pooling, padding side, prompts and LoRA targets:
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import logging
@@ -170,9 +169,11 @@ def _st_pooling(st) -> str | None:
 def sdpa_backends(device: torch.device, padding_side: str):
     """Attention kernels for a forward call: on CUDA with left padding, not cuDNN's.
 
-    Left-padded causal attention has fully masked query rows (the pads). Flash, memory-efficient
-    and math SDPA give those rows zeros; cuDNN's gives NaN, whose gradient then turns every
-    LoRA weight into NaN after the first step (seen on an H100, torch 2.11).
+    Left-padded causal attention has fully masked query rows (the pads); flash, memory-efficient
+    and math SDPA are documented to give those rows zeros. On an H100 (torch 2.11) a Qwen3-shaped
+    LoRA run with the default kernel choice (cuDNN) hit a NaN loss at step 2 and trained without
+    it; a one-batch gradient probe did not reproduce the NaN, so cuDNN is the likely, not the
+    proven, cause (docs/benchmarks.md).
     """
     if device.type != "cuda" or padding_side != "left":
         return contextlib.nullcontext()
