@@ -167,8 +167,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     device: str = "auto"  # auto|cpu|cuda
-    # random: anchors shuffled; by_label: each batch drawn from one label (harder in-batch negatives)
+    # random: anchors shuffled, each with a positive drawn from its group/label;
+    # by_label: each batch drawn from one label (harder in-batch negatives);
+    # groups (grouped/labeled data): batches of whole groups, every text an anchor whose positives
+    #   are the other texts of its group in the batch (one forward pass per text, not two);
+    # similar_groups: groups, laid in runs of neighbouring groups by the starting encoder, so
+    #   in-batch negatives are hard ones at no extra cost
     batch_sampling: str = "random"
+    group_size: int = 4  # groups/similar_groups: at most this many texts of a group per epoch
     mini_batch_size: int | None = None  # cached negatives (GradCache): embed in chunks of this size
     output_dir: str = "runs/{name}"
     log_every: int = 10
@@ -195,8 +201,9 @@ class TrainConfig:
         _check(self.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device",
                f"unknown device {self.device!r}; use auto, cpu or cuda")
-        _check(self.batch_sampling in ("random", "by_label"), "train.batch_sampling",
-               f"unknown batch_sampling {self.batch_sampling!r}; use random or by_label")
+        _check(self.batch_sampling in ("random", "by_label", "groups", "similar_groups"), "train.batch_sampling",
+               f"unknown batch_sampling {self.batch_sampling!r}; use random, by_label, groups or similar_groups")
+        _check(self.group_size >= 2, "train.group_size", f"must be >= 2 (a text and its positive), got {self.group_size}")
         if self.mini_batch_size is not None:
             _check(1 <= self.mini_batch_size, "train.mini_batch_size", f"must be >= 1, got {self.mini_batch_size}")
         _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")

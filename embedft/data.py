@@ -414,20 +414,32 @@ class Batch:
     """Text ids for one step. Candidates for anchor i are all positives and negatives."""
 
     anchors: np.ndarray  # (B,)
-    positives: np.ndarray  # (B,)
+    # (B,), or None for a group batch: every text is an anchor and its positives are the
+    # other texts of its key in the batch (`group_batches`)
+    positives: np.ndarray | None
     negatives: np.ndarray | None  # (B, H), -1 where missing
     anchor_keys: np.ndarray  # (B,)
     anchor_labels: np.ndarray | None = None  # (B,) label ids (grouped data with labels); positives share them
 
 
-def steps_per_epoch(src: PairSource, batch_size: int) -> int:
+GROUP_SAMPLINGS = ("groups", "similar_groups")
+
+
+def steps_per_epoch(src: PairSource, batch_size: int, sampling: str = "random", group_size: int = 4) -> int:
     """Full batches per epoch (a ragged last batch is dropped: it would have fewer negatives)."""
+    if sampling in GROUP_SAMPLINGS:
+        return _group_texts_per_epoch(src, group_size) // batch_size
     return src.n_anchors // batch_size
 
 
 def epoch_batches(src: PairSource, batch_size: int, seed: int, epoch: int, sampling: str = "random",
-                  hard_negatives: int = 0, mined: np.ndarray | None = None) -> Iterator[Batch]:
+                  hard_negatives: int = 0, mined: np.ndarray | None = None, group_size: int = 4,
+                  neighbours: np.ndarray | None = None) -> Iterator[Batch]:
     """Batches of one epoch, a pure function of (seed, epoch) so a resumed run replays them exactly."""
+    if sampling in GROUP_SAMPLINGS:
+        yield from group_batches(src, batch_size, seed, epoch, group_size,
+                                 neighbours if sampling == "similar_groups" else None)
+        return
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(src.n_anchors)
     if sampling == "by_label" and src.batch_labels is not None:
@@ -459,6 +471,71 @@ def epoch_batches(src: PairSource, batch_size: int, seed: int, epoch: int, sampl
                 negatives = mined[idx, :hard_negatives]
         labels = src.batch_labels[idx] if src.batch_labels is not None and src.positives is None else None
         yield Batch(anchors, positives, negatives, keys, labels)
+
+
+def _group_keys(src: PairSource) -> np.ndarray:
+    """Keys of the groups that can train (two or more distinct texts), sorted."""
+    if src.members is None:
+        raise DataError("batch_sampling groups/similar_groups needs grouped or labeled data (shape: grouped or "
+                        "labeled); pairs data has no groups: use train.batch_sampling=random")
+    return np.unique(src.anchor_keys)
+
+
+def _group_texts_per_epoch(src: PairSource, group_size: int) -> int:
+    return int(sum(min(len(src.members[k]), group_size) for k in _group_keys(src).tolist()))
+
+
+# Groups per run of neighbours in a similar_groups batch: enough for every text to meet hard
+# negatives, few enough that a batch still spans several neighbourhoods (and categories).
+NEIGHBOUR_RUN = 8
+
+
+def group_batches(src: PairSource, batch_size: int, seed: int, epoch: int, group_size: int = 4,
+                  neighbours: np.ndarray | None = None) -> Iterator[Batch]:
+    """Batches of whole groups: up to `group_size` texts of each group (a fresh random subset each
+    epoch), groups laid end to end and cut every `batch_size` texts.
+
+    Every text is an anchor and the other texts of its group in the batch are its positives, so
+    one forward pass per text serves both roles (pairs need anchor + positive passes). With
+    `neighbours` ((n_groups, m) positions into `_group_keys(src)`, nearest first) groups are
+    laid in runs of NEIGHBOUR_RUN neighbouring groups, so in-batch negatives are hard ones
+    (the 128GB variant next to the 64GB phone) at no extra forward pass.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    keys = _group_keys(src)
+    order = rng.permutation(len(keys))
+    if neighbours is not None:
+        order = _neighbour_runs(order, neighbours)
+    text_labels = None
+    if src.batch_labels is not None:
+        text_labels = np.full(len(src.texts), -1, dtype=np.int64)
+        text_labels[src.anchors] = src.batch_labels
+    ids, id_keys = [], []
+    for g in order.tolist():
+        pool = src.members[int(keys[g])]
+        take = rng.permutation(pool)[:group_size]
+        ids.append(take)
+        id_keys.append(np.full(len(take), keys[g], dtype=np.int64))
+    flat, flat_keys = np.concatenate(ids), np.concatenate(id_keys)
+    for i in range(0, len(flat) - batch_size + 1, batch_size):
+        texts = flat[i:i + batch_size]
+        yield Batch(texts, None, None, flat_keys[i:i + batch_size],
+                    text_labels[texts] if text_labels is not None else None)
+
+
+def _neighbour_runs(order: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """`order` rearranged into runs: each run starts at the next unused group and follows each
+    group's nearest unused neighbour, for up to NEIGHBOUR_RUN groups."""
+    used = np.zeros(len(order), dtype=bool)
+    out = []
+    for start in order.tolist():
+        cur, run = start, 0
+        while cur is not None and not used[cur] and run < NEIGHBOUR_RUN:
+            used[cur] = True
+            out.append(cur)
+            run += 1
+            cur = next((int(n) for n in neighbours[cur] if n >= 0 and not used[n]), None)
+    return np.array(out, dtype=np.int64)
 
 
 def _other_member(pool: np.ndarray, anchor: int, rng: np.random.Generator) -> int:

@@ -51,6 +51,30 @@ def _mask(logits: torch.Tensor, exclude: torch.Tensor | None, target: torch.Tens
     return logits.masked_fill(ex, float("-inf"))
 
 
+def group_info_nce(anchors: torch.Tensor, cands: torch.Tensor, keys: torch.Tensor, same_text: torch.Tensor, *,
+                   temperature: float = 0.05) -> torch.Tensor:
+    """InfoNCE over a batch of groups: every (anchor, positive) pair of one key, against the
+    anchor's negatives (other keys); other positives of the anchor are masked out, never negatives.
+
+    anchors (N, D) and cands (N, D) are the same N texts (query and document form; the same
+    tensor when they coincide), keys (N,) their group, same_text (N, N) True where i and j are
+    one text (never a pair, never a negative). For a pair (i, p):
+    loss = -log(exp(s_ip) / (exp(s_ip) + sum_neg exp(s_in))), averaged over i's pairs, then
+    over the anchors that have a pair; 0 when none has.
+    """
+    logits = anchors @ cands.T / temperature  # (N, N)
+    same_key = keys[:, None] == keys[None, :]  # (N, N)
+    pos = same_key & ~same_text
+    neg = ~same_key & ~same_text
+    lse_neg = torch.logsumexp(logits.masked_fill(~neg, float("-inf")), dim=1, keepdim=True)  # (N, 1)
+    pair_loss = torch.logaddexp(logits, lse_neg) - logits  # (N, N): -log p(pair) for every (i, j)
+    n_pos = pos.sum(1)  # (N,)
+    has = n_pos > 0
+    if not bool(has.any()):
+        return anchors.sum() * 0.0
+    return (pair_loss.masked_fill(~pos, 0.0).sum(1)[has] / n_pos[has]).mean()
+
+
 def label_contrastive(emb: torch.Tensor, labels: torch.Tensor, *, temperature: float = 0.1) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, L_out) over labels such as categories.
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from embedft.config import LossConfig, TrainConfig
-from embedft.data import Batch, PairSource, epoch_batches, steps_per_epoch
-from embedft.losses import false_negative_mask, info_nce, label_contrastive
+from embedft.data import GROUP_SAMPLINGS, Batch, PairSource, epoch_batches, steps_per_epoch
+from embedft.losses import false_negative_mask, group_info_nce, info_nce, label_contrastive
 from embedft.models import Encoder, call_overhead, length_chunks
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,15 @@ class TokenCache:
 def batch_sequences(batch: Batch, cache: TokenCache) -> tuple[list[list[int]], dict[str, Any]]:
     """Unique sequences to embed for a batch, and how to gather them back.
 
-    Duplicate texts in a batch are embedded once. Anchors use the query form.
+    Duplicate texts in a batch are embedded once. Anchors use the query form. A group batch's
+    texts are anchors and candidates at once: query form, then document form when it differs.
     """
+    if batch.positives is None:
+        u, inv = np.unique(batch.anchors, return_inverse=True)
+        seqs = [cache.queries[i] for i in u]
+        if cache.queries is not cache.docs:
+            seqs += [cache.docs[i] for i in u]
+        return seqs, {"q_inv": inv, "n_q": len(u), "two_forms": cache.queries is not cache.docs}
     q_unique, q_inv = np.unique(batch.anchors, return_inverse=True)
     docs = batch.positives if batch.negatives is None else np.concatenate(
         [batch.positives, batch.negatives.reshape(-1)])
@@ -135,6 +142,8 @@ def batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], text_key
                loss_cfg: LossConfig) -> torch.Tensor:
     """InfoNCE for a batch given the embeddings of its unique sequences (N, D)."""
     dev = emb.device
+    if batch.positives is None:
+        return _group_batch_loss(emb, batch, gather, loss_cfg)
     q = emb[: gather["n_q"]][torch.as_tensor(gather["q_inv"], device=dev)]  # (B, D)
     d_all = emb[gather["n_q"]:][torch.as_tensor(gather["d_inv"], device=dev)]  # (valid docs, D)
     B = len(batch.anchors)
@@ -157,6 +166,21 @@ def batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], text_key
     if loss_cfg.label_weight > 0 and batch.anchor_labels is not None:
         labels = torch.as_tensor(batch.anchor_labels, device=dev)
         loss = loss + loss_cfg.label_weight * label_contrastive(torch.cat([q, p]), torch.cat([labels, labels]),
+                                                                temperature=loss_cfg.label_temperature)
+    return loss
+
+
+def _group_batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], loss_cfg: LossConfig) -> torch.Tensor:
+    dev = emb.device
+    inv = torch.as_tensor(gather["q_inv"], device=dev)
+    n = gather["n_q"]
+    q = emb[:n][inv]  # (B, D)
+    d = emb[n:][inv] if gather["two_forms"] else q
+    ids = torch.as_tensor(batch.anchors, device=dev)
+    keys = torch.as_tensor(batch.anchor_keys, device=dev)
+    loss = group_info_nce(q, d, keys, ids[:, None] == ids[None, :], temperature=loss_cfg.temperature)
+    if loss_cfg.label_weight > 0 and batch.anchor_labels is not None:
+        loss = loss + loss_cfg.label_weight * label_contrastive(d, torch.as_tensor(batch.anchor_labels, device=dev),
                                                                 temperature=loss_cfg.label_temperature)
     return loss
 
@@ -241,8 +265,10 @@ def total_steps(cfg: TrainConfig, per_epoch: int) -> int:
 
 @torch.no_grad()
 def validate(encoder: Encoder, val: ValSet, text_keys_cache: tuple[PairSource, TokenCache] | None,
-             loss_cfg: LossConfig, batch_size: int, device: torch.device, seed: int, k: int = 10) -> dict[str, float]:
-    """Validation recall@k by exact search, and validation loss on fixed batches."""
+             loss_cfg: LossConfig, batch_size: int, device: torch.device, seed: int, k: int = 10,
+             sampling: str = "random", group_size: int = 4) -> dict[str, float]:
+    """Validation recall@k by exact search, and validation loss on fixed batches (drawn as the
+    training batches are, random groups standing in for similar ones)."""
     from embedft.index import exact_search
     from embedft.metrics import recall_at_k
 
@@ -255,7 +281,8 @@ def validate(encoder: Encoder, val: ValSet, text_keys_cache: tuple[PairSource, T
         src, cache = text_keys_cache
         losses = []
         encoder.eval()
-        for i, batch in enumerate(epoch_batches(src, batch_size, seed, 0)):
+        sampling = "groups" if sampling in GROUP_SAMPLINGS else "random"
+        for i, batch in enumerate(epoch_batches(src, batch_size, seed, 0, sampling, group_size=group_size)):
             if i >= val.loss_batches:
                 break
             seqs, gather = batch_sequences(batch, cache)
@@ -285,6 +312,28 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
         cand = ranked[i][(ranked[i] >= 0)]
         cand = cand[(src.text_keys[cand] != src.anchor_keys[i]) & (cand != src.anchors[i])][skip_top:skip_top + n]
         out[i, : len(cand)] = cand
+    return out
+
+
+@torch.no_grad()
+def group_neighbours(encoder: Encoder, src: PairSource, cache: TokenCache, device: torch.device,
+                     m: int = 16) -> np.ndarray:
+    """(n_groups, m) each training group's nearest other groups (positions into the sorted group
+    keys, nearest first, -1 padded) by the cosine of their mean document embeddings."""
+    from embedft.index import exact_search
+
+    keys = np.unique(src.anchor_keys)
+    texts = np.concatenate([src.members[int(k)] for k in keys.tolist()])
+    owner = np.repeat(np.arange(len(keys)), [len(src.members[int(k)]) for k in keys.tolist()])
+    emb = encoder.encode_ids([cache.docs[i] for i in texts], device=device)  # (T, D)
+    cent = np.zeros((len(keys), emb.shape[1]), dtype=np.float32)
+    np.add.at(cent, owner, emb)
+    cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
+    out = np.full((len(keys), m), -1, dtype=np.int64)
+    depth = min(len(keys) - 1, m)
+    if depth >= 1:
+        _, ranked = exact_search(cent, cent, depth, self_ids=np.arange(len(keys)))
+        out[:, :depth] = ranked
     return out
 
 
@@ -351,7 +400,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
-    per_epoch = steps_per_epoch(src, cfg.batch_size)
+    per_epoch = steps_per_epoch(src, cfg.batch_size, cfg.batch_sampling, cfg.group_size)
     if per_epoch == 0:
         raise ValueError(f"train.batch_size={cfg.batch_size} is larger than the {src.n_anchors} training anchors; "
                          f"lower train.batch_size to at most {src.n_anchors}")
@@ -372,6 +421,12 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
         log.info("mining %d hard negatives per anchor with the starting encoder", loss_cfg.hard_negatives)
         state = torch.get_rng_state()
         mined = mine_hard_negatives(encoder, src, cache, loss_cfg.hard_negatives, device)
+        torch.set_rng_state(state)
+    neighbours = None
+    if cfg.batch_sampling == "similar_groups":
+        log.info("finding each group's nearest groups with the starting encoder")
+        state = torch.get_rng_state()
+        neighbours = group_neighbours(encoder, src, cache, device)
         torch.set_rng_state(state)
 
     result = TrainResult(steps=0, epochs_done=0)
@@ -394,7 +449,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
         if step >= n_total:
             break
         for batch in epoch_batches(src, cfg.batch_size, cfg.seed, epoch, cfg.batch_sampling,
-                                   loss_cfg.hard_negatives, mined):
+                                   loss_cfg.hard_negatives, mined, cfg.group_size, neighbours):
             if step >= n_total:
                 break
             t0 = time.perf_counter()
@@ -434,7 +489,8 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                              rec["train/lr"], seen / max(t_train, 1e-9))
         epoch_done = epoch + 1
         if val is not None and cfg.eval_every_epoch:
-            metrics = validate(encoder, val, val_cache, loss_cfg, cfg.batch_size, device, cfg.seed)
+            metrics = validate(encoder, val, val_cache, loss_cfg, cfg.batch_size, device, cfg.seed,
+                               sampling=cfg.batch_sampling, group_size=cfg.group_size)
             result.val_history.append({"epoch": epoch_done, "step": step, **metrics})
             sink.log_metrics({**metrics, "epoch": float(epoch_done)}, step=step)
             log.info("epoch %d: %s", epoch_done, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -80,6 +80,8 @@ def test_unknown_key_typo_suggests_close_name():
     ({"train": {"max_steps": 5, "warmup_steps": 10}}, "train.warmup_steps", "longer than training"),
     ({"train": {"batch_size": 1}}, "train.batch_size", "must be >= 2"),
     ({"train": {"scheduler": "exponential"}}, "train.scheduler", "linear, cosine or constant"),
+    ({"train": {"batch_sampling": "hard"}}, "train.batch_sampling", "random, by_label, groups or similar_groups"),
+    ({"train": {"group_size": 1}}, "train.group_size", "must be >= 2"),
     ({"train": {"epochs": "two"}}, "train.epochs", "expected an integer, got 'two'"),
     ({"train": {"epochs": 1.5}}, "train.epochs", "expected an integer"),
     ({"data": {"on_duplicate": "ignore"}}, "data.on_duplicate", "must be one of"),

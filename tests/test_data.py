@@ -413,6 +413,71 @@ def test_by_label_with_leftovers_keeps_full_single_label_batches():
     assert len(set(anchors.tolist())) == len(anchors)  # no anchor twice in an epoch
 
 
+def _uneven_groups():
+    from embedft.data import Examples
+
+    # Group g has 2 + g % 5 texts (2..6); labels by g % 3.
+    rows = [(f"t{g}-{j}", f"g{g}", f"lab{g % 3}") for g in range(20) for j in range(2 + g % 5)]
+    return Examples("grouped", "mem", np.arange(len(rows)) + 2, [r[0] for r in rows],
+                    groups=[r[1] for r in rows], labels=[r[2] for r in rows])
+
+
+@pytest.mark.parametrize("group_size", [2, 4])
+def test_group_batches_take_up_to_group_size_texts_of_each_group(group_size):
+    src = build_pair_source(_uneven_groups())
+    per_epoch = sum(min(2 + g % 5, group_size) for g in range(20))
+    batches = list(epoch_batches(src, 8, seed=0, epoch=0, sampling="groups", group_size=group_size))
+    assert len(batches) == steps_per_epoch(src, 8, "groups", group_size) == per_epoch // 8
+    flat = np.concatenate([b.anchors for b in batches])
+    keys = np.concatenate([b.anchor_keys for b in batches])
+    assert len(set(flat.tolist())) == len(flat)  # no text twice in an epoch
+    assert (src.text_keys[flat] == keys).all()
+    for k in np.unique(keys):
+        assert (keys == k).sum() <= group_size
+        run = np.flatnonzero(keys == k)
+        assert (np.diff(run) == 1).all()  # a group's texts lie together
+    for b in batches:
+        assert b.positives is None and b.negatives is None and len(b.anchors) == 8
+        label_of = dict(zip(src.anchors.tolist(), src.batch_labels.tolist()))
+        assert b.anchor_labels.tolist() == [label_of[a] for a in b.anchors.tolist()]
+    # A fresh subset each epoch, the same one for the same (seed, epoch).
+    again = [b.anchors.tolist() for b in epoch_batches(src, 8, seed=0, epoch=0, sampling="groups")]
+    assert again == [b.anchors.tolist() for b in epoch_batches(src, 8, seed=0, epoch=0, sampling="groups")]
+    assert again != [b.anchors.tolist() for b in epoch_batches(src, 8, seed=0, epoch=1, sampling="groups")]
+
+
+def test_similar_groups_lay_neighbouring_groups_together():
+    from embedft.data import _neighbour_runs
+
+    # Groups on a line: each group's nearest are its neighbours left and right. Runs follow
+    # them, so consecutive groups in a run are adjacent on the line.
+    n = 40
+    neighbours = np.array([[j for j in sorted(range(n), key=lambda j: (abs(j - i), j)) if j != i][:4]
+                           for i in range(n)])
+    order = _neighbour_runs(np.random.default_rng(0).permutation(n), neighbours)
+    assert sorted(order.tolist()) == list(range(n))  # every group once
+    steps = np.abs(np.diff(order))
+    assert (steps == 1).mean() > 0.7  # mostly walking along the line
+    random_steps = np.abs(np.diff(np.random.default_rng(0).permutation(n)))
+    assert (random_steps == 1).mean() < 0.2
+    # Through epoch_batches: the groups of a similar_groups epoch follow the neighbour lists.
+    src = build_pair_source(_uneven_groups())
+    line = np.array([[j for j in sorted(range(20), key=lambda j: (abs(j - i), j)) if j != i][:4] for i in range(20)])
+    for sampling, want in (("similar_groups", lambda f: f > 0.6), ("groups", lambda f: f < 0.4)):
+        batches = list(epoch_batches(src, 8, seed=0, epoch=0, sampling=sampling, neighbours=line))
+        assert len(batches) == steps_per_epoch(src, 8, sampling)
+        keys = np.concatenate([b.anchor_keys for b in batches])
+        seq = keys[np.r_[True, keys[1:] != keys[:-1]]]  # group order
+        assert want((np.abs(np.diff(seq)) == 1).mean()), sampling
+
+
+def test_group_batches_need_groups(tmp_path):
+    p = write_csv(tmp_path / "p.csv", [(f"q{i}", f"p{i}") for i in range(8)], header=("query", "positive"))
+    src = build_pair_source(load_examples(str(p), DataConfig(shape="pairs")))
+    with pytest.raises(DataError, match="batch_sampling=random"):
+        list(epoch_batches(src, 4, seed=0, epoch=0, sampling="groups"))
+
+
 def test_pairs_batches_use_the_given_positives_and_negatives(tmp_path):
     rows = [(f"q{i}", f"p{i}", f"n{i}", f"m{i}") for i in range(8)]
     p = write_csv(tmp_path / "p.csv", rows, header=("query", "positive", "na", "nb"))
@@ -532,3 +597,16 @@ def test_grouped_batches_carry_each_anchors_label_for_the_label_term(tmp_path):
                                 train=TrainConfig(batch_size=8), loss=LossConfig(label_weight=0.2))
     with pytest.raises(ConfigError, match=r"loss.label_weight=0.2 needs grouped data with a label column"):
         prepare_data(no_label)
+
+
+def test_group_sampling_with_per_anchor_hard_negatives_is_a_config_error(tmp_path):
+    from embedft.config import ConfigError, LossConfig
+    from embedft.pipeline import prepare_data
+
+    p = write_csv(tmp_path / "g.csv", ROWS)
+    cfg = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped"),
+                           train=TrainConfig(batch_size=4, batch_sampling="similar_groups"),
+                           loss=LossConfig(hard_negatives=1))
+    with pytest.raises(ConfigError, match=r"loss.hard_negatives=1 is not used with train.batch_sampling=similar_groups"):
+        prepare_data(cfg)
+    assert prepare_data(replace(cfg, loss=LossConfig())).source.n_anchors == len(ROWS)

@@ -103,3 +103,68 @@ def test_label_contrastive_is_zero_without_any_shared_label():
     assert float(loss) == 0.0
     loss.backward()
     assert torch.equal(emb.grad, torch.zeros_like(emb))
+
+
+def test_group_info_nce_matches_hand_computation():
+    from embedft.losses import group_info_nce
+
+    # Texts 0 and 1 are one product, text 2 another. cos: (0,1)=0.8, (0,2)=0, (1,2)=0.6.
+    emb = _unit([1.0, 0.0], [0.8, 0.6], [0.0, 1.0])
+    keys = torch.tensor([5, 5, 9])
+    same = torch.eye(3, dtype=torch.bool)
+    t = 0.5
+    # Each pair against its anchor's negatives only: row 0 -> pair (0,1) vs negative 2, row 1 -> (1,0)
+    # vs 2, row 2 has no pair.
+    row0 = -math.log(math.exp(0.8 / t) / (math.exp(0.8 / t) + math.exp(0.0 / t)))
+    row1 = -math.log(math.exp(0.8 / t) / (math.exp(0.8 / t) + math.exp(0.6 / t)))
+    got = group_info_nce(emb, emb, keys, same, temperature=t)
+    assert got.item() == pytest.approx((row0 + row1) / 2, rel=1e-12)
+
+
+def test_group_info_nce_never_uses_a_positive_as_a_negative():
+    from embedft.losses import group_info_nce
+
+    # Random batch of 3 products x 3 texts against a brute-force reference: each pair (i, j) of one
+    # product competes only with texts of other products, never with the third member.
+    g = torch.Generator().manual_seed(0)
+    e = torch.nn.functional.normalize(torch.randn(9, 4, generator=g, dtype=torch.float64), dim=1)
+    keys = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    t = 0.1
+    s = e @ e.T / t
+    rows = []
+    for i in range(9):
+        negs = [s[i, n] for n in range(9) if keys[n] != keys[i]]
+        pairs = [-s[i, j] + torch.logsumexp(torch.stack([s[i, j], *negs]), 0) for j in range(9)
+                 if j != i and keys[j] == keys[i]]
+        rows.append(torch.stack(pairs).mean())
+    got = group_info_nce(e, e, keys, torch.eye(9, dtype=torch.bool), temperature=t)
+    assert got.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-12)
+    # Moving a third member onto the anchor leaves the (0, 1) and (1, 0) terms unchanged.
+    moved = e.clone()
+    moved[2] = e[0]
+    for i, j in ((0, 1), (1, 0)):
+        def term(x):
+            sx = x @ x.T / t
+            return -sx[i, j] + torch.logsumexp(torch.cat([sx[i, j:j + 1], sx[i, 3:]]), 0)
+        assert term(moved).item() == pytest.approx(term(e).item(), rel=1e-12)
+
+
+def test_group_info_nce_masks_the_same_text_in_two_forms():
+    from embedft.losses import group_info_nce
+
+    # Query and document forms differ (a decoder with an instruction): text i's own document is
+    # neither its positive nor its negative.
+    q = _unit([1.0, 0.0], [0.0, 1.0], [0.6, 0.8])
+    d = _unit([1.0, 0.1], [0.2, 1.0], [0.5, 0.9])
+    keys = torch.tensor([3, 3, 4])
+    t = 0.5
+    s = q @ d.T / t
+    row0 = -s[0, 1] + torch.logaddexp(s[0, 1], s[0, 2])  # own document s[0, 0] is left out
+    row1 = -s[1, 0] + torch.logaddexp(s[1, 0], s[1, 2])
+    got = group_info_nce(q, d, keys, torch.eye(3, dtype=torch.bool), temperature=t)
+    assert got.item() == pytest.approx(((row0 + row1) / 2).item(), rel=1e-12)
+    # No text with a positive: 0, with a gradient of zeros rather than NaN.
+    qq = q.clone().requires_grad_(True)
+    loss = group_info_nce(qq, d, torch.tensor([1, 2, 3]), torch.eye(3, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(qq.grad, torch.zeros_like(qq))

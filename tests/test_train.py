@@ -31,11 +31,11 @@ def _encoder(path, dropout=0.0, **model_kw):
     return apply_lora(load_encoder(ModelConfig(name=str(path), **model_kw)), LoraConfig(r=4, alpha=8, dropout=dropout))
 
 
-def _loss_on(enc, src, cache, loss_cfg, n_batches=3, bs=8):
+def _loss_on(enc, src, cache, loss_cfg, n_batches=3, bs=8, sampling="random"):
     with torch.no_grad():
         enc.eval()
         vals = []
-        for i, b in enumerate(epoch_batches(src, bs, seed=123, epoch=0)):
+        for i, b in enumerate(epoch_batches(src, bs, seed=123, epoch=0, sampling=sampling)):
             if i >= n_batches:
                 break
             seqs, gather = batch_sequences(b, cache)
@@ -56,6 +56,19 @@ def test_a_few_steps_lower_the_loss(tiny_model_dir, tmp_path):
     assert res.steps == 10 * (48 // 8)
     assert after < 0.7 * before, (before, after)
     assert (tmp_path / "checkpoint" / "state.pt").is_file()
+
+
+def test_similar_group_batches_lower_the_loss(tiny_model_dir, tmp_path):
+    enc = _encoder(tiny_model_dir)
+    src = build_pair_source(toy_examples())
+    loss_cfg = LossConfig(temperature=0.1)
+    cache = TokenCache(enc, src.texts)
+    before = _loss_on(enc, src, cache, loss_cfg, bs=12, sampling="groups")
+    cfg = TrainConfig(epochs=10, batch_size=12, lr=3e-2, warmup_ratio=0.0, log_every=1, batch_sampling="similar_groups")
+    res = train(enc, src, cfg, loss_cfg, tmp_path, progress=False)
+    after = _loss_on(enc, src, cache, loss_cfg, bs=12, sampling="groups")
+    assert res.steps == 10 * (48 // 12)  # 12 groups x 4 texts (group_size 4) per epoch
+    assert after < 0.7 * before, (before, after)
 
 
 def _adapter(enc):
@@ -103,14 +116,15 @@ def _grads(enc):
     return {k: v.grad.detach().clone() for k, v in enc.named_parameters() if v.requires_grad}
 
 
-def _one_batch(src, bs=16, negatives=None):
-    return next(epoch_batches(src, bs, seed=1, epoch=0))
+def _one_batch(src, bs=16, sampling="random"):
+    return next(epoch_batches(src, bs, seed=1, epoch=0, sampling=sampling))
 
 
-def test_cached_negatives_match_full_batch(tiny_model_dir):
+@pytest.mark.parametrize("sampling", ["random", "groups"])
+def test_cached_negatives_match_full_batch(tiny_model_dir, sampling):
     src = build_pair_source(toy_examples())
     loss_cfg = LossConfig(temperature=0.05, symmetric=True)
-    batch = _one_batch(src)
+    batch = _one_batch(src, sampling=sampling)
     results = []
     for mini in (None, 5):
         enc = _encoder(tiny_model_dir)
