@@ -425,11 +425,17 @@ class Batch:
 GROUP_SAMPLINGS = ("groups", "similar_groups")
 
 
+def anchors_per_epoch(src: PairSource, sampling: str = "random", group_size: int = 4) -> int:
+    """Anchors one epoch draws from: every anchor, or for group batches up to `group_size` texts
+    of each group that can train."""
+    if sampling in GROUP_SAMPLINGS:
+        return int(sum(min(len(src.members[k]), group_size) for k in group_keys(src).tolist()))
+    return src.n_anchors
+
+
 def steps_per_epoch(src: PairSource, batch_size: int, sampling: str = "random", group_size: int = 4) -> int:
     """Full batches per epoch (a ragged last batch is dropped: it would have fewer negatives)."""
-    if sampling in GROUP_SAMPLINGS:
-        return _group_texts_per_epoch(src, group_size) // batch_size
-    return src.n_anchors // batch_size
+    return anchors_per_epoch(src, sampling, group_size) // batch_size
 
 
 def epoch_batches(src: PairSource, batch_size: int, seed: int, epoch: int, sampling: str = "random",
@@ -473,16 +479,12 @@ def epoch_batches(src: PairSource, batch_size: int, seed: int, epoch: int, sampl
         yield Batch(anchors, positives, negatives, keys, labels)
 
 
-def _group_keys(src: PairSource) -> np.ndarray:
+def group_keys(src: PairSource) -> np.ndarray:
     """Keys of the groups that can train (two or more distinct texts), sorted."""
     if src.members is None:
         raise DataError("batch_sampling groups/similar_groups needs grouped or labeled data (shape: grouped or "
                         "labeled); pairs data has no groups: use train.batch_sampling=random")
     return np.unique(src.anchor_keys)
-
-
-def _group_texts_per_epoch(src: PairSource, group_size: int) -> int:
-    return int(sum(min(len(src.members[k]), group_size) for k in _group_keys(src).tolist()))
 
 
 # Groups per run of neighbours in a similar_groups batch: enough for every text to meet hard
@@ -497,12 +499,12 @@ def group_batches(src: PairSource, batch_size: int, seed: int, epoch: int, group
 
     Every text is an anchor and the other texts of its group in the batch are its positives, so
     one forward pass per text serves both roles (pairs need anchor + positive passes). With
-    `neighbours` ((n_groups, m) positions into `_group_keys(src)`, nearest first) groups are
+    `neighbours` ((n_groups, m) positions into `group_keys(src)`, nearest first) groups are
     laid in runs of NEIGHBOUR_RUN neighbouring groups, so in-batch negatives are hard ones
     (the 128GB variant next to the 64GB phone) at no extra forward pass.
     """
     rng = np.random.default_rng([seed, epoch])
-    keys = _group_keys(src)
+    keys = group_keys(src)
     order = rng.permutation(len(keys))
     if neighbours is not None:
         order = _neighbour_runs(order, neighbours)

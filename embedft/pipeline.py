@@ -11,7 +11,8 @@ from typing import Any
 
 from embedft.atomic import replace_dir, temp_sibling
 from embedft.config import ConfigError, ExperimentConfig, TrackingConfig, flatten, to_dict, to_yaml
-from embedft.data import GROUP_SAMPLINGS, DataError, Examples, PairSource, build_pair_source, load_splits, retrieval_task, steps_per_epoch
+from embedft.data import (GROUP_SAMPLINGS, DataError, Examples, PairSource, anchors_per_epoch, build_pair_source,
+                          load_splits, retrieval_task)
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,11 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
         raise ConfigError(f"loss.hard_negatives={cfg.loss.hard_negatives} is not used with train.batch_sampling="
                           f"{cfg.train.batch_sampling} (group batches have no per-anchor negatives); set "
                           "-o loss.hard_negatives=0, and use similar_groups for hard in-batch negatives")
-    if steps_per_epoch(src, cfg.train.batch_size, cfg.train.batch_sampling, cfg.train.group_size) == 0:
+    n = anchors_per_epoch(src, cfg.train.batch_sampling, cfg.train.group_size)
+    if n < cfg.train.batch_size:
         raise DataError(f"{cfg.data.train}: train.batch_size={cfg.train.batch_size} is larger than the "
-                        f"{src.n_anchors} training anchors (texts with a positive); lower train.batch_size "
-                        f"to at most {src.n_anchors}")
+                        f"{n} training anchors per epoch (texts with a positive); lower train.batch_size "
+                        f"to at most {n}")
     return PreparedData(train_ex, eval_ex, src, report)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from embedft.config import LossConfig, TrainConfig
-from embedft.data import GROUP_SAMPLINGS, Batch, PairSource, epoch_batches, steps_per_epoch
+from embedft.data import GROUP_SAMPLINGS, Batch, PairSource, anchors_per_epoch, epoch_batches, group_keys, steps_per_epoch
 from embedft.losses import false_negative_mask, group_info_nce, info_nce, label_contrastive
 from embedft.models import Encoder, call_overhead, length_chunks
 
@@ -97,10 +97,9 @@ def batch_sequences(batch: Batch, cache: TokenCache) -> tuple[list[list[int]], d
     """
     if batch.positives is None:
         u, inv = np.unique(batch.anchors, return_inverse=True)
-        seqs = [cache.queries[i] for i in u]
-        if cache.queries is not cache.docs:
-            seqs += [cache.docs[i] for i in u]
-        return seqs, {"q_inv": inv, "n_q": len(u), "two_forms": cache.queries is not cache.docs}
+        two_forms = cache.queries is not cache.docs
+        seqs = [cache.queries[i] for i in u] + ([cache.docs[i] for i in u] if two_forms else [])
+        return seqs, {"q_inv": inv, "n_q": len(u), "two_forms": two_forms}
     q_unique, q_inv = np.unique(batch.anchors, return_inverse=True)
     docs = batch.positives if batch.negatives is None else np.concatenate(
         [batch.positives, batch.negatives.reshape(-1)])
@@ -322,7 +321,7 @@ def group_neighbours(encoder: Encoder, src: PairSource, cache: TokenCache, devic
     keys, nearest first, -1 padded) by the cosine of their mean document embeddings."""
     from embedft.index import exact_search
 
-    keys = np.unique(src.anchor_keys)
+    keys = group_keys(src)  # the order group_batches indexes neighbours by
     texts = np.concatenate([src.members[int(k)] for k in keys.tolist()])
     owner = np.repeat(np.arange(len(keys)), [len(src.members[int(k)]) for k in keys.tolist()])
     emb = encoder.encode_ids([cache.docs[i] for i in texts], device=device)  # (T, D)
@@ -402,8 +401,9 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
 
     per_epoch = steps_per_epoch(src, cfg.batch_size, cfg.batch_sampling, cfg.group_size)
     if per_epoch == 0:
-        raise ValueError(f"train.batch_size={cfg.batch_size} is larger than the {src.n_anchors} training anchors; "
-                         f"lower train.batch_size to at most {src.n_anchors}")
+        n = anchors_per_epoch(src, cfg.batch_sampling, cfg.group_size)
+        raise ValueError(f"train.batch_size={cfg.batch_size} is larger than the {n} training anchors; "
+                         f"lower train.batch_size to at most {n}")
     n_total = total_steps(cfg, per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * n_total)
     if warmup > n_total:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from embedft.config import DataConfig, ExperimentConfig, TrainConfig
-from embedft.data import (DataError, DataReport, build_pair_source, epoch_batches, load_examples, load_splits,
+from embedft.data import (DataError, DataReport, anchors_per_epoch, build_pair_source, epoch_batches, load_examples, load_splits,
                           retrieval_task, split_examples, steps_per_epoch, validate_split)
 
 # (text, group, label): four texts per group, two groups per label; file rows 2..41 in a CSV.
@@ -428,6 +428,7 @@ def test_group_batches_take_up_to_group_size_texts_of_each_group(group_size):
     per_epoch = sum(min(2 + g % 5, group_size) for g in range(20))
     batches = list(epoch_batches(src, 8, seed=0, epoch=0, sampling="groups", group_size=group_size))
     assert len(batches) == steps_per_epoch(src, 8, "groups", group_size) == per_epoch // 8
+    assert anchors_per_epoch(src, "groups", group_size) == per_epoch
     flat = np.concatenate([b.anchors for b in batches])
     keys = np.concatenate([b.anchor_keys for b in batches])
     assert len(set(flat.tolist())) == len(flat)  # no text twice in an epoch

@@ -1,0 +1,59 @@
+"""Where retrieval recall@10 is lost: by the number of positives a query has, plus sample failures.
+
+    python benchmarks/recall_breakdown.py experiments/pricerunner-matching.yaml [--adapter DIR] [--samples 10]
+
+Embeds the experiment's eval split (document form, as `embedft eval` does for grouped data),
+searches exactly, and prints recall@10 per bucket of positives with each bucket's share of
+the queries and of the lost recall, then a few queries with recall < 0.5 and their top hits
+(+ = a positive). Without --adapter it reports the base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+BUCKETS = ((1, 1), (2, 3), (4, 9), (10, 10**9))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiment")
+    ap.add_argument("--adapter", help="adapter folder (default: the base model)")
+    ap.add_argument("--samples", type=int, default=10)
+    args = ap.parse_args()
+
+    from embedft.config import load_config
+    from embedft.data import load_splits, retrieval_task
+    from embedft.index import exact_search
+    from embedft.metrics import recall_at_k
+    from embedft.models import load_adapter, load_encoder
+
+    cfg = load_config(args.experiment)
+    _, eval_ex, _ = load_splits(cfg.data)
+    task = retrieval_task(eval_ex)
+    encoder = load_encoder(cfg.model)
+    if args.adapter:
+        load_adapter(encoder, args.adapter)
+    corpus = encoder.encode_ids(encoder.tokenize(task.corpus, is_query=False))
+    _, ranked = exact_search(corpus, corpus[task.self_ids], 10, self_ids=task.self_ids)
+    per_query = np.array([recall_at_k(ranked[i:i + 1], [p], 10) for i, p in enumerate(task.positives)])
+    lost = (1 - per_query).sum()
+    n_pos = np.array([len(p) for p in task.positives])
+    print(f"{args.adapter or cfg.model.name}: recall@10 {per_query.mean():.4f} over {len(per_query)} queries")
+    print("positives  queries  share  recall@10  share of lost recall")
+    for lo, hi in BUCKETS:
+        m = (n_pos >= lo) & (n_pos <= hi)
+        name = f"{lo}" if lo == hi else (f"{lo}-{hi}" if hi < 10**9 else f">={lo}")
+        print(f"{name:>9}  {m.sum():7d}  {m.mean():5.1%}  {per_query[m].mean():9.4f}  {(1 - per_query[m]).sum() / lost:5.1%}")
+    bad = np.flatnonzero(per_query < 0.5)
+    rng = np.random.default_rng(0)
+    for i in rng.choice(bad, min(args.samples, len(bad)), replace=False):
+        pos = set(task.positives[i].tolist())
+        print(f"\nquery: {task.corpus[task.self_ids[i]]}\n  positives: {[task.corpus[j] for j in task.positives[i][:3]]}")
+        print("  top 3:", [("+" if j in pos else "-") + task.corpus[j] for j in ranked[i][:3]])
+
+
+if __name__ == "__main__":
+    main()
