@@ -38,6 +38,10 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
         raise ConfigError(f"loss.hard_negatives={cfg.loss.hard_negatives} is not used with train.batch_sampling="
                           f"{cfg.train.batch_sampling} (group batches have no per-anchor negatives); set "
                           "-o loss.hard_negatives=0, and use similar_groups for hard in-batch negatives")
+    if cfg.train.batch_sampling in GROUP_SAMPLINGS and cfg.loss.symmetric:
+        raise ConfigError(f"loss.symmetric=true is not used with train.batch_sampling={cfg.train.batch_sampling} "
+                          "(every text of a group batch is already an anchor against all the others, so there is "
+                          "no positive->anchor direction to add); set -o loss.symmetric=false")
     n = anchors_per_epoch(src, cfg.train.batch_sampling, cfg.train.group_size)
     if n < cfg.train.batch_size:
         raise DataError(f"{cfg.data.train}: train.batch_size={cfg.train.batch_size} is larger than the "

@@ -600,7 +600,7 @@ def test_grouped_batches_carry_each_anchors_label_for_the_label_term(tmp_path):
         prepare_data(no_label)
 
 
-def test_group_sampling_with_per_anchor_hard_negatives_is_a_config_error(tmp_path):
+def test_group_sampling_with_hard_negatives_or_symmetric_is_a_config_error(tmp_path):
     from embedft.config import ConfigError, LossConfig
     from embedft.pipeline import prepare_data
 
@@ -610,4 +610,6 @@ def test_group_sampling_with_per_anchor_hard_negatives_is_a_config_error(tmp_pat
                            loss=LossConfig(hard_negatives=1))
     with pytest.raises(ConfigError, match=r"loss.hard_negatives=1 is not used with train.batch_sampling=similar_groups"):
         prepare_data(cfg)
+    with pytest.raises(ConfigError, match=r"loss.symmetric=true is not used with train.batch_sampling=similar_groups"):
+        prepare_data(replace(cfg, loss=LossConfig(symmetric=True)))
     assert prepare_data(replace(cfg, loss=LossConfig())).source.n_anchors == len(ROWS)
