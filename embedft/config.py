@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 
 Column = Union[str, int]
 POLICIES = ("error", "warn", "drop")
+# train.batch_sampling values that lay whole groups in a batch (every text an anchor).
+GROUP_SAMPLINGS = ("groups", "similar_groups")
 
 
 def _check(cond: bool, field_name: str, msg: str) -> None:
@@ -272,6 +274,15 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        sampling = self.train.batch_sampling
+        if sampling in GROUP_SAMPLINGS and self.loss.hard_negatives > 0:
+            raise ConfigError(f"loss.hard_negatives={self.loss.hard_negatives} is not used with train.batch_sampling="
+                              f"{sampling} (group batches have no per-anchor negatives); set "
+                              "-o loss.hard_negatives=0, and use similar_groups for hard in-batch negatives")
+        if sampling in GROUP_SAMPLINGS and self.loss.symmetric:
+            raise ConfigError(f"loss.symmetric=true is not used with train.batch_sampling={sampling} "
+                              "(every text of a group batch is already an anchor against all the others, so there "
+                              "is no positive->anchor direction to add); set -o loss.symmetric=false")
 
     @property
     def output_dir(self) -> Path:

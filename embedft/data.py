@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from embedft.config import Column, DataConfig
+from embedft.config import GROUP_SAMPLINGS, Column, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -422,15 +422,21 @@ class Batch:
     anchor_labels: np.ndarray | None = None  # (B,) label ids (grouped data with labels); positives share them
 
 
-GROUP_SAMPLINGS = ("groups", "similar_groups")
-
-
 def anchors_per_epoch(src: PairSource, sampling: str = "random", group_size: int = 4) -> int:
     """Anchors one epoch draws from: every anchor, or for group batches up to `group_size` texts
     of each group that can train."""
     if sampling in GROUP_SAMPLINGS:
         return int(sum(min(len(src.members[k]), group_size) for k in group_keys(src).tolist()))
     return src.n_anchors
+
+
+def check_batch_size(src: PairSource, batch_size: int, sampling: str = "random", group_size: int = 4,
+                     source: str = "training data") -> None:
+    """A DataError naming `source` when one epoch has fewer anchors than a batch."""
+    n = anchors_per_epoch(src, sampling, group_size)
+    if n < batch_size:
+        raise DataError(f"{source}: train.batch_size={batch_size} is larger than the {n} training anchors per "
+                        f"epoch (texts with a positive); lower train.batch_size to at most {n}")
 
 
 def steps_per_epoch(src: PairSource, batch_size: int, sampling: str = "random", group_size: int = 4) -> int:

@@ -11,8 +11,8 @@ from typing import Any
 
 from embedft.atomic import replace_dir, temp_sibling
 from embedft.config import ConfigError, ExperimentConfig, TrackingConfig, flatten, to_dict, to_yaml
-from embedft.data import (GROUP_SAMPLINGS, DataError, Examples, PairSource, anchors_per_epoch, build_pair_source,
-                          load_splits, retrieval_task)
+from embedft.data import (DataError, Examples, PairSource, build_pair_source, check_batch_size, load_splits,
+                          retrieval_task)
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +34,7 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
         raise ConfigError(f"loss.label_weight={cfg.loss.label_weight} needs grouped data with a label column "
                           f"(data.shape=grouped, data.label_column set; {cfg.data.train} has shape "
                           f"{cfg.data.shape!r}, label column {cfg.data.label_column!r}); set -o loss.label_weight=0")
-    if cfg.train.batch_sampling in GROUP_SAMPLINGS and cfg.loss.hard_negatives > 0:
-        raise ConfigError(f"loss.hard_negatives={cfg.loss.hard_negatives} is not used with train.batch_sampling="
-                          f"{cfg.train.batch_sampling} (group batches have no per-anchor negatives); set "
-                          "-o loss.hard_negatives=0, and use similar_groups for hard in-batch negatives")
-    if cfg.train.batch_sampling in GROUP_SAMPLINGS and cfg.loss.symmetric:
-        raise ConfigError(f"loss.symmetric=true is not used with train.batch_sampling={cfg.train.batch_sampling} "
-                          "(every text of a group batch is already an anchor against all the others, so there is "
-                          "no positive->anchor direction to add); set -o loss.symmetric=false")
-    n = anchors_per_epoch(src, cfg.train.batch_sampling, cfg.train.group_size)
-    if n < cfg.train.batch_size:
-        raise DataError(f"{cfg.data.train}: train.batch_size={cfg.train.batch_size} is larger than the "
-                        f"{n} training anchors per epoch (texts with a positive); lower train.batch_size "
-                        f"to at most {n}")
+    check_batch_size(src, cfg.train.batch_size, cfg.train.batch_sampling, cfg.train.group_size, str(cfg.data.train))
     return PreparedData(train_ex, eval_ex, src, report)
 
 

@@ -21,8 +21,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from embedft.config import LossConfig, TrainConfig
-from embedft.data import GROUP_SAMPLINGS, Batch, PairSource, anchors_per_epoch, epoch_batches, group_keys, steps_per_epoch
+from embedft.config import GROUP_SAMPLINGS, LossConfig, TrainConfig
+from embedft.data import Batch, PairSource, check_batch_size, epoch_batches, group_keys, steps_per_epoch
 from embedft.losses import false_negative_mask, group_info_nce, info_nce, label_contrastive
 from embedft.models import Encoder, call_overhead, length_chunks
 
@@ -399,11 +399,8 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
+    check_batch_size(src, cfg.batch_size, cfg.batch_sampling, cfg.group_size)
     per_epoch = steps_per_epoch(src, cfg.batch_size, cfg.batch_sampling, cfg.group_size)
-    if per_epoch == 0:
-        n = anchors_per_epoch(src, cfg.batch_sampling, cfg.group_size)
-        raise ValueError(f"train.batch_size={cfg.batch_size} is larger than the {n} training anchors; "
-                         f"lower train.batch_size to at most {n}")
     n_total = total_steps(cfg, per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * n_total)
     if warmup > n_total:

@@ -606,10 +606,10 @@ def test_group_sampling_with_hard_negatives_or_symmetric_is_a_config_error(tmp_p
 
     p = write_csv(tmp_path / "g.csv", ROWS)
     cfg = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped"),
-                           train=TrainConfig(batch_size=4, batch_sampling="similar_groups"),
-                           loss=LossConfig(hard_negatives=1))
+                           train=TrainConfig(batch_size=4, batch_sampling="similar_groups"))
+    # Rejected when the config is built (load_config, -o, `embedft check`), before any data is read.
     with pytest.raises(ConfigError, match=r"loss.hard_negatives=1 is not used with train.batch_sampling=similar_groups"):
-        prepare_data(cfg)
+        replace(cfg, loss=LossConfig(hard_negatives=1))
     with pytest.raises(ConfigError, match=r"loss.symmetric=true is not used with train.batch_sampling=similar_groups"):
-        prepare_data(replace(cfg, loss=LossConfig(symmetric=True)))
-    assert prepare_data(replace(cfg, loss=LossConfig())).source.n_anchors == len(ROWS)
+        replace(cfg, loss=LossConfig(symmetric=True))
+    assert prepare_data(cfg).source.n_anchors == len(ROWS)
