@@ -360,7 +360,11 @@ def load_encoder(cfg: ModelConfig, device: str | torch.device = "cpu", lora: Lor
     if template is not None:
         template = template.replace("{task}", cfg.task)
     if cfg.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns).
+        if hasattr(backbone, "activation_checkpointing_enable"):
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     spec = EncoderSpec(base_model=cfg.name, model_path=path, model_type=model_type, family=fam.name,
                        pooling=pooling, normalize=cfg.normalize, padding_side=fam.padding_side,
                        query_template=template, max_length=min(cfg.max_length, _max_positions(backbone)),
