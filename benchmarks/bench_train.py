@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py [--model minilm] [--steps 200] [--batch-size 64] [--max-length 64]
                                      [--lr 5e-4] [--warmup-steps 10] [--r 16] [--alpha 32] [--dropout 0.05]
                                      [--limit-queries 2000] [--seed 42] [--threads N] [--sides st,embedft]
+                                     [--embedft-compile true]
 
 Both sides train the same base model with the same LoRA (the family's Q/K/V, same r, alpha,
 dropout), batch size, max length, steps, lr, linear warmup + decay, weight decay, grad clip
@@ -95,6 +96,7 @@ class BenchSettings:
     threads: int | None = None  # torch CPU threads for both sides; None = torch's default
     data: str = "auto"  # auto | pricerunner | sample
     device: str = "auto"  # auto | cpu | cuda
+    embedft_compile: bool = False  # embedft side only: train.compile (torch.compile of each layer)
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ class Measurement:
     trainable: int = 0
     train_s: float = 0.0
     step_s: float = 0.0
+    first_step_s: float = 0.0  # a compile or warm-up cost shows here
     losses: list[float] = field(default_factory=list)
     rss_before_mb: float = 0.0
     train_peak_rss_mb: float = 0.0
@@ -280,6 +283,8 @@ def report(side: str, s: BenchSettings, data: BenchData, device, m: Measurement)
         "pairs": n, "pairs_digest": data.digest(), "tokens": m.tokens, "trainable_params": m.trainable,
         "train_s": m.train_s, "samples_per_s": n / m.train_s, "tokens_per_s": m.tokens / m.train_s,
         "step_s": m.step_s, "step_samples_per_s": n / m.step_s if m.step_s else 0.0,
+        "first_step_s": m.first_step_s,
+        "later_step_samples_per_s": (n - s.batch_size) / (m.step_s - m.first_step_s) if m.step_s > m.first_step_s else 0.0,
         "peak_rss_mb": m.peak_rss_mb, "train_peak_rss_mb": m.train_peak_rss_mb,
         "train_rss_increase_mb": m.train_peak_rss_mb - m.rss_before_mb, "cuda_peak_mb": m.cuda_peak_mb,
         "first_loss": m.losses[0], "final_loss": sum(last) / len(last), "recall@10": m.recall,
@@ -366,6 +371,7 @@ def make_step_timer(device):
 
     class StepTimer(TrainerCallback):
         total = 0.0
+        first = None
         _t0 = 0.0
 
         def on_step_begin(self, args, state, control, **kw):
@@ -374,7 +380,9 @@ def make_step_timer(device):
 
         def on_step_end(self, args, state, control, **kw):
             _cuda_sync(device)
-            self.total += time.perf_counter() - self._t0
+            dt = time.perf_counter() - self._t0
+            self.total += dt
+            self.first = dt if self.first is None else self.first
 
     return StepTimer()
 
@@ -408,7 +416,7 @@ def run_st(s: BenchSettings, data: BenchData) -> dict[str, Any]:
         trainer.add_callback(timer)
         with measured(m, device):
             trainer.train()
-    m.step_s = timer.total
+    m.step_s, m.first_step_s = timer.total, timer.first or 0.0
     m.losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     kw = dict(batch_size=128, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     corpus = model.encode(data.task.corpus, **kw)
@@ -444,12 +452,13 @@ def run_embedft(s: BenchSettings, data: BenchData) -> dict[str, Any]:
     cfg = TrainConfig(epochs=math.ceil(s.steps / steps_per_epoch(data.src, s.batch_size)), max_steps=s.steps,
                       batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay, warmup_steps=s.warmup_steps,
                       scheduler="linear", max_grad_norm=s.max_grad_norm, seed=s.seed, device=str(device),
-                      log_every=1, eval_every_epoch=False, threads=s.threads)
+                      log_every=1, eval_every_epoch=False, threads=s.threads, compile=s.embedft_compile)
     loss_cfg = LossConfig(temperature=TEMPERATURE, symmetric=False)
     with tempfile.TemporaryDirectory(prefix="bench-embedft-") as out:
         with measured(m, device):
             result = train(encoder, data.src, cfg, loss_cfg, out, progress=False)
     m.step_s = result.train_seconds
+    m.first_step_s = s.batch_size / result.history[0]["train/samples_per_s"]
     m.losses = [h["train/loss"] for h in result.history]
     corpus = encoder.encode(data.task.corpus, batch_size=128)
     if data.task.self_ids is not None and not encoder.spec.query_template:
@@ -501,6 +510,8 @@ ROWS = (  # key, label, format, ratio embedft/ST shown
     ("samples_per_s", "samples/s (pairs)", "{:.1f}", True),
     ("tokens_per_s", "tokens/s", "{:.0f}", True),
     ("step_samples_per_s", "samples/s, step time only", "{:.1f}", True),
+    ("first_step_s", "first step (s)", "{:.2f}", False),
+    ("later_step_samples_per_s", "samples/s, steps 2 on", "{:.1f}", True),
     ("peak_rss_mb", "peak RSS, process (MB)", "{:.0f}", True),
     ("train_rss_increase_mb", "RSS increase during training (MB)", "{:.0f}", True),
     ("cuda_peak_mb", "CUDA peak allocated (MB)", "{:.0f}", True),
@@ -560,10 +571,16 @@ NOTES = (
 )
 
 
+def _bool(value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"{value!r}: use true or false")
+    return value.lower() in ("true", "1")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(BenchSettings):
-        kind = {"int": int, "float": float, "str": str, "int | None": int}[f.type]
+        kind = {"int": int, "float": float, "str": str, "int | None": int, "bool": _bool}[f.type]
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
     ap.add_argument("--sides", default="st,embedft", help="comma-separated: st, embedft (each in its own process)")
     ap.add_argument("--side", choices=SIDES, help="internal: run one side in this process, JSON on stdout")

@@ -7,7 +7,8 @@ The model is randomly initialised from the published Qwen3-Embedding-0.6B config
 (benchmarks/qwen3-embedding-0.6b.config.json): weights cannot be downloaded here, and
 speed does not depend on their values. Texts are ~32 tokens. For each batch size it
 trains a fixed number of steps with embedft's own loop (cached negatives for the large
-batches) and prints samples/s, tokens/s, peak GPU memory and
+batches), without and with `train.compile` (torch.compile of each layer; `--compile`), and
+prints samples/s, tokens/s, peak GPU memory, the first step's time (compiling included) and
 MFU = 4 x non-embedding parameters x tokens/s / peak bf16 FLOP/s of the device.
 With --write, the table is appended to docs/benchmarks.md with the device name.
 """
@@ -55,7 +56,8 @@ def synthetic_source(n_groups: int, words_per_text: int, seed: int = 0):
     return build_pair_source(Examples("grouped", "synthetic", np.arange(len(texts)) + 1, texts, groups=groups))
 
 
-def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: bool) -> list[dict]:
+def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: bool,
+        compile_modes: tuple[bool, ...] = (False,)) -> list[dict]:
     import numpy as np
     import torch
 
@@ -71,7 +73,7 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = tiny_qwen3(Path(tmp) / "m") if tiny else qwen3_from_config(CONFIG, Path(tmp) / "m")
-        for bs in batch_sizes:
+        for bs, compiled in [(b, c) for b in batch_sizes for c in compile_modes]:
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -82,20 +84,22 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
             params = sum(p.numel() for n, p in enc.backbone.named_parameters() if "embed" not in n and "lora_" not in n)
             src = synthetic_source(n_groups=bs * (steps + 1), words_per_text=32)
             cfg = TrainConfig(epochs=1, max_steps=steps, batch_size=bs, lr=1e-4, warmup_steps=0, log_every=1,
-                              mini_batch_size=mini_batch if bs > mini_batch else None, eval_every_epoch=False)
+                              mini_batch_size=mini_batch if bs > mini_batch else None, eval_every_epoch=False,
+                              compile=compiled)
             res = train(enc, src, cfg, LossConfig(), Path(tmp) / f"run{bs}", progress=False)
             sps = [h["train/samples_per_s"] for h in res.history[min(2, len(res.history) - 1):]]
             samples_per_s = float(np.median(sps))
             tokens_per_sample = res.tokens_per_s / res.samples_per_s if res.samples_per_s else 0.0
             tokens_per_s = samples_per_s * tokens_per_sample
-            row = {"batch": bs, "cached": cfg.mini_batch_size is not None, "samples_per_s": samples_per_s,
+            row = {"batch": bs, "cached": cfg.mini_batch_size is not None, "compiled": compiled,
+                   "samples_per_s": samples_per_s, "first_step_s": bs / res.history[0]["train/samples_per_s"],
                    "tokens_per_s": tokens_per_s, "non_embedding_params": params,
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                    "mfu": 4 * params * tokens_per_s / peak if peak else None}
             rows.append(row)
             print(_fmt(row), flush=True)
             del enc
-    table = _table(rows, name, peak, peak_key, steps, tiny)
+    table = _table(rows, name, peak, peak_key, steps, tiny, compile_modes)
     print(table)
     if write:
         with (REPO / "docs" / "benchmarks.md").open("a") as f:
@@ -106,22 +110,26 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
 def _fmt(r: dict) -> str:
     mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f} GiB"
     mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-    return (f"batch {r['batch']:5d} cached={r['cached']!s:5}  {r['samples_per_s']:9.1f} samples/s  "
+    return (f"batch {r['batch']:5d} cached={r['cached']!s:5} compiled={r['compiled']!s:5}  "
+            f"{r['samples_per_s']:9.1f} samples/s  first step {r['first_step_s']:.1f} s  "
             f"{r['tokens_per_s']:11.0f} tokens/s  peak {mem}  MFU {mfu}")
 
 
-def _table(rows: list[dict], device: str, peak: float | None, peak_key: str, steps: int, tiny: bool) -> str:
+def _table(rows: list[dict], device: str, peak: float | None, peak_key: str, steps: int, tiny: bool,
+           compile_modes: tuple[bool, ...]) -> str:
+    flag = {(False,): "no", (True,): "yes"}.get(tuple(compile_modes), "both")
     head = (f"### GPU check: {'tiny Qwen3' if tiny else 'Qwen3-Embedding-0.6B-shaped'} LoRA Q/K/V training\n\n"
             f"- device: {device}; peak bf16 used for MFU: {peak_key} = {peak / 1e12 if peak else 'n/a'} TFLOP/s\n"
             f"- date: {datetime.date.today().isoformat()}; command: `python benchmarks/gpu_check.py"
-            f"{' --tiny' if tiny else ''} --steps {steps}`\n\n"
-            "| batch | cached negatives | samples/s | tokens/s | peak GPU memory | MFU |\n|---|---|---|---|---|---|\n")
+            f"{' --tiny' if tiny else ''} --steps {steps} --compile {flag}`\n\n"
+            "| batch | cached negatives | compiled layers | samples/s | tokens/s | first step (s) | peak GPU memory "
+            "| MFU |\n|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f} GiB"
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(f"| {r['batch']} | {'yes' if r['cached'] else 'no'} | {r['samples_per_s']:.1f} | "
-                     f"{r['tokens_per_s']:.0f} | {mem} | {mfu} |")
+        lines.append(f"| {r['batch']} | {'yes' if r['cached'] else 'no'} | {'yes' if r['compiled'] else 'no'} | "
+                     f"{r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['first_step_s']:.1f} | {mem} | {mfu} |")
     body = "\n".join(lines)
     return head + body
 
@@ -132,9 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--mini-batch", type=int, default=256, help="GradCache chunk (texts) for batches larger than this")
     ap.add_argument("--tiny", action="store_true", help="a tiny Qwen3 (CPU smoke run of the same code)")
+    ap.add_argument("--compile", choices=("no", "yes", "both"), default="both",
+                    help="train.compile (torch.compile of each layer): without, with, or each batch size both ways")
     ap.add_argument("--write", action="store_true", help="append the table to docs/benchmarks.md")
     args = ap.parse_args(argv)
-    run([int(b) for b in args.batch_sizes.split(",")], args.steps, args.tiny, args.mini_batch, args.write)
+    modes = {"no": (False,), "yes": (True,), "both": (False, True)}[args.compile]
+    run([int(b) for b in args.batch_sizes.split(",")], args.steps, args.tiny, args.mini_batch, args.write, modes)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ answers at once.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -76,16 +77,25 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
     from embedft.pipeline import run_sweep, run_train
 
     cfg = _load(config, overrides)
-    if sweeps:
-        summaries = run_sweep(cfg, config, overrides, sweeps, progress=not no_progress)
-        for s in summaries:
-            click.echo(f"{s['name']}: {s['output_dir']}")
-        return
-    summary = run_train(cfg, resume=resume, progress=not no_progress)
+    # `kill`, `docker stop` and job schedulers send SIGTERM: end the MLflow run as KILLED (the
+    # last epoch checkpoint stays for --resume) instead of dying with the run left RUNNING.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        if sweeps:
+            for s in run_sweep(cfg, config, overrides, sweeps, progress=not no_progress):
+                click.echo(f"{s['name']}: {s['output_dir']}")
+            return
+        summary = run_train(cfg, resume=resume, progress=not no_progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     click.echo(summary["table"])
     click.echo(f"\nadapter: {summary['adapter']}\nreport:  {summary['report']}/report.md")
     if summary.get("run_id"):
         click.echo(f"mlflow run: {summary['run_id']}")
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 @main.command("eval")
@@ -97,7 +107,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
 @click.option("--data", help="Data file; default: the config's data.train (split as configured).")
 @click.option("--index", "indexes", multiple=True, help="FAISS factory string next to exact search, e.g. HNSW32.")
 @click.option("--save-index", type=click.Path(), help="Write the adapted model's retrieval index here.")
-@click.option("--out", type=click.Path(), help="Report folder; default: <run folder>/eval.")
+@click.option("--out", type=click.Path(), help="Report folder; default: <run folder>/eval (eval-base with --base-only).")
 @click.option("--no-base", is_flag=True, help="Skip the base model (no side-by-side).")
 @click.option("--base-only", is_flag=True, help="Evaluate only the base model (no adapter).")
 @click.option("--linear-probe", is_flag=True, help="Also a logistic-regression probe (MTEB-style classification).")
@@ -133,7 +143,7 @@ def check(config: str, overrides: tuple[str, ...]) -> None:
     cfg = _load(config, overrides)
     data = prepare_data(cfg)
     click.echo(to_yaml(cfg))
-    click.echo(f"train rows: {len(data.train)}  eval rows: {len(data.eval)}  training anchors: {data.source.n_anchors}")
+    click.echo(f"training anchors: {data.source.n_anchors}")
     for k, v in sorted(data.report.counts.items()):
         click.echo(f"  {k}: {v}")
 
@@ -146,7 +156,7 @@ def check(config: str, overrides: tuple[str, ...]) -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Weights dtype of the export (parity is checked against a looser tolerance for bf16/fp16).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
-@click.option("--onnx", is_flag=True, help="Also write onnx/model.onnx (the whole embedding as one graph), parity-checked with onnxruntime; needs embedft[onnx].")
+@click.option("--onnx", is_flag=True, help="Also write onnx/model.onnx (the whole embedding as one graph), parity-checked with onnxruntime; needs onnx and onnxruntime.")
 @click.option("--register", "register_name", metavar="NAME",
               help="Then register the export in the MLflow model registry as NAME (a new version), linked to "
                    "the adapter's training run when the store has it.")
@@ -201,6 +211,13 @@ def verify(model_dir: str, min_cosine: float | None, max_abs_diff: float | None)
         sys.exit(1)
     click.echo(f"OK: min cosine {p['min_cosine']:.7f} (>= {p['tolerances']['min_cosine']}), max abs diff "
                f"{p['max_abs_diff']:.3g} (<= {p['tolerances']['max_abs_diff']:.3g}) over {p['n_probes']} probes")
+    o = p.get("onnx")
+    if o is not None and o.get("ok") is None:
+        click.echo(f"onnx/model.onnx not checked: {o['skipped']}")
+    elif o is not None:
+        click.echo(f"OK: onnx/model.onnx (onnxruntime): min cosine {o['min_cosine']:.7f} "
+                   f"(>= {o['tolerances']['min_cosine']}), max abs diff {o['max_abs_diff']:.3g} "
+                   f"(<= {o['tolerances']['max_abs_diff']:.3g})")
 
 
 @main.group("index")

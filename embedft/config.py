@@ -185,6 +185,10 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; null = torch's default
     # Frozen base weights: auto = bf16 on CUDA (LoRA weights and optimizer state stay fp32), fp32 on CPU.
     base_dtype: str = "auto"
+    # torch.compile each transformer layer before training (fuses the element-wise work around the
+    # matmuls). On 2 CPU cores: a 10-25 s compile, then 5% faster steps and 40% less peak memory
+    # (docs/benchmarks.md); on GPU measured by benchmarks/gpu_check.py.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")

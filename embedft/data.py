@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from embedft.config import GROUP_SAMPLINGS, Column, DataConfig
+from embedft.config import GROUP_SAMPLINGS, Column, ConfigError, DataConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -430,13 +430,20 @@ def anchors_per_epoch(src: PairSource, sampling: str = "random", group_size: int
     return src.n_anchors
 
 
-def check_batch_size(src: PairSource, batch_size: int, sampling: str = "random", group_size: int = 4,
-                     source: str = "training data") -> None:
-    """A DataError naming `source` when one epoch has fewer anchors than a batch."""
-    n = anchors_per_epoch(src, sampling, group_size)
-    if n < batch_size:
-        raise DataError(f"{source}: train.batch_size={batch_size} is larger than the {n} training anchors per "
+def check_schedule(src: PairSource, cfg: TrainConfig, source: str = "training data") -> int:
+    """The run's optimizer steps; a clear error, naming `source`, when one epoch has fewer anchors
+    than a batch or the warmup is longer than the whole run."""
+    n = anchors_per_epoch(src, cfg.batch_sampling, cfg.group_size)
+    if n < cfg.batch_size:
+        raise DataError(f"{source}: train.batch_size={cfg.batch_size} is larger than the {n} training anchors per "
                         f"epoch (texts with a positive); lower train.batch_size to at most {n}")
+    per_epoch = n // cfg.batch_size
+    steps = min(cfg.epochs * per_epoch, cfg.max_steps or cfg.epochs * per_epoch)
+    if cfg.warmup_steps is not None and cfg.warmup_steps > steps:
+        raise ConfigError(f"train.warmup_steps={cfg.warmup_steps} is longer than the {steps} training steps "
+                          f"({cfg.epochs} epochs x {per_epoch} batches of {cfg.batch_size} from {source}); "
+                          f"lower train.warmup_steps or use train.warmup_ratio")
+    return steps
 
 
 def steps_per_epoch(src: PairSource, batch_size: int, sampling: str = "random", group_size: int = 4) -> int:

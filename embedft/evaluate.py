@@ -160,21 +160,25 @@ def tasks_for(cfg: EvalConfig, train: Examples, eval_: Examples) -> list[str]:
 # Side-by-side report
 
 
-def compare(base: dict[str, float] | None, adapted: dict[str, float]) -> list[tuple[str, float | None, float, float | None]]:
-    """Rows (metric, base, adapted, delta) for the quality figures (timings left out)."""
+def compare(base: dict[str, float] | None,
+            adapted: dict[str, float] | None) -> list[tuple[str, float | None, float | None, float | None]]:
+    """Rows (metric, base, adapted, delta) for the quality figures (timings left out); either side
+    may be missing (a base-only evaluation has no adapted column)."""
     rows = []
-    for k, v in adapted.items():
+    for k in (adapted if adapted is not None else base or {}):
         if k.endswith(("/seconds", "/qps", "/build_s", "n_queries", "unseen_label_queries")):
             continue
         b = None if base is None else base.get(k)
-        rows.append((k, b, v, None if b is None else v - b))
+        a = None if adapted is None else adapted.get(k)
+        rows.append((k, b, a, None if a is None or b is None else a - b))
     return rows
 
 
 def format_table(rows, markdown: bool = False) -> str:
     """A plain-text (or Markdown) table of compare() rows."""
     head = ("metric", "base", "adapted", "delta")
-    body = [(m, "" if b is None else f"{b:.4f}", f"{a:.4f}", "" if d is None else f"{d:+.4f}") for m, b, a, d in rows]
+    body = [(m, "" if b is None else f"{b:.4f}", "" if a is None else f"{a:.4f}", "" if d is None else f"{d:+.4f}")
+            for m, b, a, d in rows]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
@@ -184,13 +188,13 @@ def format_table(rows, markdown: bool = False) -> str:
     return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in body])
 
 
-def write_report(out_dir: str | Path, base: EvalOutput | None, adapted: EvalOutput, meta: dict[str, Any]) -> Path:
+def write_report(out_dir: str | Path, base: EvalOutput | None, adapted: EvalOutput | None, meta: dict[str, Any]) -> Path:
     """report.json + report.md, written to a temp folder and moved into place (never half-written)."""
     out = Path(out_dir)
     tmp = temp_sibling(out)
-    rows = compare(base.metrics if base else None, adapted.metrics)
-    payload = {"meta": meta, "base": base.metrics if base else None, "adapted": adapted.metrics,
-               "base_details": base.details if base else None, "adapted_details": adapted.details}
+    rows = compare(base.metrics if base else None, adapted.metrics if adapted else None)
+    payload = {"meta": meta, "base": base.metrics if base else None, "adapted": adapted.metrics if adapted else None,
+               "base_details": base.details if base else None, "adapted_details": adapted.details if adapted else None}
     (tmp / "report.json").write_text(json.dumps(payload, indent=2, default=_json_default))
     md = [f"# Evaluation: {meta.get('name', '')}", "", f"- model: `{meta.get('model')}`",
           f"- adapter: `{meta.get('adapter')}`", f"- eval data: `{meta.get('eval_data')}`", "",

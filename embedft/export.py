@@ -241,9 +241,13 @@ def verify_export(model_dir: str | Path, min_cosine: float | None = None, max_ab
         import importlib.util
 
         if importlib.util.find_spec("onnxruntime") is None:
-            parity["onnx"] = {"ok": None, "skipped": "onnxruntime is not installed (pip install 'embedft[onnx]')"}
+            parity["onnx"] = {"ok": None, "skipped": "onnxruntime is not installed (pip install onnxruntime)"}
         else:
-            parity["onnx"] = onnx_parity(d, probes, ref, _looser(tol, ONNX_TOLERANCES))
+            try:
+                parity["onnx"] = onnx_parity(d, probes, ref, _looser(tol, ONNX_TOLERANCES))
+            except Exception as e:  # onnxruntime's own errors (a truncated or corrupt graph) name no file
+                raise ExportError(f"{d / ONNX_FILE} cannot be run by onnxruntime ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:300]}); re-export with --onnx") from e
             if not parity["onnx"]["ok"]:
                 raise ExportError(f"{d / ONNX_FILE} no longer matches its reference embeddings: "
                                   f"{_figures(parity['onnx'])}")
@@ -337,7 +341,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"export folder {out} already exists; pass --overwrite (overwrite=True) to replace it")
+        raise ExportError(f"export folder {out} already exists; pass --overwrite (overwrite=True from Python) to replace it")
 
 
 def _require_onnx() -> None:
@@ -345,7 +349,7 @@ def _require_onnx() -> None:
 
     missing = [m for m in ONNX_PACKAGES if importlib.util.find_spec(m) is None]
     if missing:
-        raise ExportError(f"--onnx needs {', '.join(missing)} (not installed): pip install 'embedft[onnx]'")
+        raise ExportError(f"--onnx needs {', '.join(missing)} (not installed): pip install {' '.join(missing)}")
 
 
 def _query_prompt(template: str | None) -> str:
@@ -529,7 +533,7 @@ def _export_onnx(tmp: Path, probes: list[str], ref: np.ndarray, spec, tol: dict[
 
     st = SentenceTransformer(str(tmp), device="cpu").float().eval()
     graph = EmbeddingGraph(st[0].auto_model).eval()
-    example = st.tokenize(probes[:8])  # mixed lengths: the trace sees padding
+    example = _st_tokenize(st, probes[:8])  # mixed lengths: the trace sees padding
     path = tmp / ONNX_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     dims = {0: "batch", 1: "sequence"}
@@ -550,6 +554,11 @@ def _export_onnx(tmp: Path, probes: list[str], ref: np.ndarray, spec, tol: dict[
     return parity
 
 
+def _st_tokenize(st, texts: list[str]) -> dict:
+    """The model's own tokenisation (`preprocess` in sentence-transformers >= 6, `tokenize` before)."""
+    return st.preprocess(texts) if hasattr(st, "preprocess") else st.tokenize(texts)
+
+
 def onnx_parity(model_dir: Path, probes: list[str], ref: np.ndarray, tol: dict[str, float], st=None) -> dict:
     """onnx/model.onnx run by onnxruntime, fed by the export's own tokenizer, vs the reference vectors."""
     import onnxruntime as ort
@@ -559,7 +568,7 @@ def onnx_parity(model_dir: Path, probes: list[str], ref: np.ndarray, tol: dict[s
     session = ort.InferenceSession(str(model_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
 
     def run(texts: list[str]) -> np.ndarray:
-        f = st.tokenize(texts)
+        f = _st_tokenize(st, texts)
         return session.run(["sentence_embedding"], {"input_ids": f["input_ids"].numpy(),
                                                     "attention_mask": f["attention_mask"].numpy()})[0]
 

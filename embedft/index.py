@@ -322,7 +322,7 @@ def save_index(
             raise FileExistsError(f"{out_dir} exists and is not a folder; choose another output path")
         if any(out_dir.iterdir()) and not overwrite:
             raise FileExistsError(
-                f"{out_dir} already exists and is not empty; pass --overwrite (overwrite=True) to replace it"
+                f"{out_dir} already exists and is not empty; pass --overwrite (overwrite=True from Python) to replace it"
             )
 
     ids_list = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)

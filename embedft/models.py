@@ -263,11 +263,12 @@ class Encoder(nn.Module):
             from tqdm.auto import tqdm
 
             chunks = tqdm(chunks, desc="encode", unit="batch", leave=False)
-        for idx in chunks:
-            batch = self.collate([ids[i] for i in idx], device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                emb = self(**batch)
-            out[idx] = emb.float().cpu().numpy()
+        with lora_input_casts(self, enabled=not use_amp):
+            for idx in chunks:
+                batch = self.collate([ids[i] for i in idx], device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                    emb = self(**batch)
+                out[idx] = emb.float().cpu().numpy()
         self.train(was_training)
         return out
 
@@ -405,6 +406,45 @@ def apply_lora(encoder: Encoder, lora: LoraConfig) -> Encoder:
     peft_model = get_peft_model(encoder.backbone, pcfg)
     encoder.backbone = peft_model
     return encoder
+
+
+def compile_layers(encoder: Encoder) -> int:
+    """torch.compile each transformer layer in place; returns how many.
+
+    Each layer becomes a fused kernel graph (norms, rotary, activations, LoRA adds and dtype
+    casts around the matmuls) with dynamic sequence lengths; the code around the layers (masks,
+    pooling, loss) stays eager. Parameter names and state dicts are unchanged.
+    """
+    lists = [m for m in encoder.backbone.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ModelError(f"{encoder.spec.base_model}: no list of layers found to compile; set train.compile=false")
+    layers = max(lists, key=len)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+@contextlib.contextmanager
+def lora_input_casts(module: nn.Module, enabled: bool):
+    """Whether peft's LoRA layers copy their input to the adapter's dtype (fp32) first.
+
+    Under bf16 autocast the copy is wasted: autocast casts the input back to bf16 for the
+    adapter's matmul, so skipping it gives the same values (bit for bit without LoRA dropout,
+    tests/test_models.py; with dropout the same masks, the 1/(1-p) scaling then rounded in bf16
+    instead of fp32) and saves two (tokens x hidden) copies per adapted projection in the
+    forward and two in the backward.
+    Use `enabled=False` around everything that runs under autocast, backward included
+    (gradient checkpointing recomputes the forward there, and must take the same path).
+    """
+    layers = [m for m in module.modules() if hasattr(m, "cast_input_dtype_enabled")] if not enabled else []
+    saved = [m.cast_input_dtype_enabled for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, saved):
+            m.cast_input_dtype_enabled = value
 
 
 def save_adapter(encoder: Encoder, out_dir: str | Path, extra_meta: dict[str, Any] | None = None) -> Path:

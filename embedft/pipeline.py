@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -11,7 +12,7 @@ from typing import Any
 
 from embedft.atomic import replace_dir, temp_sibling
 from embedft.config import ConfigError, ExperimentConfig, TrackingConfig, flatten, to_dict, to_yaml
-from embedft.data import (DataError, Examples, PairSource, build_pair_source, check_batch_size, load_splits,
+from embedft.data import (DataError, Examples, PairSource, build_pair_source, check_schedule, load_splits,
                           retrieval_task)
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
         raise ConfigError(f"loss.label_weight={cfg.loss.label_weight} needs grouped data with a label column "
                           f"(data.shape=grouped, data.label_column set; {cfg.data.train} has shape "
                           f"{cfg.data.shape!r}, label column {cfg.data.label_column!r}); set -o loss.label_weight=0")
-    check_batch_size(src, cfg.train.batch_size, cfg.train.batch_sampling, cfg.train.group_size, str(cfg.data.train))
+    check_schedule(src, cfg.train, str(cfg.data.train))
     return PreparedData(train_ex, eval_ex, src, report)
 
 
@@ -43,7 +44,7 @@ def _check_extras(cfg: ExperimentConfig) -> None:
     import importlib.util
 
     if cfg.eval.linear_probe and importlib.util.find_spec("sklearn") is None:
-        raise ConfigError("eval.linear_probe=true needs scikit-learn (not installed): pip install 'embedft[probe]', "
+        raise ConfigError("eval.linear_probe=true needs scikit-learn (not installed): pip install scikit-learn, "
                           "or set -o eval.linear_probe=false")
 
 
@@ -71,6 +72,23 @@ def build_val_set(encoder, eval_ex: Examples, max_queries: int, seed: int):
         return None
     return ValSet(encoder.tokenize(task.queries, is_query=True), encoder.tokenize(task.corpus),
                   task.positives, task.self_ids, loss_source=loss_src)
+
+
+@contextlib.contextmanager
+def ending(tracker):
+    """End the tracker's run as FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED, however the block ends."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)
+
+
+RUN_ID_FILE = ".mlflow-run-id"  # in the run folder: the MLflow run a --resume continues from
 
 
 def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
@@ -101,10 +119,17 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     apply_lora(encoder, cfg.lora)
     val = build_val_set(encoder, data.eval, cfg.train.val_max_queries, cfg.train.seed)
 
+    tags = _run_tags(cfg, encoder.spec, device)
+    previous = (out / RUN_ID_FILE).read_text().strip() if resume and (out / RUN_ID_FILE).is_file() else None
+    if previous:
+        tags["embedft.resumed_from"] = previous
     run_id = tracker.start_run(run_name=cfg.tracking.run_name or cfg.name, params=flatten(to_dict(cfg)),
-                               tags=_run_tags(cfg, encoder.spec, device), parent_run_id=parent_run_id)
-    ok = False
-    try:
+                               tags=tags, parent_run_id=parent_run_id)
+    if previous:
+        tracker.end_stale_run(previous)  # a run killed without warning (SIGKILL) stays RUNNING otherwise
+    if run_id:
+        (out / RUN_ID_FILE).write_text(run_id)
+    with ending(tracker):
         tracker.log_text(to_yaml(cfg), "config.yaml")
         for role, ex in (("train", data.train), ("eval", data.eval)):
             tracker.log_input(name=f"{cfg.name}-{role}", digest=ex.digest(), n_rows=len(ex), source=ex.source,
@@ -141,12 +166,10 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
         summary = {"run_id": run_id, "output_dir": str(out), "adapter": str(adapter_dir), "report": str(report_dir),
                    "steps": result.steps, "train_seconds": result.train_seconds,
                    "samples_per_s": result.samples_per_s, "metrics": final,
-                   "table": format_table(compare(base_eval.metrics if base_eval else None, adapted_eval.metrics))}
+                   "table": format_table(compare(base_eval.metrics if base_eval else None,
+                                          adapted_eval.metrics if adapted_eval else None))}
         (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2))
-        ok = True
         return summary
-    finally:
-        tracker.end("FINISHED" if ok else "FAILED")
 
 
 def _run_tags(cfg: ExperimentConfig, spec, device) -> dict[str, str]:
@@ -236,39 +259,38 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     encoder = load_encoder(cfg.model, device)
     base_eval = evaluate_encoder(encoder, train_ex, eval_ex, cfg.eval, device, progress) \
         if (compare_base or base_only) else None
-    if base_only:
-        adapted_eval, base_eval = base_eval, None
-    else:
+    adapted_eval = None
+    if not base_only:
         load_adapter(encoder, adapter_dir)
         adapted_eval = evaluate_encoder(encoder, train_ex, eval_ex, cfg.eval, device, progress)
-    report_dir = write_report(Path(out) if out else cfg.output_dir / "eval", base_eval, adapted_eval,
+    # A base-only report goes next to the run's own report (eval/), not over it.
+    default_out = cfg.output_dir / ("eval-base" if base_only else "eval")
+    report_dir = write_report(Path(out) if out else default_out, base_eval, adapted_eval,
                               {"name": cfg.name, "model": cfg.model.name, "adapter": str(adapter_dir),
                                "eval_data": eval_ex.source, "source_run_id": run_id})
     if save_index:
         _save_retrieval_index(encoder, eval_ex, cfg, save_index, str(adapter_dir) if adapter_dir else None)
-    prefix = "base" if base_only else "adapted"
-    metrics = {f"{prefix}/{k}": v for k, v in adapted_eval.metrics.items()}
+    metrics = {f"adapted/{k}": v for k, v in adapted_eval.metrics.items()} if adapted_eval else {}
     if base_eval is not None:
         metrics.update({f"base/{k}": v for k, v in base_eval.metrics.items()})
     tags = _run_tags(cfg, encoder.spec, device)
     tags["embedft.command"] = "eval"
     if run_id:
         tags["embedft.source_run_id"] = run_id
-    ok = False
     tracker.start_run(run_name=f"eval-{cfg.name}", params=flatten(to_dict(cfg)), tags=tags)
     try:
-        tracker.log_text(to_yaml(cfg), "config.yaml")
-        tracker.log_input(name=f"{cfg.name}-eval", digest=eval_ex.digest(), n_rows=len(eval_ex), source=eval_ex.source,
-                          context="evaluation")
-        tracker.log_metrics(metrics, step=0)
-        tracker.log_artifacts(str(report_dir), "eval")
-        ok = True
+        with ending(tracker):
+            tracker.log_text(to_yaml(cfg), "config.yaml")
+            tracker.log_input(name=f"{cfg.name}-eval", digest=eval_ex.digest(), n_rows=len(eval_ex),
+                              source=eval_ex.source, context="evaluation")
+            tracker.log_metrics(metrics, step=0)
+            tracker.log_artifacts(str(report_dir), "eval")
     finally:
-        tracker.end("FINISHED" if ok else "FAILED")
         if tmp_download:
             shutil.rmtree(tmp_download, ignore_errors=True)
     return {"report": str(report_dir), "metrics": metrics,
-            "table": format_table(compare(base_eval.metrics if base_eval else None, adapted_eval.metrics))}
+            "table": format_table(compare(base_eval.metrics if base_eval else None,
+                                          adapted_eval.metrics if adapted_eval else None))}
 
 
 def _save_retrieval_index(encoder, eval_ex: Examples, cfg: ExperimentConfig, out_dir: str, adapter: str | None) -> Path:
@@ -323,12 +345,8 @@ def run_sweep(cfg: ExperimentConfig, config_path: str, overrides: tuple[str, ...
     parent = tracker.start_run(run_name=f"{cfg.name}-sweep", params={"sweep": " x ".join(sweeps)},
                                tags={"embedft.sweep": "parent"})
     out = []
-    ok = False
-    try:
+    with ending(tracker):
         for child in points:
             s = run_train(child, progress=progress, parent_run_id=parent)
             out.append({"name": child.name, **s})
-        ok = True
-    finally:
-        tracker.end("FINISHED" if ok else "FAILED")
     return out

@@ -351,6 +351,18 @@ class Tracker:
         log.info("MLflow run %s in experiment %r at %s", run_id, self.experiment, self.uri)
         return run_id
 
+    def end_stale_run(self, run_id: str, status: str = "KILLED") -> None:
+        """Close an earlier run that was left RUNNING (its process was killed without warning).
+
+        Called after start_run; a failure is logged, never raised (it must not stop a new run).
+        """
+        try:
+            if self._client.get_run(run_id).info.status == "RUNNING":
+                self._client.set_terminated(run_id, status)
+                log.info("MLflow run %s was left RUNNING by a killed process; marked %s", run_id, status)
+        except Exception as e:  # noqa: BLE001 - bookkeeping of an old run
+            log.warning("could not close the earlier MLflow run %s: %s", run_id, e)
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Queue metric points (timestamped now); never blocks on or raises because of the server."""
         ts = _now_ms()
@@ -624,6 +636,9 @@ class NullTracker:
     def start_run(self, run_name: str | None, params: dict[str, Any], tags: dict[str, str],
                   parent_run_id: str | None = None) -> None:
         return None
+
+    def end_stale_run(self, run_id: str, status: str = "KILLED") -> None:
+        pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         pass

@@ -14,17 +14,17 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from embedft.config import GROUP_SAMPLINGS, LossConfig, TrainConfig
-from embedft.data import Batch, PairSource, check_batch_size, epoch_batches, group_keys, steps_per_epoch
+from embedft.config import GROUP_SAMPLINGS, ConfigError, LossConfig, TrainConfig
+from embedft.data import Batch, PairSource, check_schedule, epoch_batches, group_keys
 from embedft.losses import false_negative_mask, group_info_nce, info_nce, label_contrastive
-from embedft.models import Encoder, call_overhead, length_chunks
+from embedft.models import Encoder, call_overhead, compile_layers, length_chunks, lora_input_casts
 
 log = logging.getLogger(__name__)
 
@@ -253,11 +253,6 @@ def lr_lambda(total: int, warmup: int, kind: str):
     return f
 
 
-def total_steps(cfg: TrainConfig, per_epoch: int) -> int:
-    n = cfg.epochs * per_epoch
-    return min(n, cfg.max_steps) if cfg.max_steps else n
-
-
 # ---------------------------------------------------------------------------------------
 # Validation and hard negatives
 
@@ -344,7 +339,25 @@ def _adapter_state(encoder: Encoder) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in encoder.named_parameters() if v.requires_grad}
 
 
-def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: int, result: TrainResult) -> None:
+# Settings a resumed run may change: they do not alter what is trained or in which order.
+RESUMABLE_CHANGES = ("train.threads", "train.log_every", "train.device", "train.output_dir",
+                     "train.eval_every_epoch", "train.val_max_queries", "train.compile")
+
+
+def run_identity(encoder: Encoder, cfg: TrainConfig, loss_cfg: LossConfig) -> dict[str, Any]:
+    """What a checkpoint must be resumed with: model, LoRA, loss and training settings (as JSON)."""
+    ident: dict[str, Any] = {"model": encoder.spec.fingerprint}
+    peft_cfg = getattr(encoder.backbone, "peft_config", {}).get("default")
+    if peft_cfg is not None:
+        ident.update({"lora.r": peft_cfg.r, "lora.alpha": peft_cfg.lora_alpha, "lora.dropout": peft_cfg.lora_dropout,
+                      "lora.target_modules": sorted(peft_cfg.target_modules)})
+    ident.update({f"train.{k}": v for k, v in asdict(cfg).items()})
+    ident.update({f"loss.{k}": v for k, v in asdict(loss_cfg).items()})
+    return json.loads(json.dumps({k: v for k, v in ident.items() if k not in RESUMABLE_CHANGES}, default=str))
+
+
+def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: int, result: TrainResult,
+                    identity: dict[str, Any] | None = None) -> None:
     """Everything to continue exactly: adapter, optimizer, scheduler, RNG, counters. Atomic."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -354,19 +367,35 @@ def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: 
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                 "epoch": epoch, "step": step}, tmp / "state.pt")
     (tmp / "progress.json").write_text(json.dumps({"epoch": epoch, "step": step, "history": result.history,
-                                                   "val_history": result.val_history}))
+                                                   "val_history": result.val_history, "identity": identity}))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResult) -> tuple[int, int]:
-    """Restore state saved by save_checkpoint; returns (epochs done, step)."""
+def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResult,
+                    identity: dict[str, Any] | None = None) -> tuple[int, int]:
+    """Restore state saved by save_checkpoint; returns (epochs done, step).
+
+    A checkpoint written with other settings (another LoRA rank, lr, batch size, data order, ...)
+    is refused with the settings that differ: resuming it would silently train something else.
+    """
+    progress = json.loads((path / "progress.json").read_text())
+    fix = "resume with the same config and -o options as that run, or start fresh without --resume"
+    saved = progress.get("identity")
+    if saved is not None and identity is not None:
+        diff = [f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in sorted(set(saved) | set(identity))
+                if saved.get(k) != identity.get(k)]
+        if diff:
+            raise ConfigError(f"--resume: the checkpoint in {path} was written with other settings "
+                              f"({'; '.join(diff)}); {fix}")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     params = dict(encoder.named_parameters())
-    missing = [k for k in state["adapter"] if k not in params]
-    if missing:
-        raise RuntimeError(f"checkpoint {path} does not match this model/LoRA config (e.g. {missing[0]}); "
-                           "resume with the same config, or start fresh without --resume")
+    bad = [f"{k} is not in this model" for k in state["adapter"] if k not in params]
+    bad += [f"{k} has shape {tuple(v.shape)} there, {tuple(params[k].shape)} now" for k, v in state["adapter"].items()
+            if k in params and params[k].shape != v.shape]
+    if bad:
+        raise ConfigError(f"--resume: the checkpoint in {path} does not fit this model or LoRA config "
+                          f"({bad[0]}); {fix}")
     with torch.no_grad():
         for k, v in state["adapter"].items():
             params[k].copy_(v)
@@ -377,7 +406,6 @@ def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResul
     np.random.set_state(state["rng"]["numpy"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    progress = json.loads((path / "progress.json").read_text())
     result.history, result.val_history = progress["history"], progress["val_history"]
     return state["epoch"], state["step"]
 
@@ -399,12 +427,10 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
-    check_batch_size(src, cfg.batch_size, cfg.batch_sampling, cfg.group_size)
-    per_epoch = steps_per_epoch(src, cfg.batch_size, cfg.batch_sampling, cfg.group_size)
-    n_total = total_steps(cfg, per_epoch)
+    n_total = check_schedule(src, cfg)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * n_total)
-    if warmup > n_total:
-        raise ValueError(f"train.warmup_steps={warmup} exceeds the {n_total} training steps; lower it")
+    if cfg.compile:
+        log.info("compiling %d layers (torch.compile)", compile_layers(encoder))
     opt = make_optimizer(encoder, cfg, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n_total, warmup, cfg.scheduler))
     cache = TokenCache(encoder, src.texts)
@@ -428,11 +454,12 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
 
     result = TrainResult(steps=0, epochs_done=0)
     ckpt = out / "checkpoint"
+    identity = run_identity(encoder, cfg, loss_cfg)
     start_epoch, step = 0, 0
     if resume:
         if not (ckpt / "state.pt").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt}; run without --resume to start fresh")
-        start_epoch, step = load_checkpoint(ckpt, encoder, opt, sched, result)
+        start_epoch, step = load_checkpoint(ckpt, encoder, opt, sched, result, identity)
         log.info("resumed from %s at epoch %d, step %d", ckpt, start_epoch, step)
 
     encoder.train()
@@ -452,13 +479,14 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
             t0 = time.perf_counter()
             seqs, gather = batch_sequences(batch, cache)
             loss_of = lambda emb: batch_loss(emb, batch, gather, src.text_keys, loss_cfg)  # noqa: E731
-            if cfg.mini_batch_size:
-                loss = train_step_cached(encoder, seqs, loss_of, device, cfg.mini_batch_size, amp)
-            else:
-                emb = embed(encoder, seqs, device, amp=amp)
-                loss_t = loss_of(emb)
-                loss_t.backward()
-                loss = float(loss_t.detach())
+            with lora_input_casts(encoder, enabled=not amp):  # forward and backward alike
+                if cfg.mini_batch_size:
+                    loss = train_step_cached(encoder, seqs, loss_of, device, cfg.mini_batch_size, amp)
+                else:
+                    emb = embed(encoder, seqs, device, amp=amp)
+                    loss_t = loss_of(emb)
+                    loss_t.backward()
+                    loss = float(loss_t.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in encoder.parameters() if p.requires_grad],
                                                        cfg.max_grad_norm)
             opt.step()
@@ -491,7 +519,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
             result.val_history.append({"epoch": epoch_done, "step": step, **metrics})
             sink.log_metrics({**metrics, "epoch": float(epoch_done)}, step=step)
             log.info("epoch %d: %s", epoch_done, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        save_checkpoint(ckpt, encoder, opt, sched, epoch_done, step, result)
+        save_checkpoint(ckpt, encoder, opt, sched, epoch_done, step, result, identity)
         result.epochs_done = epoch_done
     if bar is not None:
         bar.close()

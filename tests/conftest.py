@@ -32,3 +32,13 @@ def tiny_qwen3_dir(tmp_path_factory) -> Path:
 def tiny_model_dir(request, tiny_bert_dir, tiny_qwen3_dir) -> Path:
     """Each test using this runs once per family."""
     return tiny_bert_dir if request.param == "bert" else tiny_qwen3_dir
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite database with its schema; copying it skips the slow migrations per store."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db

@@ -62,18 +62,18 @@ def test_check_default_experiment_prints_rows(monkeypatch):
     result = invoke("check", "experiments/default.yaml")
     assert result.exit_code == 0, result.output
     assert "name: default" in result.output
-    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("train rows: "))
-    parts = line.split()
-    train_rows, eval_rows, anchors = int(parts[2]), int(parts[5]), int(parts[8])
+    counts = {ln.split(":")[0].strip(): ln.split(":")[1].strip() for ln in result.stdout.splitlines()
+              if ln.startswith(("training anchors: ", "  train_rows: ", "  eval_rows: "))}
+    train_rows, eval_rows, anchors = int(counts["train_rows"]), int(counts["eval_rows"]), int(counts["training anchors"])
     assert train_rows > 0 and eval_rows > 0 and 0 < anchors <= train_rows
-    assert f"  train_rows: {train_rows}" in result.stdout and f"  eval_rows: {eval_rows}" in result.stdout
 
 
 def test_check_our_experiment(experiment):
     result = invoke("check", str(experiment), "-o", "data.split=modulo", "-o", "data.split_modulo=4")
     assert result.exit_code == 0, result.output
     # groups 0, 4, 8 (3 texts each) are eval; the other 9 groups are train.
-    assert "train rows: 27  eval rows: 9  training anchors: 27" in result.stdout
+    assert "training anchors: 27" in result.stdout
+    assert "  train_rows: 27" in result.stdout and "  eval_rows: 9" in result.stdout
 
 
 def test_missing_config_file(tmp_path):
@@ -114,6 +114,25 @@ def test_train_batch_larger_than_data(experiment):
     result = invoke("train", str(experiment), "-o", "train.batch_size=500", "-o", "tracking.enabled=false")
     assert_clean_error(result, "data.csv", "train.batch_size=500", "training anchors")
     assert not (experiment.parent / "run").exists()  # rejected before the run folder is made
+
+
+def test_warmup_longer_than_the_run_is_caught_by_check(experiment):
+    # 27 train rows (groups 0, 4, 8 held out) -> 27 anchors -> 6 batches of 4 in the one epoch.
+    for cmd in ("check", "train"):
+        result = invoke(cmd, str(experiment), "-o", "data.split=modulo", "-o", "data.split_modulo=4",
+                        "-o", "train.warmup_steps=1000")
+        assert_clean_error(result, "train.warmup_steps=1000 is longer than the 6 training steps", "data.csv")
+    assert not (experiment.parent / "run").exists()
+
+
+def test_base_only_eval_reports_the_base_model_beside_the_run_report(experiment, tiny_bert_dir):
+    import json
+
+    result = invoke("eval", str(experiment), "--base-only", "-o", f"model.name={tiny_bert_dir}")
+    assert result.exit_code == 0, result.output
+    report = json.loads((experiment.parent / "run" / "eval-base" / "report.json").read_text())
+    assert report["adapted"] is None and report["base"]["retrieval/recall@10"] > 0
+    assert not (experiment.parent / "run" / "eval").exists()  # a training run's own report stays untouched
 
 
 def test_train_model_path_that_does_not_exist(experiment, tmp_path, monkeypatch):

@@ -572,7 +572,7 @@ def test_linear_probe_without_scikit_learn_fails_before_any_model(tmp_path, monk
     p = write_csv(tmp_path / "g.csv", ROWS)
     cfg = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped"), train=TrainConfig(batch_size=2),
                            eval=EvalConfig(linear_probe=True))
-    with pytest.raises(ConfigError, match=r"eval.linear_probe=true needs scikit-learn.*embedft\[probe\]"):
+    with pytest.raises(ConfigError, match=r"eval.linear_probe=true needs scikit-learn.*pip install scikit-learn"):
         prepare_data(cfg)
     assert prepare_data(replace(cfg, eval=EvalConfig())).source.n_anchors == len(ROWS)
 

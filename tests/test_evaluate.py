@@ -63,3 +63,13 @@ def test_report_side_by_side_with_deltas(tmp_path):
     assert payload["base"]["retrieval/recall@10"] == 0.5 and payload["adapted"]["retrieval/recall@10"] == 0.8
     assert "| retrieval/recall@10 | 0.5000 | 0.8000 | +0.3000 |" in (out / "report.md").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["eval"]  # no temp folder left behind
+
+
+def test_base_only_report_fills_the_base_column(tmp_path):
+    base = EvalOutput({"retrieval/recall@10": 0.5, "retrieval/seconds": 3.0}, {"retrieval": {"n_queries": 7}})
+    rows = compare(base.metrics, None)
+    assert rows == [("retrieval/recall@10", 0.5, None, None)]
+    out = write_report(tmp_path / "eval-base", base, None, {"name": "t", "model": "m"})
+    payload = json.loads((out / "report.json").read_text())
+    assert payload["base"]["retrieval/recall@10"] == 0.5 and payload["adapted"] is None
+    assert "| retrieval/recall@10 | 0.5000 |  |  |" in (out / "report.md").read_text()

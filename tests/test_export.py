@@ -188,7 +188,7 @@ def test_non_prefix_query_template_and_missing_onnx_are_clear(exports, tmp_path,
         export_merged(adapter, tmp_path / "out")
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
-    with pytest.raises(ExportError, match=r"--onnx needs onnxruntime \(not installed\): pip install 'embedft\[onnx\]'"):
+    with pytest.raises(ExportError, match=r"--onnx needs onnxruntime \(not installed\): pip install onnxruntime"):
         export_merged(exports["qwen3"][1], tmp_path / "out2", onnx=True)
     assert not (tmp_path / "out2").exists()
 
@@ -214,6 +214,18 @@ def test_onnx_export_runs_in_onnxruntime_like_the_adapter(exports, fam, tmp_path
         assert hidden.shape[:2] == tuple(f["input_ids"].shape) and np.abs(emb - want).max() <= 1e-4
     checked = verify_export(tmp_path / "onnx-export")
     assert checked["onnx"]["ok"] and checked["onnx"]["max_abs_diff"] <= 1e-4
+    from click.testing import CliRunner
+
+    from embedft.cli import main
+
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "onnx-export")])
+    assert result.exit_code == 0 and "OK: onnx/model.onnx (onnxruntime): min cosine" in result.output
+    # A damaged graph is a FAIL naming the file, not an onnxruntime traceback.
+    onnx_file = tmp_path / "onnx-export" / "onnx" / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "onnx-export")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"FAIL: {onnx_file} cannot be run by onnxruntime" in result.stderr
 
 
 def test_onnx_export_failure_names_the_architecture_and_leaves_nothing(exports, tmp_path, monkeypatch):

@@ -15,6 +15,16 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_model():
     assert [r["cached"] for r in rows] == [False, True]  # the larger batch uses cached negatives
     assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > r["samples_per_s"] for r in rows)
     assert rows[0]["non_embedding_params"] > 0 and rows[0]["mfu"] is None  # no peak FLOP/s on CPU
+    assert not any(r["compiled"] for r in rows) and all(r["first_step_s"] > 0 for r in rows)
+
+
+def test_gpu_check_compares_compiled_layers_in_the_same_run():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.run([4], steps=2, tiny=True, mini_batch=4, write=False, compile_modes=(False, True))
+    assert [(r["batch"], r["compiled"]) for r in rows] == [(4, False), (4, True)]
+    assert all(r["samples_per_s"] > 0 for r in rows)
 
 
 def test_peak_flops_table():

@@ -173,3 +173,42 @@ def test_sdpa_backends_only_constrain_left_padding_on_cuda():
     assert isinstance(sdpa_backends(cpu, "left"), contextlib.nullcontext)
     assert isinstance(sdpa_backends(cuda, "right"), contextlib.nullcontext)
     assert not isinstance(sdpa_backends(cuda, "left"), contextlib.nullcontext)  # not entered: no GPU needed
+
+
+def test_skipping_peft_input_casts_under_bf16_autocast_changes_nothing(tiny_model_dir):
+    # The GPU path: frozen base weights in bf16, fp32 LoRA weights, bf16 autocast. peft copies each
+    # adapted projection's input to fp32 first; autocast casts it back to bf16 for the matmul, so
+    # skipping the copy (lora_input_casts) must give the same embeddings and LoRA gradients
+    # (bit for bit without LoRA dropout; dropout's 1/(1-p) scaling rounds differently in bf16).
+    from embedft.models import lora_input_casts
+
+    enc = load_encoder(ModelConfig(name=str(tiny_model_dir)))
+    enc.backbone.to(torch.bfloat16)
+    apply_lora(enc, LoraConfig(r=4, dropout=0.0))
+    with torch.no_grad():  # non-zero B, so the adapter's output is in the embeddings
+        for n, p in enc.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    enc.train()
+    batch = enc.collate(enc.tokenize(TEXTS), "cpu")
+    layers = [m for m in enc.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert len(layers) == 3 * enc.backbone.config.num_hidden_layers
+
+    def run(casts: bool):
+        torch.manual_seed(0)  # same dropout masks
+        enc.zero_grad()
+        with lora_input_casts(enc, enabled=casts):
+            assert all(m.cast_input_dtype_enabled == casts for m in layers)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                emb = enc(**batch)
+            emb.pow(3).sum().backward()
+        return emb.detach(), {n: p.grad.clone() for n, p in enc.named_parameters() if p.requires_grad}
+
+    emb_cast, grads_cast = run(True)
+    emb_skip, grads_skip = run(False)
+    assert all(m.cast_input_dtype_enabled for m in layers)  # restored on exit
+    torch.testing.assert_close(emb_skip, emb_cast, rtol=0, atol=0)
+    assert grads_skip.keys() == grads_cast.keys() and grads_cast
+    for n in grads_cast:
+        assert grads_cast[n].abs().sum() > 0, n
+        torch.testing.assert_close(grads_skip[n], grads_cast[n], rtol=0, atol=0, msg=n)

@@ -29,14 +29,6 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory) -> Path:
-    """An MLflow SQLite database with its schema; copying it skips the slow migrations per store."""
-    db = tmp_path_factory.mktemp("template") / "mlflow.db"
-    _client(f"sqlite:///{db}").search_experiments()
-    return db
-
-
 def _adapter(model_dir: Path, out: Path, run_id: str) -> Path:
     torch.manual_seed(0)
     enc = apply_lora(load_encoder(ModelConfig(name=str(model_dir))), LoraConfig(r=4))

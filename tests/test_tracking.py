@@ -46,14 +46,6 @@ def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def template_db(tmp_path_factory) -> Path:
-    """An MLflow SQLite database with its schema; copying it skips the slow migrations per store."""
-    db = tmp_path_factory.mktemp("template") / "mlflow.db"
-    _client(f"sqlite:///{db}").search_experiments()
-    return db
-
-
-@pytest.fixture(scope="module")
 def store(template_db, tmp_path_factory) -> str:
     db = tmp_path_factory.mktemp("store") / "mlflow.db"
     shutil.copy(template_db, db)
@@ -575,3 +567,63 @@ def test_sweep_runs_children_under_one_parent(tmp_path, tiny_bert_dir, monkeypat
     res = CliRunner().invoke(main, ["runs", "list", "--experiment", "default"], env={"MLFLOW_TRACKING_URI": uri})
     assert res.exit_code == 0, res.output
     assert "default-r2-lr1e-3" in res.output and "default-r4-lr1e-3" in res.output
+
+
+def _tiny_train_args(repo: Path, tiny_bert_dir: Path, uri: str, *extra: str) -> list[str]:
+    return ["train", str(repo / "experiments" / "default.yaml"), "--no-progress",
+            "-o", f"model.name={tiny_bert_dir}", "-o", f"data.train={repo / 'data' / 'products.csv'}",
+            "-o", f"tracking.uri={uri}", "-o", "train.batch_size=8", "-o", "eval.indexes=[]",
+            "-o", "eval.compare_base=false", *extra]
+
+
+def test_interrupted_run_is_killed_and_resume_links_it(tmp_path, tiny_bert_dir, monkeypatch, template_db):
+    from click.testing import CliRunner
+
+    import embedft.train as T
+    from embedft.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = _tiny_train_args(repo, tiny_bert_dir, uri, "-o", "train.epochs=2", "-o", "train.max_steps=6")
+    real_save = T.save_checkpoint
+
+    def save_then_interrupt(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt  # Ctrl-C right after the first epoch's checkpoint
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_interrupt)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "Aborted" in res.output, res.output  # click's answer to Ctrl-C
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    first = (tmp_path / "runs" / "default" / ".mlflow-run-id").read_text()
+    c = _client(uri)
+    assert c.get_run(first).info.status == "KILLED"
+
+    c.update_run(first, status="RUNNING")  # as a SIGKILL would have left it
+    res = CliRunner().invoke(main, args + ["--resume"])
+    assert res.exit_code == 0, res.output
+    second = (tmp_path / "runs" / "default" / ".mlflow-run-id").read_text()
+    assert second != first
+    assert c.get_run(first).info.status == "KILLED"
+    run = c.get_run(second)
+    assert run.info.status == "FINISHED" and run.data.tags["embedft.resumed_from"] == first
+
+
+def test_sigterm_ends_the_mlflow_run_as_killed(tmp_path, tiny_bert_dir, template_db):
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = _tiny_train_args(repo, tiny_bert_dir, uri, "-o", "train.epochs=1000")
+    proc = subprocess.Popen([sys.executable, "-m", "embedft", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    id_file = tmp_path / "runs" / "default" / ".mlflow-run-id"
+    deadline = time.monotonic() + 120
+    while not id_file.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert id_file.is_file(), proc.stderr.read() if proc.poll() is not None else "no run started in 120 s"
+    time.sleep(1.0)  # training under way
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert _client(uri).get_run(id_file.read_text()).info.status == "KILLED"

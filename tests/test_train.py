@@ -112,6 +112,31 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_bert_dir, tmp_path):
               resume=True, progress=False)
 
 
+def test_resume_with_other_settings_is_refused_naming_them(tiny_bert_dir, tmp_path):
+    import json
+
+    from embedft.config import ConfigError
+
+    src = build_pair_source(toy_examples())
+    cfg = TrainConfig(epochs=1, max_steps=2, batch_size=8, eval_every_epoch=False)
+    train(_encoder(tiny_bert_dir), src, cfg, LossConfig(), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match=r"train.lr: 0.0002 there, 0.001 now"):
+        train(_encoder(tiny_bert_dir), src, TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), LossConfig(), tmp_path,
+              resume=True, progress=False)
+    wider = apply_lora(load_encoder(ModelConfig(name=str(tiny_bert_dir))), LoraConfig(r=8, alpha=8))
+    with pytest.raises(ConfigError, match=r"lora.r: 4 there, 8 now"):
+        train(wider, src, cfg, LossConfig(), tmp_path, resume=True, progress=False)
+    # Settings that do not change what is trained may differ.
+    res = train(_encoder(tiny_bert_dir), src, TrainConfig(**{**cfg.__dict__, "log_every": 1}), LossConfig(), tmp_path,
+                resume=True, progress=False)
+    assert res.steps == 2
+    # A checkpoint without the settings (older embedft) is still checked by its tensor shapes.
+    progress = tmp_path / "checkpoint" / "progress.json"
+    progress.write_text(json.dumps({**json.loads(progress.read_text()), "identity": None}))
+    with pytest.raises(ConfigError, match=r"has shape \(4, 32\) there, \(8, 32\) now"):
+        train(wider, src, cfg, LossConfig(), tmp_path, resume=True, progress=False)
+
+
 def _grads(enc):
     return {k: v.grad.detach().clone() for k, v in enc.named_parameters() if v.requires_grad}
 
@@ -159,6 +184,27 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
     # (lora_A has zero gradient at init because lora_B starts at zero; lora_B must not.)
     assert all(g.abs().sum() > 0 for k, g in ckpt.items() if "lora_B" in k)
     assert max((plain[k] - ckpt[k]).abs().max().item() for k in plain) <= 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager_ones(tiny_model_dir, tmp_path):
+    # train.compile: the same losses and the same adapter after a few steps (fp32, CPU inductor).
+    src = build_pair_source(toy_examples())
+    runs = []
+    for compiled in (False, True):
+        enc = _encoder(tiny_model_dir)
+        cfg = TrainConfig(epochs=1, max_steps=3, batch_size=8, lr=3e-2, warmup_ratio=0.0, log_every=1,
+                          eval_every_epoch=False, compile=compiled)
+        res = train(enc, src, cfg, LossConfig(temperature=0.1), tmp_path / str(compiled), progress=False)
+        layers = [m for m in enc.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        assert len(layers) == (enc.backbone.config.num_hidden_layers if compiled else 0)
+        runs.append(([h["train/loss"] for h in res.history],
+                     {n: p.detach().clone() for n, p in enc.named_parameters() if p.requires_grad}))
+    (eager_losses, eager_w), (comp_losses, comp_w) = runs
+    assert comp_losses == pytest.approx(eager_losses, abs=1e-5)
+    assert eager_w.keys() == comp_w.keys()
+    for n in eager_w:
+        torch.testing.assert_close(comp_w[n], eager_w[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_batch_larger_than_data_is_rejected(tiny_bert_dir, tmp_path):
