@@ -447,6 +447,19 @@ def lora_input_casts(module: nn.Module, enabled: bool):
             m.cast_input_dtype_enabled = value
 
 
+def lora_settings(encoder: Encoder, lora: LoraConfig | None = None) -> dict[str, Any] | None:
+    """r, alpha, dropout and targets of the encoder's adapter, or those `lora` would give it
+    (the same values either way; None for an encoder without LoRA and no config)."""
+    if lora is not None:
+        return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
+                "target_modules": sorted(lora_targets(encoder, lora))}
+    peft_cfg = getattr(encoder.backbone, "peft_config", {}).get("default")
+    if peft_cfg is None:
+        return None
+    return {"r": peft_cfg.r, "alpha": peft_cfg.lora_alpha, "dropout": peft_cfg.lora_dropout,
+            "target_modules": sorted(peft_cfg.target_modules)}
+
+
 def save_adapter(encoder: Encoder, out_dir: str | Path, extra_meta: dict[str, Any] | None = None) -> Path:
     """Adapter weights (safetensors) + adapter config + the EncoderSpec that produced them."""
     out = Path(out_dir)

@@ -97,8 +97,8 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     import torch
 
     from embedft.evaluate import evaluate_encoder, format_table, compare, write_report
-    from embedft.models import apply_lora, load_encoder, save_adapter
-    from embedft.train import resolve_device, seed_everything, train
+    from embedft.models import apply_lora, load_encoder, lora_settings, save_adapter
+    from embedft.train import check_resumable, resolve_device, run_identity, seed_everything, train
 
     data = prepare_data(cfg)
     out = cfg.output_dir
@@ -110,6 +110,9 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     seed_everything(cfg.train.seed)
     encoder = load_encoder(cfg.model, device, cfg.lora)
     log.info("model %s: family=%s pooling=%s on %s", cfg.model.name, encoder.spec.family, encoder.spec.pooling, device)
+    if resume:  # refused now, not after the base model's evaluation
+        check_resumable(out / "checkpoint", run_identity(encoder.spec.fingerprint, lora_settings(encoder, cfg.lora),
+                                                         cfg.train, cfg.loss))
 
     base_eval = evaluate_encoder(encoder, data.train, data.eval, cfg.eval, device, progress) \
         if cfg.eval.compare_base else None

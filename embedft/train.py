@@ -24,7 +24,7 @@ import torch
 from embedft.config import GROUP_SAMPLINGS, ConfigError, LossConfig, TrainConfig
 from embedft.data import Batch, PairSource, check_schedule, epoch_batches, group_keys
 from embedft.losses import false_negative_mask, group_info_nce, info_nce, label_contrastive
-from embedft.models import Encoder, call_overhead, compile_layers, length_chunks, lora_input_casts
+from embedft.models import Encoder, call_overhead, compile_layers, length_chunks, lora_input_casts, lora_settings
 
 log = logging.getLogger(__name__)
 
@@ -344,16 +344,32 @@ RESUMABLE_CHANGES = ("train.threads", "train.log_every", "train.device", "train.
                      "train.eval_every_epoch", "train.val_max_queries", "train.compile")
 
 
-def run_identity(encoder: Encoder, cfg: TrainConfig, loss_cfg: LossConfig) -> dict[str, Any]:
-    """What a checkpoint must be resumed with: model, LoRA, loss and training settings (as JSON)."""
-    ident: dict[str, Any] = {"model": encoder.spec.fingerprint}
-    peft_cfg = getattr(encoder.backbone, "peft_config", {}).get("default")
-    if peft_cfg is not None:
-        ident.update({"lora.r": peft_cfg.r, "lora.alpha": peft_cfg.lora_alpha, "lora.dropout": peft_cfg.lora_dropout,
-                      "lora.target_modules": sorted(peft_cfg.target_modules)})
+def run_identity(fingerprint: str, lora: dict[str, Any] | None, cfg: TrainConfig,
+                 loss_cfg: LossConfig) -> dict[str, Any]:
+    """What a checkpoint must be resumed with: base model, LoRA (`models.lora_settings`), loss and
+    training settings, as JSON values."""
+    ident: dict[str, Any] = {"model": fingerprint, **{f"lora.{k}": v for k, v in (lora or {}).items()}}
     ident.update({f"train.{k}": v for k, v in asdict(cfg).items()})
     ident.update({f"loss.{k}": v for k, v in asdict(loss_cfg).items()})
     return json.loads(json.dumps({k: v for k, v in ident.items() if k not in RESUMABLE_CHANGES}, default=str))
+
+
+RESUME_FIX = "resume with the same config and -o options as that run, or start fresh without --resume"
+
+
+def check_resumable(path: Path, identity: dict[str, Any]) -> None:
+    """A clear error when there is no checkpoint at `path`, or it was written with other settings
+    (another LoRA rank, lr, batch size, data order, ...): resuming it would train something else."""
+    if not (path / "state.pt").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {path}; run without --resume to start fresh")
+    saved = json.loads((path / "progress.json").read_text()).get("identity")
+    if saved is None:  # written before embedft recorded settings: load_checkpoint checks the shapes
+        return
+    diff = [f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in sorted(set(saved) | set(identity))
+            if saved.get(k) != identity.get(k)]
+    if diff:
+        raise ConfigError(f"--resume: the checkpoint in {path} was written with other settings "
+                          f"({'; '.join(diff)}); {RESUME_FIX}")
 
 
 def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: int, result: TrainResult,
@@ -372,22 +388,9 @@ def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: 
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResult,
-                    identity: dict[str, Any] | None = None) -> tuple[int, int]:
-    """Restore state saved by save_checkpoint; returns (epochs done, step).
-
-    A checkpoint written with other settings (another LoRA rank, lr, batch size, data order, ...)
-    is refused with the settings that differ: resuming it would silently train something else.
-    """
+def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResult) -> tuple[int, int]:
+    """Restore state saved by save_checkpoint (after check_resumable); returns (epochs done, step)."""
     progress = json.loads((path / "progress.json").read_text())
-    fix = "resume with the same config and -o options as that run, or start fresh without --resume"
-    saved = progress.get("identity")
-    if saved is not None and identity is not None:
-        diff = [f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in sorted(set(saved) | set(identity))
-                if saved.get(k) != identity.get(k)]
-        if diff:
-            raise ConfigError(f"--resume: the checkpoint in {path} was written with other settings "
-                              f"({'; '.join(diff)}); {fix}")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     params = dict(encoder.named_parameters())
     bad = [f"{k} is not in this model" for k in state["adapter"] if k not in params]
@@ -395,7 +398,7 @@ def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResul
             if k in params and params[k].shape != v.shape]
     if bad:
         raise ConfigError(f"--resume: the checkpoint in {path} does not fit this model or LoRA config "
-                          f"({bad[0]}); {fix}")
+                          f"({bad[0]}); {RESUME_FIX}")
     with torch.no_grad():
         for k, v in state["adapter"].items():
             params[k].copy_(v)
@@ -428,6 +431,10 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
     seed_everything(cfg.seed)
 
     n_total = check_schedule(src, cfg)
+    ckpt = out / "checkpoint"
+    identity = run_identity(encoder.spec.fingerprint, lora_settings(encoder), cfg, loss_cfg)
+    if resume:
+        check_resumable(ckpt, identity)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * n_total)
     if cfg.compile:
         log.info("compiling %d layers (torch.compile)", compile_layers(encoder))
@@ -453,13 +460,9 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
         torch.set_rng_state(state)
 
     result = TrainResult(steps=0, epochs_done=0)
-    ckpt = out / "checkpoint"
-    identity = run_identity(encoder, cfg, loss_cfg)
     start_epoch, step = 0, 0
     if resume:
-        if not (ckpt / "state.pt").is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt}; run without --resume to start fresh")
-        start_epoch, step = load_checkpoint(ckpt, encoder, opt, sched, result, identity)
+        start_epoch, step = load_checkpoint(ckpt, encoder, opt, sched, result)
         log.info("resumed from %s at epoch %d, step %d", ckpt, start_epoch, step)
 
     encoder.train()

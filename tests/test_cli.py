@@ -135,6 +135,17 @@ def test_base_only_eval_reports_the_base_model_beside_the_run_report(experiment,
     assert not (experiment.parent / "run" / "eval").exists()  # a training run's own report stays untouched
 
 
+def test_resume_mismatch_is_refused_before_any_work(experiment, tiny_bert_dir, monkeypatch):
+    import embedft.evaluate as E
+
+    model = ("-o", f"model.name={tiny_bert_dir}", "-o", "train.max_steps=2", "-o", "eval.indexes=[]")
+    assert_clean_error(invoke("train", str(experiment), *model, "--resume"), "--resume: no checkpoint in")
+    assert invoke("train", str(experiment), *model).exit_code == 0
+    monkeypatch.setattr(E, "evaluate_encoder", None)  # the base evaluation would fail: the refusal comes first
+    result = invoke("train", str(experiment), *model, "-o", "lora.r=8", "--resume")
+    assert_clean_error(result, "the checkpoint in", "lora.r: 16 there, 8 now", "same config and -o options")
+
+
 def test_train_model_path_that_does_not_exist(experiment, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("train", str(experiment), "-o", "model.name=./nope", "-o", "tracking.enabled=false")
