@@ -261,7 +261,7 @@ def runs_list(config, experiment, sort_by, max_results) -> None:
     uri = tracking.resolve_uri(cfg.tracking)
     rows = tracking.list_runs(uri, experiment or cfg.tracking.experiment or cfg.name, sort_by=sort_by,
                               max_results=max_results)
-    click.echo(tracking.format_runs_table(rows) if rows else f"no runs in experiment "
+    click.echo(tracking.format_runs_table(rows, tracking.runs_columns(sort_by)) if rows else f"no runs in experiment "
                f"{experiment or cfg.tracking.experiment or cfg.name!r} at {uri}")
 
 

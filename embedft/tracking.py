@@ -758,6 +758,16 @@ def list_runs(uri: str, experiment: str, sort_by: str = "metrics.adapted/retriev
     return rows
 
 
+def runs_columns(sort_by: str) -> list[str]:
+    """The default table columns, plus the metric the runs are sorted by when it is not one of them."""
+    cols = list(DEFAULT_COLUMNS)
+    if sort_by.startswith("metrics."):
+        col = "metrics." + metric_key(sort_by[len("metrics."):])
+        if col not in cols:
+            cols.append(col)
+    return cols
+
+
 def format_runs_table(rows: list[dict], columns: Iterable[str] | None = None) -> str:
     """A plain-text table of list_runs rows; floats to 4 places, missing values as '-'."""
     cols = list(columns or DEFAULT_COLUMNS)

@@ -264,6 +264,11 @@ def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
     assert table[0].split()[:4] == ["run_id", "name", "status", "start"]
     assert "0.9000" in table[2] and ids["high"] in table[2] and table[4].rstrip().endswith("-")
     assert tracking.format_runs_table([]) == "(no runs)"
+    # Sorted by a metric outside the default columns: that metric gets a column.
+    by_f1 = tracking.list_runs(store, "listing", sort_by="metrics.adapted/classification/macro_f1")
+    header = tracking.format_runs_table(by_f1, tracking.runs_columns("metrics.adapted/classification/macro_f1"))
+    assert header.splitlines()[0].split()[-1] == "adapted/classification/macro_f1"
+    assert tracking.runs_columns("metrics.adapted/retrieval/recall@10") == list(tracking.DEFAULT_COLUMNS)
     with pytest.raises(TrackingError, match="no MLflow experiment 'missing'"):
         tracking.list_runs(store, "missing")
 
