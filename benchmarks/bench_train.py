@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py [--model minilm] [--steps 200] [--batch-size 64] [--max-length 64]
                                      [--lr 5e-4] [--warmup-steps 10] [--r 16] [--alpha 32] [--dropout 0.05]
                                      [--limit-queries 2000] [--seed 42] [--threads N] [--sides st,embedft]
-                                     [--embedft-compile true]
+                                     [--embedft-compile true] [--embedft-base-dtype bf16]
 
 Both sides train the same base model with the same LoRA (the family's Q/K/V, same r, alpha,
 dropout), batch size, max length, steps, lr, linear warmup + decay, weight decay, grad clip
@@ -97,6 +97,9 @@ class BenchSettings:
     data: str = "auto"  # auto | pricerunner | sample
     device: str = "auto"  # auto | cpu | cuda
     embedft_compile: bool = False  # embedft side only: train.compile (torch.compile of each layer)
+    # embedft side only: train.base_dtype. `match` (the default) = ST's precision: bf16 on CUDA (ST runs
+    # with bf16=True there), fp32 on CPU; or fp32, bf16, auto (the pipeline's: bf16 on CPUs with native bf16).
+    embedft_base_dtype: str = "match"
 
 
 @dataclass(frozen=True)
@@ -436,7 +439,7 @@ def run_embedft(s: BenchSettings, data: BenchData) -> dict[str, Any]:
     from embedft.config import LoraConfig, LossConfig, ModelConfig, TrainConfig
     from embedft.data import steps_per_epoch
     from embedft.models import apply_lora, load_encoder
-    from embedft.train import seed_everything, train
+    from embedft.train import base_dtype, seed_everything, train
 
     device = _device(s.device)
     encoder = load_encoder(ModelConfig(name=s.model, max_length=s.max_length), device)
@@ -444,8 +447,8 @@ def run_embedft(s: BenchSettings, data: BenchData) -> dict[str, Any]:
     # either side (ST's trainer applies none); decoders keep last-token pooling and EOS.
     encoder.spec = dataclasses.replace(encoder.spec, query_template=None)
     seed_everything(s.seed)
-    if device.type == "cuda":  # embedft's default base_dtype=auto, as the pipeline applies it
-        encoder.backbone.to(torch.bfloat16)
+    setting = ("bf16" if device.type == "cuda" else "fp32") if s.embedft_base_dtype == "match" else s.embedft_base_dtype
+    encoder.backbone.to(base_dtype(setting, device))  # as the pipeline applies train.base_dtype
     apply_lora(encoder, LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout))
     m = Measurement(tokens=count_tokens(encoder.tokenizer, data.anchors + data.positives, encoder.spec.max_length),
                     trainable=sum(p.numel() for p in encoder.parameters() if p.requires_grad))

@@ -183,7 +183,8 @@ class TrainConfig:
     eval_every_epoch: bool = True
     val_max_queries: int = 1000  # per-epoch validation recall@10 on at most this many queries
     threads: int | None = None  # torch CPU threads; null = torch's default
-    # Frozen base weights: auto = bf16 on CUDA (LoRA weights and optimizer state stay fp32), fp32 on CPU.
+    # Frozen base weights (LoRA weights and optimizer state stay fp32): auto = bf16 on CUDA and on
+    # CPUs with native bf16 (AVX512-BF16, AMX), fp32 on other CPUs.
     base_dtype: str = "auto"
     # torch.compile each transformer layer before training (fuses the element-wise work around the
     # matmuls). On 2 CPU cores: a 10-25 s compile, then 5% faster steps and 40% less peak memory

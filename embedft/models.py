@@ -233,32 +233,33 @@ class Encoder(nn.Module):
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], is_query: bool = False, batch_size: int = 128,
-               progress: bool = False, device: torch.device | str | None = None) -> np.ndarray:
+               progress: bool = False, device: torch.device | str | None = None,
+               amp: bool | None = None) -> np.ndarray:
         """Embed texts in length-sorted batches; returns (N, D) float32 in input order."""
         device = device or next(self.backbone.parameters()).device
         ids = self.tokenize(texts, is_query)
-        return self.encode_ids(ids, batch_size=batch_size, progress=progress, device=device)
+        return self.encode_ids(ids, batch_size=batch_size, progress=progress, device=device, amp=amp)
 
     @torch.inference_mode()
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 128, progress: bool = False,
-                   device: torch.device | str = "cpu") -> np.ndarray:
+                   device: torch.device | str = "cpu", amp: bool | None = None) -> np.ndarray:
         """Embed pre-tokenized texts (tokenize once, encode many times).
 
         Batches of at most batch_size rows, cut from the length-sorted texts where padding
-        waste is least (`length_chunks`).
+        waste is least (`length_chunks`). `amp`: bf16 autocast (None: on CUDA only).
         """
         # Identical token sequences (repeated titles) are embedded once.
         first: dict[tuple[int, ...], int] = {}
         inverse = np.array([first.setdefault(tuple(x), len(first)) for x in ids], dtype=np.int64)
         if len(first) < len(ids):
             unique = [list(k) for k in first]
-            return self.encode_ids(unique, batch_size=batch_size, progress=progress, device=device)[inverse]
+            return self.encode_ids(unique, batch_size=batch_size, progress=progress, device=device, amp=amp)[inverse]
         was_training = self.training
         self.eval()
         # Longest chunk first: an out-of-memory batch fails at once, not at the end.
         chunks = length_chunks([len(x) for x in ids], batch_size, call_overhead(device))[::-1]
         out = np.empty((len(ids), self.spec.hidden_size), dtype=np.float32)
-        use_amp = torch.device(device).type == "cuda"
+        use_amp = torch.device(device).type == "cuda" if amp is None else amp
         if progress:
             from tqdm.auto import tqdm
 
@@ -266,7 +267,7 @@ class Encoder(nn.Module):
         with lora_input_casts(self, enabled=not use_amp):
             for idx in chunks:
                 batch = self.collate([ids[i] for i in idx], device)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_amp):
                     emb = self(**batch)
                 out[idx] = emb.float().cpu().numpy()
         self.train(was_training)

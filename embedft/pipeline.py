@@ -97,8 +97,8 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     import torch
 
     from embedft.evaluate import evaluate_encoder, format_table, compare, write_report
-    from embedft.models import apply_lora, load_encoder, lora_settings, save_adapter
-    from embedft.train import check_resumable, resolve_device, run_identity, seed_everything, train
+    from embedft.models import apply_lora, load_adapter, load_encoder, lora_settings, save_adapter
+    from embedft.train import base_dtype, check_resumable, resolve_device, run_identity, seed_everything, train
 
     data = prepare_data(cfg)
     out = cfg.output_dir
@@ -117,8 +117,10 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     base_eval = evaluate_encoder(encoder, data.train, data.eval, cfg.eval, device, progress) \
         if cfg.eval.compare_base else None
     seed_everything(cfg.train.seed)  # LoRA init does not depend on whether the base was evaluated
-    if cfg.train.base_dtype == "bf16" or (cfg.train.base_dtype == "auto" and device.type == "cuda"):
-        encoder.backbone.to(torch.bfloat16)  # peft keeps the adapter weights in fp32
+    dtype = base_dtype(cfg.train.base_dtype, device)
+    if dtype != torch.float32:
+        log.info("frozen base weights in %s (train.base_dtype=%s)", dtype, cfg.train.base_dtype)
+        encoder.backbone.to(dtype)  # peft keeps the adapter weights in fp32
     apply_lora(encoder, cfg.lora)
     val = build_val_set(encoder, data.eval, cfg.train.val_max_queries, cfg.train.seed)
 
@@ -151,6 +153,9 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
         replace_dir(tmp, adapter_dir)
         (out / "config.yaml").write_text(to_yaml(cfg))
 
+        if dtype != torch.float32:
+            # Report what `embedft eval` and the export load: the saved adapter on the fp32 base.
+            encoder = load_adapter(load_encoder(cfg.model, device, cfg.lora), adapter_dir)
         adapted_eval = evaluate_encoder(encoder, data.train, data.eval, cfg.eval, device, progress)
         report_dir = write_report(out / "eval", base_eval, adapted_eval,
                                   {"name": cfg.name, "model": cfg.model.name, "adapter": str(adapter_dir),

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -68,6 +69,28 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is available; use -o train.device=auto")
     return torch.device(name)
+
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 on this CPU (read from /proc/cpuinfo, so Linux only). With them a
+    bf16 matmul is faster than an fp32 one; without them it is emulated and slower."""
+    try:
+        flags = CPUINFO.read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def base_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """train.base_dtype resolved: bf16 when asked, or for `auto` on CUDA and on CPUs with native
+    bf16 (the LoRA weights and optimizer state stay fp32 either way)."""
+    if setting == "bf16" or (setting == "auto" and (device.type == "cuda" or
+                                                    (device.type == "cpu" and cpu_has_native_bf16()))):
+        return torch.bfloat16
+    return torch.float32
 
 
 def seed_everything(seed: int) -> None:

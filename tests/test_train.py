@@ -211,3 +211,19 @@ def test_batch_larger_than_data_is_rejected(tiny_bert_dir, tmp_path):
     enc = _encoder(tiny_bert_dir)
     with pytest.raises(ValueError, match="train.batch_size=64 is larger than the 48"):
         train(enc, build_pair_source(toy_examples()), TrainConfig(batch_size=64), LossConfig(), tmp_path, progress=False)
+
+
+def test_auto_base_dtype_follows_the_device_and_the_cpus_bf16(tmp_path, monkeypatch):
+    import embedft.train as T
+
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(T, "CPUINFO", cpuinfo)
+    cpu = torch.device("cpu")
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n")
+    assert T.base_dtype("auto", cpu) == torch.float32 and T.base_dtype("bf16", cpu) == torch.bfloat16
+    for flag in ("avx512_bf16", "amx_bf16"):
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu sse avx2 avx512f {flag} avx512_vnni\n")
+        assert T.base_dtype("auto", cpu) == torch.bfloat16 and T.base_dtype("fp32", cpu) == torch.float32
+    cpuinfo.unlink()  # no /proc/cpuinfo (not Linux): fp32
+    assert T.base_dtype("auto", cpu) == torch.float32
+    assert T.base_dtype("auto", torch.device("cuda")) == torch.bfloat16
