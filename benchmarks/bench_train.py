@@ -434,8 +434,6 @@ def run_st(s: BenchSettings, data: BenchData) -> dict[str, Any]:
 
 def run_embedft(s: BenchSettings, data: BenchData) -> dict[str, Any]:
     """Train with embedft's train() and measure it."""
-    import torch
-
     from embedft.config import LoraConfig, LossConfig, ModelConfig, TrainConfig
     from embedft.data import steps_per_epoch
     from embedft.models import apply_lora, load_encoder

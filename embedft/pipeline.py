@@ -174,8 +174,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
         summary = {"run_id": run_id, "output_dir": str(out), "adapter": str(adapter_dir), "report": str(report_dir),
                    "steps": result.steps, "train_seconds": result.train_seconds,
                    "samples_per_s": result.samples_per_s, "metrics": final,
-                   "table": format_table(compare(base_eval.metrics if base_eval else None,
-                                          adapted_eval.metrics if adapted_eval else None))}
+                   "table": format_table(compare(base_eval.metrics if base_eval else None, adapted_eval.metrics))}
         (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2))
         return summary
 

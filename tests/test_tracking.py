@@ -541,6 +541,13 @@ def test_train_over_http_then_eval_and_export_from_the_run(server, tmp_path, tin
     assert (tmp_path / "export" / "modules.json").is_file()
 
 
+def _tiny_train_args(repo: Path, tiny_bert_dir: Path, uri: str, *extra: str) -> list[str]:
+    return ["train", str(repo / "experiments" / "default.yaml"), "--no-progress",
+            "-o", f"model.name={tiny_bert_dir}", "-o", f"data.train={repo / 'data' / 'products.csv'}",
+            "-o", f"tracking.uri={uri}", "-o", "train.batch_size=8", "-o", "eval.indexes=[]",
+            "-o", "eval.compare_base=false", *extra]
+
+
 def test_sweep_runs_children_under_one_parent(tmp_path, tiny_bert_dir, monkeypatch, template_db):
     from click.testing import CliRunner
 
@@ -550,11 +557,8 @@ def test_sweep_runs_children_under_one_parent(tmp_path, tiny_bert_dir, monkeypat
     monkeypatch.chdir(tmp_path)
     shutil.copy(template_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["train", str(repo / "experiments" / "default.yaml"), "--no-progress",
-            "-o", f"model.name={tiny_bert_dir}", "-o", f"data.train={repo / 'data' / 'products.csv'}",
-            "-o", f"tracking.uri={uri}", "-o", "train.max_steps=2", "-o", "train.batch_size=8",
-            "-o", "eval.indexes=[]", "-o", "eval.compare_base=false",
-            "--sweep", "lora.r=2,4", "--sweep", "train.lr=1e-3"]
+    args = _tiny_train_args(repo, tiny_bert_dir, uri, "-o", "train.max_steps=2",
+                            "--sweep", "lora.r=2,4", "--sweep", "train.lr=1e-3")
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     c = _client(uri)
@@ -572,13 +576,6 @@ def test_sweep_runs_children_under_one_parent(tmp_path, tiny_bert_dir, monkeypat
     res = CliRunner().invoke(main, ["runs", "list", "--experiment", "default"], env={"MLFLOW_TRACKING_URI": uri})
     assert res.exit_code == 0, res.output
     assert "default-r2-lr1e-3" in res.output and "default-r4-lr1e-3" in res.output
-
-
-def _tiny_train_args(repo: Path, tiny_bert_dir: Path, uri: str, *extra: str) -> list[str]:
-    return ["train", str(repo / "experiments" / "default.yaml"), "--no-progress",
-            "-o", f"model.name={tiny_bert_dir}", "-o", f"data.train={repo / 'data' / 'products.csv'}",
-            "-o", f"tracking.uri={uri}", "-o", "train.batch_size=8", "-o", "eval.indexes=[]",
-            "-o", "eval.compare_base=false", *extra]
 
 
 def test_interrupted_run_is_killed_and_resume_links_it(tmp_path, tiny_bert_dir, monkeypatch, template_db):
