@@ -93,6 +93,13 @@ def base_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def uses_amp(encoder: Encoder, device: torch.device) -> bool:
+    """Whether training runs under bf16 autocast: on CUDA, and on the CPU when the base weights
+    are bf16 (there the fp32 LoRA layers would otherwise compute on fp32 copies of their bf16
+    inputs, and keep those copies for the backward)."""
+    return device.type == "cuda" or any(p.dtype == torch.bfloat16 for p in encoder.parameters())
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -152,7 +159,7 @@ def embed(encoder: Encoder, seqs: Sequence[Sequence[int]], device: torch.device,
     parts = []
     for idx in chunks:
         batch = encoder.collate([seqs[i] for i in idx], device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             parts.append(encoder(**batch))
     out = torch.cat(parts)
     inv = torch.empty_like(torch.as_tensor(order))
@@ -221,7 +228,7 @@ def train_step_cached(encoder: Encoder, seqs: Sequence[Sequence[int]], loss_of, 
         for idx in chunks:
             states.append(_rng_state(device))
             batch = encoder.collate([seqs[i] for i in idx], device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 parts.append(encoder(**batch).float())
     flat = torch.cat(parts)
     emb = torch.empty_like(flat)
@@ -233,7 +240,7 @@ def train_step_cached(encoder: Encoder, seqs: Sequence[Sequence[int]], loss_of, 
     for idx, state in zip(chunks, states):
         _set_rng_state(state, device)
         batch = encoder.collate([seqs[i] for i in idx], device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = encoder(**batch).float()
         out.backward(grads[torch.as_tensor(idx, device=grads.device)])
     return float(loss.detach())
@@ -303,7 +310,9 @@ def validate(encoder: Encoder, val: ValSet, text_keys_cache: tuple[PairSource, T
             if i >= val.loss_batches:
                 break
             seqs, gather = batch_sequences(batch, cache)
-            emb = embed(encoder, seqs, device, amp=device.type == "cuda")
+            amp = uses_amp(encoder, device)
+            with lora_input_casts(encoder, enabled=not amp):
+                emb = embed(encoder, seqs, device, amp=amp)
             losses.append(float(batch_loss(emb, batch, gather, src.text_keys, loss_cfg)))
         encoder.train()
         if losses:
@@ -448,7 +457,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = next(encoder.parameters()).device
-    amp = device.type == "cuda"
+    amp = uses_amp(encoder, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)

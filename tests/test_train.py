@@ -227,3 +227,27 @@ def test_auto_base_dtype_follows_the_device_and_the_cpus_bf16(tmp_path, monkeypa
     cpuinfo.unlink()  # no /proc/cpuinfo (not Linux): fp32
     assert T.base_dtype("auto", cpu) == torch.float32
     assert T.base_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bf16_base_trains_under_cpu_autocast_without_fp32_input_copies(tiny_model_dir, tmp_path, dtype):
+    # With bf16 base weights, peft would copy each adapted projection's bf16 input to fp32 for
+    # the fp32 adapter and keep the copy for the backward; under bf16 autocast the adapter runs
+    # in bf16 on the input itself (fp32 master weights), the CUDA path's arithmetic.
+    enc = _encoder(tiny_model_dir)
+    for p in enc.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    seen = []
+    layer = next(m for m in enc.modules() if hasattr(m, "cast_input_dtype_enabled"))
+    layer.register_forward_pre_hook(
+        lambda m, args: seen.append((torch.is_autocast_enabled("cpu"), m.cast_input_dtype_enabled)))
+    before = {n: p.detach().clone() for n, p in enc.named_parameters() if p.requires_grad}
+    res = train(enc, build_pair_source(toy_examples()), TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_ratio=0.0),
+                LossConfig(temperature=0.1), tmp_path, progress=False)
+    bf16 = dtype == torch.bfloat16
+    assert seen and set(seen) == {(bf16, not bf16)}
+    assert res.steps == 6 and np.isfinite(res.history[-1]["train/loss"])
+    for n, p in enc.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float32 and not torch.equal(p, before[n]), n
