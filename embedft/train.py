@@ -306,14 +306,14 @@ def validate(encoder: Encoder, val: ValSet, text_keys_cache: tuple[PairSource, T
         losses = []
         encoder.eval()
         sampling = "groups" if sampling in GROUP_SAMPLINGS else "random"
-        for i, batch in enumerate(epoch_batches(src, batch_size, seed, 0, sampling, group_size=group_size)):
-            if i >= val.loss_batches:
-                break
-            seqs, gather = batch_sequences(batch, cache)
-            amp = uses_amp(encoder, device)
-            with lora_input_casts(encoder, enabled=not amp):
+        amp = uses_amp(encoder, device)
+        with lora_input_casts(encoder, enabled=not amp):
+            for i, batch in enumerate(epoch_batches(src, batch_size, seed, 0, sampling, group_size=group_size)):
+                if i >= val.loss_batches:
+                    break
+                seqs, gather = batch_sequences(batch, cache)
                 emb = embed(encoder, seqs, device, amp=amp)
-            losses.append(float(batch_loss(emb, batch, gather, src.text_keys, loss_cfg)))
+                losses.append(float(batch_loss(emb, batch, gather, src.text_keys, loss_cfg)))
         encoder.train()
         if losses:
             out["val/loss"] = float(np.mean(losses))

@@ -26,9 +26,11 @@ def toy_examples(n_groups: int = 12, per_group: int = 4) -> Examples:
     return Examples("grouped", "toy", np.arange(len(texts)) + 1, texts, groups=groups, labels=None)
 
 
-def _encoder(path, dropout=0.0, **model_kw):
+def _encoder(path, dropout=0.0, base_dtype=torch.float32, **model_kw):
     torch.manual_seed(0)
-    return apply_lora(load_encoder(ModelConfig(name=str(path), **model_kw)), LoraConfig(r=4, alpha=8, dropout=dropout))
+    enc = load_encoder(ModelConfig(name=str(path), **model_kw))
+    enc.backbone.to(base_dtype)  # as the pipeline does for train.base_dtype, before LoRA
+    return apply_lora(enc, LoraConfig(r=4, alpha=8, dropout=dropout))
 
 
 def _loss_on(enc, src, cache, loss_cfg, n_batches=3, bs=8, sampling="random"):
@@ -234,10 +236,7 @@ def test_bf16_base_trains_under_cpu_autocast_without_fp32_input_copies(tiny_mode
     # With bf16 base weights, peft would copy each adapted projection's bf16 input to fp32 for
     # the fp32 adapter and keep the copy for the backward; under bf16 autocast the adapter runs
     # in bf16 on the input itself (fp32 master weights), the CUDA path's arithmetic.
-    enc = _encoder(tiny_model_dir)
-    for p in enc.parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(dtype)
+    enc = _encoder(tiny_model_dir, base_dtype=dtype)
     seen = []
     layer = next(m for m in enc.modules() if hasattr(m, "cast_input_dtype_enabled"))
     layer.register_forward_pre_hook(
