@@ -1,11 +1,14 @@
 """Where retrieval recall@10 is lost: by the number of positives a query has, plus sample failures.
 
     python benchmarks/recall_breakdown.py experiments/pricerunner-matching.yaml [--adapter DIR] [--samples 10]
+                                          [--compare DIR]
 
 Embeds the experiment's eval split (document form, as `embedft eval` does for grouped data),
 searches exactly, and prints recall@10 per bucket of positives with each bucket's share of
 the queries and of the lost recall, then a few queries with recall < 0.5 and their top hits
-(+ = a positive). Without --adapter it reports the base model.
+(+ = a positive). Without --adapter it reports the base model. `--compare DIR` (an adapter
+folder, or `base`) adds that model's recall@10 per bucket and how many of the bucket's queries
+changed recall between the two.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ def main() -> None:
     ap.add_argument("experiment")
     ap.add_argument("--adapter", help="adapter folder (default: the base model)")
     ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--compare", help="a second adapter folder, or 'base', to compare per bucket")
     args = ap.parse_args()
 
     from embedft.config import load_config
@@ -33,20 +37,36 @@ def main() -> None:
     cfg = load_config(args.experiment)
     _, eval_ex, _ = load_splits(cfg.data)
     task = retrieval_task(eval_ex)
-    encoder = load_encoder(cfg.model)
-    if args.adapter:
-        load_adapter(encoder, args.adapter)
-    corpus = encoder.encode_ids(encoder.tokenize(task.corpus, is_query=False))
-    _, ranked = exact_search(corpus, corpus[task.self_ids], 10, self_ids=task.self_ids)
-    per_query = np.array([recall_at_k(ranked[i:i + 1], [p], 10) for i, p in enumerate(task.positives)])
+
+    def per_query_recall(adapter: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """(ranked top-10 ids, recall@10 of each query) of the base model with `adapter`."""
+        encoder = load_encoder(cfg.model)
+        if adapter:
+            load_adapter(encoder, adapter)
+        corpus = encoder.encode_ids(encoder.tokenize(task.corpus, is_query=False))
+        _, ranked = exact_search(corpus, corpus[task.self_ids], 10, self_ids=task.self_ids)
+        return ranked, np.array([recall_at_k(ranked[i:i + 1], [p], 10) for i, p in enumerate(task.positives)])
+
+    ranked, per_query = per_query_recall(args.adapter)
+    other = None
+    if args.compare:
+        _, other = per_query_recall(None if args.compare == "base" else args.compare)
     lost = (1 - per_query).sum()
     n_pos = np.array([len(p) for p in task.positives])
     print(f"{args.adapter or cfg.model.name}: recall@10 {per_query.mean():.4f} over {len(per_query)} queries")
-    print("positives  queries  share  recall@10  share of lost recall")
+    if other is not None:
+        print(f"{args.compare}: recall@10 {other.mean():.4f}")
+    print("positives  queries  share  recall@10  share of lost recall"
+          + ("  compared recall@10  queries changed" if other is not None else ""))
     for lo, hi in BUCKETS:
         m = (n_pos >= lo) & (n_pos <= hi)
+        if not m.any():
+            continue
         name = f"{lo}" if lo == hi else (f"{lo}-{hi}" if hi < 10**9 else f">={lo}")
-        print(f"{name:>9}  {m.sum():7d}  {m.mean():5.1%}  {per_query[m].mean():9.4f}  {(1 - per_query[m]).sum() / lost:5.1%}")
+        line = f"{name:>9}  {m.sum():7d}  {m.mean():5.1%}  {per_query[m].mean():9.4f}  {(1 - per_query[m]).sum() / lost:5.1%}"
+        if other is not None:
+            line += f"  {other[m].mean():18.4f}  {(other[m] != per_query[m]).sum():15d}"
+        print(line)
     bad = np.flatnonzero(per_query < 0.5)
     rng = np.random.default_rng(0)
     for i in rng.choice(bad, min(args.samples, len(bad)), replace=False):
