@@ -1,17 +1,17 @@
 """Encoding throughput: embedft's encoder vs SentenceTransformer.encode, same model, same texts.
 
     python benchmarks/bench_encode.py [--model minilm] [--limit N] [--batch-size 128] [--repeats 2]
-                                      [--variants default,fp32,bf16-weights]
+                                      [--precisions auto,fp32,bf16]
 
 Texts: the 35,311 PriceRunner titles from ../shared/datasets/pricerunner when present,
 else the sample in data/. Runs the sides alternately --repeats times and reports each side's best
 time: throughput of both, the ratio, and the max abs
 difference of the embeddings (speed is not bought with wrong vectors), as JSON too.
 
-`--variants` times other precisions of embedft's encoder in the same alternation (for a GPU,
-where the default is bf16 autocast over the model's fp32 weights): `fp32` (no autocast) and
-`bf16-weights` (a bf16 copy of the weights under autocast, so no per-call weight casts).
-On CPU all three are the same fp32 path except `bf16-weights`.
+`--precisions` times embedft's encoder at each `eval.precision` in the same alternation (the
+first one is "embedft" in the summary): `auto` (bf16 autocast over the fp32 weights on CUDA,
+fp32 on CPU), `fp32` (no autocast) and `bf16` (a bf16 copy of the weights, under autocast on
+CUDA, so no per-call weight casts). On CPU `auto` and `fp32` are the same path.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 PRICERUNNER = REPO.parent / "shared" / "datasets" / "pricerunner" / "pricerunner_aggregate.csv"
 
 
-# embedft encoder variants: name -> Encoder.encode's `amp` (None: bf16 autocast on CUDA only).
-VARIANTS = {"default": None, "fp32": False, "bf16-weights": None}
+PRECISIONS = ("auto", "fp32", "bf16")  # eval.precision's values
 
 
 def load_titles(limit: int | None) -> tuple[list[str], str]:
@@ -53,47 +52,48 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best of each is reported")
-    ap.add_argument("--variants", default="default",
-                    help="embedft precisions to time, comma-separated: default, fp32, bf16-weights")
+    ap.add_argument("--precisions", default="auto",
+                    help="embedft precisions (eval.precision) to time, comma-separated: auto, fp32, bf16")
     args = ap.parse_args()
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown or not variants:
-        ap.error(f"--variants {args.variants!r}: use a comma-separated subset of {', '.join(VARIANTS)}")
+    precisions = [v.strip() for v in args.precisions.split(",") if v.strip()]
+    unknown = set(precisions) - set(PRECISIONS)
+    if unknown or not precisions:
+        ap.error(f"--precisions {args.precisions!r}: use a comma-separated subset of {', '.join(PRECISIONS)}")
 
     import numpy as np
     import torch
     from sentence_transformers import SentenceTransformer
 
     from embedft.config import ModelConfig
-    from embedft.models import load_encoder, resolve_model_path
+    from embedft.models import encode_precision, load_encoder, resolve_model_path
 
     texts, source = load_titles(args.limit)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     st = SentenceTransformer(resolve_model_path(args.model), device=device)
     st.max_seq_length = args.max_length
-    encoders = {}
-    for v in variants:
-        encoders[v] = load_encoder(ModelConfig(name=args.model, max_length=args.max_length), device)
-        if v == "bf16-weights":
-            encoders[v].backbone.to(torch.bfloat16)
+    enc = load_encoder(ModelConfig(name=args.model, max_length=args.max_length), device)
+
+    def encode(precision: str, batch: list[str]):
+        with encode_precision(enc, precision) as amp:  # as `embedft eval` does at eval.precision
+            return enc.encode(batch, batch_size=args.batch_size, amp=amp)
+
     warm = texts[:256]
     st.encode(warm, batch_size=args.batch_size)
-    for v, e in encoders.items():
-        e.encode(warm, batch_size=args.batch_size, amp=VARIANTS[v])
+    for v in precisions:
+        encode(v, warm)
 
     # Alternate the sides so drift of the machine's speed hits all; keep each side's best.
-    t_st, t_var = [], {v: [] for v in variants}
+    t_st, t_var = [], {v: [] for v in precisions}
     vecs = {}
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         ref = st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True, normalize_embeddings=True)
         t_st.append(time.perf_counter() - t0)
-        for v, e in encoders.items():
+        for v in precisions:
             t0 = time.perf_counter()
-            vecs[v] = e.encode(texts, batch_size=args.batch_size, amp=VARIANTS[v])
+            vecs[v] = encode(v, texts)
             t_var[v].append(time.perf_counter() - t0)
-    first = variants[0]
+    first = precisions[0]
     t_ours, ours = t_var[first], vecs[first]
     times = {"sentence_transformers_seconds": [round(t, 2) for t in t_st], "embedft_seconds": [round(t, 2) for t in t_ours]}
     t_st, t_ours = min(t_st), min(t_ours)
@@ -104,16 +104,16 @@ def main() -> None:
         "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
         "sentence_transformers_texts_per_s": len(texts) / t_st, "embedft_texts_per_s": len(texts) / t_ours,
         "ratio_embedft_over_st": t_st / t_ours, **times, "max_abs_diff": float(np.abs(ref - ours).max()),
-        "embedft_variant": first,
-        "variants": {v: {"texts_per_s": len(texts) / min(t_var[v]), "ratio_over_st": t_st / min(t_var[v]),
+        "embedft_precision": first,
+        "precisions": {v: {"texts_per_s": len(texts) / min(t_var[v]), "ratio_over_st": t_st / min(t_var[v]),
                          "seconds": [round(t, 2) for t in t_var[v]],
-                         "max_abs_diff": float(np.abs(ref - vecs[v]).max())} for v in variants},
+                         "max_abs_diff": float(np.abs(ref - vecs[v]).max())} for v in precisions},
     }
     print(f"sentence-transformers encode: {result['sentence_transformers_texts_per_s']:8.1f} texts/s")
     print(f"embedft encoder:              {result['embedft_texts_per_s']:8.1f} texts/s")
     print(f"ratio embedft / ST:           {result['ratio_embedft_over_st']:8.2f}x   max |diff| = {result['max_abs_diff']:.2e}")
-    for v, r in result["variants"].items():
-        if len(variants) > 1:
+    for v, r in result["precisions"].items():
+        if len(precisions) > 1:
             print(f"  embedft {v:13s} {r['texts_per_s']:8.1f} texts/s  {r['ratio_over_st']:5.2f}x ST  "
                   f"max |diff| = {r['max_abs_diff']:.2e}")
     print(json.dumps(result))

@@ -109,7 +109,9 @@ def evaluate_classification(train_emb: np.ndarray, train_labels: list[str], test
 
 def evaluate_encoder(encoder, train: Examples, eval_: Examples, cfg: EvalConfig, device=None,
                      progress: bool = False) -> EvalOutput:
-    """All configured tasks for one encoder."""
+    """All configured tasks for one encoder, encoded at `cfg.precision`."""
+    from embedft.models import encode_precision
+
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
     memo: dict[tuple[str, bool], np.ndarray] = {}
@@ -119,8 +121,9 @@ def evaluate_encoder(encoder, train: Examples, eval_: Examples, cfg: EvalConfig,
         # The eval texts serve as queries, corpus and kNN queries: embed each form once.
         key = (name, is_query and not plain)
         if key not in memo:
-            memo[key] = encoder.encode(texts, is_query=is_query, batch_size=cfg.batch_size, progress=progress,
-                                       device=device)
+            with encode_precision(encoder, cfg.precision) as amp:
+                memo[key] = encoder.encode(texts, is_query=is_query, batch_size=cfg.batch_size, progress=progress,
+                                           device=device, amp=amp)
         return memo[key]
 
     for task_name in tasks_for(cfg, train, eval_):

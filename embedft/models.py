@@ -448,6 +448,32 @@ def lora_input_casts(module: nn.Module, enabled: bool):
             m.cast_input_dtype_enabled = value
 
 
+@contextlib.contextmanager
+def encode_precision(module: nn.Module, precision: str):
+    """Encoding at `eval.precision`; yields the `amp` argument for `Encoder.encode`.
+
+    auto: bf16 autocast on CUDA, fp32 on CPU. fp32: no autocast anywhere. bf16: every floating
+    parameter (LoRA weights too) is swapped for a bf16 copy while the block runs, under autocast
+    on CUDA; the original tensors are put back afterwards, untouched, so training or an export
+    after it sees the same weights.
+    """
+    if precision == "fp32":
+        yield False
+        return
+    if precision != "bf16":
+        yield None
+        return
+    params = [p for p in module.parameters() if p.is_floating_point() and p.dtype != torch.bfloat16]
+    originals = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.data.to(torch.bfloat16)
+        yield None
+    finally:
+        for p, data in zip(params, originals):
+            p.data = data
+
+
 def lora_settings(encoder: Encoder, lora: LoraConfig | None = None) -> dict[str, Any] | None:
     """r, alpha, dropout and targets of the encoder's adapter, or those `lora` would give it
     (the same values either way; None for an encoder without LoRA and no config)."""

@@ -73,3 +73,30 @@ def test_base_only_report_fills_the_base_column(tmp_path):
     payload = json.loads((out / "report.json").read_text())
     assert payload["base"]["retrieval/recall@10"] == 0.5 and payload["adapted"] is None
     assert "| retrieval/recall@10 | 0.5000 |  |  |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
+def test_evaluate_encoder_encodes_at_eval_precision(tiny_bert_dir, precision):
+    import torch
+
+    from embedft.config import EvalConfig, ModelConfig
+    from embedft.evaluate import evaluate_encoder
+    from embedft.models import load_encoder
+
+    enc = load_encoder(ModelConfig(name=str(tiny_bert_dir)))
+    seen = []
+    real_encode = enc.encode
+
+    def spy(texts, **kw):
+        seen.append((next(enc.parameters()).dtype, kw.get("amp")))
+        return real_encode(texts, **kw)
+
+    enc.encode = spy
+    texts = [f"{w} {i}" for w in ("apple phone", "bosch washer", "sony tv") for i in range(4)]
+    ex = Examples("grouped", "t", np.arange(len(texts)) + 1, texts, groups=[t.split()[0] for t in texts],
+                  labels=[t.split()[1] for t in texts])
+    out = evaluate_encoder(enc, ex, ex, EvalConfig(precision=precision, batch_size=4), device="cpu")
+    want = {"auto": (torch.float32, None), "fp32": (torch.float32, False), "bf16": (torch.bfloat16, None)}[precision]
+    assert seen and set(seen) == {want}
+    assert 0 <= out.metrics["retrieval/recall@10"] <= 1 and "classification/macro_f1" in out.metrics
+    assert all(p.dtype == torch.float32 for p in enc.parameters())  # the weights come back after encoding

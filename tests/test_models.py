@@ -212,3 +212,41 @@ def test_skipping_peft_input_casts_under_bf16_autocast_changes_nothing(tiny_mode
     for n in grads_cast:
         assert grads_cast[n].abs().sum() > 0, n
         torch.testing.assert_close(grads_skip[n], grads_cast[n], rtol=0, atol=0, msg=n)
+
+
+def test_bf16_encode_precision_swaps_weights_and_restores_them_exactly(tiny_model_dir):
+    from embedft.models import encode_precision
+
+    enc = load_encoder(ModelConfig(name=str(tiny_model_dir)))
+    apply_lora(enc, LoraConfig(r=4, dropout=0.0))
+    with torch.no_grad():  # a trained-looking adapter: its output is in the embeddings
+        for n, p in enc.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    with encode_precision(enc, "fp32") as amp:
+        assert amp is False
+        fp32 = enc.encode(TEXTS, amp=amp)
+    with encode_precision(enc, "bf16") as amp:
+        assert amp is None  # autocast on CUDA only, over the bf16 weights
+        assert all(p.dtype == torch.bfloat16 for p in enc.parameters())
+        bf16 = enc.encode(TEXTS, amp=amp)
+    # The fp32 weights come back bit for bit (not a round trip through bf16), requires_grad too.
+    for n, p in enc.named_parameters():
+        assert p.dtype == torch.float32, n
+        torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, msg=n)
+    assert sum(p.requires_grad for p in enc.parameters()) == sum("lora_" in n for n in before)
+    # bf16 rounds: not the same vectors, but the same directions.
+    assert np.abs(bf16 - fp32).max() > 0
+    assert (bf16 * fp32).sum(axis=1).min() > 0.99
+    np.testing.assert_array_equal(enc.encode(TEXTS, amp=False), fp32)
+
+
+def test_encode_precision_restores_the_weights_when_encoding_fails(tiny_bert_dir):
+    from embedft.models import encode_precision
+
+    enc = load_encoder(ModelConfig(name=str(tiny_bert_dir)))
+    with pytest.raises(RuntimeError, match="boom"):
+        with encode_precision(enc, "bf16"):
+            raise RuntimeError("boom")
+    assert all(p.dtype == torch.float32 for p in enc.parameters())
