@@ -6,11 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The correctness tests that matter on a GPU (padding, cached negatives, checkpointing) run on
+# each of these; `make gpu-check` on a CUDA machine runs the cuda ones, elsewhere they skip.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device"))]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 
@@ -42,3 +48,9 @@ def template_db(tmp_path_factory) -> Path:
     db = tmp_path_factory.mktemp("template") / "mlflow.db"
     MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
     return db
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each test using this runs on the CPU, and on CUDA when there is one (fp32 on both)."""
+    return torch.device(request.param)

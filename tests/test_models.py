@@ -54,8 +54,8 @@ def test_instruction_on_queries_only(tiny_qwen3_dir):
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_batch_equals_single_under_padding(tiny_model_dir, padding_side):
-    enc = load_encoder(ModelConfig(name=str(tiny_model_dir)))
+def test_batch_equals_single_under_padding(tiny_model_dir, padding_side, device):
+    enc = load_encoder(ModelConfig(name=str(tiny_model_dir)), device)
     if enc.spec.family == "bert" and padding_side == "left":
         pytest.skip("BERT uses absolute positions: right padding only, as its family says")
     from dataclasses import replace
@@ -63,15 +63,15 @@ def test_batch_equals_single_under_padding(tiny_model_dir, padding_side):
     enc.spec = replace(enc.spec, padding_side=padding_side)
     enc.eval()
     ids = enc.tokenize(TEXTS)
-    padded = enc.collate(ids)  # one batch, every text but the longest padded
+    padded = enc.collate(ids, device)  # one batch, every text but the longest padded
     assert (padded["attention_mask"] == 0).sum() > 0
     with torch.no_grad():
-        batch = enc(**padded).numpy()
-        single = np.concatenate([enc(**enc.collate([x])).numpy() for x in ids])
+        batch = enc(**padded).cpu().numpy()
+        single = np.concatenate([enc(**enc.collate([x], device)).cpu().numpy() for x in ids])
     assert np.abs(batch - single).max() <= 1e-5
     assert np.allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
-    # encode() (length-sorted chunks) gives the same vectors.
-    assert np.abs(enc.encode(TEXTS, batch_size=len(TEXTS)) - single).max() <= 1e-5
+    # encode() (length-sorted chunks) gives the same vectors; fp32 on CUDA too (amp=False).
+    assert np.abs(enc.encode(TEXTS, batch_size=len(TEXTS), amp=False) - single).max() <= 1e-5
 
 
 def test_minilm_alias_resolves_to_packaged_folder():

@@ -26,9 +26,9 @@ def toy_examples(n_groups: int = 12, per_group: int = 4) -> Examples:
     return Examples("grouped", "toy", np.arange(len(texts)) + 1, texts, groups=groups, labels=None)
 
 
-def _encoder(path, dropout=0.0, base_dtype=torch.float32, **model_kw):
+def _encoder(path, dropout=0.0, base_dtype=torch.float32, device="cpu", **model_kw):
     torch.manual_seed(0)
-    enc = load_encoder(ModelConfig(name=str(path), **model_kw))
+    enc = load_encoder(ModelConfig(name=str(path), **model_kw), device)
     enc.backbone.to(base_dtype)  # as the pipeline does for train.base_dtype, before LoRA
     return apply_lora(enc, LoraConfig(r=4, alpha=8, dropout=dropout))
 
@@ -148,22 +148,22 @@ def _one_batch(src, bs=16, sampling="random"):
 
 
 @pytest.mark.parametrize("sampling", ["random", "groups"])
-def test_cached_negatives_match_full_batch(tiny_model_dir, sampling):
+def test_cached_negatives_match_full_batch(tiny_model_dir, sampling, device):
     src = build_pair_source(toy_examples())
     loss_cfg = LossConfig(temperature=0.05, symmetric=True)
     batch = _one_batch(src, sampling=sampling)
     results = []
     for mini in (None, 5):
-        enc = _encoder(tiny_model_dir)
+        enc = _encoder(tiny_model_dir, device=device)
         cache = TokenCache(enc, src.texts)
         seqs, gather = batch_sequences(batch, cache)
         loss_of = lambda e: batch_loss(e, batch, gather, src.text_keys, loss_cfg)  # noqa: E731
         if mini is None:
-            loss_t = loss_of(embed(enc, seqs, torch.device("cpu"), False, chunk=64))
+            loss_t = loss_of(embed(enc, seqs, device, False, chunk=64))
             loss_t.backward()
             loss = float(loss_t)
         else:
-            loss = train_step_cached(enc, seqs, loss_of, torch.device("cpu"), mini, False)
+            loss = train_step_cached(enc, seqs, loss_of, device, mini, False)
         results.append((loss, _grads(enc)))
     (l_full, g_full), (l_cached, g_cached) = results
     assert abs(l_full - l_cached) <= 1e-5
@@ -171,15 +171,15 @@ def test_cached_negatives_match_full_batch(tiny_model_dir, sampling):
     assert max((g_full[k] - g_cached[k]).abs().max().item() for k in g_full) <= 1e-5
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, device):
     src = build_pair_source(toy_examples())
     batch = _one_batch(src)
     grads = []
     for ckpt in (False, True):
-        enc = _encoder(tiny_model_dir, gradient_checkpointing=ckpt)
+        enc = _encoder(tiny_model_dir, device=device, gradient_checkpointing=ckpt)
         enc.train()
         seqs, gather = batch_sequences(batch, TokenCache(enc, src.texts))
-        batch_loss(embed(enc, seqs, torch.device("cpu"), False, chunk=64), batch, gather, src.text_keys, LossConfig()).backward()
+        batch_loss(embed(enc, seqs, device, False, chunk=64), batch, gather, src.text_keys, LossConfig()).backward()
         grads.append(_grads(enc))
     plain, ckpt = grads
     # Non-zero on every LoRA matrix that feeds the output (no silently detached graph).
