@@ -21,7 +21,9 @@ and seed, on the SAME (anchor, positive) pairs in the SAME order:
 
 Data: the PriceRunner offers in ../shared/datasets/pricerunner when present (title = col 1,
 product = cluster_id col 3, train = cluster_id % 5 != 0, held-out = the rest), else the sample
-data/products.csv (text / product_id, same modulo split). `--data` forces one.
+data/products.csv (text / product_id, same modulo split). `--data` forces one: `pricerunner`,
+`sample`, or the path of a CSV in PriceRunner's layout (pricerunner_aggregate.csv elsewhere,
+e.g. from a worktree that has no ../shared beside it).
 
 Measured per side, each in its own subprocess (RSS high-water marks are per process):
 wall time of the training call (`trainer.train()` / `train()`, model load and data preparation
@@ -94,7 +96,7 @@ class BenchSettings:
     limit_queries: int = 2000
     seed: int = 42
     threads: int | None = None  # torch CPU threads for both sides; None = torch's default
-    data: str = "auto"  # auto | pricerunner | sample
+    data: str = "auto"  # auto | pricerunner | sample | path of a CSV in PriceRunner's layout
     device: str = "auto"  # auto | cpu | cuda
     embedft_compile: bool = False  # embedft side only: train.compile (torch.compile of each layer)
     # embedft side only: train.base_dtype. `match` (the default) = ST's precision: bf16 on CUDA (ST runs
@@ -133,15 +135,15 @@ def data_config(which: str):
     # Keep every row, as the pricerunner-matching experiment does: repeated titles and
     # single-offer products stay in the held-out corpus and never become anchors.
     policies = dict(on_singleton="warn", on_duplicate="warn", on_overlap="warn")
-    if which == "pricerunner":
-        if not PRICERUNNER.is_file():
-            raise FileNotFoundError(f"--data pricerunner: {PRICERUNNER} not found; use --data sample")
-        return DataConfig(train=str(PRICERUNNER), header=False, shape="grouped", text_column=1, group_column=3,
-                          label_column=6, split="modulo", split_modulo=5, **policies)
     if which == "sample":
         return DataConfig(train=str(SAMPLE), shape="grouped", text_column="text", group_column="product_id",
                           label_column="category", split="modulo", split_modulo=5, **policies)
-    raise ValueError(f"--data {which!r}: use auto, pricerunner or sample")
+    path = PRICERUNNER if which == "pricerunner" else Path(which)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {which}: {path} not found; use --data sample, or the path of "
+                                "pricerunner_aggregate.csv")
+    return DataConfig(train=str(path), header=False, shape="grouped", text_column=1, group_column=3,
+                      label_column=6, split="modulo", split_modulo=5, **policies)
 
 
 def planned_batches(src, batch_size: int, steps: int, seed: int) -> list:

@@ -84,3 +84,13 @@ def test_both_sides_train_and_report(bench, settings, data):
     assert ratios["samples_per_s"] == pytest.approx(ours["samples_per_s"] / st["samples_per_s"])
     table = bench.format_table(results, ratios)
     assert "sentence-transformers" in table and "recall@10" in table and "x" in table.splitlines()[2]
+
+
+def test_data_takes_a_path_in_pricerunners_layout(bench, tmp_path):
+    csv = tmp_path / "offers.csv"
+    csv.write_text("1,apple iphone 8 64gb,1,10,1,Apple,Mobile Phones\n2,iphone 8 64 gb silver,1,10,1,Apple,Mobile Phones\n")
+    cfg = bench.data_config(str(csv))
+    assert cfg.train == str(csv) and cfg.text_column == 1 and cfg.group_column == 3 and not cfg.header
+    assert bench.data_config("sample").train == str(bench.SAMPLE)
+    with pytest.raises(FileNotFoundError, match=r"--data .*missing\.csv not found; use --data sample"):
+        bench.data_config(str(tmp_path / "missing.csv"))
