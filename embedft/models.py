@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -330,10 +331,24 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     raise ModelError(f"unknown pooling {mode!r}; use mean, cls or lasttoken")
 
 
+# oneDNN (PyTorch's CPU bf16 matmuls) caches a compiled primitive, scratch memory included, for
+# every distinct input shape, up to 1,024 of them. Length-sorted chunks give many shapes, so on a
+# bf16 CPU run the cache alone held about 430 MB after 30 steps; 64 entries still cover the
+# shapes one step reuses, at the same speed (docs/benchmarks.md). A value the user set wins.
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = "64"
+
+
+def bound_onednn_cache() -> None:
+    """Cap oneDNN's primitive cache, unless $ONEDNN_PRIMITIVE_CACHE_CAPACITY is set. oneDNN reads
+    the variable when it builds its first primitive, so call this before the first forward."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+
+
 def load_encoder(cfg: ModelConfig, device: str | torch.device = "cpu", lora: LoraConfig | None = None) -> Encoder:
     """Load the base model as an Encoder with the family's pooling, padding and prompts."""
     from sentence_transformers import SentenceTransformer
 
+    bound_onednn_cache()
     path = resolve_model_path(cfg.name)
     try:
         st = SentenceTransformer(path, device=str(device), trust_remote_code=cfg.trust_remote_code)

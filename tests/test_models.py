@@ -1,6 +1,7 @@
 """Model families, pooling, padding, prompts and LoRA targets on tiny random models."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -250,3 +251,14 @@ def test_encode_precision_restores_the_weights_when_encoding_fails(tiny_bert_dir
         with encode_precision(enc, "bf16"):
             raise RuntimeError("boom")
     assert all(p.dtype == torch.float32 for p in enc.parameters())
+
+
+def test_load_encoder_caps_onednns_primitive_cache_unless_the_user_set_it(tiny_bert_dir, monkeypatch):
+    from embedft.models import ONEDNN_PRIMITIVE_CACHE_CAPACITY
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    load_encoder(ModelConfig(name=str(tiny_bert_dir)))
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == ONEDNN_PRIMITIVE_CACHE_CAPACITY
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
+    load_encoder(ModelConfig(name=str(tiny_bert_dir)))
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
