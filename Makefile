@@ -29,7 +29,7 @@ train: setup ## Train the default experiment (or CONFIG=path)
 test: setup ## Run the test-suite
 	$(PY) -m pytest -q
 
-bench-pricerunner: setup ## Train + evaluate on real PriceRunner data (../shared/datasets), 19-27 min on 2 cores
+bench-pricerunner: setup ## Train + evaluate on real PriceRunner data (../shared/datasets), 17-27 min on 2 cores
 	$(PY) -m embedft train experiments/pricerunner-matching.yaml --no-progress
 
 bench-encode: setup ## Encoding throughput, embedft vs SentenceTransformer.encode (PriceRunner titles)
