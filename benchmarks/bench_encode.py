@@ -30,9 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 PRICERUNNER = REPO.parent / "shared" / "datasets" / "pricerunner" / "pricerunner_aggregate.csv"
 
 
-PRECISIONS = ("auto", "fp32", "bf16")  # eval.precision's values
-
-
 def load_titles(limit: int | None) -> tuple[list[str], str]:
     if PRICERUNNER.is_file():
         with PRICERUNNER.open() as f:
@@ -55,6 +52,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="auto",
                     help="embedft precisions (eval.precision) to time, comma-separated: auto, fp32, bf16")
     args = ap.parse_args()
+    from embedft.config import PRECISIONS, ModelConfig
+
     precisions = [v.strip() for v in args.precisions.split(",") if v.strip()]
     unknown = set(precisions) - set(PRECISIONS)
     if unknown or not precisions:
@@ -64,7 +63,6 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from embedft.config import ModelConfig
     from embedft.models import encode_precision, load_encoder, resolve_model_path
 
     texts, source = load_titles(args.limit)

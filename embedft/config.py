@@ -219,6 +219,9 @@ class TrainConfig:
         _check(self.val_max_queries >= 1, "train.val_max_queries", f"must be >= 1, got {self.val_max_queries}")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")  # eval.precision's values
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Evaluation with FAISS: retrieval and kNN classification, base vs adapted."""
@@ -242,7 +245,7 @@ class EvalConfig:
         _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks", f"must be positive integers, got {self.ks}")
         _check(self.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {self.knn_k}")
         _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.precision in ("auto", "fp32", "bf16"), "eval.precision",
+        _check(self.precision in PRECISIONS, "eval.precision",
                f"unknown precision {self.precision!r}; use auto, fp32 or bf16")
 
 

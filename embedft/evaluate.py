@@ -117,31 +117,33 @@ def evaluate_encoder(encoder, train: Examples, eval_: Examples, cfg: EvalConfig,
     memo: dict[tuple[str, bool], np.ndarray] = {}
     plain = not encoder.spec.query_template  # queries and documents embed the same way
 
-    def enc(name: str, texts: list[str], is_query: bool) -> np.ndarray:
+    def enc(name: str, texts: list[str], is_query: bool, amp: bool | None) -> np.ndarray:
         # The eval texts serve as queries, corpus and kNN queries: embed each form once.
         key = (name, is_query and not plain)
         if key not in memo:
-            with encode_precision(encoder, cfg.precision) as amp:
-                memo[key] = encoder.encode(texts, is_query=is_query, batch_size=cfg.batch_size, progress=progress,
-                                           device=device, amp=amp)
+            memo[key] = encoder.encode(texts, is_query=is_query, batch_size=cfg.batch_size, progress=progress,
+                                       device=device, amp=amp)
         return memo[key]
 
-    for task_name in tasks_for(cfg, train, eval_):
-        t0 = time.perf_counter()
-        if task_name == "retrieval":
-            task = retrieval_task(eval_)
-            grouped = task.self_ids is not None  # corpus == eval texts, queries a subset of them
-            c = enc("eval", eval_.texts, False) if grouped else enc("corpus", task.corpus, False)
-            q = enc("eval", eval_.texts, True)[task.self_ids] if grouped else enc("queries", task.queries, True)
-            out = evaluate_retrieval(q, c, task, cfg.ks, cfg.indexes)
-        else:
-            tr = enc("train", train.texts, False)
-            te = enc("eval", eval_.texts, True)
-            out = evaluate_classification(tr, train.labels, te, eval_.labels, cfg.knn_k, cfg.knn_weighted,
-                                          cfg.linear_probe)
-        metrics.update(out.metrics)
-        details[task_name] = out.details
-        metrics[f"{task_name}/seconds"] = time.perf_counter() - t0
+    # One weight swap (eval.precision=bf16) for the whole evaluation, not one per encoding.
+    with encode_precision(encoder, cfg.precision) as amp:
+        for task_name in tasks_for(cfg, train, eval_):
+            t0 = time.perf_counter()
+            if task_name == "retrieval":
+                task = retrieval_task(eval_)
+                grouped = task.self_ids is not None  # corpus == eval texts, queries a subset of them
+                c = enc("eval", eval_.texts, False, amp) if grouped else enc("corpus", task.corpus, False, amp)
+                q = enc("eval", eval_.texts, True, amp)[task.self_ids] if grouped \
+                    else enc("queries", task.queries, True, amp)
+                out = evaluate_retrieval(q, c, task, cfg.ks, cfg.indexes)
+            else:
+                tr = enc("train", train.texts, False, amp)
+                te = enc("eval", eval_.texts, True, amp)
+                out = evaluate_classification(tr, train.labels, te, eval_.labels, cfg.knn_k, cfg.knn_weighted,
+                                              cfg.linear_probe)
+            metrics.update(out.metrics)
+            details[task_name] = out.details
+            metrics[f"{task_name}/seconds"] = time.perf_counter() - t0
     return EvalOutput(metrics, details)
 
 
