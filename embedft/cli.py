@@ -42,11 +42,12 @@ class _Group(click.Group):
             pass
         try:
             from embedft.data import DataError
+            from embedft.deploy import DeployError
             from embedft.evaluate import EvalError
             from embedft.export import ExportError
             from embedft.models import ModelError
 
-            known += (DataError, ModelError, EvalError, ExportError)
+            known += (DataError, ModelError, EvalError, ExportError, DeployError)
         except ImportError:  # an install without torch still reports config errors cleanly
             pass
         try:
@@ -235,11 +236,41 @@ def index_group() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing index folder.")
 def index_build(model_dir, corpus, text_column, id_column, factory, out, overwrite) -> None:
     """Embed a corpus with an exported model and save a FAISS inner-product index."""
-    from embedft.export import index_corpus
+    from embedft.deploy import index_corpus
 
     m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
                      overwrite=overwrite)
     click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
+
+
+@index_group.command("search")
+@click.argument("index_dir", type=click.Path())
+@click.argument("queries", nargs=-1)
+@click.option("--queries", "queries_file", type=click.Path(), help="CSV/TSV/JSONL/Parquet file of queries, one per row.")
+@click.option("--text-column", default="text", show_default=True, help="The queries file's text column.")
+@click.option("--id-column", default="id", show_default=True, help="The queries file's id column (else row numbers).")
+@click.option("-k", "k", default=10, show_default=True, help="Hits per query.")
+@click.option("--model", "model_dir", type=click.Path(), help="Default: the export the index was built with.")
+@click.option("--show-text", is_flag=True, help="Show each hit's text, read from the corpus the index was built from.")
+@click.option("--out", type=click.Path(), help="Write the hits as JSON lines here instead of printing them.")
+def index_search(index_dir, queries, queries_file, text_column, id_column, k, model_dir, show_text, out) -> None:
+    """Top-k documents of an `embedft index build` folder for each query (given as arguments or --queries)."""
+    from embedft import deploy
+
+    if queries and queries_file:
+        raise click.UsageError("give queries as arguments or with --queries, not both")
+    if queries_file:
+        query_ids, queries, _ = deploy.read_corpus(queries_file, text_column, id_column)
+    else:
+        query_ids = [str(i) for i in range(1, len(queries) + 1)]
+    texts = deploy.corpus_texts(index_dir) if show_text else None  # before the search: a missing corpus fails fast
+    hits = deploy.search_index(index_dir, list(queries), k=k, model_dir=model_dir)
+    records = deploy.results_records(query_ids, queries, hits, texts)
+    if out:
+        deploy.write_results(out, records)
+        click.echo(f"{out}: top {k} of {len(records)} queries")
+    else:
+        click.echo(deploy.format_results(records))
 
 
 @main.group("runs")

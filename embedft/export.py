@@ -255,7 +255,7 @@ def verify_export(model_dir: str | Path, min_cosine: float | None = None, max_ab
 
 
 # ---------------------------------------------------------------------------------------
-# Indexing a corpus with an export
+# Identity of an export (index manifests record it: embedft.deploy)
 
 
 def weights_digest(model_dir: str | Path) -> str:
@@ -270,67 +270,6 @@ def weights_digest(model_dir: str | Path) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]
-
-
-def read_corpus(path: str | Path, text_column: str = "text",
-                id_column: str | None = "id") -> tuple[list[str], list[str], str | None]:
-    """(ids, texts, id column used) from a CSV/TSV/JSONL/Parquet file; row numbers as ids without the id column."""
-    from collections import Counter
-
-    import pandas as pd
-
-    p = Path(path)
-    if not p.is_file():
-        raise ExportError(f"corpus file {p} not found")
-    suffix = p.suffix.lower()
-    readers = {".csv": lambda: pd.read_csv(p, dtype=str, keep_default_na=False),
-               ".tsv": lambda: pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False),
-               ".jsonl": lambda: pd.read_json(p, lines=True, dtype=False),
-               ".parquet": lambda: pd.read_parquet(p)}
-    if suffix not in readers:
-        raise ExportError(f"{p}: unknown corpus format {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
-    df = readers[suffix]()
-    if text_column not in df.columns:
-        raise ExportError(f"{p}: no column {text_column!r}; columns are {list(df.columns)}; pass --text-column")
-    texts = df[text_column].astype(str).tolist()
-    empty = [i for i, t in enumerate(texts) if not t.strip()]
-    if empty:
-        raise ExportError(f"{p}: empty text in rows {empty[:10]} (0-based data rows); remove or fill them")
-    if id_column and id_column in df.columns:
-        ids = df[id_column].astype(str).tolist()
-        dup = sorted(i for i, c in Counter(ids).items() if c > 1)
-        if dup:
-            raise ExportError(f"{p}: duplicate ids in column {id_column!r}: {dup[:10]}; ids must be unique")
-        return ids, texts, id_column
-    log.warning("%s: no id column %r; using row numbers as ids", p, id_column)
-    return [str(i) for i in range(len(texts))], texts, None
-
-
-def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path, factory: str = "Flat",
-                 text_column: str = "text", id_column: str | None = "id", overwrite: bool = False,
-                 batch_size: int = 128, device: str | None = None) -> dict:
-    """Embed a corpus with an export (plain sentence-transformers) and save a FAISS index; returns the manifest."""
-    from sentence_transformers import SentenceTransformer
-
-    from embedft.index import build_index, save_index
-
-    d = Path(model_dir)
-    if not (d / "modules.json").is_file():
-        raise ExportError(f"{d} is not a sentence-transformers folder (no modules.json); pass an `embedft export` folder")
-    if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it")
-    ids, texts, id_used = read_corpus(corpus, text_column, id_column)
-    model = SentenceTransformer(str(d), device=device)
-    vectors = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
-    try:
-        index = build_index(np.asarray(vectors, dtype=np.float32), factory)
-    except ValueError as e:
-        raise ExportError(str(e)) from e
-    manifest = {"model": weights_digest(d), "model_dir": str(d.resolve()), "dim": int(vectors.shape[1]),
-                "metric": "inner_product", "normalized": True, "factory": factory, "count": len(ids),
-                "corpus": str(corpus), "text_column": text_column, "id_column": id_used}
-    save_index(out_dir, index, ids, manifest, overwrite=overwrite)
-    return manifest
 
 
 # ---------------------------------------------------------------------------------------

@@ -279,3 +279,85 @@ def test_index_build_cli(exports, tmp_path):
     res = CliRunner().invoke(main, ["index", "build", "--model", str(export_dir), "--corpus", str(corpus),
                                     "--text-column", "nope", "--out", str(tmp_path / "idx2")])
     assert res.exit_code == 2 and "no column 'nope'" in res.output
+
+
+SEARCH_DOCS = [f"{w} {thing} {i}" for i, (w, thing) in enumerate(
+    [(w, t) for w in ("apple", "sony", "bosch", "intel", "canon") for t in ("phone", "camera", "washer", "chip")])]
+
+
+def _build(export_dir: Path, root: Path) -> tuple[Path, Path]:
+    corpus = root / "corpus.csv"
+    corpus.write_text("doc_id,body\n" + "\n".join(f"d{i},{t}" for i, t in enumerate(SEARCH_DOCS)) + "\n")
+    res = CliRunner().invoke(main, ["index", "build", "--model", str(export_dir), "--corpus", str(corpus),
+                                    "--text-column", "body", "--id-column", "doc_id", "--out", str(root / "idx")])
+    assert res.exit_code == 0, res.output
+    return corpus, root / "idx"
+
+
+@pytest.mark.parametrize("fam", ["bert", "qwen3"])
+def test_index_search_returns_what_plain_sentence_transformers_ranks(exports, tmp_path, fam):
+    from sentence_transformers import SentenceTransformer
+
+    export_dir = exports[fam][2]
+    _, idx = _build(export_dir, tmp_path)
+    queries = ["apple phone", "bosch washer 10", "a chip by intel"]
+    res = CliRunner().invoke(main, ["index", "search", str(idx), *queries, "-k", "3", "--out", str(tmp_path / "r.jsonl")])
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+
+    st = SentenceTransformer(str(export_dir), device="cpu")
+    docs = st.encode(SEARCH_DOCS, normalize_embeddings=True)
+    q = st.encode(queries, prompt_name="query", normalize_embeddings=True)
+    expected = q @ docs.T  # (Q, N)
+    for rec, qid, text, row in zip(records, ["1", "2", "3"], queries, expected):
+        assert (rec["query_id"], rec["query"]) == (qid, text)
+        top = np.argsort(-row)[:3]
+        assert [h["id"] for h in rec["hits"]] == [f"d{i}" for i in top]
+        assert [h["rank"] for h in rec["hits"]] == [1, 2, 3]
+        np.testing.assert_allclose([h["score"] for h in rec["hits"]], row[top], atol=1e-5)
+    if fam == "qwen3":  # the query prompt was applied: without it the scores differ
+        plain = st.encode(queries, normalize_embeddings=True) @ docs.T
+        assert st.prompts["query"] and np.abs(plain - expected).max() > 1e-3
+
+
+def test_index_search_prints_hits_with_texts_and_reads_a_queries_file(exports, tmp_path):
+    corpus, idx = _build(exports["bert"][2], tmp_path)
+    res = CliRunner().invoke(main, ["index", "search", str(idx), SEARCH_DOCS[6], "-k", "2", "--show-text"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"query 1: {SEARCH_DOCS[6]}" and len(lines) == 3
+    assert lines[1].split() == ["1", "1.0000", "d6", *SEARCH_DOCS[6].split()]  # a document finds itself first
+
+    qfile = tmp_path / "queries.jsonl"
+    qfile.write_text('{"qid": "q-a", "q": "canon camera"}\n{"qid": "q-b", "q": "sony phone"}\n')
+    res = CliRunner().invoke(main, ["index", "search", str(idx), "--queries", str(qfile), "--id-column", "qid",
+                                    "--text-column", "q", "-k", "1", "--out", str(tmp_path / "r.jsonl")])
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["query_id"], r["query"], len(r["hits"])) for r in records] == [("q-a", "canon camera", 1),
+                                                                               ("q-b", "sony phone", 1)]
+
+
+def test_index_search_refuses_bad_input_and_writes_nothing(exports, tmp_path):
+    corpus, idx = _build(exports["bert"][2], tmp_path)
+    out = tmp_path / "r.jsonl"
+
+    def fails(*args: str) -> str:
+        res = CliRunner().invoke(main, ["index", "search", str(idx), *args, "--out", str(out)])
+        assert res.exit_code == 2 and not out.exists(), res.output
+        return res.output
+
+    assert "another model" in fails("q", "--model", str(exports["qwen3"][2]))
+    assert "choose k between 1 and 20" in fails("q", "-k", "21")
+    assert "no queries" in fails()
+    assert "not both" in fails("q", "--queries", str(corpus))
+    assert "no column 'text'" in fails("--queries", str(corpus))
+    corpus.write_text("doc_id,body\nd0,changed\n")
+    assert "changed since the index was built" in fails("q", "--show-text")
+    corpus.unlink()
+    assert "not there any more" in fails("q", "--show-text")
+    shutil.copytree(exports["bert"][2], tmp_path / "copy")  # a copy of the same export answers for it
+    res = CliRunner().invoke(main, ["index", "search", str(idx), "q", "--model", str(tmp_path / "copy")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["index", "search", str(tmp_path), "q", "--show-text"])
+    assert res.exit_code == 2 and "not an index folder" in res.output

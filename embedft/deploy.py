@@ -1,0 +1,174 @@
+"""Use an export the way a search team will: index a corpus, then query the index.
+
+Both sides embed through plain sentence-transformers, as the export is served: documents
+without a prompt, queries with the export's ``query`` prompt. An index folder's manifest
+names the export that built it (path and weights digest), so a query is never embedded by
+another model than the documents were.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from embedft.atomic import write_text
+from embedft.export import weights_digest
+
+log = logging.getLogger(__name__)
+
+Hits = list[tuple[str, float]]  # (document id, score), best first
+
+
+class DeployError(ValueError):
+    """Bad input to `embedft index`: the message names the file, column or option and the fix."""
+
+
+def read_corpus(path: str | Path, text_column: str = "text",
+                id_column: str | None = "id") -> tuple[list[str], list[str], str | None]:
+    """(ids, texts, id column used) from a CSV/TSV/JSONL/Parquet file; row numbers as ids without the id column."""
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise DeployError(f"file {p} not found")
+    suffix = p.suffix.lower()
+    readers = {".csv": lambda: pd.read_csv(p, dtype=str, keep_default_na=False),
+               ".tsv": lambda: pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False),
+               ".jsonl": lambda: pd.read_json(p, lines=True, dtype=False),
+               ".parquet": lambda: pd.read_parquet(p)}
+    if suffix not in readers:
+        raise DeployError(f"{p}: unknown format {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
+    df = readers[suffix]()
+    if text_column not in df.columns:
+        raise DeployError(f"{p}: no column {text_column!r}; columns are {list(df.columns)}; pass --text-column")
+    texts = df[text_column].astype(str).tolist()
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise DeployError(f"{p}: empty text in rows {empty[:10]} (0-based data rows); remove or fill them")
+    if id_column and id_column in df.columns:
+        ids = df[id_column].astype(str).tolist()
+        dup = sorted(i for i, c in Counter(ids).items() if c > 1)
+        if dup:
+            raise DeployError(f"{p}: duplicate ids in column {id_column!r}: {dup[:10]}; ids must be unique")
+        return ids, texts, id_column
+    log.warning("%s: no id column %r; using row numbers as ids", p, id_column)
+    return [str(i) for i in range(len(texts))], texts, None
+
+
+def _require_export(model_dir: Path) -> None:
+    if not (model_dir / "modules.json").is_file():
+        raise DeployError(f"{model_dir} is not a sentence-transformers folder (no modules.json); "
+                          f"pass an `embedft export` folder")
+
+
+def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path, factory: str = "Flat",
+                 text_column: str = "text", id_column: str | None = "id", overwrite: bool = False,
+                 batch_size: int = 128, device: str | None = None) -> dict:
+    """Embed a corpus with an export (plain sentence-transformers) and save a FAISS index; returns the manifest."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedft.index import build_index, save_index
+
+    d = Path(model_dir)
+    _require_export(d)
+    if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
+        raise DeployError(f"{out_dir} already exists; pass --overwrite to replace it")
+    ids, texts, id_used = read_corpus(corpus, text_column, id_column)
+    model = SentenceTransformer(str(d), device=device)
+    vectors = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    try:
+        index = build_index(np.asarray(vectors, dtype=np.float32), factory)
+    except ValueError as e:
+        raise DeployError(str(e)) from e
+    manifest = {"model": weights_digest(d), "model_dir": str(d.resolve()), "dim": int(vectors.shape[1]),
+                "metric": "inner_product", "normalized": True, "factory": factory, "count": len(ids),
+                "corpus": str(Path(corpus).resolve()), "text_column": text_column, "id_column": id_used}
+    save_index(out_dir, index, ids, manifest, overwrite=overwrite)
+    return manifest
+
+
+def search_index(index_dir: str | Path, queries: Sequence[str], k: int = 10, model_dir: str | Path | None = None,
+                 batch_size: int = 128, device: str | None = None) -> list[Hits]:
+    """Top-k (id, score) per query from an `index_corpus` folder, best first.
+
+    Queries are embedded by the export the index was built with (or `model_dir`, which must
+    have the same weights), with its query prompt.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    from embedft.index import load_index, search
+
+    index_dir = Path(index_dir)
+    try:
+        index, ids, manifest = load_index(index_dir)
+    except ValueError as e:
+        raise DeployError(str(e)) from e
+    model = Path(model_dir) if model_dir is not None else Path(manifest.get("model_dir", ""))
+    if model_dir is None and not model.is_dir():
+        raise DeployError(f"{index_dir} was built with the export {model}, which is not there any more; "
+                          f"pass --model with a copy of that export")
+    _require_export(model)
+    digest = weights_digest(model)
+    if manifest.get("model") != digest:
+        raise DeployError(f"{index_dir} was built with another model (weights digest {manifest.get('model')}) "
+                          f"than {model} ({digest}); pass --model with the export it was built with, or "
+                          f"rebuild it with `embedft index build --model {model}`")
+    if not 1 <= k <= index.ntotal:
+        raise DeployError(f"-k {k}: choose k between 1 and {index.ntotal}, the number of indexed documents")
+    if not queries:
+        raise DeployError("no queries: pass them as arguments or in a file with --queries")
+    empty = [i for i, q in enumerate(queries) if not q.strip()]
+    if empty:
+        raise DeployError(f"empty queries at positions {empty[:10]} (0-based); remove them")
+    st = SentenceTransformer(str(model), device=device)
+    vectors = st.encode(list(queries), prompt_name="query" if "query" in st.prompts else None,
+                        batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    scores, rows = search(index, np.asarray(vectors, dtype=np.float32), k)
+    return [[(ids[r], float(s)) for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]
+
+
+def corpus_texts(index_dir: str | Path) -> dict[str, str]:
+    """id -> text of the corpus an index was built from (read again from the file its manifest names)."""
+    from embedft.index import IDS_FILE, MANIFEST_FILE
+
+    if not (Path(index_dir) / MANIFEST_FILE).is_file():
+        raise DeployError(f"{index_dir} is not an index folder (no {MANIFEST_FILE}); build one with `embedft index build`")
+    manifest = json.loads((Path(index_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    corpus = Path(manifest["corpus"])
+    if not corpus.is_file():
+        raise DeployError(f"{index_dir} was built from {corpus}, which is not there any more; "
+                          f"search without --show-text")
+    ids, texts, _ = read_corpus(corpus, manifest["text_column"], manifest["id_column"])
+    if ids != json.loads((Path(index_dir) / IDS_FILE).read_text(encoding="utf-8")):
+        raise DeployError(f"{corpus} changed since the index was built (its ids are not the indexed ones); "
+                          f"rebuild the index or search without --show-text")
+    return dict(zip(ids, texts))
+
+
+def results_records(query_ids: Sequence[str], queries: Sequence[str], hits: Sequence[Hits],
+                    texts: dict[str, str] | None = None) -> list[dict]:
+    """One JSON-ready record per query: its id, text and ranked hits (with document text when given)."""
+    return [{"query_id": qid, "query": q,
+             "hits": [{"rank": r, "id": i, "score": round(s, 6), **({"text": texts[i]} if texts else {})}
+                      for r, (i, s) in enumerate(h, 1)]}
+            for qid, q, h in zip(query_ids, queries, hits)]
+
+
+def write_results(path: str | Path, records: Sequence[dict]) -> None:
+    """JSON lines, written whole or not at all."""
+    write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def format_results(records: Sequence[dict]) -> str:
+    """The records as a readable listing: each query, then rank, score, id (and text) per hit."""
+    lines = []
+    for rec in records:
+        lines.append(f"query {rec['query_id']}: {rec['query']}")
+        lines += [f"  {h['rank']:>3}  {h['score']:.4f}  {h['id']}" + (f"  {h['text']}" if "text" in h else "")
+                  for h in rec["hits"]]
+    return "\n".join(lines)
