@@ -1,7 +1,7 @@
 """Encoding throughput: embedft's encoder vs SentenceTransformer.encode, same model, same texts.
 
     python benchmarks/bench_encode.py [--model minilm] [--limit N] [--batch-size 128] [--repeats 2]
-                                      [--precisions auto,fp32,bf16]
+                                      [--precisions auto,fp32,bf16] [--deploy]
 
 Texts: the 35,311 PriceRunner titles from ../shared/datasets/pricerunner when present,
 else the sample in data/. Runs the sides alternately --repeats times and reports each side's best
@@ -12,6 +12,10 @@ difference of the embeddings (speed is not bought with wrong vectors), as JSON t
 first one is "embedft" in the summary): `auto` (bf16 autocast over the fp32 weights on CUDA,
 fp32 on CPU), `fp32` (no autocast) and `bf16` (a bf16 copy of the weights, under autocast on
 CUDA, so no per-call weight casts). On CPU `auto` and `fp32` are the same path.
+
+`--deploy` also times `embedft.deploy.encode` (what `embedft index build` and `index search`
+embed with): the same plain SentenceTransformer model, its texts deduplicated and batched as
+embedft's encoder batches them, each batch through `SentenceTransformer.encode`.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best of each is reported")
     ap.add_argument("--precisions", default="auto",
                     help="embedft precisions (eval.precision) to time, comma-separated: auto, fp32, bf16")
+    ap.add_argument("--deploy", action="store_true",
+                    help="also time embedft.deploy.encode (index build/search) over the same ST model")
     args = ap.parse_args()
     from embedft.config import PRECISIONS, ModelConfig
 
@@ -63,6 +69,7 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
+    from embedft import deploy
     from embedft.models import encode_precision, load_encoder, resolve_model_path
 
     texts, source = load_titles(args.limit)
@@ -81,7 +88,7 @@ def main() -> None:
         encode(v, warm)
 
     # Alternate the sides so drift of the machine's speed hits all; keep each side's best.
-    t_st, t_var = [], {v: [] for v in precisions}
+    t_st, t_var, t_deploy = [], {v: [] for v in precisions}, []
     vecs = {}
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -91,6 +98,10 @@ def main() -> None:
             t0 = time.perf_counter()
             vecs[v] = encode(v, texts)
             t_var[v].append(time.perf_counter() - t0)
+        if args.deploy:
+            t0 = time.perf_counter()
+            vecs["deploy"] = deploy.encode(st, texts, batch_size=args.batch_size)
+            t_deploy.append(time.perf_counter() - t0)
     first = precisions[0]
     t_ours, ours = t_var[first], vecs[first]
     times = {"sentence_transformers_seconds": [round(t, 2) for t in t_st], "embedft_seconds": [round(t, 2) for t in t_ours]}
@@ -107,6 +118,10 @@ def main() -> None:
                          "seconds": [round(t, 2) for t in t_var[v]],
                          "max_abs_diff": float(np.abs(ref - vecs[v]).max())} for v in precisions},
     }
+    if args.deploy:
+        result["deploy"] = {"texts_per_s": len(texts) / min(t_deploy), "ratio_over_st": t_st / min(t_deploy),
+                            "seconds": [round(t, 2) for t in t_deploy],
+                            "max_abs_diff": float(np.abs(ref - vecs["deploy"]).max())}
     print(f"sentence-transformers encode: {result['sentence_transformers_texts_per_s']:8.1f} texts/s")
     print(f"embedft encoder:              {result['embedft_texts_per_s']:8.1f} texts/s")
     print(f"ratio embedft / ST:           {result['ratio_embedft_over_st']:8.2f}x   max |diff| = {result['max_abs_diff']:.2e}")
@@ -114,6 +129,10 @@ def main() -> None:
         if len(precisions) > 1:
             print(f"  embedft {v:13s} {r['texts_per_s']:8.1f} texts/s  {r['ratio_over_st']:5.2f}x ST  "
                   f"max |diff| = {r['max_abs_diff']:.2e}")
+    if args.deploy:
+        r = result["deploy"]
+        print(f"embedft.deploy.encode (ST model): {r['texts_per_s']:8.1f} texts/s  {r['ratio_over_st']:5.2f}x ST  "
+              f"max |diff| = {r['max_abs_diff']:.2e}")
     print(json.dumps(result))
 
 

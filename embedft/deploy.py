@@ -66,6 +66,32 @@ def _require_export(model_dir: Path) -> None:
                           f"pass an `embedft export` folder")
 
 
+def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size: int = 128) -> np.ndarray:
+    """(N, D) normalised float32 embeddings, as `st.encode(texts, prompt_name=...)` gives them, faster.
+
+    Repeated texts are embedded once, and each forward call gets a batch cut from the
+    length-sorted texts where padding plus per-call overhead is least (`models.length_chunks`,
+    as embedft's own encoder does) instead of every `batch_size` texts. Each batch still goes
+    through `st.encode`, so prompts, pooling and normalisation are exactly the served model's.
+    """
+    from embedft.models import call_overhead, length_chunks
+
+    dim = (getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension)()  # renamed in ST 6
+    if not texts:
+        return np.empty((0, dim), dtype=np.float32)
+    first: dict[str, int] = {}
+    inverse = np.array([first.setdefault(t, len(first)) for t in texts], dtype=np.int64)
+    unique = list(first)
+    prompt = st.prompts.get(prompt_name, "") if prompt_name else ""
+    lengths = [len(x) for x in st.tokenizer([prompt + t for t in unique], truncation=True,
+                                             max_length=st.max_seq_length)["input_ids"]]
+    out = np.empty((len(unique), dim), dtype=np.float32)
+    for idx in length_chunks(lengths, batch_size, call_overhead(st.device)):
+        out[idx] = st.encode([unique[i] for i in idx], prompt_name=prompt_name, batch_size=len(idx),
+                             normalize_embeddings=True, convert_to_numpy=True)
+    return out[inverse]
+
+
 def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path, factory: str = "Flat",
                  text_column: str = "text", id_column: str | None = "id", overwrite: bool = False,
                  batch_size: int = 128, device: str | None = None) -> dict:
@@ -80,9 +106,9 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
         raise DeployError(f"{out_dir} already exists; pass --overwrite to replace it")
     ids, texts, id_used = read_corpus(corpus, text_column, id_column)
     model = SentenceTransformer(str(d), device=device)
-    vectors = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    vectors = encode(model, texts, batch_size=batch_size)
     try:
-        index = build_index(np.asarray(vectors, dtype=np.float32), factory)
+        index = build_index(vectors, factory)
     except ValueError as e:
         raise DeployError(str(e)) from e
     manifest = {"model": weights_digest(d), "model_dir": str(d.resolve()), "dim": int(vectors.shape[1]),
@@ -126,9 +152,8 @@ def search_index(index_dir: str | Path, queries: Sequence[str], k: int = 10, mod
     if empty:
         raise DeployError(f"empty queries at positions {empty[:10]} (0-based); remove them")
     st = SentenceTransformer(str(model), device=device)
-    vectors = st.encode(list(queries), prompt_name="query" if "query" in st.prompts else None,
-                        batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
-    scores, rows = search(index, np.asarray(vectors, dtype=np.float32), k)
+    vectors = encode(st, queries, prompt_name="query" if "query" in st.prompts else None, batch_size=batch_size)
+    scores, rows = search(index, vectors, k)
     return [[(ids[r], float(s)) for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]
 
 

@@ -18,7 +18,7 @@ def test_bench_encode_reports_each_precision_against_sentence_transformers(tiny_
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     monkeypatch.setattr(sys, "argv", ["bench_encode.py", "--model", str(model), "--limit", "40", "--repeats", "1",
-                                      "--batch-size", "8", "--precisions", "auto,bf16"])
+                                      "--batch-size", "8", "--precisions", "auto,bf16", "--deploy"])
     bench.main()
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["texts"] == 40 and result["embedft_precision"] == "auto"
@@ -26,3 +26,4 @@ def test_bench_encode_reports_each_precision_against_sentence_transformers(tiny_
     assert auto["max_abs_diff"] == result["max_abs_diff"] <= 1e-5  # fp32 on CPU: ST's vectors
     assert 0 < bf16["max_abs_diff"] < 0.05  # bf16 rounds, and says by how much
     assert auto["texts_per_s"] > 0 and bf16["texts_per_s"] > 0
+    assert result["deploy"]["max_abs_diff"] <= 1e-5 and result["deploy"]["texts_per_s"] > 0

@@ -295,6 +295,22 @@ def _build(export_dir: Path, root: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("fam", ["bert", "qwen3"])
+def test_deploy_encode_gives_sentence_transformers_vectors_in_input_order(exports, fam):
+    from sentence_transformers import SentenceTransformer
+
+    from embedft import deploy
+
+    st = SentenceTransformer(str(exports[fam][2]), device="cpu")
+    texts = SEARCH_DOCS[:7] + ["x", SEARCH_DOCS[2], " ".join(SEARCH_DOCS[:6]), SEARCH_DOCS[0]]  # repeats, lengths
+    for prompt_name in (None, "query"):
+        got = deploy.encode(st, texts, prompt_name=prompt_name, batch_size=3)
+        want = st.encode(texts, prompt_name=prompt_name, normalize_embeddings=True)
+        assert got.shape == want.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert deploy.encode(st, [], batch_size=3).shape == (0, want.shape[1])
+
+
+@pytest.mark.parametrize("fam", ["bert", "qwen3"])
 def test_index_search_returns_what_plain_sentence_transformers_ranks(exports, tmp_path, fam):
     from sentence_transformers import SentenceTransformer
 
