@@ -221,6 +221,9 @@ def verify(model_dir: str, min_cosine: float | None, max_abs_diff: float | None)
                    f"(<= {o['tolerances']['max_abs_diff']:.3g})")
 
 
+NO_HEADER_HELP = "A CSV/TSV without a header row: name columns by 0-based position (--text-column 1)."
+
+
 @main.group("index")
 def index_group() -> None:
     """FAISS indexes built with an exported model."""
@@ -231,15 +234,16 @@ def index_group() -> None:
 @click.option("--corpus", required=True, type=click.Path(), help="CSV/TSV/JSONL/Parquet file of documents.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--id-column", default="id", show_default=True, help="Row numbers are used when the column is absent.")
+@click.option("--no-header", is_flag=True, help=NO_HEADER_HELP)
 @click.option("--index", "factory", default="Flat", show_default=True, help="FAISS factory string, e.g. HNSW32.")
 @click.option("--out", required=True, type=click.Path(), help="Index folder (index.faiss, ids.json, manifest.json).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index folder.")
-def index_build(model_dir, corpus, text_column, id_column, factory, out, overwrite) -> None:
+def index_build(model_dir, corpus, text_column, id_column, no_header, factory, out, overwrite) -> None:
     """Embed a corpus with an exported model and save a FAISS inner-product index."""
     from embedft.deploy import index_corpus
 
     m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
-                     overwrite=overwrite)
+                     header=not no_header, overwrite=overwrite)
     click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
 
 
@@ -249,18 +253,20 @@ def index_build(model_dir, corpus, text_column, id_column, factory, out, overwri
 @click.option("--queries", "queries_file", type=click.Path(), help="CSV/TSV/JSONL/Parquet file of queries, one per row.")
 @click.option("--text-column", default="text", show_default=True, help="The queries file's text column.")
 @click.option("--id-column", default="id", show_default=True, help="The queries file's id column (else row numbers).")
+@click.option("--no-header", is_flag=True, help=NO_HEADER_HELP)
 @click.option("-k", "k", default=10, show_default=True, help="Hits per query.")
 @click.option("--model", "model_dir", type=click.Path(), help="Default: the export the index was built with.")
 @click.option("--show-text", is_flag=True, help="Show each hit's text, read from the corpus the index was built from.")
 @click.option("--out", type=click.Path(), help="Write the hits as JSON lines here instead of printing them.")
-def index_search(index_dir, queries, queries_file, text_column, id_column, k, model_dir, show_text, out) -> None:
+def index_search(index_dir, queries, queries_file, text_column, id_column, no_header, k, model_dir, show_text,
+                 out) -> None:
     """Top-k documents of an `embedft index build` folder for each query (given as arguments or --queries)."""
     from embedft import deploy
 
     if queries and queries_file:
         raise click.UsageError("give queries as arguments or with --queries, not both")
     if queries_file:
-        query_ids, queries, _ = deploy.read_corpus(queries_file, text_column, id_column)
+        query_ids, queries, _ = deploy.read_corpus(queries_file, text_column, id_column, header=not no_header)
     else:
         query_ids = [str(i) for i in range(1, len(queries) + 1)]
     texts = deploy.corpus_texts(index_dir) if show_text else None  # before the search: a missing corpus fails fast

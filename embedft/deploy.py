@@ -28,24 +28,33 @@ class DeployError(ValueError):
     """Bad input to `embedft index`: the message names the file, column or option and the fix."""
 
 
-def read_corpus(path: str | Path, text_column: str = "text",
-                id_column: str | None = "id") -> tuple[list[str], list[str], str | None]:
-    """(ids, texts, id column used) from a CSV/TSV/JSONL/Parquet file; row numbers as ids without the id column."""
+def read_corpus(path: str | Path, text_column: str = "text", id_column: str | None = "id",
+                header: bool = True) -> tuple[list[str], list[str], str | None]:
+    """(ids, texts, id column used) from a CSV/TSV/JSONL/Parquet file; row numbers as ids without the id column.
+
+    header=False: a CSV/TSV without a header row, whose columns are named by position ("0", "1", ...).
+    """
     import pandas as pd
 
     p = Path(path)
     if not p.is_file():
         raise DeployError(f"file {p} not found")
     suffix = p.suffix.lower()
-    readers = {".csv": lambda: pd.read_csv(p, dtype=str, keep_default_na=False),
-               ".tsv": lambda: pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False),
+    first_row = 0 if header else None
+    readers = {".csv": lambda: pd.read_csv(p, dtype=str, keep_default_na=False, header=first_row),
+               ".tsv": lambda: pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False, header=first_row),
                ".jsonl": lambda: pd.read_json(p, lines=True, dtype=False),
                ".parquet": lambda: pd.read_parquet(p)}
     if suffix not in readers:
         raise DeployError(f"{p}: unknown format {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
+    if not header and suffix not in (".csv", ".tsv"):
+        raise DeployError(f"{p}: --no-header is for CSV/TSV files; {suffix} files name their columns")
     df = readers[suffix]()
+    if not header:
+        df.columns = [str(i) for i in range(df.shape[1])]
     if text_column not in df.columns:
-        raise DeployError(f"{p}: no column {text_column!r}; columns are {list(df.columns)}; pass --text-column")
+        hint = "" if header else " (0-based positions: the file has no header row)"
+        raise DeployError(f"{p}: no column {text_column!r}; columns are {list(df.columns)}{hint}; pass --text-column")
     texts = df[text_column].astype(str).tolist()
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
@@ -93,8 +102,8 @@ def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size:
 
 
 def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path, factory: str = "Flat",
-                 text_column: str = "text", id_column: str | None = "id", overwrite: bool = False,
-                 batch_size: int = 128, device: str | None = None) -> dict:
+                 text_column: str = "text", id_column: str | None = "id", header: bool = True,
+                 overwrite: bool = False, batch_size: int = 128, device: str | None = None) -> dict:
     """Embed a corpus with an export (plain sentence-transformers) and save a FAISS index; returns the manifest."""
     from sentence_transformers import SentenceTransformer
 
@@ -104,7 +113,7 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
     _require_export(d)
     if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
         raise DeployError(f"{out_dir} already exists; pass --overwrite to replace it")
-    ids, texts, id_used = read_corpus(corpus, text_column, id_column)
+    ids, texts, id_used = read_corpus(corpus, text_column, id_column, header)
     model = SentenceTransformer(str(d), device=device)
     vectors = encode(model, texts, batch_size=batch_size)
     try:
@@ -113,7 +122,8 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
         raise DeployError(str(e)) from e
     manifest = {"model": weights_digest(d), "model_dir": str(d.resolve()), "dim": int(vectors.shape[1]),
                 "metric": "inner_product", "normalized": True, "factory": factory, "count": len(ids),
-                "corpus": str(Path(corpus).resolve()), "text_column": text_column, "id_column": id_used}
+                "corpus": str(Path(corpus).resolve()), "text_column": text_column, "id_column": id_used,
+                "header": header}
     save_index(out_dir, index, ids, manifest, overwrite=overwrite)
     return manifest
 
@@ -168,7 +178,7 @@ def corpus_texts(index_dir: str | Path) -> dict[str, str]:
     if not corpus.is_file():
         raise DeployError(f"{index_dir} was built from {corpus}, which is not there any more; "
                           f"search without --show-text")
-    ids, texts, _ = read_corpus(corpus, manifest["text_column"], manifest["id_column"])
+    ids, texts, _ = read_corpus(corpus, manifest["text_column"], manifest["id_column"], manifest.get("header", True))
     if ids != json.loads((Path(index_dir) / IDS_FILE).read_text(encoding="utf-8")):
         raise DeployError(f"{corpus} changed since the index was built (its ids are not the indexed ones); "
                           f"rebuild the index or search without --show-text")

@@ -354,6 +354,22 @@ def test_index_search_prints_hits_with_texts_and_reads_a_queries_file(exports, t
                                                                                ("q-b", "sony phone", 1)]
 
 
+def test_index_build_and_search_read_headerless_csv_by_column_position(exports, tmp_path):
+    corpus = tmp_path / "corpus.csv"  # like PriceRunner's file: no header row
+    corpus.write_text("".join(f"{i},{t},x\n" for i, t in enumerate(SEARCH_DOCS, start=100)))
+    res = CliRunner().invoke(main, ["index", "build", "--model", str(exports["bert"][2]), "--corpus", str(corpus),
+                                    "--no-header", "--text-column", "1", "--id-column", "0", "--out", str(tmp_path / "i")])
+    assert res.exit_code == 0, res.output
+    queries = tmp_path / "q.tsv"
+    queries.write_text(f"qa\t{SEARCH_DOCS[3]}\n")
+    res = CliRunner().invoke(main, ["index", "search", str(tmp_path / "i"), "--queries", str(queries), "--no-header",
+                                    "--text-column", "1", "--id-column", "0", "-k", "1", "--show-text"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [f"query qa: {SEARCH_DOCS[3]}", f"    1  1.0000  103  {SEARCH_DOCS[3]}"]
+    res = CliRunner().invoke(main, ["index", "search", str(tmp_path / "i"), "--queries", str(queries), "--no-header"])
+    assert res.exit_code == 2 and "no column 'text'" in res.output and "0-based positions" in res.output
+
+
 def test_index_search_refuses_bad_input_and_writes_nothing(exports, tmp_path):
     corpus, idx = _build(exports["bert"][2], tmp_path)
     out = tmp_path / "r.jsonl"
