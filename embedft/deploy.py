@@ -139,15 +139,20 @@ def search_index(index_dir: str | Path, queries: Sequence[str], k: int = 10, mod
 
     from embedft.index import load_index, search
 
+    if not queries:
+        raise DeployError("no queries: pass them as arguments or in a file with --queries")
+    empty = [i for i, q in enumerate(queries) if not q.strip()]
+    if empty:
+        raise DeployError(f"empty queries at positions {empty[:10]} (0-based); remove them")
     index_dir = Path(index_dir)
     try:
         index, ids, manifest = load_index(index_dir)
     except ValueError as e:
         raise DeployError(str(e)) from e
-    model = Path(model_dir) if model_dir is not None else Path(manifest.get("model_dir", ""))
-    if model_dir is None and not model.is_dir():
-        raise DeployError(f"{index_dir} was built with the export {model}, which is not there any more; "
-                          f"pass --model with a copy of that export")
+    if model_dir is None and not (manifest.get("model_dir") and Path(manifest["model_dir"]).is_dir()):
+        raise DeployError(f"{index_dir} was built with the export {manifest.get('model_dir')}, which is not there "
+                          f"any more; pass --model with a copy of that export")
+    model = Path(model_dir if model_dir is not None else manifest["model_dir"])
     _require_export(model)
     digest = weights_digest(model)
     if manifest.get("model") != digest:
@@ -156,11 +161,6 @@ def search_index(index_dir: str | Path, queries: Sequence[str], k: int = 10, mod
                           f"rebuild it with `embedft index build --model {model}`")
     if not 1 <= k <= index.ntotal:
         raise DeployError(f"-k {k}: choose k between 1 and {index.ntotal}, the number of indexed documents")
-    if not queries:
-        raise DeployError("no queries: pass them as arguments or in a file with --queries")
-    empty = [i for i, q in enumerate(queries) if not q.strip()]
-    if empty:
-        raise DeployError(f"empty queries at positions {empty[:10]} (0-based); remove them")
     st = SentenceTransformer(str(model), device=device)
     vectors = encode(st, queries, prompt_name="query" if "query" in st.prompts else None, batch_size=batch_size)
     scores, rows = search(index, vectors, k)

@@ -391,5 +391,9 @@ def test_index_search_refuses_bad_input_and_writes_nothing(exports, tmp_path):
     shutil.copytree(exports["bert"][2], tmp_path / "copy")  # a copy of the same export answers for it
     res = CliRunner().invoke(main, ["index", "search", str(idx), "q", "--model", str(tmp_path / "copy")])
     assert res.exit_code == 0, res.output
+    (tmp_path / "moved").mkdir()
+    _, idx = _build(tmp_path / "copy", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "copy")
+    assert "not there any more; pass --model" in fails("q")
     res = CliRunner().invoke(main, ["index", "search", str(tmp_path), "q", "--show-text"])
     assert res.exit_code == 2 and "not an index folder" in res.output
