@@ -234,16 +234,17 @@ def index_group() -> None:
 @click.option("--corpus", required=True, type=click.Path(), help="CSV/TSV/JSONL/Parquet file of documents.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--id-column", default="id", show_default=True, help="Row numbers are used when the column is absent.")
+@click.option("--label-column", help="Keep each row's label, so `index search --classify` can vote.")
 @click.option("--no-header", is_flag=True, help=NO_HEADER_HELP)
 @click.option("--index", "factory", default="Flat", show_default=True, help="FAISS factory string, e.g. HNSW32.")
 @click.option("--out", required=True, type=click.Path(), help="Index folder (index.faiss, ids.json, manifest.json).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index folder.")
-def index_build(model_dir, corpus, text_column, id_column, no_header, factory, out, overwrite) -> None:
+def index_build(model_dir, corpus, text_column, id_column, label_column, no_header, factory, out, overwrite) -> None:
     """Embed a corpus with an exported model and save a FAISS inner-product index."""
     from embedft.deploy import index_corpus
 
     m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
-                     header=not no_header, overwrite=overwrite)
+                     header=not no_header, label_column=label_column, overwrite=overwrite)
     click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
 
 
@@ -257,21 +258,27 @@ def index_build(model_dir, corpus, text_column, id_column, no_header, factory, o
 @click.option("-k", "k", default=10, show_default=True, help="Hits per query.")
 @click.option("--model", "model_dir", type=click.Path(), help="Default: the export the index was built with.")
 @click.option("--show-text", is_flag=True, help="Show each hit's text, read from the corpus the index was built from.")
+@click.option("--classify", is_flag=True,
+              help="Label each query by its k hits' similarity-weighted vote (an index built with --label-column).")
 @click.option("--out", type=click.Path(), help="Write the hits as JSON lines here instead of printing them.")
 def index_search(index_dir, queries, queries_file, text_column, id_column, no_header, k, model_dir, show_text,
-                 out) -> None:
+                 classify, out) -> None:
     """Top-k documents of an `embedft index build` folder for each query (given as arguments or --queries)."""
     from embedft import deploy
 
     if queries and queries_file:
         raise click.UsageError("give queries as arguments or with --queries, not both")
     if queries_file:
-        query_ids, queries, _ = deploy.read_corpus(queries_file, text_column, id_column, header=not no_header)
+        rows = deploy.read_corpus(queries_file, text_column, id_column, header=not no_header)
+        query_ids, queries = rows.ids, rows.texts
     else:
         query_ids = [str(i) for i in range(1, len(queries) + 1)]
-    texts = deploy.corpus_texts(index_dir) if show_text else None  # before the search: a missing corpus fails fast
+    # Read before the search, so a missing corpus or labels fail fast.
+    texts = deploy.corpus_texts(index_dir) if show_text else None
+    label_of = deploy.index_labels(index_dir) if classify else None
     hits = deploy.search_index(index_dir, list(queries), k=k, model_dir=model_dir)
-    records = deploy.results_records(query_ids, queries, hits, texts)
+    labels = deploy.classify(hits, label_of) if label_of is not None else None
+    records = deploy.results_records(query_ids, queries, hits, texts, labels)
     if out:
         deploy.write_results(out, records)
         click.echo(f"{out}: top {k} of {len(records)} queries")

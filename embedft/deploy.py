@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,9 +29,19 @@ class DeployError(ValueError):
     """Bad input to `embedft index`: the message names the file, column or option and the fix."""
 
 
+@dataclass
+class Corpus:
+    """Rows of a corpus or queries file: ids (row numbers when id_column is None), texts, labels."""
+
+    ids: list[str]
+    texts: list[str]
+    id_column: str | None
+    labels: list[str] | None = None
+
+
 def read_corpus(path: str | Path, text_column: str = "text", id_column: str | None = "id",
-                header: bool = True) -> tuple[list[str], list[str], str | None]:
-    """(ids, texts, id column used) from a CSV/TSV/JSONL/Parquet file; row numbers as ids without the id column.
+                header: bool = True, label_column: str | None = None) -> Corpus:
+    """A CSV/TSV/JSONL/Parquet file's rows; row numbers as ids without the id column.
 
     header=False: a CSV/TSV without a header row, whose columns are named by position ("0", "1", ...).
     """
@@ -59,14 +70,22 @@ def read_corpus(path: str | Path, text_column: str = "text", id_column: str | No
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
         raise DeployError(f"{p}: empty text in rows {empty[:10]} (0-based data rows); remove or fill them")
+    labels = None
+    if label_column is not None:
+        if label_column not in df.columns:
+            raise DeployError(f"{p}: no column {label_column!r}; columns are {list(df.columns)}; pass --label-column")
+        labels = df[label_column].astype(str).tolist()
+        unlabeled = [i for i, t in enumerate(labels) if not t.strip()]
+        if unlabeled:
+            raise DeployError(f"{p}: empty label in rows {unlabeled[:10]} (0-based data rows); fill or drop them")
     if id_column and id_column in df.columns:
         ids = df[id_column].astype(str).tolist()
         dup = sorted(i for i, c in Counter(ids).items() if c > 1)
         if dup:
             raise DeployError(f"{p}: duplicate ids in column {id_column!r}: {dup[:10]}; ids must be unique")
-        return ids, texts, id_column
+        return Corpus(ids, texts, id_column, labels)
     log.warning("%s: no id column %r; using row numbers as ids", p, id_column)
-    return [str(i) for i in range(len(texts))], texts, None
+    return Corpus([str(i) for i in range(len(texts))], texts, None, labels)
 
 
 def _require_export(model_dir: Path) -> None:
@@ -103,8 +122,12 @@ def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size:
 
 def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path, factory: str = "Flat",
                  text_column: str = "text", id_column: str | None = "id", header: bool = True,
-                 overwrite: bool = False, batch_size: int = 128, device: str | None = None) -> dict:
-    """Embed a corpus with an export (plain sentence-transformers) and save a FAISS index; returns the manifest."""
+                 label_column: str | None = None, overwrite: bool = False, batch_size: int = 128,
+                 device: str | None = None) -> dict:
+    """Embed a corpus with an export (plain sentence-transformers) and save a FAISS index; returns the manifest.
+
+    With `label_column` the index keeps each row's label, for `classify`.
+    """
     from sentence_transformers import SentenceTransformer
 
     from embedft.index import build_index, save_index
@@ -113,18 +136,18 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
     _require_export(d)
     if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
         raise DeployError(f"{out_dir} already exists; pass --overwrite to replace it")
-    ids, texts, id_used = read_corpus(corpus, text_column, id_column, header)
+    rows = read_corpus(corpus, text_column, id_column, header, label_column)
     model = SentenceTransformer(str(d), device=device)
-    vectors = encode(model, texts, batch_size=batch_size)
+    vectors = encode(model, rows.texts, batch_size=batch_size)
     try:
         index = build_index(vectors, factory)
     except ValueError as e:
         raise DeployError(str(e)) from e
     manifest = {"model": weights_digest(d), "model_dir": str(d.resolve()), "dim": int(vectors.shape[1]),
-                "metric": "inner_product", "normalized": True, "factory": factory, "count": len(ids),
-                "corpus": str(Path(corpus).resolve()), "text_column": text_column, "id_column": id_used,
-                "header": header}
-    save_index(out_dir, index, ids, manifest, overwrite=overwrite)
+                "metric": "inner_product", "normalized": True, "factory": factory, "count": len(rows.ids),
+                "corpus": str(Path(corpus).resolve()), "text_column": text_column, "id_column": rows.id_column,
+                "header": header, "label_column": label_column}
+    save_index(out_dir, index, rows.ids, manifest, labels=rows.labels, overwrite=overwrite)
     return manifest
 
 
@@ -178,20 +201,49 @@ def corpus_texts(index_dir: str | Path) -> dict[str, str]:
     if not corpus.is_file():
         raise DeployError(f"{index_dir} was built from {corpus}, which is not there any more; "
                           f"search without --show-text")
-    ids, texts, _ = read_corpus(corpus, manifest["text_column"], manifest["id_column"], manifest.get("header", True))
-    if ids != json.loads((Path(index_dir) / IDS_FILE).read_text(encoding="utf-8")):
+    rows = read_corpus(corpus, manifest["text_column"], manifest["id_column"], manifest.get("header", True))
+    if rows.ids != json.loads((Path(index_dir) / IDS_FILE).read_text(encoding="utf-8")):
         raise DeployError(f"{corpus} changed since the index was built (its ids are not the indexed ones); "
                           f"rebuild the index or search without --show-text")
-    return dict(zip(ids, texts))
+    return dict(zip(rows.ids, rows.texts))
+
+
+def index_labels(index_dir: str | Path) -> dict[str, str]:
+    """id -> label of an index built with a label column."""
+    from embedft.index import IDS_FILE, LABELS_FILE
+
+    path = Path(index_dir) / LABELS_FILE
+    if not path.is_file():
+        raise DeployError(f"{index_dir} holds no labels; rebuild it with `embedft index build --label-column ...` "
+                          f"to classify")
+    ids = json.loads((Path(index_dir) / IDS_FILE).read_text(encoding="utf-8"))
+    return dict(zip(ids, json.loads(path.read_text(encoding="utf-8"))))
+
+
+def classify(hits: Sequence[Hits], label_of: dict[str, str], weighted: bool = True) -> list[str | None]:
+    """Label per query by the vote of its hits' labels (similarity-weighted, as the evaluation's kNN
+    classification votes); None for a query without hits."""
+    from embedft.metrics import knn_vote
+
+    classes = sorted(set(label_of.values()))
+    class_id = {c: n for n, c in enumerate(classes)}
+    width = max((len(h) for h in hits), default=0)
+    neighbours = np.full((len(hits), width), -1, dtype=np.int64)  # (Q, k) class ids, -1 pads
+    scores = np.zeros((len(hits), width), dtype=np.float32)  # (Q, k)
+    for q, h in enumerate(hits):
+        neighbours[q, :len(h)] = [class_id[label_of[i]] for i, _ in h]
+        scores[q, :len(h)] = [s for _, s in h]
+    return [classes[c] if c >= 0 else None for c in knn_vote(neighbours, scores, len(classes), weighted=weighted)]
 
 
 def results_records(query_ids: Sequence[str], queries: Sequence[str], hits: Sequence[Hits],
-                    texts: dict[str, str] | None = None) -> list[dict]:
-    """One JSON-ready record per query: its id, text and ranked hits (with document text when given)."""
-    return [{"query_id": qid, "query": q,
+                    texts: dict[str, str] | None = None, labels: Sequence[str | None] | None = None) -> list[dict]:
+    """One JSON-ready record per query: its id, text, predicted label (when given) and ranked hits
+    (with document text when given)."""
+    return [{"query_id": qid, "query": q, **({"label": labels[n]} if labels is not None else {}),
              "hits": [{"rank": r, "id": i, "score": round(s, 6), **({"text": texts[i]} if texts else {})}
                       for r, (i, s) in enumerate(h, 1)]}
-            for qid, q, h in zip(query_ids, queries, hits)]
+            for n, (qid, q, h) in enumerate(zip(query_ids, queries, hits))]
 
 
 def write_results(path: str | Path, records: Sequence[dict]) -> None:
@@ -203,7 +255,7 @@ def format_results(records: Sequence[dict]) -> str:
     """The records as a readable listing: each query, then rank, score, id (and text) per hit."""
     lines = []
     for rec in records:
-        lines.append(f"query {rec['query_id']}: {rec['query']}")
+        lines.append(f"query {rec['query_id']}: {rec['query']}" + (f"  -> {rec['label']}" if "label" in rec else ""))
         lines += [f"  {h['rank']:>3}  {h['score']:.4f}  {h['id']}" + (f"  {h['text']}" if "text" in h else "")
                   for h in rec["hits"]]
     return "\n".join(lines)

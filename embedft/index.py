@@ -39,6 +39,7 @@ _MIN_POINTS_PER_CENTROID = 39
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.json"
+LABELS_FILE = "labels.json"  # optional: one label per indexed row, for kNN classification
 MANIFEST_FILE = "manifest.json"
 _REBUILD_HINT = "rebuild the index with `embedft index build`"
 
@@ -313,9 +314,10 @@ def save_index(
     ids: Sequence[str] | np.ndarray,
     manifest: dict[str, Any],
     *,
+    labels: Sequence[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write index.faiss, ids.json and manifest.json into out_dir atomically; returns out_dir."""
+    """Write index.faiss, ids.json, manifest.json (and labels.json) into out_dir atomically; returns out_dir."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -328,6 +330,8 @@ def save_index(
     ids_list = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
     if len(ids_list) != index.ntotal:
         raise ValueError(f"got {len(ids_list)} ids for an index of {index.ntotal} vectors; pass one id per indexed row")
+    if labels is not None and len(labels) != index.ntotal:
+        raise ValueError(f"got {len(labels)} labels for an index of {index.ntotal} vectors; pass one per indexed row")
     if "dim" in manifest and int(manifest["dim"]) != index.d:
         raise ValueError(f"manifest says dim={manifest['dim']} but the index has dimension {index.d}; fix the manifest")
 
@@ -344,6 +348,8 @@ def save_index(
     try:
         faiss.write_index(index, str(tmp_dir / INDEX_FILE))
         (tmp_dir / IDS_FILE).write_text(json.dumps(ids_list, default=_json_default), encoding="utf-8")
+        if labels is not None:
+            (tmp_dir / LABELS_FILE).write_text(json.dumps(list(labels), default=_json_default), encoding="utf-8")
         manifest_text = json.dumps(full_manifest, indent=2, sort_keys=True, default=_json_default) + "\n"
         (tmp_dir / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
         replace_dir(tmp_dir, out_dir)

@@ -281,15 +281,17 @@ def test_index_build_cli(exports, tmp_path):
     assert res.exit_code == 2 and "no column 'nope'" in res.output
 
 
-SEARCH_DOCS = [f"{w} {thing} {i}" for i, (w, thing) in enumerate(
-    [(w, t) for w in ("apple", "sony", "bosch", "intel", "canon") for t in ("phone", "camera", "washer", "chip")])]
+SEARCH_PAIRS = [(w, t) for w in ("apple", "sony", "bosch", "intel", "canon") for t in ("phone", "camera", "washer", "chip")]
+SEARCH_DOCS = [f"{w} {thing} {i}" for i, (w, thing) in enumerate(SEARCH_PAIRS)]
 
 
-def _build(export_dir: Path, root: Path) -> tuple[Path, Path]:
+def _build(export_dir: Path, root: Path, *options: str) -> tuple[Path, Path]:
     corpus = root / "corpus.csv"
-    corpus.write_text("doc_id,body\n" + "\n".join(f"d{i},{t}" for i, t in enumerate(SEARCH_DOCS)) + "\n")
+    corpus.write_text("doc_id,body,kind\n" + "".join(f"d{i},{t},{k}\n" for i, (t, (_, k))
+                                                     in enumerate(zip(SEARCH_DOCS, SEARCH_PAIRS))))
     res = CliRunner().invoke(main, ["index", "build", "--model", str(export_dir), "--corpus", str(corpus),
-                                    "--text-column", "body", "--id-column", "doc_id", "--out", str(root / "idx")])
+                                    "--text-column", "body", "--id-column", "doc_id", "--out", str(root / "idx"),
+                                    *options])
     assert res.exit_code == 0, res.output
     return corpus, root / "idx"
 
@@ -352,6 +354,39 @@ def test_index_search_prints_hits_with_texts_and_reads_a_queries_file(exports, t
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [(r["query_id"], r["query"], len(r["hits"])) for r in records] == [("q-a", "canon camera", 1),
                                                                                ("q-b", "sony phone", 1)]
+
+
+def test_index_search_classify_votes_over_the_hits_labels(exports, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from embedft.deploy import classify
+
+    export_dir = exports["qwen3"][2]
+    _, idx = _build(export_dir, tmp_path, "--label-column", "kind")
+    queries = ["apple phone", "bosch washer 10", "a chip by intel", "camera", "sony"]
+    res = CliRunner().invoke(main, ["index", "search", str(idx), *queries, "-k", "5", "--classify",
+                                    "--out", str(tmp_path / "r.jsonl")])
+    assert res.exit_code == 0, res.output
+    got = [json.loads(line)["label"] for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+
+    st = SentenceTransformer(str(export_dir), device="cpu")
+    sims = st.encode(queries, prompt_name="query", normalize_embeddings=True) @ \
+        st.encode(SEARCH_DOCS, normalize_embeddings=True).T  # (Q, N)
+    want = []
+    for row in sims:
+        votes: dict[str, float] = {}
+        for j in np.argsort(-row)[:5]:
+            votes[SEARCH_PAIRS[j][1]] = votes.get(SEARCH_PAIRS[j][1], 0.0) + float(row[j])
+        want.append(max(votes, key=votes.get))
+    assert got == want
+    # Votes weigh by similarity (0.5 + 0.5 beat 0.9; 0.3 + 0.3 do not), a tie goes to the nearest, no hits: no label.
+    label_of = {"a": "x", "b": "y", "c": "y"}
+    assert classify([[("a", 0.9), ("b", 0.5), ("c", 0.5)], [("a", 0.9), ("b", 0.3), ("c", 0.3)],
+                     [("b", 0.7), ("a", 0.7)], []], label_of) == ["y", "x", "y", None]
+    (tmp_path / "nolabels").mkdir()
+    _, idx = _build(export_dir, tmp_path / "nolabels")
+    res = CliRunner().invoke(main, ["index", "search", str(idx), "q", "--classify"])
+    assert res.exit_code == 2 and "holds no labels" in res.output
 
 
 def test_index_build_and_search_read_headerless_csv_by_column_position(exports, tmp_path):
