@@ -6,10 +6,11 @@ PY := $(VENV)/bin/python
 # The CPU build of torch keeps installs small; on a GPU machine use `make setup TORCH=torch`.
 TORCH ?= torch==2.13.0
 CONFIG ?= experiments/default.yaml
+RUN ?= runs/pricerunner-matching
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test bench-pricerunner bench-encode bench-train bench-chunking gpu-check ui clean
+.PHONY: help setup train test bench-pricerunner bench-deploy bench-encode bench-train bench-chunking gpu-check ui clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -31,6 +32,10 @@ test: setup ## Run the test-suite
 
 bench-pricerunner: setup ## Train + evaluate on real PriceRunner data (../shared/datasets), 17-27 min on 2 cores
 	$(PY) -m embedft train experiments/pricerunner-matching.yaml --no-progress
+
+bench-deploy: setup ## After bench-pricerunner: export its adapter, index build + search --classify vs its evaluation (RUN=...)
+	$(PY) -m embedft export --adapter $(RUN)/adapter --out $(RUN)/export --overwrite
+	$(PY) benchmarks/deploy_check.py $(RUN) $(RUN)/export
 
 bench-encode: setup ## Encoding throughput, embedft vs SentenceTransformer.encode (PriceRunner titles)
 	$(PY) benchmarks/bench_encode.py
