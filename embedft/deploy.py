@@ -84,7 +84,8 @@ def read_corpus(path: str | Path, text_column: str = "text", id_column: str | No
         if dup:
             raise DeployError(f"{p}: duplicate ids in column {id_column!r}: {dup[:10]}; ids must be unique")
         return Corpus(ids, texts, id_column, labels)
-    log.warning("%s: no id column %r; using row numbers as ids", p, id_column)
+    if id_column:
+        log.warning("%s: no id column %r; using row numbers as ids", p, id_column)
     return Corpus([str(i) for i in range(len(texts))], texts, None, labels)
 
 
