@@ -6,7 +6,7 @@ RUN_DIR is an `embedft train` run folder (its config.yaml and eval/report.json),
 the `embedft export` of its adapter. The script splits the run's data as training did
 (`data.load_splits`), writes the train split (id, text, label) and the eval split as CSVs,
 then does with the export what a search team does: `index_corpus` (`embedft index build
---label-column label`) over the train split, and `search_index` + `classify` (`embedft index
+--label-column label`) over the train split, and `open_index`, `search_index` + `classify` (`embedft index
 search --classify -k eval.knn_k`) with the eval texts as queries. It prints accuracy and
 macro-F1 of those labels next to the adapted model's figures in eval/report.json, and the
 seconds of each step. With a Flat index (exact search, as the evaluation) they should agree.
@@ -63,8 +63,9 @@ def main() -> None:
                         label_column="label", overwrite=True)
     t_build = time.perf_counter() - t0
     t0 = time.perf_counter()
-    hits = deploy.search_index(work / "index", eval_.texts, k=cfg.eval.knn_k)
-    predicted = deploy.classify(hits, deploy.index_labels(work / "index"), weighted=cfg.eval.knn_weighted)
+    folder = deploy.open_index(work / "index")
+    hits = deploy.search_index(folder, eval_.texts, k=cfg.eval.knn_k)
+    predicted = deploy.classify(hits, deploy.index_labels(folder), weighted=cfg.eval.knn_weighted)
     t_search = time.perf_counter() - t0
 
     classes = sorted(set(train.labels))

@@ -273,10 +273,11 @@ def index_search(index_dir, queries, queries_file, text_column, id_column, no_he
         query_ids, queries = rows.ids, rows.texts
     else:
         query_ids = [str(i) for i in range(1, len(queries) + 1)]
+    folder = deploy.open_index(index_dir)
     # Read before the search, so a missing corpus or labels fail fast.
-    texts = deploy.corpus_texts(index_dir) if show_text else None
-    label_of = deploy.index_labels(index_dir) if classify else None
-    hits = deploy.search_index(index_dir, list(queries), k=k, model_dir=model_dir)
+    texts = deploy.corpus_texts(folder) if show_text else None
+    label_of = deploy.index_labels(folder) if classify else None
+    hits = deploy.search_index(folder, list(queries), k=k, model_dir=model_dir)
     labels = deploy.classify(hits, label_of) if label_of is not None else None
     records = deploy.results_records(query_ids, queries, hits, texts, labels)
     if out:

@@ -13,7 +13,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -152,7 +152,28 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
     return manifest
 
 
-def search_index(index_dir: str | Path, queries: Sequence[str], k: int = 10, model_dir: str | Path | None = None,
+@dataclass
+class IndexFolder:
+    """An `index_corpus` folder, read once: the FAISS index, its row ids and its manifest."""
+
+    path: Path
+    index: Any  # faiss.Index
+    ids: list[str]
+    manifest: dict
+
+
+def open_index(index_dir: str | Path) -> IndexFolder:
+    """Read an `index_corpus` folder (its files checked against each other by `index.load_index`)."""
+    from embedft.index import load_index
+
+    try:
+        index, ids, manifest = load_index(index_dir)
+    except ValueError as e:
+        raise DeployError(str(e)) from e
+    return IndexFolder(Path(index_dir), index, ids, manifest)
+
+
+def search_index(folder: IndexFolder, queries: Sequence[str], k: int = 10, model_dir: str | Path | None = None,
                  batch_size: int = 128, device: str | None = None) -> list[Hits]:
     """Top-k (id, score) per query from an `index_corpus` folder, best first.
 
@@ -161,64 +182,55 @@ def search_index(index_dir: str | Path, queries: Sequence[str], k: int = 10, mod
     """
     from sentence_transformers import SentenceTransformer
 
-    from embedft.index import load_index, search
+    from embedft.index import search
 
     if not queries:
         raise DeployError("no queries: pass them as arguments or in a file with --queries")
     empty = [i for i, q in enumerate(queries) if not q.strip()]
     if empty:
         raise DeployError(f"empty queries at positions {empty[:10]} (0-based); remove them")
-    index_dir = Path(index_dir)
-    try:
-        index, ids, manifest = load_index(index_dir)
-    except ValueError as e:
-        raise DeployError(str(e)) from e
+    manifest = folder.manifest
     if model_dir is None and not (manifest.get("model_dir") and Path(manifest["model_dir"]).is_dir()):
-        raise DeployError(f"{index_dir} was built with the export {manifest.get('model_dir')}, which is not there "
+        raise DeployError(f"{folder.path} was built with the export {manifest.get('model_dir')}, which is not there "
                           f"any more; pass --model with a copy of that export")
     model = Path(model_dir if model_dir is not None else manifest["model_dir"])
     _require_export(model)
     digest = weights_digest(model)
     if manifest.get("model") != digest:
-        raise DeployError(f"{index_dir} was built with another model (weights digest {manifest.get('model')}) "
+        raise DeployError(f"{folder.path} was built with another model (weights digest {manifest.get('model')}) "
                           f"than {model} ({digest}); pass --model with the export it was built with, or "
                           f"rebuild it with `embedft index build --model {model}`")
-    if not 1 <= k <= index.ntotal:
-        raise DeployError(f"-k {k}: choose k between 1 and {index.ntotal}, the number of indexed documents")
+    if not 1 <= k <= folder.index.ntotal:
+        raise DeployError(f"-k {k}: choose k between 1 and {folder.index.ntotal}, the number of indexed documents")
     st = SentenceTransformer(str(model), device=device)
     vectors = encode(st, queries, prompt_name="query" if "query" in st.prompts else None, batch_size=batch_size)
-    scores, rows = search(index, vectors, k)
-    return [[(ids[r], float(s)) for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]
+    scores, rows = search(folder.index, vectors, k)
+    return [[(folder.ids[r], float(s)) for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]
 
 
-def corpus_texts(index_dir: str | Path) -> dict[str, str]:
+def corpus_texts(folder: IndexFolder) -> dict[str, str]:
     """id -> text of the corpus an index was built from (read again from the file its manifest names)."""
-    from embedft.index import IDS_FILE, MANIFEST_FILE
-
-    if not (Path(index_dir) / MANIFEST_FILE).is_file():
-        raise DeployError(f"{index_dir} is not an index folder (no {MANIFEST_FILE}); build one with `embedft index build`")
-    manifest = json.loads((Path(index_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    manifest = folder.manifest
     corpus = Path(manifest["corpus"])
     if not corpus.is_file():
-        raise DeployError(f"{index_dir} was built from {corpus}, which is not there any more; "
+        raise DeployError(f"{folder.path} was built from {corpus}, which is not there any more; "
                           f"search without --show-text")
     rows = read_corpus(corpus, manifest["text_column"], manifest["id_column"], manifest.get("header", True))
-    if rows.ids != json.loads((Path(index_dir) / IDS_FILE).read_text(encoding="utf-8")):
+    if rows.ids != folder.ids:
         raise DeployError(f"{corpus} changed since the index was built (its ids are not the indexed ones); "
                           f"rebuild the index or search without --show-text")
     return dict(zip(rows.ids, rows.texts))
 
 
-def index_labels(index_dir: str | Path) -> dict[str, str]:
+def index_labels(folder: IndexFolder) -> dict[str, str]:
     """id -> label of an index built with a label column."""
-    from embedft.index import IDS_FILE, LABELS_FILE
+    from embedft.index import LABELS_FILE
 
-    path = Path(index_dir) / LABELS_FILE
+    path = folder.path / LABELS_FILE
     if not path.is_file():
-        raise DeployError(f"{index_dir} holds no labels; rebuild it with `embedft index build --label-column ...` "
+        raise DeployError(f"{folder.path} holds no labels; rebuild it with `embedft index build --label-column ...` "
                           f"to classify")
-    ids = json.loads((Path(index_dir) / IDS_FILE).read_text(encoding="utf-8"))
-    return dict(zip(ids, json.loads(path.read_text(encoding="utf-8"))))
+    return dict(zip(folder.ids, json.loads(path.read_text(encoding="utf-8"))))
 
 
 def classify(hits: Sequence[Hits], label_of: dict[str, str], weighted: bool = True) -> list[str | None]:

@@ -34,6 +34,35 @@ def tiny_qwen3_dir(tmp_path_factory) -> Path:
     return tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
 
 
+@pytest.fixture(scope="session")
+def tiny_bert_adapter(tiny_bert_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter on the tiny BERT whose B matrices are non-zero, so it embeds differently from the base."""
+    from embedft.config import LoraConfig, ModelConfig
+    from embedft.models import apply_lora, load_encoder, save_adapter
+
+    torch.manual_seed(0)
+    enc = load_encoder(ModelConfig(name=str(tiny_bert_dir)))
+    apply_lora(enc, LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return save_adapter(enc, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_experiment(tiny_bert_dir, tmp_path_factory) -> Path:
+    """experiments/default.yaml with the tiny BERT as its model and its data path made absolute."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "experiments" / "default.yaml").read_text())
+    cfg["model"]["name"] = str(tiny_bert_dir)
+    cfg["data"]["train"] = str(REPO / cfg["data"]["train"])
+    path = tmp_path_factory.mktemp("exp") / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 @pytest.fixture(params=["bert", "qwen3"])
 def tiny_model_dir(request, tiny_bert_dir, tiny_qwen3_dir) -> Path:
     """Each test using this runs once per family."""

@@ -3,6 +3,7 @@ build + search --classify gives exactly the kNN classification figures `embedft 
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,31 +16,17 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "deploy_check.py"
 
 
-def test_deployed_classification_equals_the_evaluated_one(tiny_bert_dir, tmp_path, monkeypatch, capsys):
-    import torch
-
-    from embedft.config import LoraConfig, ModelConfig
-    from embedft.models import apply_lora, load_encoder, save_adapter
-
-    torch.manual_seed(0)
-    enc = load_encoder(ModelConfig(name=str(tiny_bert_dir)))
-    apply_lora(enc, LoraConfig(r=4, alpha=8))
-    with torch.no_grad():
-        for name, p in enc.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    adapter = save_adapter(enc, tmp_path / "adapter")
-    cfg = yaml.safe_load((REPO / "experiments" / "default.yaml").read_text())
-    cfg["model"]["name"] = str(tiny_bert_dir)
-    cfg["data"]["train"] = str(REPO / cfg["data"]["train"])
+def test_deployed_classification_equals_the_evaluated_one(tiny_bert_experiment, tiny_bert_adapter, tmp_path,
+                                                           monkeypatch, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    res = CliRunner().invoke(main, ["eval", str(run / "config.yaml"), "--adapter", str(adapter), "--no-base",
+    shutil.copy(tiny_bert_experiment, run / "config.yaml")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    res = CliRunner().invoke(main, ["eval", str(run / "config.yaml"), "--adapter", str(tiny_bert_adapter), "--no-base",
                                     "--out", str(run / "eval"), "-o", "tracking.enabled=false",
                                     "-o", "eval.tasks=[classification]"])
     assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(main, ["export", "--adapter", str(adapter), "--out", str(tmp_path / "export")])
+    res = CliRunner().invoke(main, ["export", "--adapter", str(tiny_bert_adapter), "--out", str(tmp_path / "export")])
     assert res.exit_code == 0, res.output
 
     spec = importlib.util.spec_from_file_location("deploy_check", SCRIPT)

@@ -431,4 +431,4 @@ def test_index_search_refuses_bad_input_and_writes_nothing(exports, tmp_path):
     shutil.rmtree(tmp_path / "copy")
     assert "not there any more; pass --model" in fails("q")
     res = CliRunner().invoke(main, ["index", "search", str(tmp_path), "q", "--show-text"])
-    assert res.exit_code == 2 and "not an index folder" in res.output
+    assert res.exit_code == 2 and "not an embedft index folder" in res.output

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "recall_breakdown.py"
@@ -21,34 +20,6 @@ def breakdown():
     return mod
 
 
-@pytest.fixture(scope="module")
-def experiment(tiny_bert_dir, tmp_path_factory) -> Path:
-    cfg = yaml.safe_load((REPO / "experiments" / "default.yaml").read_text())
-    cfg["model"]["name"] = str(tiny_bert_dir)
-    cfg["data"]["train"] = str(REPO / cfg["data"]["train"])
-    path = tmp_path_factory.mktemp("exp") / "exp.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_bert_dir, tmp_path_factory) -> Path:
-    """A LoRA adapter whose B matrices are non-zero, so it embeds differently from the base."""
-    import torch
-
-    from embedft.config import LoraConfig, ModelConfig
-    from embedft.models import apply_lora, load_encoder, save_adapter
-
-    torch.manual_seed(0)
-    enc = load_encoder(ModelConfig(name=str(tiny_bert_dir)))
-    apply_lora(enc, LoraConfig(r=4, alpha=8))
-    with torch.no_grad():
-        for name, p in enc.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return save_adapter(enc, tmp_path_factory.mktemp("adapter") / "adapter")
-
-
 def _run(breakdown, monkeypatch, capsys, *argv) -> dict:
     monkeypatch.setattr(sys, "argv", ["recall_breakdown.py", *map(str, argv)])
     breakdown.main()
@@ -58,7 +29,9 @@ def _run(breakdown, monkeypatch, capsys, *argv) -> dict:
     return {"overall": overall, "rows": rows, "queries": int(re.search(r"over (\d+) queries", out).group(1))}
 
 
-def test_buckets_cover_every_query_and_compare_counts_changes(breakdown, experiment, adapter, monkeypatch, capsys):
+def test_buckets_cover_every_query_and_compare_counts_changes(breakdown, tiny_bert_experiment, tiny_bert_adapter,
+                                                               monkeypatch, capsys):
+    experiment, adapter = tiny_bert_experiment, tiny_bert_adapter
     base = _run(breakdown, monkeypatch, capsys, experiment, "--samples", 1)
     tuned = _run(breakdown, monkeypatch, capsys, experiment, "--adapter", adapter, "--compare", "base", "--samples", 1)
 
