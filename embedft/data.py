@@ -82,7 +82,11 @@ class DataReport:
 # Reading
 
 
-def _detect_format(path: str, fmt: str) -> str:
+FORMAT_FIX = "set data.format (csv, tsv, jsonl, parquet, disk or hub)"
+
+
+def detect_format(path: str, fmt: str = "auto", format_fix: str = FORMAT_FIX) -> str:
+    """The reader for a path: `fmt` unless "auto", else told by the extension (a folder: "disk")."""
     if fmt != "auto":
         return fmt
     p = Path(path)
@@ -95,22 +99,26 @@ def _detect_format(path: str, fmt: str) -> str:
             return name
     if not p.exists() and "/" in path and not path.startswith((".", "/")):
         return "hub"
-    raise DataError(f"{path}: cannot tell the file format from its name; set data.format "
-                    "(csv, tsv, jsonl, parquet, disk or hub)")
+    raise DataError(f"{path}: cannot tell the file format from its name; {format_fix}")
 
 
-def read_table(path: str, cfg: DataConfig):
-    """Read a file, folder or hub dataset into a pandas DataFrame (all columns as read)."""
+def read_table(path: str, fmt: str = "auto", header: bool = True, hub_split: str = "train",
+               format_fix: str = FORMAT_FIX):
+    """Read a file, folder or hub dataset into a pandas DataFrame (all columns as read).
+
+    CSV/TSV cells read as strings, with "", NA, NaN, nan, null and None as missing values.
+    `format_fix` is how messages tell the user to name the format (a config option or a file name).
+    """
     import pandas as pd
 
-    fmt = _detect_format(path, cfg.format)
+    fmt = detect_format(path, fmt, format_fix)
     if fmt != "hub" and not Path(path).exists():
         raise DataError(f"{path}: file not found; check data.train / data.eval (paths are relative to "
                         f"the directory you run embedft from: {Path.cwd()})")
     try:
         if fmt in ("csv", "tsv"):
             sep = "\t" if fmt == "tsv" else ","
-            df = pd.read_csv(path, sep=sep, header=0 if cfg.header else None, dtype=str, skip_blank_lines=False,
+            df = pd.read_csv(path, sep=sep, header=0 if header else None, dtype=str, skip_blank_lines=False,
                              keep_default_na=False, na_values=["", "NaN", "nan", "NA", "null", "None"])
             # Blank lines are skipped, but counted, so that row numbers in messages are the file's.
             blank = df.isna().all(axis=1).to_numpy()
@@ -127,18 +135,18 @@ def read_table(path: str, cfg: DataConfig):
 
             ds = datasets.load_from_disk(path)
             if isinstance(ds, datasets.DatasetDict):
-                ds = ds[cfg.hub_split]
+                ds = ds[hub_split]
             df = ds.to_pandas()
         else:  # hub: needs internet; kept for users who have it
             import datasets
 
-            df = datasets.load_dataset(path, split=cfg.hub_split).to_pandas()
+            df = datasets.load_dataset(path, split=hub_split).to_pandas()
     except DataError:
         raise
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; it needs at least one data row") from None
     except Exception as e:  # parser errors carry the line; add the file and the fix
-        raise DataError(f"{path}: could not read as {fmt}: {e}. Set data.format if the extension is misleading") from e
+        raise DataError(f"{path}: could not read as {fmt}: {e}. If it is not {fmt}, {format_fix}") from e
     if len(df) == 0:
         raise DataError(f"{path}: the file has no data rows")
     return df
@@ -157,7 +165,15 @@ def _column(df, col: Column, path: str, option: str):
     return df[col]
 
 
-def _texts(series) -> list[str]:
+def file_rows(df, fmt: str, header: bool) -> np.ndarray:
+    """Each DataFrame row's row number in its file, as messages give it: the line for CSV/TSV
+    (the header is line 1; blank lines count) and JSONL, 1-based otherwise."""
+    first = 2 if header and fmt in ("csv", "tsv") else 1
+    return np.asarray(df.attrs.get("positions", np.arange(len(df)))) + first
+
+
+def text_values(series) -> list[str]:
+    """A column's cells as strings; a missing cell is "" (None, NaN), an integral float its int."""
     # An int id column with a missing value comes back as floats from JSONL/Parquet: 7.0 -> "7", as in a CSV.
     return ["" if v is None or (isinstance(v, float) and math.isnan(v))
             else str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in series.tolist()]
@@ -165,23 +181,23 @@ def _texts(series) -> list[str]:
 
 def load_examples(path: str, cfg: DataConfig) -> Examples:
     """Read one split into Examples of the configured shape (not yet validated)."""
-    df = read_table(path, cfg)
-    rows = np.asarray(df.attrs.get("positions", np.arange(len(df)))) + (2 if cfg.header and _detect_format(path, cfg.format) in ("csv", "tsv") else 1)
+    df = read_table(path, cfg.format, cfg.header, cfg.hub_split)
+    rows = file_rows(df, detect_format(path, cfg.format), cfg.header)
     if cfg.shape == "pairs":
-        texts = _texts(_column(df, cfg.query_column, path, "data.query_column"))
-        positives = _texts(_column(df, cfg.positive_column, path, "data.positive_column"))
+        texts = text_values(_column(df, cfg.query_column, path, "data.query_column"))
+        positives = text_values(_column(df, cfg.positive_column, path, "data.positive_column"))
         negatives = None
         if cfg.negative_columns:
-            cols = [_texts(_column(df, c, path, "data.negative_columns")) for c in cfg.negative_columns]
+            cols = [text_values(_column(df, c, path, "data.negative_columns")) for c in cfg.negative_columns]
             negatives = [[c[i] for c in cols] for i in range(len(df))]
         return Examples("pairs", path, rows, texts, positives=positives, negatives=negatives)
-    texts = _texts(_column(df, cfg.text_column, path, "data.text_column"))
+    texts = text_values(_column(df, cfg.text_column, path, "data.text_column"))
     labels = None
     if cfg.label_column is not None and (cfg.shape == "labeled" or _has_column(df, cfg.label_column)):
-        labels = _texts(_column(df, cfg.label_column, path, "data.label_column"))
+        labels = text_values(_column(df, cfg.label_column, path, "data.label_column"))
     if cfg.shape == "labeled":
         return Examples("labeled", path, rows, texts, groups=labels, labels=labels)
-    groups = _texts(_column(df, cfg.group_column, path, "data.group_column"))
+    groups = text_values(_column(df, cfg.group_column, path, "data.group_column"))
     return Examples("grouped", path, rows, texts, groups=groups, labels=labels)
 
 
@@ -193,7 +209,8 @@ def _has_column(df, col: Column) -> bool:
 # Validation
 
 
-def _rows_str(rows: np.ndarray, limit: int = 10) -> str:
+def rows_str(rows: np.ndarray, limit: int = 10) -> str:
+    """Row numbers for a message: the first `limit`, then how many in all."""
     shown = ", ".join(str(int(r)) for r in rows[:limit])
     return shown + (f" ... ({len(rows)} rows)" if len(rows) > limit else "")
 
@@ -205,7 +222,7 @@ def _apply_policy(ex: Examples, bad: np.ndarray, policy: str, option: str, what:
     if n == 0:
         return ex
     report.add(key, n)
-    msg = f"{ex.source}: {n} {what} at rows {_rows_str(ex.rows[bad])}"
+    msg = f"{ex.source}: {n} {what} at rows {rows_str(ex.rows[bad])}"
     if policy == "error":
         raise DataError(f"{msg}. Fix the data, or set {option}=drop (remove them) or {option}=warn (keep them)")
     if policy == "warn":

@@ -39,47 +39,39 @@ class Corpus:
     labels: list[str] | None = None
 
 
+CORPUS_FORMAT_FIX = "give the file a .csv, .tsv, .jsonl or .parquet name"
+
+
 def read_corpus(path: str | Path, text_column: str = "text", id_column: str | None = "id",
                 header: bool = True, label_column: str | None = None) -> Corpus:
     """A CSV/TSV/JSONL/Parquet file's rows; row numbers as ids without the id column.
 
-    header=False: a CSV/TSV without a header row, whose columns are named by position ("0", "1", ...).
+    Read as training data is (`data.read_table`): the same missing values, and messages give
+    the file's row numbers. header=False: a CSV/TSV without a header row, whose columns are
+    named by position ("0", "1", ...).
     """
-    import pandas as pd
+    from embedft.data import DataError, detect_format, file_rows, read_table
 
     p = Path(path)
     if not p.is_file():
         raise DeployError(f"file {p} not found")
-    suffix = p.suffix.lower()
-    first_row = 0 if header else None
-    readers = {".csv": lambda: pd.read_csv(p, dtype=str, keep_default_na=False, header=first_row),
-               ".tsv": lambda: pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False, header=first_row),
-               ".jsonl": lambda: pd.read_json(p, lines=True, dtype=False),
-               ".parquet": lambda: pd.read_parquet(p)}
-    if suffix not in readers:
-        raise DeployError(f"{p}: unknown format {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
-    if not header and suffix not in (".csv", ".tsv"):
-        raise DeployError(f"{p}: --no-header is for CSV/TSV files; {suffix} files name their columns")
-    df = readers[suffix]()
+    try:
+        fmt = detect_format(str(p), format_fix=CORPUS_FORMAT_FIX)
+        if not header and fmt not in ("csv", "tsv"):
+            raise DeployError(f"{p}: --no-header is for CSV/TSV files; {fmt} files name their columns")
+        df = read_table(str(p), fmt, header, format_fix=CORPUS_FORMAT_FIX)
+    except DataError as e:
+        raise DeployError(str(e)) from e
     if not header:
         df.columns = [str(i) for i in range(df.shape[1])]
-    if text_column not in df.columns:
-        hint = "" if header else " (0-based positions: the file has no header row)"
-        raise DeployError(f"{p}: no column {text_column!r}; columns are {list(df.columns)}{hint}; pass --text-column")
-    texts = df[text_column].astype(str).tolist()
-    empty = [i for i, t in enumerate(texts) if not t.strip()]
-    if empty:
-        raise DeployError(f"{p}: empty text in rows {empty[:10]} (0-based data rows); remove or fill them")
-    labels = None
-    if label_column is not None:
-        if label_column not in df.columns:
-            raise DeployError(f"{p}: no column {label_column!r}; columns are {list(df.columns)}; pass --label-column")
-        labels = df[label_column].astype(str).tolist()
-        unlabeled = [i for i, t in enumerate(labels) if not t.strip()]
-        if unlabeled:
-            raise DeployError(f"{p}: empty label in rows {unlabeled[:10]} (0-based data rows); fill or drop them")
+    rows = file_rows(df, fmt, header)
+    def column(name: str, option: str) -> list[str]:
+        return _filled_column(df, name, option, p, rows, fmt, header)
+
+    texts = column(text_column, "--text-column")
+    labels = None if label_column is None else column(label_column, "--label-column")
     if id_column and id_column in df.columns:
-        ids = df[id_column].astype(str).tolist()
+        ids = column(id_column, "--id-column")
         dup = sorted(i for i, c in Counter(ids).items() if c > 1)
         if dup:
             raise DeployError(f"{p}: duplicate ids in column {id_column!r}: {dup[:10]}; ids must be unique")
@@ -87,6 +79,22 @@ def read_corpus(path: str | Path, text_column: str = "text", id_column: str | No
     if id_column:
         log.warning("%s: no id column %r; using row numbers as ids", p, id_column)
     return Corpus([str(i) for i in range(len(texts))], texts, None, labels)
+
+
+def _filled_column(df, column: str, option: str, path: Path, rows: np.ndarray, fmt: str, header: bool) -> list[str]:
+    # A column's values as strings; every one must be there (no blank or missing-value cell).
+    from embedft.data import rows_str, text_values
+
+    if column not in df.columns:
+        hint = "" if header else " (0-based positions: the file has no header row)"
+        raise DeployError(f"{path}: no column {column!r}; columns are {list(df.columns)}{hint}; pass {option}")
+    values = text_values(df[column])
+    blank = np.array([not v.strip() for v in values], dtype=bool)
+    if blank.any():
+        missing = "empty, or NA, NaN, nan, null or None" if fmt in ("csv", "tsv") else "empty or null"
+        raise DeployError(f"{path}: no {column!r} value at rows {rows_str(rows[blank])} ({missing}); "
+                          f"fill those cells or drop those rows")
+    return values
 
 
 def _require_export(model_dir: Path) -> None:

@@ -1,0 +1,73 @@
+"""deploy.read_corpus: corpora and query files are read as training data is (no model needed)."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from embedft.deploy import DeployError, read_corpus
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_missing_cells_are_refused_with_the_files_row_numbers(tmp_path):
+    p = _jsonl(tmp_path / "c.jsonl", [{"id": 1, "text": "red shoe"}, {"id": 2, "text": None},
+                                      {"id": 3, "text": "blue hat"}])
+    with pytest.raises(DeployError, match=r"c\.jsonl: no 'text' value at rows 2 \(empty or null\)"):
+        read_corpus(p)
+    p = _jsonl(tmp_path / "l.jsonl", [{"id": 1, "text": "a", "kind": "x"}, {"id": 2, "text": "b", "kind": None}])
+    with pytest.raises(DeployError, match="no 'kind' value at rows 2"):
+        read_corpus(p, label_column="kind")
+    assert read_corpus(p).labels is None  # the label column is read only when asked for
+    csv = tmp_path / "c.csv"  # line 1 header, line 3 blank, line 4 the NA marker training data also treats as missing
+    csv.write_text("id,text\n1,red shoe\n\n2,NA\n3,  \n4,blue hat\n")
+    with pytest.raises(DeployError, match=r"no 'text' value at rows 4, 5 \(empty, or NA, NaN, nan, null or None\)"):
+        read_corpus(csv)
+    csv.write_text("id,text\n1,red shoe\nnull,blue hat\n")
+    with pytest.raises(DeployError, match="no 'id' value at rows 3"):
+        read_corpus(csv)
+
+
+def test_values_read_as_training_data_reads_them(tmp_path):
+    # JSONL/Parquet ints with a gap come back as floats: the id 3.0 is "3", as in a CSV.
+    p = _jsonl(tmp_path / "c.json", [{"id": 1, "text": "red shoe"}, {"id": 3.0, "text": "blue hat"}])
+    rows = read_corpus(p)
+    assert (rows.ids, rows.texts, rows.id_column) == (["1", "3"], ["red shoe", "blue hat"], "id")
+    pq = tmp_path / "c.pq"
+    pd.DataFrame({"doc": ["a", "b"], "body": ["x y", "z"]}).to_parquet(pq)
+    rows = read_corpus(pq, text_column="body", id_column="doc")
+    assert (rows.ids, rows.texts) == (["a", "b"], ["x y", "z"])
+    gz = tmp_path / "c.csv.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write("id,text\n7,red shoe\n\n8,blue hat\n")
+    rows = read_corpus(gz)  # a blank line is skipped, as in training data
+    assert (rows.ids, rows.texts) == (["7", "8"], ["red shoe", "blue hat"])
+    rows = read_corpus(gz, id_column="sku")  # no such id column: row numbers
+    assert (rows.ids, rows.id_column) == (["0", "1"], None)
+
+
+def test_bad_files_name_the_fix(tmp_path):
+    with pytest.raises(DeployError, match="not found"):
+        read_corpus(tmp_path / "nope.csv")
+    odd = tmp_path / "corpus.txt"
+    odd.write_text("id,text\n1,a\n")
+    with pytest.raises(DeployError, match=r"corpus\.txt: cannot tell the file format .* \.csv, \.tsv, \.jsonl or \.parquet"):
+        read_corpus(odd)
+    p = _jsonl(tmp_path / "c.jsonl", [{"id": 1, "text": "a"}])
+    with pytest.raises(DeployError, match="--no-header is for CSV/TSV files"):
+        read_corpus(p, header=False)
+    with pytest.raises(DeployError, match=r"no column 'body'; columns are \['id', 'text'\]; pass --text-column"):
+        read_corpus(p, text_column="body")
+    dup = tmp_path / "d.csv"
+    dup.write_text("id,text\n1,a\n1,b\n")
+    with pytest.raises(DeployError, match="duplicate ids in column 'id': \\['1'\\]"):
+        read_corpus(dup)
+    broken = tmp_path / "b.jsonl"
+    broken.write_text('{"id": 1, "text": "a"}\n{"id": 2, "te\n')
+    with pytest.raises(DeployError, match=r"b\.jsonl: could not read as jsonl"):
+        read_corpus(broken)
