@@ -260,9 +260,13 @@ def index_build(model_dir, corpus, text_column, id_column, label_column, no_head
 @click.option("--show-text", is_flag=True, help="Show each hit's text, read from the corpus the index was built from.")
 @click.option("--classify", is_flag=True,
               help="Label each query by its k hits' similarity-weighted vote (an index built with --label-column).")
+@click.option("--ef-search", type=int, help="HNSW indexes: candidates kept per query (default: the index's); "
+              "higher finds more of the true neighbours, slower.")
+@click.option("--nprobe", type=int, help="IVF indexes: lists scanned per query, 1..nlist (default: the index's); "
+              "nlist scans them all.")
 @click.option("--out", type=click.Path(), help="Write the hits as JSON lines here instead of printing them.")
 def index_search(index_dir, queries, queries_file, text_column, id_column, no_header, k, model_dir, show_text,
-                 classify, out) -> None:
+                 classify, ef_search, nprobe, out) -> None:
     """Top-k documents of an `embedft index build` folder for each query (given as arguments or --queries)."""
     from embedft import deploy
 
@@ -277,7 +281,7 @@ def index_search(index_dir, queries, queries_file, text_column, id_column, no_he
     # Read before the search, so a missing corpus or labels fail fast.
     texts = deploy.corpus_texts(folder) if show_text else None
     label_of = deploy.index_labels(folder) if classify else None
-    hits = deploy.search_index(folder, list(queries), k=k, model_dir=model_dir)
+    hits = deploy.search_index(folder, list(queries), k=k, model_dir=model_dir, ef_search=ef_search, nprobe=nprobe)
     labels = deploy.classify(hits, label_of) if label_of is not None else None
     records = deploy.results_records(query_ids, queries, hits, texts, labels)
     if out:

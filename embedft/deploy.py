@@ -182,15 +182,23 @@ def open_index(index_dir: str | Path) -> IndexFolder:
 
 
 def search_index(folder: IndexFolder, queries: Sequence[str], k: int = 10, model_dir: str | Path | None = None,
-                 batch_size: int = 128, device: str | None = None) -> list[Hits]:
+                 batch_size: int = 128, device: str | None = None, ef_search: int | None = None,
+                 nprobe: int | None = None) -> list[Hits]:
     """Top-k (id, score) per query from an `index_corpus` folder, best first.
 
     Queries are embedded by the export the index was built with (or `model_dir`, which must
-    have the same weights), with its query prompt.
+    have the same weights), with its query prompt. `ef_search` / `nprobe` override the HNSW /
+    IVF search knobs the index was saved with (`index.tune_search`).
     """
     from sentence_transformers import SentenceTransformer
 
-    from embedft.index import search
+    from embedft.index import search, tune_search
+
+    for option, knob in (("--ef-search", {"ef_search": ef_search}), ("--nprobe", {"nprobe": nprobe})):
+        try:
+            tune_search(folder.index, **knob)
+        except ValueError as e:
+            raise DeployError(f"{option}: {e} (built with --index {folder.manifest.get('factory')})") from e
 
     if not queries:
         raise DeployError("no queries: pass them as arguments or in a file with --queries")

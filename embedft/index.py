@@ -140,6 +140,30 @@ def _set_search_params(index: faiss.Index, ef_search: int, nprobe: int, nlist: i
             pass
 
 
+def tune_search(index: faiss.Index, ef_search: int | None = None, nprobe: int | None = None) -> None:
+    """Set an index's search-time knobs; one the index does not have is refused, not ignored.
+
+    efSearch (HNSW): candidates kept while walking the graph; higher finds more of the true
+    neighbours, slower. nprobe (IVF): lists scanned per query, 1..nlist; nlist scans them all,
+    as an exact search does for IVF,Flat.
+    """
+    kind = type(faiss.downcast_index(index)).__name__
+    if ef_search is not None:
+        if ef_search < 1:
+            raise ValueError(f"efSearch must be >= 1, got {ef_search}")
+        try:
+            faiss.ParameterSpace().set_index_parameter(index, "efSearch", ef_search)
+        except RuntimeError:
+            raise ValueError(f"efSearch is a knob of HNSW indexes; this index is {kind}") from None
+    if nprobe is not None:
+        nlist = _ivf_nlist(index)
+        if nlist is None:
+            raise ValueError(f"nprobe is a knob of IVF indexes; this index is {kind}")
+        if not 1 <= nprobe <= nlist:
+            raise ValueError(f"nprobe must be between 1 and {nlist} (the index's IVF lists), got {nprobe}")
+        faiss.extract_index_ivf(index).nprobe = nprobe
+
+
 def build_index(
     vectors: np.ndarray,
     factory: str = "Flat",

@@ -338,6 +338,29 @@ def test_index_search_returns_what_plain_sentence_transformers_ranks(exports, tm
         assert st.prompts["query"] and np.abs(plain - expected).max() > 1e-3
 
 
+def test_index_search_tunes_the_ivf_lists_it_scans(exports, tmp_path):
+    (tmp_path / "flat").mkdir()
+    _, flat = _build(exports["bert"][2], tmp_path / "flat")
+    with pytest.warns(UserWarning, match="clustering will be poor"):  # 20 documents in 4 lists
+        _, ivf = _build(exports["bert"][2], tmp_path, "--index", "IVF4,Flat")
+
+    def hits(idx: Path, *options: str) -> list[list[str]]:
+        out = tmp_path / "r.jsonl"
+        res = CliRunner().invoke(main, ["index", "search", str(idx), "apple phone", "intel chip 3", "-k", "10",
+                                        "--out", str(out), *options])
+        assert res.exit_code == 0, res.output
+        return [[h["id"] for h in json.loads(line)["hits"]] for line in out.read_text().splitlines()]
+
+    exact = hits(flat)
+    assert hits(ivf, "--nprobe", "4") == exact  # every list scanned
+    assert all(len(h) < 10 for h in hits(ivf, "--nprobe", "1"))  # one list of ~5 documents per query
+    res = CliRunner().invoke(main, ["index", "search", str(ivf), "q", "--nprobe", "5"])
+    assert res.exit_code == 2 and "--nprobe: nprobe must be between 1 and 4" in res.output
+    res = CliRunner().invoke(main, ["index", "search", str(flat), "q", "--ef-search", "64"])
+    assert res.exit_code == 2 and "--ef-search: efSearch is a knob of HNSW indexes; this index is IndexFlatIP " \
+                                  "(built with --index Flat)" in res.output
+
+
 def test_index_search_prints_hits_with_texts_and_reads_a_queries_file(exports, tmp_path):
     corpus, idx = _build(exports["bert"][2], tmp_path)
     res = CliRunner().invoke(main, ["index", "search", str(idx), SEARCH_DOCS[6], "-k", "2", "--show-text"])

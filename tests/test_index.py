@@ -15,6 +15,7 @@ from embedft.index import (  # noqa: E402
     save_index,
     search,
     search_excluding_self,
+    tune_search,
 )
 
 N, D, Q, K = 300, 16, 20, 10
@@ -180,6 +181,35 @@ def test_hnsw_ef_search_is_set(data):
     corpus, _ = data
     assert faiss.downcast_index(build_index(corpus, "HNSW32")).hnsw.efSearch == 128
     assert faiss.downcast_index(build_index(corpus, "HNSW32", ef_search=64)).hnsw.efSearch == 64
+
+
+def test_tune_search_sets_the_knob_the_index_has_and_refuses_others(data):
+    rng = np.random.default_rng(1)
+    corpus, queries = normalize(rng.standard_normal((2000, D))), data[1]
+    exact = brute_force(corpus, queries, K)[1]
+    ivf = build_index(corpus, "IVF32,Flat")
+    tune_search(ivf, nprobe=1)  # one list of 32 per query: most true neighbours are missed
+    assert faiss.extract_index_ivf(ivf).nprobe == 1
+    assert np.mean([len(set(a) & set(b)) for a, b in zip(search(ivf, queries, K)[1], exact)]) < 0.6 * K
+    tune_search(ivf, nprobe=32)  # every list: exact
+    np.testing.assert_array_equal(search(ivf, queries, K)[1], exact)
+    with pytest.raises(ValueError, match=r"nprobe must be between 1 and 32 \(the index's IVF lists\), got 33"):
+        tune_search(ivf, nprobe=33)
+    with pytest.raises(ValueError, match="efSearch is a knob of HNSW indexes; this index is IndexIVFFlat"):
+        tune_search(ivf, ef_search=64)
+    hnsw = build_index(corpus, "HNSW32")
+    tune_search(hnsw, ef_search=300)
+    assert faiss.downcast_index(hnsw).hnsw.efSearch == 300
+    with pytest.raises(ValueError, match="nprobe is a knob of IVF indexes; this index is IndexHNSWFlat"):
+        tune_search(hnsw, nprobe=4)
+    with pytest.raises(ValueError, match="efSearch must be >= 1"):
+        tune_search(hnsw, ef_search=0)
+    with pytest.raises(ValueError, match="this index is IndexFlat"):
+        tune_search(build_index(corpus, "Flat"), ef_search=64)
+    tune_search(build_index(corpus, "Flat"))  # nothing asked: nothing to refuse
+    pre = build_index(corpus, "PCA8,IVF16,Flat")  # the IVF behind a transform is found
+    tune_search(pre, nprobe=3)
+    assert faiss.extract_index_ivf(pre).nprobe == 3
 
 
 def _manifest(dim=D, model="org/model@abc123"):
