@@ -54,7 +54,7 @@ def read_corpus(path: str | Path, text_column: str = "text", id_column: str | No
 
     p = Path(path)
     if not p.is_file():
-        raise DeployError(f"file {p} not found")
+        raise DeployError(f"{p} is a folder; pass a file" if p.is_dir() else f"file {p} not found")
     try:
         fmt = detect_format(str(p), format_fix=CORPUS_FORMAT_FIX)
         if not header and fmt not in ("csv", "tsv"):
@@ -103,6 +103,10 @@ def _require_export(model_dir: Path) -> None:
                           f"pass an `embedft export` folder")
 
 
+def _dimension(st) -> int:
+    return (getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension)()  # renamed in ST 6
+
+
 def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size: int = 128) -> np.ndarray:
     """(N, D) normalised float32 embeddings, as `st.encode(texts, prompt_name=...)` gives them, faster.
 
@@ -113,7 +117,7 @@ def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size:
     """
     from embedft.models import call_overhead, length_chunks
 
-    dim = (getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension)()  # renamed in ST 6
+    dim = _dimension(st)
     if not texts:
         return np.empty((0, dim), dtype=np.float32)
     first: dict[str, int] = {}
@@ -139,20 +143,26 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
     """
     from sentence_transformers import SentenceTransformer
 
-    from embedft.index import build_index, save_index
+    from embedft.index import build_index, new_index, save_index
 
-    d = Path(model_dir)
+    d, out = Path(model_dir), Path(out_dir)
     _require_export(d)
-    if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
-        raise DeployError(f"{out_dir} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise DeployError(f"--out {out} is a file; pass a folder for the index")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DeployError(f"{out} already exists; pass --overwrite to replace it")
     rows = read_corpus(corpus, text_column, id_column, header, label_column)
     model = SentenceTransformer(str(d), device=device)
+    try:
+        new_index(_dimension(model), factory, len(rows.texts))  # a bad --index fails now, not after the corpus is embedded
+    except ValueError as e:
+        raise DeployError(f"--index {factory}: {e}") from e
     vectors = encode(model, rows.texts, batch_size=batch_size)
     try:
         index = build_index(vectors, factory)
-    except ValueError as e:
-        raise DeployError(str(e)) from e
-    manifest = {"model": weights_digest(d), "model_dir": str(d.resolve()), "dim": int(vectors.shape[1]),
+    except ValueError as e:  # training can still fail (a PQ with too few vectors per code)
+        raise DeployError(f"--index {factory}: {e}") from e
+    manifest = {"model": weights_digest(d), "model_dir": str(d.resolve()), "dim": int(index.d),
                 "metric": "inner_product", "normalized": True, "factory": factory, "count": len(rows.ids),
                 "corpus": str(Path(corpus).resolve()), "text_column": text_column, "id_column": rows.id_column,
                 "header": header, "label_column": label_column}

@@ -164,6 +164,26 @@ def tune_search(index: faiss.Index, ef_search: int | None = None, nprobe: int | 
         faiss.extract_index_ivf(index).nprobe = nprobe
 
 
+def new_index(dim: int, factory: str, n: int) -> faiss.Index:
+    """An empty inner-product index for `n` vectors of `dim`, from a faiss factory string.
+
+    Refuses what faiss cannot build before any vector exists (so before a corpus is
+    embedded): a factory it cannot parse, no vectors, or more IVF lists than vectors.
+    """
+    if n == 0:
+        raise ValueError("cannot build an index from 0 vectors; check the corpus is not empty")
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"faiss cannot parse index factory {factory!r}: {exc}") from exc
+    nlist = _ivf_nlist(index)
+    if nlist is not None and not index.is_trained and n < nlist:
+        # faiss itself raises an opaque C++ assertion here (nx >= k in Clustering).
+        raise ValueError(f"factory {factory!r} needs at least {nlist} training vectors (one per IVF list) "
+                         f"but only N={n} were given; use IVF{max(1, n // _MIN_POINTS_PER_CENTROID)} or 'Flat'")
+    return index
+
+
 def build_index(
     vectors: np.ndarray,
     factory: str = "Flat",
@@ -175,22 +195,10 @@ def build_index(
     """Inner-product index built with faiss.index_factory, trained if needed, holding all vectors."""
     vectors = _as_matrix(vectors, "vectors")
     n, dim = vectors.shape
-    if n == 0:
-        raise ValueError("cannot build an index from 0 vectors; check the corpus is not empty")
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise ValueError(f"faiss cannot parse index factory {factory!r}: {exc}") from exc
-
+    index = new_index(dim, factory, n)
     nlist = _ivf_nlist(index)
     if nlist is not None and not index.is_trained:
         suggestion = f"use IVF{max(1, n // _MIN_POINTS_PER_CENTROID)} or 'Flat'"
-        if n < nlist:
-            # faiss itself raises an opaque C++ assertion here (nx >= k in Clustering).
-            raise ValueError(
-                f"factory {factory!r} needs at least {nlist} training vectors (one per IVF list) "
-                f"but only N={n} were given; {suggestion}"
-            )
         if n < _MIN_POINTS_PER_CENTROID * nlist:
             warnings.warn(
                 f"factory {factory!r}: N={n} vectors is fewer than the {_MIN_POINTS_PER_CENTROID * nlist} "

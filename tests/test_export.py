@@ -281,6 +281,27 @@ def test_index_build_cli(exports, tmp_path):
     assert res.exit_code == 2 and "no column 'nope'" in res.output
 
 
+def test_index_build_refuses_a_bad_index_or_out_before_embedding(exports, tmp_path, monkeypatch):
+    from embedft import deploy
+
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("id,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(SEARCH_DOCS)))
+    embedded = []
+    monkeypatch.setattr(deploy, "encode", lambda *a, **k: embedded.append(a) or pytest.fail("embedded"))
+
+    def fails(out: Path, factory: str) -> str:
+        res = CliRunner().invoke(main, ["index", "build", "--model", str(exports["bert"][2]), "--corpus", str(corpus),
+                                        "--index", factory, "--out", str(out)])
+        assert res.exit_code == 2 and not embedded, res.output
+        return res.output
+
+    assert "--index HNSW32y: faiss cannot parse index factory 'HNSW32y'" in fails(tmp_path / "i", "HNSW32y")
+    assert "needs at least 64 training vectors (one per IVF list) but only N=20" in fails(tmp_path / "i", "IVF64,Flat")
+    assert not (tmp_path / "i").exists()
+    (tmp_path / "f").write_text("")
+    assert "--out " + str(tmp_path / "f") + " is a file" in fails(tmp_path / "f", "Flat")
+
+
 SEARCH_PAIRS = [(w, t) for w in ("apple", "sony", "bosch", "intel", "canon") for t in ("phone", "camera", "washer", "chip")]
 SEARCH_DOCS = [f"{w} {thing} {i}" for i, (w, thing) in enumerate(SEARCH_PAIRS)]
 
