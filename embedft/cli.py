@@ -13,6 +13,7 @@ import sys
 import click
 
 OVERRIDE_HELP = "Override a config value, e.g. -o train.lr=1e-4 (repeatable)."
+NO_PROGRESS_HELP = "No progress bars (for logs)."
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -72,7 +73,7 @@ def main(verbose: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last epoch checkpoint.")
 @click.option("--sweep", "sweeps", multiple=True,
               help="Grid over a key, e.g. --sweep lora.r=8,16,32 (repeatable); each point is a child run.")
-@click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
+@click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[str, ...], no_progress: bool) -> None:
     """Fine-tune LoRA adapters on CONFIG (an experiment YAML) and evaluate base vs adapted."""
     from embedft.pipeline import run_sweep, run_train
@@ -239,12 +240,14 @@ def index_group() -> None:
 @click.option("--index", "factory", default="Flat", show_default=True, help="FAISS factory string, e.g. HNSW32.")
 @click.option("--out", required=True, type=click.Path(), help="Index folder (index.faiss, ids.json, manifest.json).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index folder.")
-def index_build(model_dir, corpus, text_column, id_column, label_column, no_header, factory, out, overwrite) -> None:
+@click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
+def index_build(model_dir, corpus, text_column, id_column, label_column, no_header, factory, out, overwrite,
+                no_progress) -> None:
     """Embed a corpus with an exported model and save a FAISS inner-product index."""
     from embedft.deploy import index_corpus
 
     m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
-                     header=not no_header, label_column=label_column, overwrite=overwrite)
+                     header=not no_header, label_column=label_column, overwrite=overwrite, progress=not no_progress)
     click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
 
 
@@ -265,8 +268,9 @@ def index_build(model_dir, corpus, text_column, id_column, label_column, no_head
 @click.option("--nprobe", type=int, help="IVF indexes: lists scanned per query, 1..nlist (default: the index's); "
               "nlist scans them all.")
 @click.option("--out", type=click.Path(), help="Write the hits as JSON lines here instead of printing them.")
+@click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 def index_search(index_dir, queries, queries_file, text_column, id_column, no_header, k, model_dir, show_text,
-                 classify, ef_search, nprobe, out) -> None:
+                 classify, ef_search, nprobe, out, no_progress) -> None:
     """Top-k documents of an `embedft index build` folder for each query (given as arguments or --queries)."""
     from embedft import deploy
 
@@ -281,7 +285,8 @@ def index_search(index_dir, queries, queries_file, text_column, id_column, no_he
     # Read before the search, so a missing corpus or labels fail fast.
     texts = deploy.corpus_texts(folder) if show_text else None
     label_of = deploy.index_labels(folder) if classify else None
-    hits = deploy.search_index(folder, list(queries), k=k, model_dir=model_dir, ef_search=ef_search, nprobe=nprobe)
+    hits = deploy.search_index(folder, list(queries), k=k, model_dir=model_dir, ef_search=ef_search, nprobe=nprobe,
+                               progress=not no_progress)
     labels = deploy.classify(hits, label_of) if label_of is not None else None
     records = deploy.results_records(query_ids, queries, hits, texts, labels)
     if out:

@@ -107,14 +107,18 @@ def _dimension(st) -> int:
     return (getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension)()  # renamed in ST 6
 
 
-def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size: int = 128) -> np.ndarray:
+def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size: int = 128,
+           progress: bool = False) -> np.ndarray:
     """(N, D) normalised float32 embeddings, as `st.encode(texts, prompt_name=...)` gives them, faster.
 
     Repeated texts are embedded once, and each forward call gets a batch cut from the
     length-sorted texts where padding plus per-call overhead is least (`models.length_chunks`,
     as embedft's own encoder does) instead of every `batch_size` texts. Each batch still goes
     through `st.encode`, so prompts, pooling and normalisation are exactly the served model's.
+    `progress`: a bar of texts embedded, on stderr.
     """
+    from tqdm.auto import tqdm
+
     from embedft.models import call_overhead, length_chunks
 
     dim = _dimension(st)
@@ -127,16 +131,20 @@ def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size:
     lengths = [len(x) for x in st.tokenizer([prompt + t for t in unique], truncation=True,
                                              max_length=st.max_seq_length)["input_ids"]]
     out = np.empty((len(unique), dim), dtype=np.float32)
-    for idx in length_chunks(lengths, batch_size, call_overhead(st.device)):
-        out[idx] = st.encode([unique[i] for i in idx], prompt_name=prompt_name, batch_size=len(idx),
-                             normalize_embeddings=True, convert_to_numpy=True)
+    # Longest chunk first, as embedft's own encoder: an out-of-memory batch fails at once, not at the end.
+    chunks = length_chunks(lengths, batch_size, call_overhead(st.device))[::-1]
+    with tqdm(total=len(unique), desc="embed", unit="text", leave=False, disable=not progress) as bar:
+        for idx in chunks:
+            out[idx] = st.encode([unique[i] for i in idx], prompt_name=prompt_name, batch_size=len(idx),
+                                 normalize_embeddings=True, convert_to_numpy=True)
+            bar.update(len(idx))
     return out[inverse]
 
 
 def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path, factory: str = "Flat",
                  text_column: str = "text", id_column: str | None = "id", header: bool = True,
                  label_column: str | None = None, overwrite: bool = False, batch_size: int = 128,
-                 device: str | None = None) -> dict:
+                 device: str | None = None, progress: bool = False) -> dict:
     """Embed a corpus with an export (plain sentence-transformers) and save a FAISS index; returns the manifest.
 
     With `label_column` the index keeps each row's label, for `classify`.
@@ -157,7 +165,7 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
         new_index(_dimension(model), factory, len(rows.texts))  # a bad --index fails now, not after the corpus is embedded
     except ValueError as e:
         raise DeployError(f"--index {factory}: {e}") from e
-    vectors = encode(model, rows.texts, batch_size=batch_size)
+    vectors = encode(model, rows.texts, batch_size=batch_size, progress=progress)
     try:
         index = build_index(vectors, factory)
     except ValueError as e:  # training can still fail (a PQ with too few vectors per code)
@@ -193,7 +201,7 @@ def open_index(index_dir: str | Path) -> IndexFolder:
 
 def search_index(folder: IndexFolder, queries: Sequence[str], k: int = 10, model_dir: str | Path | None = None,
                  batch_size: int = 128, device: str | None = None, ef_search: int | None = None,
-                 nprobe: int | None = None) -> list[Hits]:
+                 nprobe: int | None = None, progress: bool = False) -> list[Hits]:
     """Top-k (id, score) per query from an `index_corpus` folder, best first.
 
     Queries are embedded by the export the index was built with (or `model_dir`, which must
@@ -229,7 +237,8 @@ def search_index(folder: IndexFolder, queries: Sequence[str], k: int = 10, model
     if not 1 <= k <= folder.index.ntotal:
         raise DeployError(f"-k {k}: choose k between 1 and {folder.index.ntotal}, the number of indexed documents")
     st = SentenceTransformer(str(model), device=device)
-    vectors = encode(st, queries, prompt_name="query" if "query" in st.prompts else None, batch_size=batch_size)
+    vectors = encode(st, queries, prompt_name="query" if "query" in st.prompts else None, batch_size=batch_size,
+                     progress=progress)
     scores, rows = search(folder.index, vectors, k)
     return [[(folder.ids[r], float(s)) for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]
 

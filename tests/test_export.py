@@ -318,15 +318,18 @@ def _build(export_dir: Path, root: Path, *options: str) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("fam", ["bert", "qwen3"])
-def test_deploy_encode_gives_sentence_transformers_vectors_in_input_order(exports, fam):
+def test_deploy_encode_gives_sentence_transformers_vectors_in_input_order(exports, fam, capsys):
     from sentence_transformers import SentenceTransformer
 
     from embedft import deploy
 
     st = SentenceTransformer(str(exports[fam][2]), device="cpu")
     texts = SEARCH_DOCS[:7] + ["x", SEARCH_DOCS[2], " ".join(SEARCH_DOCS[:6]), SEARCH_DOCS[0]]  # repeats, lengths
-    for prompt_name in (None, "query"):
-        got = deploy.encode(st, texts, prompt_name=prompt_name, batch_size=3)
+    for prompt_name, progress in ((None, False), ("query", True)):
+        capsys.readouterr()
+        got = deploy.encode(st, texts, prompt_name=prompt_name, batch_size=3, progress=progress)
+        err = capsys.readouterr().err  # the bar counts distinct texts (9 of 11), on stderr only
+        assert ("embed" in err and "9/9" in err) if progress else err == ""
         want = st.encode(texts, prompt_name=prompt_name, normalize_embeddings=True)
         assert got.shape == want.shape and got.dtype == np.float32
         np.testing.assert_allclose(got, want, atol=1e-5)
