@@ -22,6 +22,15 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _progress(no_progress: bool) -> bool:
+    # --no-progress is for logs: it also silences transformers' and the hub's bars (loading weights, downloads).
+    if no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return not no_progress
+
+
 def _load(config: str | None, overrides: tuple[str, ...]):
     from embedft.config import load_config
 
@@ -79,15 +88,16 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
     from embedft.pipeline import run_sweep, run_train
 
     cfg = _load(config, overrides)
+    progress = _progress(no_progress)
     # `kill`, `docker stop` and job schedulers send SIGTERM: end the MLflow run as KILLED (the
     # last epoch checkpoint stays for --resume) instead of dying with the run left RUNNING.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if sweeps:
-            for s in run_sweep(cfg, config, overrides, sweeps, progress=not no_progress):
+            for s in run_sweep(cfg, config, overrides, sweeps, progress=progress):
                 click.echo(f"{s['name']}: {s['output_dir']}")
             return
-        summary = run_train(cfg, resume=resume, progress=not no_progress)
+        summary = run_train(cfg, resume=resume, progress=progress)
     finally:
         signal.signal(signal.SIGTERM, previous)
     click.echo(summary["table"])
@@ -247,7 +257,8 @@ def index_build(model_dir, corpus, text_column, id_column, label_column, no_head
     from embedft.deploy import index_corpus
 
     m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
-                     header=not no_header, label_column=label_column, overwrite=overwrite, progress=not no_progress)
+                     header=not no_header, label_column=label_column, overwrite=overwrite,
+                     progress=_progress(no_progress))
     click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
 
 
@@ -286,7 +297,7 @@ def index_search(index_dir, queries, queries_file, text_column, id_column, no_he
     texts = deploy.corpus_texts(folder) if show_text else None
     label_of = deploy.index_labels(folder) if classify else None
     hits = deploy.search_index(folder, list(queries), k=k, model_dir=model_dir, ef_search=ef_search, nprobe=nprobe,
-                               progress=not no_progress)
+                               progress=_progress(no_progress))
     labels = deploy.classify(hits, label_of) if label_of is not None else None
     records = deploy.results_records(query_ids, queries, hits, texts, labels)
     if out:

@@ -328,8 +328,8 @@ def test_deploy_encode_gives_sentence_transformers_vectors_in_input_order(export
     for prompt_name, progress in ((None, False), ("query", True)):
         capsys.readouterr()
         got = deploy.encode(st, texts, prompt_name=prompt_name, batch_size=3, progress=progress)
-        err = capsys.readouterr().err  # the bar counts distinct texts (9 of 11), on stderr only
-        assert ("embed" in err and "9/9" in err) if progress else err == ""
+        err = capsys.readouterr().err  # a bar over the distinct texts (9 of 11), on stderr only
+        assert ("embed:" in err and "/9 " in err) if progress else err == "", err
         want = st.encode(texts, prompt_name=prompt_name, normalize_embeddings=True)
         assert got.shape == want.shape and got.dtype == np.float32
         np.testing.assert_allclose(got, want, atol=1e-5)
@@ -360,6 +360,20 @@ def test_index_search_returns_what_plain_sentence_transformers_ranks(exports, tm
     if fam == "qwen3":  # the query prompt was applied: without it the scores differ
         plain = st.encode(queries, normalize_embeddings=True) @ docs.T
         assert st.prompts["query"] and np.abs(plain - expected).max() > 1e-3
+
+
+def test_no_progress_silences_every_bar_for_logs(exports, tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    _, idx = _build(exports["bert"][2], tmp_path)
+    hf_logging.enable_progress_bar()  # an earlier --no-progress in this process turned them off
+    try:
+        res = CliRunner().invoke(main, ["index", "search", str(idx), "apple phone"])
+        assert res.exit_code == 0 and "embed:" in res.stderr and "Loading weights" in res.stderr, res.output
+        res = CliRunner().invoke(main, ["index", "search", str(idx), "apple phone", "--no-progress"])
+        assert res.exit_code == 0 and res.stderr == "" and res.stdout.startswith("query 1: apple phone"), res.output
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def test_index_search_tunes_the_ivf_lists_it_scans(exports, tmp_path):
