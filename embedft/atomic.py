@@ -16,8 +16,25 @@ def temp_sibling(out: Path) -> Path:
     return tmp
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_files(folder: Path) -> None:
+    """Give every file under `folder` the mode open() would (0666 less the umask). safetensors >= 0.8
+    writes its files 0600, so adapters and exports could not be read by the team they are for."""
+    mode = 0o666 & ~_umask()
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(mode)
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Move `tmp` to `out`, replacing an existing `out`; the old one is restored if the swap fails."""
+    """Move `tmp` to `out`, replacing an existing `out`; the old one is restored if the swap fails.
+    Its files get the umask's permissions (`share_files`)."""
+    share_files(tmp)
     if not out.exists():
         os.replace(tmp, out)
         return

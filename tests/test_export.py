@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,10 @@ def test_export_folder_contents(exports):
     card = (qdir / "README.md").read_text()
     assert 'prompt_name="query"' in card and "r=4" in card and "abc123" in card and "q_proj" in card
     assert "| retrieval/recall@10 | 0.5000 | 0.7500 |" in card  # the run's evaluation table
+    # Readable by whoever the umask lets read (safetensors itself writes 0600).
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {oct(stat.S_IMODE(f.stat().st_mode)) for f in qdir.rglob("*") if f.is_file()} == {oct(0o666 & ~mask)}
 
 
 def test_zero_adapter_is_reported(tiny_bert_dir, tmp_path):
