@@ -235,6 +235,18 @@ def _make_plots(out: Path, result, base_eval, adapted_eval) -> list[Path]:
     return made
 
 
+def _report_dir(output_dir: Path, adapter_dir: Path | None, run_id: str | None) -> Path:
+    # Without --out: the run folder's eval/ is its own adapter's report; any other model's report
+    # (the base alone, an MLflow run's adapter, another folder's) goes beside it, never over it.
+    if adapter_dir is None:
+        return output_dir / "eval-base"
+    if run_id:
+        return output_dir / f"eval-run-{run_id[:8]}"
+    if adapter_dir.resolve() != (output_dir / "adapter").resolve():
+        return output_dir / f"eval-{adapter_dir.resolve().parent.name}"
+    return output_dir / "eval"
+
+
 def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | None = None, out: str | None = None,
              compare_base: bool = True, base_only: bool = False, save_index: str | None = None,
              progress: bool = True) -> dict[str, Any]:
@@ -270,9 +282,8 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     if not base_only:
         load_adapter(encoder, adapter_dir)
         adapted_eval = evaluate_encoder(encoder, train_ex, eval_ex, cfg.eval, device, progress)
-    # A base-only report goes next to the run's own report (eval/), not over it.
-    default_out = cfg.output_dir / ("eval-base" if base_only else "eval")
-    report_dir = write_report(Path(out) if out else default_out, base_eval, adapted_eval,
+    report_dir = write_report(Path(out) if out else _report_dir(cfg.output_dir, adapter_dir, run_id), base_eval,
+                              adapted_eval,
                               {"name": cfg.name, "model": cfg.model.name, "adapter": str(adapter_dir),
                                "eval_data": eval_ex.source, "source_run_id": run_id})
     if save_index:

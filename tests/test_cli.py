@@ -135,6 +135,24 @@ def test_base_only_eval_reports_the_base_model_beside_the_run_report(experiment,
     assert not (experiment.parent / "run" / "eval").exists()  # a training run's own report stays untouched
 
 
+def test_eval_of_another_adapter_reports_beside_the_run_report(experiment, tiny_bert_dir, tiny_bert_adapter):
+    import json
+
+    result = invoke("eval", str(experiment), "--adapter", str(tiny_bert_adapter), "--no-base",
+                    "-o", f"model.name={tiny_bert_dir}")
+    assert result.exit_code == 0, result.output
+    report = experiment.parent / "run" / f"eval-{tiny_bert_adapter.resolve().parent.name}" / "report.json"
+    assert json.loads(report.read_text())["adapted"]["retrieval/recall@10"] > 0
+    assert not (experiment.parent / "run" / "eval").exists()  # the run's own adapter's report slot stays free
+
+    from embedft.pipeline import _report_dir
+
+    run = experiment.parent / "run"
+    assert _report_dir(run, run / "adapter", None) == run / "eval"
+    assert _report_dir(run, None, None) == run / "eval-base"
+    assert _report_dir(run, Path("/tmp/dl/adapter"), "0123456789abcdef") == run / "eval-run-01234567"
+
+
 def test_resume_mismatch_is_refused_before_any_work(experiment, tiny_bert_dir, monkeypatch):
     import embedft.evaluate as E
 
