@@ -107,6 +107,8 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
 
 
 def _exit_on_sigterm(signum, frame) -> None:
+    click.echo("embedft train: stopped by SIGTERM; its MLflow run ends as KILLED, and the same command with --resume "
+               "continues from the last epoch checkpoint", err=True)
     raise SystemExit(128 + signum)
 
 

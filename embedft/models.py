@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -419,9 +420,19 @@ def apply_lora(encoder: Encoder, lora: LoraConfig) -> Encoder:
                          f"its linear layers are: {', '.join(sorted(present))}. Set lora.target_modules")
     pcfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=list(targets), bias="none")
-    peft_model = get_peft_model(encoder.backbone, pcfg)
+    with _peft_quiet():
+        peft_model = get_peft_model(encoder.backbone, pcfg)
     encoder.backbone = peft_model
     return encoder
+
+
+@contextlib.contextmanager
+def _peft_quiet():
+    # peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning on every
+    # train, eval and export that the user can do nothing about.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
 
 
 def compile_layers(encoder: Encoder) -> int:
@@ -536,7 +547,8 @@ def load_adapter(encoder: Encoder, adapter_dir: str | Path) -> Encoder:
                          f"but the model given is {encoder.spec.base_model!r} (fingerprint {encoder.spec.fingerprint}, "
                          f"{encoder.spec.model_type}, hidden {encoder.spec.hidden_size}); pass the adapter's base model")
     try:
-        encoder.backbone = PeftModel.from_pretrained(encoder.backbone, str(adapter_dir), is_trainable=False)
+        with _peft_quiet():
+            encoder.backbone = PeftModel.from_pretrained(encoder.backbone, str(adapter_dir), is_trainable=False)
     except Exception as e:  # corrupted safetensors, shape mismatch
         raise ModelError(f"could not load adapter {adapter_dir}: {e}") from e
     return encoder

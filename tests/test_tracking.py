@@ -628,4 +628,5 @@ def test_sigterm_ends_the_mlflow_run_as_killed(tmp_path, tiny_bert_dir, template
     time.sleep(1.0)  # training under way
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in proc.stderr.read()  # the log says why it stopped and how to go on
     assert _client(uri).get_run(id_file.read_text()).info.status == "KILLED"
