@@ -739,6 +739,7 @@ def list_runs(uri: str, experiment: str, sort_by: str = "metrics.adapted/retriev
         raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}; train one first, or pass the "
                             "experiment name (tracking.experiment, by default the config's name)")
     runs = client.search_runs([exp.experiment_id], order_by=[_order_by(sort_by)], max_results=max_results)
+    _check_sort_key(runs, sort_by, experiment)
     metric_keys = [metric_key(m) for m in MAIN_METRICS]
     if sort_by.startswith("metrics."):
         metric_keys.append(metric_key(sort_by[len("metrics."):]))
@@ -756,6 +757,19 @@ def list_runs(uri: str, experiment: str, sort_by: str = "metrics.adapted/retriev
         row.update({f"metrics.{k}": data.metrics.get(k) for k in metric_keys})
         rows.append(row)
     return rows
+
+
+def _check_sort_key(runs: list, sort_by: str, experiment: str) -> None:
+    # A misspelt --sort would otherwise sort by nothing and show a column of '-'.
+    kind, _, key = sort_by.partition(".")
+    if not runs or kind not in ("metrics", "params"):
+        return
+    key = metric_key(key) if kind == "metrics" else key
+    present = {k for run in runs for k in getattr(run.data, kind)}
+    if key not in present:
+        known = ", ".join(f"{kind}.{k}" for k in sorted(present)[:12]) + (" ..." if len(present) > 12 else "")
+        raise TrackingError(f"--sort {sort_by}: no run of experiment {experiment!r} has {kind[:-1]} {key!r}; "
+                            f"choose one of: {known}")
 
 
 def runs_columns(sort_by: str) -> list[str]:

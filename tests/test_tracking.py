@@ -253,7 +253,8 @@ def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
         t = _tracker(store, tmp_path, "listing")
         ids[name] = t.start_run(name, {"model.name": "tiny", "lora.r": 8, "train.lr": 1e-4}, {})
         if recall is not None:
-            t.log_metrics({"adapted/retrieval/recall@10": recall, "base/retrieval/recall@10": 0.2}, step=5)
+            t.log_metrics({"adapted/retrieval/recall@10": recall, "base/retrieval/recall@10": 0.2,
+                           "adapted/classification/macro_f1": 1.2 - recall}, step=5)
             t.log_artifacts(adapter_dir, "adapter")
         assert t.end()
     rows = tracking.list_runs(store, "listing")
@@ -266,8 +267,15 @@ def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
     assert tracking.format_runs_table([]) == "(no runs)"
     # Sorted by a metric outside the default columns: that metric gets a column.
     by_f1 = tracking.list_runs(store, "listing", sort_by="metrics.adapted/classification/macro_f1")
+    assert [r["name"] for r in by_f1] == ["low", "high", "none"]
     header = tracking.format_runs_table(by_f1, tracking.runs_columns("metrics.adapted/classification/macro_f1"))
     assert header.splitlines()[0].split()[-1] == "adapted/classification/macro_f1"
+    with pytest.raises(TrackingError, match=r"--sort metrics.adapted/retrieval/recal@10: no run of experiment "
+                                            r"'listing' has metric 'adapted/retrieval/recal_at_10'; choose one of: "
+                                            r"metrics.adapted/classification/macro_f1, "):
+        tracking.list_runs(store, "listing", sort_by="metrics.adapted/retrieval/recal@10")
+    with pytest.raises(TrackingError, match="has param 'lora.rank'; choose one of: params.lora.r, "):
+        tracking.list_runs(store, "listing", sort_by="params.lora.rank")
     assert tracking.runs_columns("metrics.adapted/retrieval/recall@10") == list(tracking.DEFAULT_COLUMNS)
     with pytest.raises(TrackingError, match="no MLflow experiment 'missing'"):
         tracking.list_runs(store, "missing")
