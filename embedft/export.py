@@ -219,7 +219,8 @@ def verify_export(model_dir: str | Path, min_cosine: float | None = None, max_ab
     """Reload an export with plain sentence-transformers and compare the probes with the saved reference vectors."""
     d = Path(model_dir)
     if not d.is_dir():
-        raise ExportError(f"export folder {d} does not exist; make one with `embedft export`")
+        what = "is a file, not an export folder" if d.exists() else "does not exist"
+        raise ExportError(f"{d} {what}; pass the folder `embedft export --out` wrote")
     for f in (PROBES_FILE, PROBE_EMB_FILE):
         if not (d / f).is_file():
             raise ExportError(f"{d}: missing {f}, so there is nothing to verify against; "

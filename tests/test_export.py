@@ -145,6 +145,10 @@ def test_verify_passes_then_fails_after_a_weight_changes(exports, tmp_path):
         verify_export(d)
     res = CliRunner().invoke(main, ["verify", str(d)])
     assert res.exit_code == 1 and "max abs diff" in res.output
+    with pytest.raises(ExportError, match="model.safetensors is a file, not an export folder"):
+        verify_export(d / "model.safetensors")
+    with pytest.raises(ExportError, match="nope does not exist; pass the folder `embedft export --out` wrote"):
+        verify_export(tmp_path / "nope")
 
 
 def test_existing_out_refused_failed_export_leaves_no_tmp_overwrite_works(exports, tmp_path):
