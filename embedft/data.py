@@ -181,8 +181,9 @@ def text_values(series) -> list[str]:
 
 def load_examples(path: str, cfg: DataConfig) -> Examples:
     """Read one split into Examples of the configured shape (not yet validated)."""
-    df = read_table(path, cfg.format, cfg.header, cfg.hub_split)
-    rows = file_rows(df, detect_format(path, cfg.format), cfg.header)
+    fmt = detect_format(path, cfg.format)
+    df = read_table(path, fmt, cfg.header, cfg.hub_split)
+    rows = file_rows(df, fmt, cfg.header)
     if cfg.shape == "pairs":
         texts = text_values(_column(df, cfg.query_column, path, "data.query_column"))
         positives = text_values(_column(df, cfg.positive_column, path, "data.positive_column"))

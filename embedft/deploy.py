@@ -65,6 +65,7 @@ def read_corpus(path: str | Path, text_column: str = "text", id_column: str | No
     if not header:
         df.columns = [str(i) for i in range(df.shape[1])]
     rows = file_rows(df, fmt, header)
+
     def column(name: str, option: str) -> list[str]:
         return _filled_column(df, name, option, p, rows, fmt, header)
 

@@ -127,17 +127,26 @@ def _ivf_nlist(index: faiss.Index) -> int | None:
         return None
 
 
-def _set_search_params(index: faiss.Index, ef_search: int, nprobe: int, nlist: int | None) -> None:
+def _set_knob(index: faiss.Index, name: str, value: int) -> bool:
+    # A faiss search parameter (efSearch, nprobe); False when the index has no such knob
+    # (Flat has none, an IVF no efSearch, a GPU index no efSearch).
     space = faiss.GpuParameterSpace() if _is_gpu_index(index) else faiss.ParameterSpace()
-    params: list[tuple[str, int]] = [("efSearch", ef_search)]
+    try:
+        space.set_index_parameter(index, name, value)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _set_search_params(index: faiss.Index, ef_search: int, nprobe: int, nlist: int | None) -> None:
+    # Build-time defaults: whichever of the knobs the index has.
+    _set_knob(index, "efSearch", ef_search)
     if nlist is not None:
-        params.append(("nprobe", min(nprobe, nlist)))
-    for name, value in params:
-        try:
-            space.set_index_parameter(index, name, value)
-        except RuntimeError:
-            # Not every index has every knob (Flat has none, GPU has no efSearch).
-            pass
+        _set_knob(index, "nprobe", min(nprobe, nlist))
+
+
+def _ivf_suggestion(n: int) -> str:
+    return f"use IVF{max(1, n // _MIN_POINTS_PER_CENTROID)} or 'Flat'"
 
 
 def tune_search(index: faiss.Index, ef_search: int | None = None, nprobe: int | None = None) -> None:
@@ -151,17 +160,15 @@ def tune_search(index: faiss.Index, ef_search: int | None = None, nprobe: int | 
     if ef_search is not None:
         if ef_search < 1:
             raise ValueError(f"efSearch must be >= 1, got {ef_search}")
-        try:
-            faiss.ParameterSpace().set_index_parameter(index, "efSearch", ef_search)
-        except RuntimeError:
-            raise ValueError(f"efSearch is a knob of HNSW indexes; this index is {kind}") from None
+        if not _set_knob(index, "efSearch", ef_search):
+            raise ValueError(f"efSearch is a knob of HNSW indexes; this index is {kind}")
     if nprobe is not None:
         nlist = _ivf_nlist(index)
         if nlist is None:
             raise ValueError(f"nprobe is a knob of IVF indexes; this index is {kind}")
         if not 1 <= nprobe <= nlist:
             raise ValueError(f"nprobe must be between 1 and {nlist} (the index's IVF lists), got {nprobe}")
-        faiss.extract_index_ivf(index).nprobe = nprobe
+        _set_knob(index, "nprobe", nprobe)
 
 
 def new_index(dim: int, factory: str, n: int) -> faiss.Index:
@@ -180,7 +187,7 @@ def new_index(dim: int, factory: str, n: int) -> faiss.Index:
     if nlist is not None and not index.is_trained and n < nlist:
         # faiss itself raises an opaque C++ assertion here (nx >= k in Clustering).
         raise ValueError(f"factory {factory!r} needs at least {nlist} training vectors (one per IVF list) "
-                         f"but only N={n} were given; use IVF{max(1, n // _MIN_POINTS_PER_CENTROID)} or 'Flat'")
+                         f"but only N={n} were given; {_ivf_suggestion(n)}")
     return index
 
 
@@ -197,14 +204,13 @@ def build_index(
     n, dim = vectors.shape
     index = new_index(dim, factory, n)
     nlist = _ivf_nlist(index)
-    if nlist is not None and not index.is_trained:
-        suggestion = f"use IVF{max(1, n // _MIN_POINTS_PER_CENTROID)} or 'Flat'"
-        if n < _MIN_POINTS_PER_CENTROID * nlist:
-            warnings.warn(
-                f"factory {factory!r}: N={n} vectors is fewer than the {_MIN_POINTS_PER_CENTROID * nlist} "
-                f"faiss recommends ({_MIN_POINTS_PER_CENTROID} per IVF list), so clustering will be poor; {suggestion}",
-                stacklevel=2,
-            )
+    if nlist is not None and not index.is_trained and n < _MIN_POINTS_PER_CENTROID * nlist:
+        warnings.warn(
+            f"factory {factory!r}: N={n} vectors is fewer than the {_MIN_POINTS_PER_CENTROID * nlist} "
+            f"faiss recommends ({_MIN_POINTS_PER_CENTROID} per IVF list), so clustering will be poor; "
+            f"{_ivf_suggestion(n)}",
+            stacklevel=2,
+        )
 
     if use_gpu is None:
         use_gpu = _gpu_available()
