@@ -294,7 +294,11 @@ def index_search(index_dir, queries, queries_file, text_column, id_column, no_he
         rows = deploy.read_corpus(queries_file, text_column, id_column, header=not no_header)
         query_ids, queries = rows.ids, rows.texts
     else:
-        query_ids = [str(i) for i in range(1, len(queries) + 1)]
+        query_ids = [str(i) for i in range(1, len(queries) + 1)]  # numbered as the output lists them
+        empty = [i for i, q in zip(query_ids, queries) if not q.strip()]
+        if empty:
+            raise click.BadParameter(f"query {', '.join(empty)} of {len(queries)} is empty (numbered from 1, as the "
+                                     f"output lists queries); remove it", param_hint="QUERIES")
     folder = deploy.open_index(index_dir)
     # Read before the search, so a missing corpus or labels fail fast.
     texts = deploy.corpus_texts(folder) if show_text else None

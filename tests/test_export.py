@@ -487,6 +487,7 @@ def test_index_search_refuses_bad_input_and_writes_nothing(exports, tmp_path):
     assert "another model" in fails("q", "--model", str(exports["qwen3"][2]))
     assert "choose k between 1 and 20" in fails("q", "-k", "21")
     assert "no queries" in fails()
+    assert "query 2 of 3 is empty (numbered from 1, as the output lists queries)" in fails("a", " ", "b")
     assert "not both" in fails("q", "--queries", str(corpus))
     assert "no column 'text'" in fails("--queries", str(corpus))
     corpus.write_text("doc_id,body\nd0,changed\n")
