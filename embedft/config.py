@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -206,8 +207,8 @@ class TrainConfig:
         _check(self.scheduler in ("linear", "cosine", "constant"), "train.scheduler",
                f"unknown scheduler {self.scheduler!r}; use linear, cosine or constant")
         _check(self.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device",
-               f"unknown device {self.device!r}; use auto, cpu or cuda")
+        _check(self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
+               "train.device", f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
         _check(self.batch_sampling in ("random", "by_label", "groups", "similar_groups"), "train.batch_sampling",
                f"unknown batch_sampling {self.batch_sampling!r}; use random, by_label, groups or similar_groups")
         _check(self.group_size >= 2, "train.group_size", f"must be >= 2 (a text and its positive), got {self.group_size}")

@@ -67,8 +67,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available; use -o train.device=auto")
-    return torch.device(name)
+        raise ConfigError(f"train.device={name} but no CUDA device is available; use -o train.device=auto")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                          "(numbered from 0); use -o train.device=cuda")
+    return device
 
 
 CPUINFO = Path("/proc/cpuinfo")
