@@ -215,6 +215,8 @@ class TrainConfig:
         if self.mini_batch_size is not None:
             _check(1 <= self.mini_batch_size, "train.mini_batch_size", f"must be >= 1, got {self.mini_batch_size}")
         _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _check(self.threads is None or self.threads >= 1, "train.threads",
+               f"must be >= 1 or null (torch's default), got {self.threads}")
         _check(self.base_dtype in ("auto", "fp32", "bf16"), "train.base_dtype",
                f"unknown base_dtype {self.base_dtype!r}; use auto, fp32 or bf16")
         _check(self.val_max_queries >= 1, "train.val_max_queries", f"must be >= 1, got {self.val_max_queries}")
