@@ -405,6 +405,8 @@ def build_pair_source(ex: Examples) -> PairSource:
         text_keys = np.full(len(table), -1, dtype=np.int64)
         text_keys[positives] = comp[positives]
         text_keys[anchors] = anchor_keys
+        if negatives is None:
+            _check_contrast(ex, anchor_keys, "every query and positive is linked to every other through shared texts")
         return PairSource(list(table), anchors, anchor_keys, text_keys, None, positives, negatives, None)
 
     key_of: dict[str, int] = {}
@@ -424,7 +426,20 @@ def build_pair_source(ex: Examples) -> PairSource:
         batch_labels = np.array([lab_of.setdefault(lab, len(lab_of)) for lab in ex.labels])[keep]
     if not keep.any():
         raise DataError(f"{ex.source}: no label or group has two different texts, so there are no positive pairs")
+    what = "label" if ex.shape == "labeled" else "group"
+    _check_contrast(ex, anchor_keys[keep], f"every training text with a positive has the same {what} "
+                                           f"({ex.groups[int(np.flatnonzero(keep)[0])]!r})")
     return PairSource(list(table), anchors[keep], anchor_keys[keep], text_keys, members_np, None, None, batch_labels)
+
+
+def _check_contrast(ex: Examples, anchor_keys: np.ndarray, why: str) -> None:
+    """A clear error when all anchors share one key: each text is then every other's positive,
+    no text is a negative, and the contrastive loss is 0 from the first step (nothing is learned)."""
+    if len(np.unique(anchor_keys)) < 2:
+        raise DataError(f"{ex.source}: {why}, so no text is a negative for another and the contrastive loss is 0 "
+                        "(nothing would be learned); training needs at least two labels/groups with two texts each "
+                        "(check data.label_column / data.group_column, or add hard negatives with "
+                        "data.negative_columns for pairs)")
 
 
 @dataclass(frozen=True)

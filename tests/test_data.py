@@ -502,6 +502,23 @@ def test_pair_source_rejects_data_without_positive_pairs():
         build_pair_source(ex)
 
 
+def test_pair_source_rejects_data_with_a_single_label_or_group():
+    from embedft.data import Examples
+
+    # One label: every text is every other's positive, so no negatives and a loss of 0.
+    ex = Examples("labeled", "x.csv", np.arange(4) + 1, ["a", "b", "c", "d"], groups=["x"] * 4, labels=["x"] * 4)
+    with pytest.raises(DataError, match=r"x.csv: every training text with a positive has the same label \('x'\)"):
+        build_pair_source(ex)
+    # One trainable group next to singletons (kept by on_singleton=warn) is no better.
+    ex = Examples("grouped", "y.csv", np.arange(4) + 1, ["a", "b", "c", "d"], groups=["1", "1", "2", "3"])
+    with pytest.raises(DataError, match=r"y.csv: every training text with a positive has the same group \('1'\)"):
+        build_pair_source(ex)
+    # Pairs all sharing one positive, with no negative columns.
+    ex = Examples("pairs", "z.csv", np.arange(3) + 1, ["a", "b", "c"], positives=["p"] * 3)
+    with pytest.raises(DataError, match="z.csv: every query and positive is linked"):
+        build_pair_source(ex)
+
+
 # -- evaluation tasks ----------------------------------------------------------------------
 
 
