@@ -145,11 +145,29 @@ def read_table(path: str, fmt: str = "auto", header: bool = True, hub_split: str
         raise
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; it needs at least one data row") from None
+    except UnicodeDecodeError as e:  # its position is into a chunk the parser read, not the file: find the line
+        line = _first_non_utf8_line(path) if fmt in ("csv", "tsv", "jsonl") else None
+        where = f"line {line}" if line else "the file"
+        raise DataError(f"{path}: {where} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}: {e.reason}); "
+                        "save it as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8 OLD > NEW)") from None
     except Exception as e:  # parser errors carry the line; add the file and the fix
         raise DataError(f"{path}: could not read as {fmt}: {e}. If it is not {fmt}, {format_fix}") from e
     if len(df) == 0:
         raise DataError(f"{path}: the file has no data rows")
     return df
+
+
+def _first_non_utf8_line(path: str) -> int | None:
+    # Line by line: a newline byte never occurs inside a multi-byte UTF-8 character.
+    import gzip
+
+    with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return None
 
 
 def _column(df, col: Column, path: str, option: str):

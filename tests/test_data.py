@@ -145,6 +145,17 @@ def test_header_only_file_has_no_data_rows(tmp_path):
         load_splits(DataConfig(train=str(j)))
 
 
+def test_non_utf8_file_names_the_line_and_the_fix(tmp_path):
+    p = tmp_path / "latin1.csv"
+    p.write_bytes("text,label\n".encode() + "ok\n".encode() * 3000 + "caf\u00e9 cr\u00e8me,x\n".encode("latin1"))
+    with pytest.raises(DataError, match=r"latin1\.csv: line 3002 is not UTF-8 text .*save it as UTF-8"):
+        load_splits(DataConfig(train=str(p)))
+    j = tmp_path / "l.jsonl"
+    j.write_bytes(b'{"text": "a", "label": "x"}\n{"text": "caf\xe9", "label": "y"}\n')
+    with pytest.raises(DataError, match=r"l\.jsonl: line 2 is not UTF-8"):
+        load_splits(DataConfig(train=str(j)))
+
+
 def test_missing_column_lists_the_available_ones(tmp_path):
     p = write_csv(tmp_path / "g.csv", ROWS)
     with pytest.raises(DataError) as e:
