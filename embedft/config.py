@@ -78,6 +78,9 @@ class DataConfig:
         _check(self.split_modulo >= 2, "data.split_modulo", f"must be >= 2, got {self.split_modulo}")
         if self.split == "given":
             _check(self.eval is not None, "data.eval", "split=given needs an eval file; set data.eval or use split=hash")
+        else:
+            _check(self.eval is None, "data.eval", f"is set ({self.eval!r}) but split={self.split} ignores it and "
+                   "splits data.train instead; set data.split=given to evaluate on that file, or remove data.eval")
         if self.shape == "grouped":
             _check(self.group_column is not None, "data.group_column", "shape=grouped needs a group column")
         if self.shape == "labeled":

@@ -86,6 +86,7 @@ def test_unknown_key_typo_suggests_close_name():
     ({"train": {"epochs": 1.5}}, "train.epochs", "expected an integer"),
     ({"data": {"on_duplicate": "ignore"}}, "data.on_duplicate", "must be one of"),
     ({"data": {"split": "given"}}, "data.eval", "needs an eval file"),
+    ({"data": {"eval": "e.csv"}}, "data.eval", "split=hash ignores it"),
     ({"data": {"eval_fraction": 1.0}}, "data.eval_fraction", "must be in (0, 1)"),
     ({"model": {"query_instruction": "Query: {task}"}}, "model.query_instruction", "must contain {text}"),
     ({"loss": {"temperature": 0}}, "loss.temperature", "must be in (0, 1]"),
