@@ -85,6 +85,10 @@ class DataConfig:
             _check(self.group_column is not None, "data.group_column", "shape=grouped needs a group column")
         if self.shape == "labeled":
             _check(self.label_column is not None, "data.label_column", "shape=labeled needs a label column")
+        if self.shape != "pairs":
+            _check(not self.negative_columns, "data.negative_columns", f"only pairs data has negative columns; "
+                   f"shape={self.shape} ignores them (set data.shape=pairs, or remove data.negative_columns; "
+                   "loss.hard_negatives mines negatives from grouped and labeled data)")
         for n in ("max_train_rows", "max_eval_rows"):
             v = getattr(self, n)
             _check(v is None or v > 0, f"data.{n}", f"must be positive or null, got {v}")

@@ -38,8 +38,8 @@ def test_every_experiment_loads_and_round_trips(path):
 
 
 def test_round_trip_keeps_int_columns_and_tuples():
-    cfg = load_config(None, ["data.text_column=1", "data.negative_columns=[neg1, 3]", "lora.target_modules=[q,v]",
-                             "data.header=false"])
+    cfg = load_config(None, ["data.text_column=1", "data.shape=pairs", "data.negative_columns=[neg1, 3]",
+                             "lora.target_modules=[q,v]", "data.header=false"])
     assert cfg.data.text_column == 1 and cfg.data.negative_columns == ("neg1", 3)
     assert config_from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
 
@@ -87,6 +87,7 @@ def test_unknown_key_typo_suggests_close_name():
     ({"data": {"on_duplicate": "ignore"}}, "data.on_duplicate", "must be one of"),
     ({"data": {"split": "given"}}, "data.eval", "needs an eval file"),
     ({"data": {"eval": "e.csv"}}, "data.eval", "split=hash ignores it"),
+    ({"data": {"shape": "grouped", "negative_columns": ["neg"]}}, "data.negative_columns", "shape=grouped ignores"),
     ({"data": {"eval_fraction": 1.0}}, "data.eval_fraction", "must be in (0, 1)"),
     ({"model": {"query_instruction": "Query: {task}"}}, "model.query_instruction", "must contain {text}"),
     ({"loss": {"temperature": 0}}, "loss.temperature", "must be in (0, 1]"),
