@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -118,8 +119,13 @@ def read_table(path: str, fmt: str = "auto", header: bool = True, hub_split: str
     try:
         if fmt in ("csv", "tsv"):
             sep = "\t" if fmt == "tsv" else ","
-            df = pd.read_csv(path, sep=sep, header=0 if header else None, dtype=str, skip_blank_lines=False,
-                             keep_default_na=False, na_values=["", "NaN", "nan", "NA", "null", "None"])
+            # index_col=False: a first data row with one field more than the header would otherwise
+            # become an index silently, every column shifted one place; pandas warns instead, made an error.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                df = pd.read_csv(path, sep=sep, header=0 if header else None, dtype=str, skip_blank_lines=False,
+                                 keep_default_na=False, na_values=["", "NaN", "nan", "NA", "null", "None"],
+                                 index_col=False)
             # Blank lines are skipped, but counted, so that row numbers in messages are the file's.
             blank = df.isna().all(axis=1).to_numpy()
             if blank.any():
@@ -145,6 +151,9 @@ def read_table(path: str, fmt: str = "auto", header: bool = True, hub_split: str
         raise
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; it needs at least one data row") from None
+    except pd.errors.ParserWarning:
+        raise DataError(f"{path}: the first data row has more fields than the header row; quote a text that "
+                        f"contains {sep!r} (\"samsung tv{sep} 55 inch\"), and remove any {sep!r} at line ends") from None
     except UnicodeDecodeError as e:  # its position is into a chunk the parser read, not the file: find the line
         line = _first_non_utf8_line(path) if fmt in ("csv", "tsv", "jsonl") else None
         where = f"line {line}" if line else "the file"

@@ -156,6 +156,14 @@ def test_non_utf8_file_names_the_line_and_the_fix(tmp_path):
         load_splits(DataConfig(train=str(j)))
 
 
+def test_unquoted_separator_in_the_first_row_is_refused_not_shifted(tmp_path):
+    # pandas would make the first field an index and shift every column: texts would be group ids.
+    p = tmp_path / "c.csv"
+    p.write_text("text,group,label\nsamsung tv, 55 inch,1,TVs\nlg tv,1,TVs\nbosch fridge,2,Fridges\n")
+    with pytest.raises(DataError, match=r"c\.csv: the first data row has more fields than the header row; quote"):
+        load_examples(str(p), DataConfig(shape="grouped"))
+
+
 def test_missing_column_lists_the_available_ones(tmp_path):
     p = write_csv(tmp_path / "g.csv", ROWS)
     with pytest.raises(DataError) as e:
