@@ -186,8 +186,13 @@ def _column(df, col: Column, path: str, option: str):
         return df.iloc[:, col]
     if col not in df.columns:
         names = ", ".join(map(str, df.columns))
-        hint = " (the file may have no header row: set data.header=false and use column numbers)" if all(
-            str(c).isdigit() for c in df.columns) is False and df.shape[0] > 0 else ""
+        if df.shape[1] == 1 and any(sep in str(df.columns[0]) for sep in (",", "\t")):
+            hint = " (one column whose name holds separators: the file uses another one; set data.format=csv or tsv)"
+        elif all(str(c).isdigit() for c in df.columns):  # data.header=false (or a JSON array, one column 0)
+            hint = f" (without a header row columns are numbered: set {option} to 0..{df.shape[1] - 1})" \
+                if df.shape[1] > 1 else ""
+        else:
+            hint = " (the file may have no header row: set data.header=false and use column numbers)"
         raise DataError(f"{path}: missing column {col!r} for {option}; columns are: {names}{hint}")
     return df[col]
 

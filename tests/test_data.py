@@ -173,6 +173,18 @@ def test_missing_column_lists_the_available_ones(tmp_path):
     assert "columns are: text, group, label" in msg
 
 
+def test_missing_column_hint_fits_the_cause(tmp_path):
+    # A CSV read as TSV: one column named by the whole header line; the fix is the format.
+    p = write_csv(tmp_path / "g.csv", ROWS)
+    with pytest.raises(DataError, match=r"the file uses another one; set data.format=csv or tsv\)$"):
+        load_examples(str(p), grouped(format="tsv"))
+    # header=false numbers the columns: a column name cannot be found, a number can.
+    n = write_csv(tmp_path / "n.csv", ROWS, header=None)
+    with pytest.raises(DataError, match=r"columns are: 0, 1, 2 \(without a header row columns are numbered: "
+                                        r"set data.text_column to 0..2\)$"):
+        load_examples(str(n), grouped(header=False))
+
+
 def test_column_index_out_of_range_is_named(tmp_path):
     p = write_csv(tmp_path / "n.csv", ROWS, header=None)
     with pytest.raises(DataError, match=r"data\.text_column=5 but the file has 3 columns"):
