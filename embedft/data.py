@@ -160,17 +160,43 @@ def read_table(path: str, fmt: str = "auto", header: bool = True, hub_split: str
         raise DataError(f"{path}: {where} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}: {e.reason}); "
                         "save it as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8 OLD > NEW)") from None
     except Exception as e:  # parser errors carry the line; add the file and the fix
+        bad = _first_bad_json_line(path) if fmt == "jsonl" else None
+        if bad is not None:  # pandas' JSON errors give a character position; find the line
+            raise DataError(f"{path}: line {bad[0]} is not a JSON object ({bad[1]}); each line of a JSONL file must "
+                            f"be one {{...}} object. If the file is not JSONL, {format_fix}") from None
         raise DataError(f"{path}: could not read as {fmt}: {e}. If it is not {fmt}, {format_fix}") from e
     if len(df) == 0:
         raise DataError(f"{path}: the file has no data rows")
     return df
 
 
-def _first_non_utf8_line(path: str) -> int | None:
-    # Line by line: a newline byte never occurs inside a multi-byte UTF-8 character.
+def _first_bad_json_line(path: str) -> tuple[int, str] | None:
+    import json
+
+    with _open_bytes(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # pandas skips blank lines
+            try:
+                value = json.loads(line.strip())
+            except json.JSONDecodeError as e:
+                return number, f"{e.msg} at column {e.colno}"
+            except ValueError as e:
+                return number, str(e)
+            if not isinstance(value, dict):
+                return number, f"a {type(value).__name__}"
+    return None
+
+
+def _open_bytes(path: str):
     import gzip
 
-    with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+    return (gzip.open if path.lower().endswith(".gz") else open)(path, "rb")
+
+
+def _first_non_utf8_line(path: str) -> int | None:
+    # Line by line: a newline byte never occurs inside a multi-byte UTF-8 character.
+    with _open_bytes(path) as f:
         for number, line in enumerate(f, 1):
             try:
                 line.decode("utf-8")

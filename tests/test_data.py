@@ -164,6 +164,13 @@ def test_unquoted_separator_in_the_first_row_is_refused_not_shifted(tmp_path):
         load_examples(str(p), DataConfig(shape="grouped"))
 
 
+def test_malformed_jsonl_names_the_line(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"text": "a", "label": "x"}\n\n{"text": "b", "label": "x"\n{"text": "c", "label": "y"}\n')
+    with pytest.raises(DataError, match=r"t\.jsonl: line 3 is not a JSON object \(Expecting ',' delimiter at column"):
+        load_splits(DataConfig(train=str(p)))
+
+
 def test_missing_column_lists_the_available_ones(tmp_path):
     p = write_csv(tmp_path / "g.csv", ROWS)
     with pytest.raises(DataError) as e:

@@ -69,5 +69,5 @@ def test_bad_files_name_the_fix(tmp_path):
         read_corpus(dup)
     broken = tmp_path / "b.jsonl"
     broken.write_text('{"id": 1, "text": "a"}\n{"id": 2, "te\n')
-    with pytest.raises(DeployError, match=r"b\.jsonl: could not read as jsonl"):
+    with pytest.raises(DeployError, match=r"b\.jsonl: line 2 is not a JSON object"):
         read_corpus(broken)
