@@ -134,6 +134,11 @@ def read_table(path: str, fmt: str = "auto", header: bool = True, hub_split: str
                 df.attrs["positions"] = positions
         elif fmt == "jsonl":
             df = pd.read_json(path, lines=True, dtype=False)
+            # pandas skips blank lines; note where the rows are, so that row numbers in messages are lines.
+            with _open_bytes(path) as f:
+                lines = [i for i, line in enumerate(f) if line.strip()]
+            if len(lines) == len(df) and lines and lines[-1] != len(lines) - 1:
+                df.attrs["positions"] = np.array(lines)
         elif fmt == "parquet":
             df = pd.read_parquet(path)
         elif fmt == "disk":

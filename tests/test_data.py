@@ -171,6 +171,13 @@ def test_malformed_jsonl_names_the_line(tmp_path):
         load_splits(DataConfig(train=str(p)))
 
 
+def test_jsonl_row_numbers_are_lines_when_blank_lines_are_skipped(tmp_path):
+    p = tmp_path / "b.jsonl"
+    p.write_text('{"text": "a", "label": "x"}\n\n{"text": "b", "label": "x"}\n{"text": "", "label": "y"}\n\n')
+    ex = load_examples(str(p), DataConfig())
+    assert ex.rows.tolist() == [1, 3, 4]
+
+
 def test_missing_column_lists_the_available_ones(tmp_path):
     p = write_csv(tmp_path / "g.csv", ROWS)
     with pytest.raises(DataError) as e:
