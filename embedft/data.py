@@ -432,6 +432,17 @@ class PairSource:
     def n_anchors(self) -> int:
         return len(self.anchors)
 
+    def digest(self) -> str:
+        """A content digest of what training draws from (texts, anchors, keys, pairs): a resumed
+        run must see the same."""
+        h = hashlib.sha256()
+        for t in self.texts:
+            h.update(t.encode())
+            h.update(b"\x1f")
+        for a in (self.anchors, self.anchor_keys, self.positives, self.negatives, self.batch_labels):
+            h.update(b"-" if a is None else np.ascontiguousarray(a, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
+
 
 def build_pair_source(ex: Examples) -> PairSource:
     """Turn validated training examples into a PairSource."""

@@ -111,7 +111,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     encoder = load_encoder(cfg.model, device, cfg.lora)
     log.info("model %s: family=%s pooling=%s on %s", cfg.model.name, encoder.spec.family, encoder.spec.pooling, device)
     if resume:  # refused now, not after the base model's evaluation
-        check_resumable(out / "checkpoint", run_identity(encoder.spec.fingerprint, lora_settings(encoder, cfg.lora),
+        check_resumable(out / "checkpoint", run_identity(encoder.spec, lora_settings(encoder, cfg.lora), data.source,
                                                          cfg.train, cfg.loss))
 
     base_eval = evaluate_encoder(encoder, data.train, data.eval, cfg.eval, device, progress) \

@@ -25,7 +25,8 @@ import torch
 from embedft.config import GROUP_SAMPLINGS, ConfigError, LossConfig, TrainConfig
 from embedft.data import Batch, PairSource, check_schedule, epoch_batches, group_keys
 from embedft.losses import false_negative_mask, group_info_nce, info_nce, label_contrastive
-from embedft.models import Encoder, call_overhead, compile_layers, length_chunks, lora_input_casts, lora_settings
+from embedft.models import (Encoder, EncoderSpec, call_overhead, compile_layers, length_chunks, lora_input_casts,
+                            lora_settings)
 
 log = logging.getLogger(__name__)
 
@@ -380,11 +381,16 @@ RESUMABLE_CHANGES = ("train.threads", "train.log_every", "train.device", "train.
                      "train.eval_every_epoch", "train.val_max_queries", "train.compile")
 
 
-def run_identity(fingerprint: str, lora: dict[str, Any] | None, cfg: TrainConfig,
+# EncoderSpec fields that change what a text embeds to, so what is trained (next to the weights' fingerprint).
+EMBEDDING_SETTINGS = ("pooling", "normalize", "query_template", "max_length")
+
+
+def run_identity(spec: EncoderSpec, lora: dict[str, Any] | None, src: PairSource, cfg: TrainConfig,
                  loss_cfg: LossConfig) -> dict[str, Any]:
-    """What a checkpoint must be resumed with: base model, LoRA (`models.lora_settings`), loss and
-    training settings, as JSON values."""
-    ident: dict[str, Any] = {"model": fingerprint, **{f"lora.{k}": v for k, v in (lora or {}).items()}}
+    """What a checkpoint must be resumed with: base model and how it embeds, LoRA
+    (`models.lora_settings`), the training data, loss and training settings, as JSON values."""
+    ident: dict[str, Any] = {"model": spec.fingerprint, **{f"model.{k}": getattr(spec, k) for k in EMBEDDING_SETTINGS},
+                             **{f"lora.{k}": v for k, v in (lora or {}).items()}, "training data digest": src.digest()}
     ident.update({f"train.{k}": v for k, v in asdict(cfg).items()})
     ident.update({f"loss.{k}": v for k, v in asdict(loss_cfg).items()})
     return json.loads(json.dumps({k: v for k, v in ident.items() if k not in RESUMABLE_CHANGES}, default=str))
@@ -401,7 +407,8 @@ def check_resumable(path: Path, identity: dict[str, Any]) -> None:
     saved = json.loads((path / "progress.json").read_text()).get("identity")
     if saved is None:  # written before embedft recorded settings: load_checkpoint checks the shapes
         return
-    diff = [f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in sorted(set(saved) | set(identity))
+    # Keys a checkpoint lacks were not recorded by the embedft that wrote it: not checked.
+    diff = [f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in sorted(saved)
             if saved.get(k) != identity.get(k)]
     if diff:
         raise ConfigError(f"--resume: the checkpoint in {path} was written with other settings "
@@ -468,7 +475,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
 
     n_total = check_schedule(src, cfg)
     ckpt = out / "checkpoint"
-    identity = run_identity(encoder.spec.fingerprint, lora_settings(encoder), cfg, loss_cfg)
+    identity = run_identity(encoder.spec, lora_settings(encoder), src, cfg, loss_cfg)
     if resume:
         check_resumable(ckpt, identity)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * n_total)

@@ -128,6 +128,12 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_bert_dir, tmp_pa
     wider = apply_lora(load_encoder(ModelConfig(name=str(tiny_bert_dir))), LoraConfig(r=8, alpha=8))
     with pytest.raises(ConfigError, match=r"lora.r: 4 there, 8 now"):
         train(wider, src, cfg, LossConfig(), tmp_path, resume=True, progress=False)
+    # Other training data (another split, max_train_rows) or another max_length trains something else.
+    fewer = build_pair_source(toy_examples(n_groups=11))
+    with pytest.raises(ConfigError, match=r"other settings \(training data digest: '[0-9a-f]+' there, '[0-9a-f]+' now\)"):
+        train(_encoder(tiny_bert_dir), fewer, cfg, LossConfig(), tmp_path, resume=True, progress=False)
+    with pytest.raises(ConfigError, match=r"model.max_length: 128 there, 16 now"):
+        train(_encoder(tiny_bert_dir, max_length=16), src, cfg, LossConfig(), tmp_path, resume=True, progress=False)
     # Settings that do not change what is trained may differ.
     res = train(_encoder(tiny_bert_dir), src, TrainConfig(**{**cfg.__dict__, "log_every": 1}), LossConfig(), tmp_path,
                 resume=True, progress=False)
