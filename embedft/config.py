@@ -297,6 +297,11 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        try:
+            self.train.output_dir.format(name=self.name)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"train.output_dir: {self.train.output_dir!r} cannot be filled in ({type(e).__name__}: "
+                              f"{e}); the only placeholder is {{name}}, e.g. runs/{{name}}") from None
         sampling = self.train.batch_sampling
         if sampling in GROUP_SAMPLINGS and self.loss.hard_negatives > 0:
             raise ConfigError(f"loss.hard_negatives={self.loss.hard_negatives} is not used with train.batch_sampling="
