@@ -102,7 +102,11 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
 
     data = prepare_data(cfg)
     out = cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder should be, no permission, read-only disk
+        raise ConfigError(f"train.output_dir: cannot make the run folder {out} ({e.strerror}: {e.filename}); "
+                          "set -o train.output_dir to a folder you can write") from None
     tracker = open_tracker(cfg.tracking, cfg.name, out)
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:

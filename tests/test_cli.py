@@ -164,6 +164,13 @@ def test_resume_mismatch_is_refused_before_any_work(experiment, tiny_bert_dir, m
     assert_clean_error(result, "the checkpoint in", "lora.r: 16 there, 8 now", "same config and -o options")
 
 
+def test_train_output_dir_that_cannot_be_made(experiment, tmp_path):
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        result = invoke("train", str(experiment), "-o", f"train.output_dir={out}")
+        assert_clean_error(result, f"train.output_dir: cannot make the run folder {out}", "a folder you can write")
+
+
 def test_train_model_path_that_does_not_exist(experiment, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("train", str(experiment), "-o", "model.name=./nope", "-o", "tracking.enabled=false")
