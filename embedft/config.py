@@ -296,7 +296,9 @@ class ExperimentConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        # The run folder is runs/{name}: "." or ".." would put it in runs/ itself or in the working directory.
+        _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+               f"must be a non-empty name without '/' (not . or ..), got {self.name!r}")
         try:
             self.train.output_dir.format(name=self.name)
         except (KeyError, IndexError, ValueError) as e:

@@ -94,6 +94,7 @@ def test_unknown_key_typo_suggests_close_name():
     ({"tracking": {"enabled": "yes"}}, "tracking.enabled", "expected true or false"),
     ({"lora": {"target_modules": []}}, "lora.target_modules", "non-empty"),
     ({"name": "a/b"}, "name", "without '/'"),
+    ({"name": ".."}, "name", "not . or .."),
     ({"eval": {"precision": "fp16"}}, "eval.precision", "use auto, fp32 or bf16"),
     ({"train": {"device": "cuda:x"}}, "train.device", "cuda:N"),
     ({"train": {"threads": 0}}, "train.threads", "must be >= 1 or null"),
