@@ -43,7 +43,8 @@ class _Group(click.Group):
     def invoke(self, ctx):
         from embedft.config import ConfigError
 
-        known: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+        # FloatingPointError: the training loop's "loss became nan", whose message names train.lr.
+        known: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, FloatingPointError)
         try:
             from embedft.tracking import TrackingError
 

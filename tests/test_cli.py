@@ -171,6 +171,16 @@ def test_train_output_dir_that_cannot_be_made(experiment, tmp_path):
         assert_clean_error(result, f"train.output_dir: cannot make the run folder {out}", "a folder you can write")
 
 
+def test_train_loss_that_becomes_nan_is_one_line(experiment, tiny_bert_dir, monkeypatch):
+    import embedft.train as T
+
+    real = T.batch_loss
+    monkeypatch.setattr(T, "batch_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    result = invoke("train", str(experiment), "-o", f"model.name={tiny_bert_dir}", "-o", "train.max_steps=2",
+                    "-o", "eval.compare_base=false", "--no-progress")
+    assert_clean_error(result, "loss became nan at step 1; lower train.lr")
+
+
 def test_train_model_path_that_does_not_exist(experiment, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("train", str(experiment), "-o", "model.name=./nope", "-o", "tracking.enabled=false")
