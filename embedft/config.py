@@ -134,7 +134,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", f"rank must be >= 1, got {self.r}")
-        _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(0 < self.alpha < math.inf, "lora.alpha", f"must be a finite number > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
         if self.target_modules is not None:
             _check(len(self.target_modules) > 0, "lora.target_modules", "must be null or a non-empty list")
@@ -204,7 +204,8 @@ class TrainConfig:
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
         _check(self.batch_size >= 2, "train.batch_size", f"must be >= 2 (in-batch negatives), got {self.batch_size}")
         _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", f"learning rate must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.weight_decay < math.inf, "train.weight_decay",
+               f"must be a finite number >= 0, got {self.weight_decay}")
         _check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _check(self.warmup_steps is None or self.warmup_steps >= 0, "train.warmup_steps",
                f"must be >= 0, got {self.warmup_steps}")
@@ -274,11 +275,15 @@ class ExportConfig:
     """Merged export of the trained encoder."""
 
     n_probe: int = 64  # probe texts saved with the export for parity checks
-    min_cosine: float = 0.99999
+    min_cosine: float = 0.99999  # fp32 parity tolerances; bf16/fp16 exports use looser ones
     max_abs_diff: float = 1e-5
 
     def __post_init__(self) -> None:
         _check(self.n_probe >= 1, "export.n_probe", f"must be >= 1, got {self.n_probe}")
+        _check(0.0 < self.min_cosine <= 1.0, "export.min_cosine",
+               f"a cosine similarity, must be in (0, 1], got {self.min_cosine}")
+        _check(0.0 <= self.max_abs_diff < math.inf, "export.max_abs_diff",
+               f"must be a finite number >= 0, got {self.max_abs_diff}")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embedft.atomic import replace_dir, temp_sibling
-from embedft.config import ExportConfig, LoraConfig, ModelConfig
+from embedft.config import ConfigError, ExportConfig, LoraConfig, ModelConfig, config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,12 @@ class ExportError(ValueError):
 
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str | None = None, dtype: str = "fp32",
-                  overwrite: bool = False, probe_texts: list[str] | None = None, cfg: ExportConfig = ExportConfig(),
+                  overwrite: bool = False, probe_texts: list[str] | None = None, cfg: ExportConfig | None = None,
                   onnx: bool = False, device: str = "cpu") -> dict:
-    """Merge the adapter into its base, save a plain sentence-transformers folder, check parity; returns the report."""
+    """Merge the adapter into its base, save a plain sentence-transformers folder, check parity; returns the report.
+
+    `cfg` None: the `export:` section of the experiment the adapter was trained with (its embedft_meta.json).
+    """
     import torch
 
     from embedft.models import load_adapter, read_adapter_meta
@@ -145,6 +148,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str 
     if not spec:
         raise ExportError(f"{adapter_dir}: embedft_meta.json has no 'spec'; re-save the adapter with embedft")
     query_prompt = _query_prompt(spec.get("query_template"))
+    cfg = cfg or _run_export_config(meta, adapter_dir)
     _check_safetensors(adapter_dir / "adapter_model.safetensors")
     lora_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     probes = _probe_list(probe_texts, cfg.n_probe)
@@ -370,6 +374,15 @@ def _max_lora_delta(peft_model) -> float:
                     if name in m.lora_A:
                         worst = max(worst, float(m.get_delta_weight(name).abs().max()))
     return worst
+
+
+def _run_export_config(meta: dict, adapter_dir: Path) -> ExportConfig:
+    # An adapter saved before embedft recorded its config (or a hand-made one) exports with the defaults.
+    values = (meta.get("config") or {}).get("export") or {}
+    try:
+        return config_from_dict({"export": values}).export
+    except ConfigError as e:
+        raise ExportError(f"{adapter_dir / 'embedft_meta.json'}: the run's export settings are invalid: {e}") from e
 
 
 def _tolerances(dtype: str, cfg: ExportConfig) -> dict[str, float]:

@@ -159,14 +159,35 @@ def test_existing_out_refused_failed_export_leaves_no_tmp_overwrite_works(export
     res = CliRunner().invoke(main, ["export", "--adapter", str(adapter), "--out", str(out)])
     assert res.exit_code == 2 and "--overwrite" in res.output
     # A parity failure (impossible tolerance) keeps the old folder and leaves no temporary folder.
-    with pytest.raises(ExportError, match="parity check failed.*min cosine"):
-        export_merged(adapter, out, overwrite=True, probe_texts=PROBES, cfg=ExportConfig(min_cosine=1.5))
+    with pytest.raises(ExportError, match="parity check failed.*max abs diff"):
+        export_merged(adapter, out, overwrite=True, probe_texts=PROBES, cfg=ExportConfig(max_abs_diff=0.0))
     assert os.listdir(out.parent) == ["export"] and (out / "old.txt").is_file()
     res = CliRunner().invoke(main, ["export", "--adapter", str(adapter), "--out", str(out), "--overwrite"])
     assert res.exit_code == 0, res.output
     assert "min cosine" in res.output
     assert not (out / "old.txt").exists() and (out / "modules.json").is_file()
     assert os.listdir(out.parent) == ["export"]
+
+
+def test_export_uses_the_tolerances_of_the_experiment_the_adapter_was_trained_with(exports, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(exports["bert"][1], adapter)
+    meta_file = adapter / "embedft_meta.json"
+    meta = json.loads(meta_file.read_text())
+
+    def export_with(settings: dict):
+        meta_file.write_text(json.dumps({**meta, "config": {"name": "x", "export": settings}}))
+        return CliRunner().invoke(main, ["export", "--adapter", str(adapter), "--out", str(tmp_path / "out")])
+
+    res = export_with({"max_abs_diff": 0.0})  # no fp32 merge is exact to the bit: the run's setting is applied
+    assert res.exit_code == 2 and "parity check failed" in res.output and not (tmp_path / "out").exists()
+    res = export_with({"min_cosine": 2})
+    assert res.exit_code == 2 and "embedft_meta.json: the run's export settings are invalid" in res.output
+    assert "export.min_cosine: a cosine similarity, must be in (0, 1], got 2" in res.output
+    res = export_with({"n_probe": 8, "max_abs_diff": 1e-4})
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "out" / "embedft_export.json").read_text())
+    assert saved["n_probes"] == 8 and saved["tolerances"]["max_abs_diff"] == 1e-4
 
 
 def test_wrong_base_missing_file_corrupted_weights(exports, tiny_qwen3_dir, tmp_path):
