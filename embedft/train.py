@@ -10,18 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import pickle
 import random
 import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 
+from embedft.atomic import replace_dir
 from embedft.config import GROUP_SAMPLINGS, ConfigError, LossConfig, TrainConfig
 from embedft.data import Batch, PairSource, check_schedule, epoch_batches, group_keys
 from embedft.losses import false_negative_mask, group_info_nce, info_nce, label_contrastive
@@ -404,7 +405,7 @@ def check_resumable(path: Path, identity: dict[str, Any]) -> None:
     (another LoRA rank, lr, batch size, data order, ...): resuming it would train something else."""
     if not (path / "state.pt").is_file():
         raise FileNotFoundError(f"--resume: no checkpoint in {path}; run without --resume to start fresh")
-    saved = json.loads((path / "progress.json").read_text()).get("identity")
+    saved = _read_checkpoint(path, lambda: json.loads((path / "progress.json").read_text())).get("identity")
     if saved is None:  # written before embedft recorded settings: load_checkpoint checks the shapes
         return
     # Keys a checkpoint lacks were not recorded by the embedft that wrote it: not checked.
@@ -413,6 +414,15 @@ def check_resumable(path: Path, identity: dict[str, Any]) -> None:
     if diff:
         raise ConfigError(f"--resume: the checkpoint in {path} was written with other settings "
                           f"({'; '.join(diff)}); {RESUME_FIX}")
+
+
+def _read_checkpoint(path: Path, read: Callable[[], Any]) -> Any:
+    # The checkpoint is swapped in whole, so a file that does not read was damaged after it was written.
+    try:
+        return read()
+    except (OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        raise ConfigError(f"--resume: the checkpoint in {path} is damaged ({type(e).__name__}: {e}); "
+                          f"start fresh without --resume") from e
 
 
 def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: int, result: TrainResult,
@@ -427,14 +437,13 @@ def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: 
                 "epoch": epoch, "step": step}, tmp / "state.pt")
     (tmp / "progress.json").write_text(json.dumps({"epoch": epoch, "step": step, "history": result.history,
                                                    "val_history": result.val_history, "identity": identity}))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    replace_dir(tmp, path)  # the previous checkpoint is kept until the new one is in place
 
 
 def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResult) -> tuple[int, int]:
     """Restore state saved by save_checkpoint (after check_resumable); returns (epochs done, step)."""
-    progress = json.loads((path / "progress.json").read_text())
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    progress = _read_checkpoint(path, lambda: json.loads((path / "progress.json").read_text()))
+    state = _read_checkpoint(path, lambda: torch.load(path / "state.pt", map_location="cpu", weights_only=False))
     params = dict(encoder.named_parameters())
     bad = [f"{k} is not in this model" for k in state["adapter"] if k not in params]
     bad += [f"{k} has shape {tuple(v.shape)} there, {tuple(params[k].shape)} now" for k, v in state["adapter"].items()

@@ -143,6 +143,14 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_bert_dir, tmp_pa
     progress.write_text(json.dumps({**json.loads(progress.read_text()), "identity": None}))
     with pytest.raises(ConfigError, match=r"has shape \(4, 32\) there, \(8, 32\) now"):
         train(wider, src, cfg, LossConfig(), tmp_path, resume=True, progress=False)
+    # A checkpoint damaged after it was written (it is swapped in whole) is a clear error, not a traceback.
+    state = tmp_path / "checkpoint" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match=r"the checkpoint in .*checkpoint is damaged \(RuntimeError: .*start fresh"):
+        train(_encoder(tiny_bert_dir), src, cfg, LossConfig(), tmp_path, resume=True, progress=False)
+    progress.write_text('{"epoch": 1, "st')
+    with pytest.raises(ConfigError, match=r"is damaged \(JSONDecodeError: .*start fresh without --resume"):
+        train(_encoder(tiny_bert_dir), src, cfg, LossConfig(), tmp_path, resume=True, progress=False)
 
 
 def _grads(enc):
