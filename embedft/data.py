@@ -235,11 +235,17 @@ def file_rows(df, fmt: str, header: bool) -> np.ndarray:
     return np.asarray(df.attrs.get("positions", np.arange(len(df)))) + first
 
 
-def text_values(series) -> list[str]:
-    """A column's cells as strings; a missing cell is "" (None, NaN), an integral float its int."""
+def text_values(series, path: str, rows: np.ndarray, what: str) -> list[str]:
+    """A column's cells as strings; a missing cell is "" (None, NaN), an integral float its int.
+    A cell holding a list or an object (JSONL, Parquet) is refused, naming `what` and the file's rows."""
+    values = series.tolist()
+    nested = np.array([isinstance(v, (list, tuple, dict, np.ndarray)) for v in values], dtype=bool)
+    if nested.any():
+        raise DataError(f"{path}: {what} holds lists or objects instead of texts at rows {rows_str(rows[nested])}; "
+                        f"give one text per cell")
     # An int id column with a missing value comes back as floats from JSONL/Parquet: 7.0 -> "7", as in a CSV.
     return ["" if v is None or (isinstance(v, float) and math.isnan(v))
-            else str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in series.tolist()]
+            else str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in values]
 
 
 def load_examples(path: str, cfg: DataConfig) -> Examples:
@@ -247,21 +253,25 @@ def load_examples(path: str, cfg: DataConfig) -> Examples:
     fmt = detect_format(path, cfg.format)
     df = read_table(path, fmt, cfg.header, cfg.hub_split)
     rows = file_rows(df, fmt, cfg.header)
+
+    def column(col: Column, option: str) -> list[str]:
+        return text_values(_column(df, col, path, option), path, rows, f"{option}={col!r}")
+
     if cfg.shape == "pairs":
-        texts = text_values(_column(df, cfg.query_column, path, "data.query_column"))
-        positives = text_values(_column(df, cfg.positive_column, path, "data.positive_column"))
+        texts = column(cfg.query_column, "data.query_column")
+        positives = column(cfg.positive_column, "data.positive_column")
         negatives = None
         if cfg.negative_columns:
-            cols = [text_values(_column(df, c, path, "data.negative_columns")) for c in cfg.negative_columns]
+            cols = [column(c, "data.negative_columns") for c in cfg.negative_columns]
             negatives = [[c[i] for c in cols] for i in range(len(df))]
         return Examples("pairs", path, rows, texts, positives=positives, negatives=negatives)
-    texts = text_values(_column(df, cfg.text_column, path, "data.text_column"))
+    texts = column(cfg.text_column, "data.text_column")
     labels = None
     if cfg.label_column is not None and (cfg.shape == "labeled" or _has_column(df, cfg.label_column)):
-        labels = text_values(_column(df, cfg.label_column, path, "data.label_column"))
+        labels = column(cfg.label_column, "data.label_column")
     if cfg.shape == "labeled":
         return Examples("labeled", path, rows, texts, groups=labels, labels=labels)
-    groups = text_values(_column(df, cfg.group_column, path, "data.group_column"))
+    groups = column(cfg.group_column, "data.group_column")
     return Examples("grouped", path, rows, texts, groups=groups, labels=labels)
 
 

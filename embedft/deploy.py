@@ -84,12 +84,15 @@ def read_corpus(path: str | Path, text_column: str = "text", id_column: str | No
 
 def _filled_column(df, column: str, option: str, path: Path, rows: np.ndarray, fmt: str, header: bool) -> list[str]:
     # A column's values as strings; every one must be there (no blank or missing-value cell).
-    from embedft.data import rows_str, text_values
+    from embedft.data import DataError, rows_str, text_values
 
     if column not in df.columns:
         hint = "" if header else " (0-based positions: the file has no header row)"
         raise DeployError(f"{path}: no column {column!r}; columns are {list(df.columns)}{hint}; pass {option}")
-    values = text_values(df[column])
+    try:
+        values = text_values(df[column], str(path), rows, f"column {column!r} ({option})")
+    except DataError as e:
+        raise DeployError(str(e)) from e
     blank = np.array([not v.strip() for v in values], dtype=bool)
     if blank.any():
         missing = "empty, or NA, NaN, nan, null or None" if fmt in ("csv", "tsv") else "empty or null"

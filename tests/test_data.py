@@ -231,6 +231,23 @@ def test_empty_text_rows_in_jsonl_are_line_numbers(tmp_path):
         validate_split(load_examples(str(p), DataConfig()), DataConfig(), DataReport(), "train")
 
 
+def test_list_or_object_cells_are_refused_not_read_as_their_repr(tmp_path):
+    import pandas as pd
+
+    lines = [{"text": t, "label": lab} for t, _, lab in ROWS]
+    lines[2]["text"], lines[5]["label"] = ["red", "shoe"], {"name": "cat1"}
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(DataError, match=r"d\.jsonl: data\.text_column='text' holds lists or objects instead of texts "
+                                        r"at rows 3; give one text per cell"):
+        load_examples(str(p), DataConfig())
+    pq = tmp_path / "d.parquet"  # Parquet list columns come back as numpy arrays
+    pd.DataFrame({"text": [t for t, _, _ in ROWS], "label": [[lab] for _, _, lab in ROWS]}).to_parquet(pq)
+    with pytest.raises(DataError, match=r"data\.label_column='label' holds lists or objects instead of texts "
+                                        r"at rows 1, 2, 3, .* \(40 rows\)"):
+        load_examples(str(pq), DataConfig())
+
+
 def test_empty_text_drop_removes_exactly_those_rows_and_counts_them(tmp_path):
     p, bad_rows = _with_empty_texts(tmp_path)
     train, eval_, report = load_splits(grouped(train=str(p), on_empty_text="drop"))

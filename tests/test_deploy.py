@@ -24,6 +24,10 @@ def test_missing_cells_are_refused_with_the_files_row_numbers(tmp_path):
     with pytest.raises(DeployError, match="no 'kind' value at rows 2"):
         read_corpus(p, label_column="kind")
     assert read_corpus(p).labels is None  # the label column is read only when asked for
+    p = _jsonl(tmp_path / "n.jsonl", [{"id": 1, "text": "a"}, {"id": 2, "text": ["b", "c"]}])
+    with pytest.raises(DeployError, match=r"n\.jsonl: column 'text' \(--text-column\) holds lists or objects instead "
+                                          r"of texts at rows 2"):
+        read_corpus(p)
     csv = tmp_path / "c.csv"  # line 1 header, line 3 blank, line 4 the NA marker training data also treats as missing
     csv.write_text("id,text\n1,red shoe\n\n2,NA\n3,  \n4,blue hat\n")
     with pytest.raises(DeployError, match=r"no 'text' value at rows 4, 5 \(empty, or NA, NaN, nan, null or None\)"):
