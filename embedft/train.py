@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from embedft.atomic import replace_dir
 from embedft.config import GROUP_SAMPLINGS, ConfigError, LossConfig, TrainConfig
@@ -519,65 +520,60 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
 
     encoder.train()
     seen, tokens, t_train = 0, 0, 0.0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_total, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    for epoch in range(start_epoch, cfg.epochs):
-        if step >= n_total:
-            break
-        for batch in epoch_batches(src, cfg.batch_size, cfg.seed, epoch, cfg.batch_sampling,
-                                   loss_cfg.hard_negatives, mined, cfg.group_size, neighbours):
+    # Closed however the loop ends (a NaN loss, Ctrl-C), so the error line starts on a line of its own.
+    with tqdm(total=n_total, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not progress) as bar:
+        for epoch in range(start_epoch, cfg.epochs):
             if step >= n_total:
                 break
-            t0 = time.perf_counter()
-            seqs, gather = batch_sequences(batch, cache)
-            loss_of = lambda emb: batch_loss(emb, batch, gather, src.text_keys, loss_cfg)  # noqa: E731
-            with lora_input_casts(encoder, enabled=not amp):  # forward and backward alike
-                if cfg.mini_batch_size:
-                    loss = train_step_cached(encoder, seqs, loss_of, device, cfg.mini_batch_size, amp)
-                else:
-                    emb = embed(encoder, seqs, device, amp=amp)
-                    loss_t = loss_of(emb)
-                    loss_t.backward()
-                    loss = float(loss_t.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in encoder.parameters() if p.requires_grad],
-                                                       cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            t_train += dt
-            seen += len(batch.anchors)
-            tokens += sum(len(s) for s in seqs)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {step}; lower train.lr "
-                                         f"(now {cfg.lr}) or raise loss.temperature")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
-                                sps=f"{seen / max(t_train, 1e-9):.1f}")
-            if step % cfg.log_every == 0 or step == n_total:
-                rec = {"train/loss": loss, "train/lr": float(sched.get_last_lr()[0]),
-                       "train/samples_per_s": len(batch.anchors) / dt, "train/grad_norm": float(grad_norm)}
-                result.history.append({"step": step, **rec})
-                sink.log_metrics(rec, step=step)
-                if bar is None:
-                    log.info("step %d/%d loss=%.4f lr=%.2e samples/s=%.1f", step, n_total, loss,
-                             rec["train/lr"], seen / max(t_train, 1e-9))
-        epoch_done = epoch + 1
-        if val is not None and cfg.eval_every_epoch:
-            metrics = validate(encoder, val, val_cache, loss_cfg, cfg.batch_size, device, cfg.seed,
-                               sampling=cfg.batch_sampling, group_size=cfg.group_size)
-            result.val_history.append({"epoch": epoch_done, "step": step, **metrics})
-            sink.log_metrics({**metrics, "epoch": float(epoch_done)}, step=step)
-            log.info("epoch %d: %s", epoch_done, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        save_checkpoint(ckpt, encoder, opt, sched, epoch_done, step, result, identity)
-        result.epochs_done = epoch_done
-    if bar is not None:
-        bar.close()
+            for batch in epoch_batches(src, cfg.batch_size, cfg.seed, epoch, cfg.batch_sampling,
+                                       loss_cfg.hard_negatives, mined, cfg.group_size, neighbours):
+                if step >= n_total:
+                    break
+                t0 = time.perf_counter()
+                seqs, gather = batch_sequences(batch, cache)
+                loss_of = lambda emb: batch_loss(emb, batch, gather, src.text_keys, loss_cfg)  # noqa: E731
+                with lora_input_casts(encoder, enabled=not amp):  # forward and backward alike
+                    if cfg.mini_batch_size:
+                        loss = train_step_cached(encoder, seqs, loss_of, device, cfg.mini_batch_size, amp)
+                    else:
+                        emb = embed(encoder, seqs, device, amp=amp)
+                        loss_t = loss_of(emb)
+                        loss_t.backward()
+                        loss = float(loss_t.detach())
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in encoder.parameters() if p.requires_grad],
+                                                           cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                dt = time.perf_counter() - t0
+                t_train += dt
+                seen += len(batch.anchors)
+                tokens += sum(len(s) for s in seqs)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {step}; lower train.lr "
+                                             f"(now {cfg.lr}) or raise loss.temperature")
+                if progress:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
+                                    sps=f"{seen / max(t_train, 1e-9):.1f}")
+                if step % cfg.log_every == 0 or step == n_total:
+                    rec = {"train/loss": loss, "train/lr": float(sched.get_last_lr()[0]),
+                           "train/samples_per_s": len(batch.anchors) / dt, "train/grad_norm": float(grad_norm)}
+                    result.history.append({"step": step, **rec})
+                    sink.log_metrics(rec, step=step)
+                    if not progress:
+                        log.info("step %d/%d loss=%.4f lr=%.2e samples/s=%.1f", step, n_total, loss,
+                                 rec["train/lr"], seen / max(t_train, 1e-9))
+            epoch_done = epoch + 1
+            if val is not None and cfg.eval_every_epoch:
+                metrics = validate(encoder, val, val_cache, loss_cfg, cfg.batch_size, device, cfg.seed,
+                                   sampling=cfg.batch_sampling, group_size=cfg.group_size)
+                result.val_history.append({"epoch": epoch_done, "step": step, **metrics})
+                sink.log_metrics({**metrics, "epoch": float(epoch_done)}, step=step)
+                log.info("epoch %d: %s", epoch_done, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            save_checkpoint(ckpt, encoder, opt, sched, epoch_done, step, result, identity)
+            result.epochs_done = epoch_done
     result.steps = step
     result.train_seconds = t_train
     result.samples_per_s = seen / t_train if t_train else 0.0
