@@ -57,7 +57,10 @@ def evaluate_retrieval(q: np.ndarray, c: np.ndarray, task: RetrievalTask, ks: tu
     metrics["retrieval/exact/qps"] = len(q) / max(exact_s, 1e-9)
     curve = {int(k): metrics[f"retrieval/recall@{k}"] for k in ks}
     for factory in indexes:
-        ann, ann_ranked = ann_report(c, q, depth, factory, self_ids=task.self_ids)
+        try:
+            ann, ann_ranked = ann_report(c, q, depth, factory, self_ids=task.self_ids)
+        except ValueError as e:  # what check_indexes cannot see before training (PQ's k-means, ...)
+            raise EvalError(f"eval.indexes (--index) {factory!r}: {e}") from e
         metrics.update({f"retrieval/{k}": v for k, v in ann.items()})
         metrics.update(retrieval_metrics(_pad(ann_ranked, want), task.positives, ks=ks, prefix=f"retrieval/{factory}/"))
     return EvalOutput(metrics, {"recall_curve": curve, "n_queries": len(task), "n_corpus": len(task.corpus)})
@@ -145,6 +148,20 @@ def evaluate_encoder(encoder, train: Examples, eval_: Examples, cfg: EvalConfig,
             details[task_name] = out.details
             metrics[f"{task_name}/seconds"] = time.perf_counter() - t0
     return EvalOutput(metrics, details)
+
+
+def check_indexes(cfg: EvalConfig, dim: int, train: Examples, eval_: Examples) -> None:
+    """Refuse an eval.indexes factory string faiss cannot build over the eval corpus, before anything is embedded."""
+    from embedft.index import new_index
+
+    if not cfg.indexes or "retrieval" not in tasks_for(cfg, train, eval_):
+        return
+    n = len(retrieval_task(eval_).corpus)
+    for factory in cfg.indexes:
+        try:
+            new_index(dim, factory, n)
+        except ValueError as e:
+            raise EvalError(f"eval.indexes (--index) {factory!r}: {e}") from e
 
 
 def tasks_for(cfg: EvalConfig, train: Examples, eval_: Examples) -> list[str]:

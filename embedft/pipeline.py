@@ -96,7 +96,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     """Train one experiment end to end; returns the run summary (paths and metrics)."""
     import torch
 
-    from embedft.evaluate import evaluate_encoder, format_table, compare, write_report
+    from embedft.evaluate import check_indexes, evaluate_encoder, format_table, compare, write_report
     from embedft.models import apply_lora, load_adapter, load_encoder, lora_settings, save_adapter
     from embedft.train import base_dtype, check_resumable, resolve_device, run_identity, seed_everything, train
 
@@ -114,6 +114,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     seed_everything(cfg.train.seed)
     encoder = load_encoder(cfg.model, device, cfg.lora)
     log.info("model %s: family=%s pooling=%s on %s", cfg.model.name, encoder.spec.family, encoder.spec.pooling, device)
+    check_indexes(cfg.eval, encoder.spec.hidden_size, data.train, data.eval)
     if resume:  # refused now, not after the base model's evaluation
         check_resumable(out / "checkpoint", run_identity(encoder.spec, lora_settings(encoder, cfg.lora), data.source,
                                                          cfg.train, cfg.loss))
@@ -257,7 +258,7 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     """Evaluate base vs adapted on the experiment's eval split; report to disk and MLflow."""
     import tempfile
 
-    from embedft.evaluate import compare, evaluate_encoder, format_table, write_report
+    from embedft.evaluate import check_indexes, compare, evaluate_encoder, format_table, write_report
     from embedft.models import ModelError, load_adapter, load_encoder, read_adapter_meta
     from embedft.train import resolve_device
 
@@ -280,6 +281,7 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     device = resolve_device(cfg.train.device)
     tracker = open_tracker(cfg.tracking, cfg.tracking.experiment or cfg.name, cfg.output_dir)
     encoder = load_encoder(cfg.model, device)
+    check_indexes(cfg.eval, encoder.spec.hidden_size, train_ex, eval_ex)
     base_eval = evaluate_encoder(encoder, train_ex, eval_ex, cfg.eval, device, progress) \
         if (compare_base or base_only) else None
     adapted_eval = None

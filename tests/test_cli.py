@@ -225,3 +225,18 @@ def test_train_unreachable_tracking_server_fails_before_training(experiment, mon
     monkeypatch.setattr(embedft.models, "load_encoder", lambda *a, **k: pytest.fail("model loaded before the check"))
     result = invoke("train", str(experiment), "-o", "tracking.enabled=true", "-o", f"tracking.uri=http://127.0.0.1:{port}")
     assert_clean_error(result, f"127.0.0.1:{port}", "not reachable", "tracking.enabled=false")
+
+
+def test_eval_index_faiss_cannot_build_is_refused_before_any_encoding(experiment, tiny_bert_dir, monkeypatch):
+    from embedft.models import Encoder
+
+    monkeypatch.setattr(Encoder, "encode", lambda *a, **k: pytest.fail("encoded before the --index check"))
+    model = ("-o", f"model.name={tiny_bert_dir}")
+    assert_clean_error(invoke("eval", str(experiment), *model, "--base-only", "--index", "hnsw32"),
+                       "eval.indexes (--index) 'hnsw32'", "cannot parse")
+    # 9 eval texts (groups 3 of 12 held out) cannot train 64 IVF lists
+    assert_clean_error(invoke("eval", str(experiment), *model, "--base-only", "--index", "IVF64,Flat"),
+                       "eval.indexes (--index) 'IVF64,Flat'", "needs at least 64 training vectors")
+    assert_clean_error(invoke("train", str(experiment), *model, "-o", "eval.compare_base=false",
+                              "-o", "eval.indexes=[PQ7]"), "eval.indexes (--index) 'PQ7'")
+    assert not (experiment.parent / "run" / "adapter").exists()
