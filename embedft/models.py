@@ -532,7 +532,21 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
         if not (d / f).is_file():
             raise ModelError(f"{d}: missing {f}; this is not a complete embedft adapter folder "
                              f"(expected adapter_config.json, adapter_model.safetensors and {META_FILE})")
-    return json.loads((d / META_FILE).read_text())
+    _adapter_json(d / "adapter_config.json")  # peft and the export read it; a damaged one fails here, clearly
+    return _adapter_json(d / META_FILE)
+
+
+def _adapter_json(path: Path) -> dict:
+    # A damaged adapter file is named with the fix, not left to a JSONDecodeError traceback.
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ModelError(f"{path} is not valid JSON ({e}); the adapter folder is damaged: copy it again or "
+                         "re-train it") from e
+    if not isinstance(value, dict):
+        raise ModelError(f"{path} holds a JSON {type(value).__name__}, not an object; the adapter folder is damaged: "
+                         "copy it again or re-train it")
+    return value
 
 
 def load_adapter(encoder: Encoder, adapter_dir: str | Path) -> Encoder:

@@ -204,7 +204,12 @@ def test_wrong_base_missing_file_corrupted_weights(exports, tiny_qwen3_dir, tmp_
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ExportError, match="adapter_model.safetensors is corrupted or truncated"):
         export_merged(corrupt, tmp_path / "c")
-    assert not any((tmp_path / n).exists() for n in "abc")
+    for name, text in (("adapter_config.json", '{"r": 4,'), ("embedft_meta.json", "[1, 2]")):
+        damaged = shutil.copytree(adapter, tmp_path / f"damaged-{name}")
+        (damaged / name).write_text(text)
+        with pytest.raises(ModelError, match=f"{name} (is not valid JSON|holds a JSON list).*copy it again"):
+            export_merged(damaged, tmp_path / "d")
+    assert not any((tmp_path / n).exists() for n in "abcd")
 
 
 def test_non_prefix_query_template_and_missing_onnx_are_clear(exports, tmp_path, monkeypatch):
