@@ -229,18 +229,22 @@ def verify_export(model_dir: str | Path, min_cosine: float | None = None, max_ab
         if not (d / f).is_file():
             raise ExportError(f"{d}: missing {f}, so there is nothing to verify against; "
                               f"this is not an embedft export (re-export with `embedft export`)")
-    probes = json.loads((d / PROBES_FILE).read_text(encoding="utf-8"))
-    ref = np.load(d / PROBE_EMB_FILE)
+    probes = _saved(d / PROBES_FILE, lambda f: json.loads(f.read_text(encoding="utf-8")))
+    ref = _saved(d / PROBE_EMB_FILE, np.load)
     if ref.ndim != 3 or ref.shape[0] != 2 or ref.shape[1] != len(probes):
         raise ExportError(f"{d / PROBE_EMB_FILE}: shape {ref.shape} does not match {len(probes)} probes "
                           f"(expected (2, {len(probes)}, dim)); re-export")
-    saved = json.loads((d / EXPORT_META).read_text()) if (d / EXPORT_META).is_file() else {}
+    saved = _saved(d / EXPORT_META, lambda f: json.loads(f.read_text())) if (d / EXPORT_META).is_file() else {}
     tol = dict(saved.get("tolerances") or {"min_cosine": ExportConfig.min_cosine, "max_abs_diff": ExportConfig.max_abs_diff})
     if min_cosine is not None:
         tol["min_cosine"] = min_cosine
     if max_abs_diff is not None:
         tol["max_abs_diff"] = max_abs_diff
-    parity = _parity(d, probes, ref, tol, device)
+    try:
+        parity = _parity(d, probes, ref, tol, device)
+    except Exception as e:  # transformers' and safetensors' errors (missing or truncated weights) name no fix
+        raise ExportError(f"{d} cannot be loaded by sentence-transformers ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300]}); the export is damaged: copy it again or re-export") from e
     if not parity["ok"]:
         raise ExportError(f"{d} no longer matches its reference embeddings: {_figures(parity)}")
     if (d / ONNX_FILE).is_file():
@@ -258,6 +262,15 @@ def verify_export(model_dir: str | Path, min_cosine: float | None = None, max_ab
                 raise ExportError(f"{d / ONNX_FILE} no longer matches its reference embeddings: "
                                   f"{_figures(parity['onnx'])}")
     return parity
+
+
+def _saved(path: Path, load):
+    # One of embedft's own files of an export, read back; a damaged one is named, not a JSON or numpy traceback.
+    try:
+        return load(path)
+    except (ValueError, OSError, EOFError) as e:
+        raise ExportError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:300]}); the export is "
+                          "damaged: copy it again or re-export") from e
 
 
 # ---------------------------------------------------------------------------------------

@@ -151,6 +151,23 @@ def test_verify_passes_then_fails_after_a_weight_changes(exports, tmp_path):
         verify_export(tmp_path / "nope")
 
 
+@pytest.mark.parametrize("damage", ["truncated weights", "no weights", "probes.json", "probe_embeddings.npy",
+                                    "embedft_export.json"])
+def test_verify_of_a_damaged_export_names_the_damage(exports, tmp_path, damage):
+    d = shutil.copytree(exports["bert"][2], tmp_path / "export")
+    weights = d / "model.safetensors"
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "no weights":
+        weights.unlink()
+    else:
+        (d / damage).write_bytes(b"{")
+    want = f"{d / damage} cannot be read (" if "." in damage else f"{d} cannot be loaded by sentence-transformers"
+    res = CliRunner().invoke(main, ["verify", str(d)])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert res.output.startswith(f"FAIL: {want}") and "copy it again or re-export" in res.output, res.output
+
+
 def test_existing_out_refused_failed_export_leaves_no_tmp_overwrite_works(exports, tmp_path):
     adapter = exports["bert"][1]
     out = tmp_path / "out" / "export"
