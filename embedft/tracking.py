@@ -738,7 +738,13 @@ def list_runs(uri: str, experiment: str, sort_by: str = "metrics.adapted/retriev
     if exp is None:
         raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}; train one first, or pass the "
                             "experiment name (tracking.experiment, by default the config's name)")
-    runs = client.search_runs([exp.experiment_id], order_by=[_order_by(sort_by)], max_results=max_results)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        runs = client.search_runs([exp.experiment_id], order_by=[_order_by(sort_by)], max_results=max_results)
+    except MlflowException as e:  # a sort key MLflow cannot parse
+        raise TrackingError(f"--sort {sort_by}: {e.message}; sort by metrics.<name>, params.<name>, tags.<name> or "
+                            "a run attribute (start_time, end_time, run_name, status)") from e
     _check_sort_key(runs, sort_by, experiment)
     metric_keys = [metric_key(m) for m in MAIN_METRICS]
     if sort_by.startswith("metrics."):

@@ -276,6 +276,9 @@ def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
         tracking.list_runs(store, "listing", sort_by="metrics.adapted/retrieval/recal@10")
     with pytest.raises(TrackingError, match="has param 'lora.rank'; choose one of: params.lora.r, "):
         tracking.list_runs(store, "listing", sort_by="params.lora.rank")
+    with pytest.raises(TrackingError, match="--sort recall: Invalid attribute key 'recall'.*; sort by metrics.<name>"):
+        tracking.list_runs(store, "listing", sort_by="recall")
+    assert len(tracking.list_runs(store, "listing", sort_by="start_time")) == 3  # a run attribute sorts too
     assert tracking.runs_columns("metrics.adapted/retrieval/recall@10") == list(tracking.DEFAULT_COLUMNS)
     with pytest.raises(TrackingError, match="no MLflow experiment 'missing'"):
         tracking.list_runs(store, "missing")
