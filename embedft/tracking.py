@@ -112,6 +112,14 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                                 "or disable tracking with -o tracking.enabled=false")
 
 
+def _require_store(uri: str) -> None:
+    """For commands that only read: a SQLite store that does not exist is reported, not created empty."""
+    db = _sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise TrackingError(f"no MLflow database at {db}: nothing was tracked there; run from the folder you trained "
+                            "in, or point tracking.uri / MLFLOW_TRACKING_URI at the store")
+
+
 _BAD_KEY_CHARS = re.compile(r"[^\w.\- /]")
 
 
@@ -733,6 +741,7 @@ def list_runs(uri: str, experiment: str, sort_by: str = "metrics.adapted/retriev
               max_results: int = 50) -> list[dict]:
     """Flat rows for a terminal table: id, name, status, start, main params (params.*), main metrics (metrics.*)."""
     check_reachable(uri)
+    _require_store(uri)
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -817,6 +826,7 @@ def download_adapter(uri: str, run_id: str, dst: str | Path) -> Path:
     from mlflow.exceptions import MlflowException
 
     check_reachable(uri)
+    _require_store(uri)
     client = _client(uri)
     try:
         client.get_run(run_id)

@@ -292,6 +292,21 @@ def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
         tracking.download_adapter(store, "0" * 32, tmp_path / "dl3")
 
 
+def test_reading_commands_do_not_create_a_missing_sqlite_store(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from embedft.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    res = CliRunner().invoke(main, ["runs", "list"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.stderr.startswith(f"error: no MLflow database at {tmp_path / 'mlflow.db'}: nothing was tracked there")
+    with pytest.raises(TrackingError, match="run from the folder you trained in"):
+        tracking.download_adapter(f"sqlite:///{tmp_path / 'mlflow.db'}", "0" * 32, tmp_path / "dl")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # Pure helpers (no store)
 
