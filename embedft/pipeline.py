@@ -263,6 +263,8 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     from embedft.train import resolve_device
 
     _check_extras(cfg)
+    if save_index:
+        _check_save_index(Path(save_index))
     train_ex, eval_ex, _ = load_splits(cfg.data)
     adapter_dir: Path | None = None
     tmp_download = None
@@ -315,6 +317,14 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     return {"report": str(report_dir), "metrics": metrics,
             "table": format_table(compare(base_eval.metrics if base_eval else None,
                                           adapted_eval.metrics if adapted_eval else None))}
+
+
+def _check_save_index(out: Path) -> None:
+    # save_index never replaces a folder; refused now rather than after the whole evaluation.
+    from embedft.evaluate import EvalError
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EvalError(f"--save-index {out} already exists; pass a new folder (eval does not replace an index)")
 
 
 def _save_retrieval_index(encoder, eval_ex: Examples, cfg: ExperimentConfig, out_dir: str, adapter: str | None) -> Path:

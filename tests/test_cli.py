@@ -240,3 +240,18 @@ def test_eval_index_faiss_cannot_build_is_refused_before_any_encoding(experiment
     assert_clean_error(invoke("train", str(experiment), *model, "-o", "eval.compare_base=false",
                               "-o", "eval.indexes=[PQ7]"), "eval.indexes (--index) 'PQ7'")
     assert not (experiment.parent / "run" / "adapter").exists()
+
+
+def test_eval_save_index_over_an_existing_folder_is_refused_before_any_work(experiment, tmp_path, monkeypatch,
+                                                                           tiny_bert_dir):
+    import embedft.models
+
+    fresh = invoke("eval", str(experiment), "--base-only", "-o", f"model.name={tiny_bert_dir}",
+                   "--save-index", str(tmp_path / "new"))
+    assert fresh.exit_code == 0 and (tmp_path / "new" / "index.faiss").is_file(), fresh.output
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "index.faiss").write_text("an earlier index")
+    monkeypatch.setattr(embedft.models, "load_encoder", lambda *a, **k: pytest.fail("model loaded before the check"))
+    assert_clean_error(invoke("eval", str(experiment), "--base-only", "--save-index", str(tmp_path / "idx")),
+                       f"--save-index {tmp_path / 'idx'} already exists; pass a new folder")
+    assert (tmp_path / "idx" / "index.faiss").read_text() == "an earlier index"
