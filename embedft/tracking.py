@@ -692,17 +692,12 @@ def sync_pending(spool_root: str | Path, uri: str | None = None) -> int:
     total = 0
     failed: list[str] = []
     for folder in spools:
-        meta = json.loads((folder / SPOOL_META).read_text())
+        try:
+            meta, records = _read_spool(folder)
+        except (ValueError, KeyError) as e:  # cut short by a kill while spooling, or edited by hand
+            failed.append(f"{folder} (damaged spool: {type(e).__name__}: {e}; repair or delete that folder)")
+            continue
         target = uri or meta["uri"]
-        records = []
-        rec_file = folder / SPOOL_RECORDS
-        if rec_file.exists():
-            for line in rec_file.read_text().splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    if r["type"] == "artifact":
-                        r["path"] = str(folder / r["path"])
-                    records.append(r)
         count = [0]
 
         def done(rs: list[dict]) -> None:
@@ -726,6 +721,23 @@ def sync_pending(spool_root: str | Path, uri: str | None = None) -> int:
         raise TrackingError(f"delivered {total} records, but {len(failed)} spooled run(s) are still pending: "
                             f"{'; '.join(failed)}")
     return total
+
+
+def _read_spool(folder: Path) -> tuple[dict, list[dict]]:
+    """A spool folder's meta (run id, uri, status) and its records, artifact paths made absolute."""
+    meta = json.loads((folder / SPOOL_META).read_text())
+    if not isinstance(meta, dict) or not {"run_id", "uri", "status"} <= meta.keys():
+        raise ValueError(f"{SPOOL_META} lacks the run_id, uri or status")
+    records = []
+    rec_file = folder / SPOOL_RECORDS
+    if rec_file.exists():
+        for line in rec_file.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if r["type"] == "artifact":
+                    r["path"] = str(folder / r["path"])
+                records.append(r)
+    return meta, records
 
 
 def _order_by(sort_by: str) -> str:

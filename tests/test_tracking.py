@@ -247,6 +247,25 @@ def test_store_away_at_end_spools_then_sync_delivers(store, tmp_path, adapter_di
     assert len(run.inputs.dataset_inputs) == 2
 
 
+def test_sync_reports_a_damaged_spool_and_still_delivers_the_others(store, tmp_path):
+    c = _client(store)
+    exp_id = c.create_experiment("damaged-spool")
+    root = tmp_path / ".mlflow-pending"
+    runs = {}
+    for name in ("damaged", "good"):
+        runs[name] = c.create_run(exp_id).info.run_id
+        (root / name).mkdir(parents=True)
+        (root / name / "spool.json").write_text(json.dumps({"run_id": runs[name], "uri": store, "status": "FINISHED"}))
+        line = json.dumps({"type": "metric", "key": "train/loss", "value": 0.5, "timestamp": 1, "step": 3})
+        # a kill while spooling leaves the last record cut short
+        (root / name / "records.jsonl").write_text(line + "\n" + (line[:20] if name == "damaged" else line) + "\n")
+    with pytest.raises(TrackingError, match=r"delivered 2 records, but 1 spooled run\(s\) are still pending: "
+                                            r".*damaged \(damaged spool: JSONDecodeError: .*repair or delete"):
+        tracking.sync_pending(root)
+    assert c.get_run(runs["good"]).info.status == "FINISHED" and not (root / "good").exists()
+    assert c.get_run(runs["damaged"]).info.status == "RUNNING" and (root / "damaged" / "records.jsonl").exists()
+
+
 def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
     ids = {}
     for name, recall in (("low", 0.3), ("high", 0.9), ("none", None)):
