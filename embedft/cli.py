@@ -132,6 +132,11 @@ def eval_cmd(config, overrides, model, adapter, run_id, data, indexes, save_inde
     """Evaluate base vs adapted with FAISS: retrieval recall/MRR/nDCG and kNN classification."""
     from embedft.pipeline import run_eval
 
+    if adapter and run_id:
+        raise click.UsageError("pass --adapter DIR or --run RUN_ID, not both")
+    if base_only and (adapter or run_id or no_base):
+        raise click.UsageError("--base-only evaluates the base model alone: drop "
+                               + ("--no-base" if no_base else "--adapter" if adapter else "--run"))
     extra = list(overrides)
     if model:
         extra.append(f"model.name={model}")

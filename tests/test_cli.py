@@ -255,3 +255,17 @@ def test_eval_save_index_over_an_existing_folder_is_refused_before_any_work(expe
     assert_clean_error(invoke("eval", str(experiment), "--base-only", "--save-index", str(tmp_path / "idx")),
                        f"--save-index {tmp_path / 'idx'} already exists; pass a new folder")
     assert (tmp_path / "idx" / "index.faiss").read_text() == "an earlier index"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--adapter", "a", "--run", "0123"), "pass --adapter DIR or --run RUN_ID, not both"),
+    (("--base-only", "--adapter", "a"), "--base-only evaluates the base model alone: drop --adapter"),
+    (("--base-only", "--run", "0123"), "--base-only evaluates the base model alone: drop --run"),
+    (("--base-only", "--no-base"), "--base-only evaluates the base model alone: drop --no-base"),
+])
+def test_eval_options_that_contradict_are_refused_not_ignored(experiment, monkeypatch, args, message):
+    import embedft.pipeline
+
+    monkeypatch.setattr(embedft.pipeline, "run_eval", lambda *a, **k: pytest.fail("evaluated with an option ignored"))
+    result = invoke("eval", str(experiment), *args)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
