@@ -154,8 +154,13 @@ def check_indexes(cfg: EvalConfig, dim: int, train: Examples, eval_: Examples) -
     """Refuse an eval.indexes factory string faiss cannot build over the eval corpus, before anything is embedded."""
     from embedft.index import new_index
 
-    if not cfg.indexes or "retrieval" not in tasks_for(cfg, train, eval_):
+    if not cfg.indexes:
         return
+    tasks = tasks_for(cfg, train, eval_)
+    if "retrieval" not in tasks:  # kNN classification searches exactly: the indexes would be built for nothing
+        raise EvalError(f"eval.indexes (--index) {list(cfg.indexes)}: ANN indexes are reported for retrieval, which "
+                        f"this evaluation does not run ({eval_.shape} data, tasks {tasks}); drop them, or evaluate "
+                        "grouped or pairs data")
     n = len(retrieval_task(eval_).corpus)
     for factory in cfg.indexes:
         try:

@@ -269,3 +269,13 @@ def test_eval_options_that_contradict_are_refused_not_ignored(experiment, monkey
     monkeypatch.setattr(embedft.pipeline, "run_eval", lambda *a, **k: pytest.fail("evaluated with an option ignored"))
     result = invoke("eval", str(experiment), *args)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_eval_index_without_a_retrieval_task_is_refused_not_ignored(experiment, tiny_bert_dir, monkeypatch):
+    from embedft.models import Encoder
+
+    monkeypatch.setattr(Encoder, "encode", lambda *a, **k: pytest.fail("encoded before the --index check"))
+    result = invoke("eval", str(experiment), "--base-only", "-o", f"model.name={tiny_bert_dir}",
+                    "-o", "eval.tasks=[classification]", "-o", "data.label_column=label", "--index", "HNSW32")
+    assert_clean_error(result, "eval.indexes (--index) ['HNSW32']: ANN indexes are reported for retrieval",
+                       "tasks ['classification']")
