@@ -292,7 +292,9 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
         adapted_eval = evaluate_encoder(encoder, train_ex, eval_ex, cfg.eval, device, progress)
     report_dir = write_report(Path(out) if out else _report_dir(cfg.output_dir, adapter_dir, run_id), base_eval,
                               adapted_eval,
-                              {"name": cfg.name, "model": cfg.model.name, "adapter": str(adapter_dir),
+                              {"name": cfg.name, "model": cfg.model.name,
+                               # a --run adapter's download folder is deleted below: name the run's artifact
+                               "adapter": f"runs:/{run_id}/adapter" if run_id else str(adapter_dir),
                                "eval_data": eval_ex.source, "source_run_id": run_id})
     if save_index:
         _save_retrieval_index(encoder, eval_ex, cfg, save_index, str(adapter_dir) if adapter_dir else None)

@@ -279,3 +279,18 @@ def test_eval_index_without_a_retrieval_task_is_refused_not_ignored(experiment, 
                     "-o", "eval.tasks=[classification]", "-o", "data.label_column=label", "--index", "HNSW32")
     assert_clean_error(result, "eval.indexes (--index) ['HNSW32']: ANN indexes are reported for retrieval",
                        "tasks ['classification']")
+
+
+def test_eval_run_report_names_the_run_not_its_deleted_download(experiment, tiny_bert_dir, tiny_bert_adapter,
+                                                                 monkeypatch):
+    import shutil
+
+    from embedft import tracking
+
+    run_id = "0123456789abcdef0123456789abcdef"
+    monkeypatch.setattr(tracking, "download_adapter",
+                        lambda uri, rid, dst: Path(shutil.copytree(tiny_bert_adapter, Path(dst) / "adapter")))
+    result = invoke("eval", str(experiment), "--run", run_id, "--no-base", "-o", f"model.name={tiny_bert_dir}")
+    assert result.exit_code == 0, result.output
+    md = (experiment.parent / "run" / "eval-run-01234567" / "report.md").read_text()
+    assert f"- adapter: `runs:/{run_id}/adapter`" in md and "embedft-adapter-" not in md
