@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -47,6 +48,19 @@ def replace_dir(tmp: Path, out: Path) -> None:
         os.replace(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def place_new_dir(tmp: Path, out: Path) -> None:
+    """Move `tmp` to `out` only while `out` is absent or empty: rename() refuses a non-empty folder, so a
+    folder that appeared since the caller checked (another process writing it) is kept. FileExistsError
+    then, and `tmp` is left to the caller. Its files get the umask's permissions (`share_files`)."""
+    share_files(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(f"{out} appeared meanwhile and is not empty") from e
+        raise
 
 
 def write_text(out: Path, text: str) -> None:

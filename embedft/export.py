@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from embedft.atomic import replace_dir, temp_sibling
+from embedft.atomic import place_new_dir, replace_dir, temp_sibling
 from embedft.config import ConfigError, ExportConfig, LoraConfig, ModelConfig, config_from_dict
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str 
         }, indent=2, default=str), encoding="utf-8")
         (tmp / "README.md").write_text(_model_card(out.name, encoder.spec.to_json(), meta, lora_cfg, adapter_dir,
                                                    query_prompt, report), encoding="utf-8")
-        _move_into_place(tmp, out)
+        _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -548,8 +548,15 @@ def onnx_parity(model_dir: Path, probes: list[str], ref: np.ndarray, tol: dict[s
     return _parity_figures(ref, run(probes), run([prompt + t for t in probes]), tol)
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    replace_dir(tmp, out)
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if overwrite:
+        replace_dir(tmp, out)
+        return
+    try:
+        place_new_dir(tmp, out)
+    except FileExistsError as e:  # _check_out_dir passed, but another export wrote `out` while this one ran
+        raise ExportError(f"export folder {out} appeared while this export ran (another export to the same --out?); "
+                          f"it was left as it is: pass --overwrite to replace it") from e
 
 
 def _lora_summary(lora_cfg: dict) -> dict:

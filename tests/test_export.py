@@ -207,6 +207,28 @@ def test_export_uses_the_tolerances_of_the_experiment_the_adapter_was_trained_wi
     assert saved["n_probes"] == 8 and saved["tolerances"]["max_abs_diff"] == 1e-4
 
 
+def test_an_export_written_meanwhile_is_not_replaced_without_overwrite(exports, tmp_path, monkeypatch):
+    import embedft.export as E
+
+    out = tmp_path / "out" / "export"
+    parity = E._parity
+
+    def another_export_lands(*a, **k):  # a second `embedft export --out` of the same folder finishes first
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "modules.json").write_text("the other export")
+        return parity(*a, **k)
+
+    monkeypatch.setattr(E, "_parity", another_export_lands)
+    with pytest.raises(ExportError, match="export folder .* appeared while this export ran.*pass --overwrite"):
+        export_merged(exports["bert"][1], out, probe_texts=PROBES)
+    assert (out / "modules.json").read_text() == "the other export" and os.listdir(out.parent) == ["export"]
+    monkeypatch.undo()
+    shutil.rmtree(out)
+    out.mkdir()  # an empty folder (made by hand, or left by a tool) still takes the export
+    assert export_merged(exports["bert"][1], out, probe_texts=PROBES)["parity"]["ok"]
+    assert (out / "probes.json").is_file() and os.listdir(out.parent) == ["export"]
+
+
 def test_wrong_base_missing_file_corrupted_weights(exports, tiny_qwen3_dir, tmp_path):
     adapter = exports["bert"][1]
     with pytest.raises(ModelError, match="trained on base model") as e:
