@@ -158,9 +158,11 @@ def check_indexes(cfg: EvalConfig, dim: int, train: Examples, eval_: Examples) -
         return
     tasks = tasks_for(cfg, train, eval_)
     if "retrieval" not in tasks:  # kNN classification searches exactly: the indexes would be built for nothing
-        raise EvalError(f"eval.indexes (--index) {list(cfg.indexes)}: ANN indexes are reported for retrieval, which "
-                        f"this evaluation does not run ({eval_.shape} data, tasks {tasks}); drop them, or evaluate "
-                        "grouped or pairs data")
+        # A warning, not an error: a YAML may list indexes while one run restricts eval.tasks with -o.
+        log.warning("eval.indexes (--index) %s not built: ANN indexes are reported for retrieval, which this "
+                    "evaluation does not run (%s data, tasks %s); evaluate grouped or pairs data to see them",
+                    list(cfg.indexes), eval_.shape, tasks)
+        return
     n = len(retrieval_task(eval_).corpus)
     for factory in cfg.indexes:
         try:

@@ -271,26 +271,12 @@ def test_eval_options_that_contradict_are_refused_not_ignored(experiment, monkey
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
 
 
-def test_eval_index_without_a_retrieval_task_is_refused_not_ignored(experiment, tiny_bert_dir, monkeypatch):
-    from embedft.models import Encoder
-
-    monkeypatch.setattr(Encoder, "encode", lambda *a, **k: pytest.fail("encoded before the --index check"))
-    result = invoke("eval", str(experiment), "--base-only", "-o", f"model.name={tiny_bert_dir}",
-                    "-o", "eval.tasks=[classification]", "-o", "data.label_column=label", "--index", "HNSW32")
-    assert_clean_error(result, "eval.indexes (--index) ['HNSW32']: ANN indexes are reported for retrieval",
-                       "tasks ['classification']")
-
-
-def test_eval_run_report_names_the_run_not_its_deleted_download(experiment, tiny_bert_dir, tiny_bert_adapter,
-                                                                 monkeypatch):
-    import shutil
-
-    from embedft import tracking
-
-    run_id = "0123456789abcdef0123456789abcdef"
-    monkeypatch.setattr(tracking, "download_adapter",
-                        lambda uri, rid, dst: Path(shutil.copytree(tiny_bert_adapter, Path(dst) / "adapter")))
-    result = invoke("eval", str(experiment), "--run", run_id, "--no-base", "-o", f"model.name={tiny_bert_dir}")
+def test_eval_index_without_a_retrieval_task_is_reported_not_silently_ignored(experiment, tiny_bert_dir, tmp_path,
+                                                                               caplog):
+    result = invoke("eval", str(experiment), "--base-only", "-o", f"model.name={tiny_bert_dir}", "--out",
+                    str(tmp_path / "eval"), "-o", "eval.tasks=[classification]", "-o", "data.label_column=label",
+                    "--index", "HNSW32")
     assert result.exit_code == 0, result.output
-    md = (experiment.parent / "run" / "eval-run-01234567" / "report.md").read_text()
-    assert f"- adapter: `runs:/{run_id}/adapter`" in md and "embedft-adapter-" not in md
+    assert "eval.indexes (--index) ['HNSW32'] not built: ANN indexes are reported for retrieval, which this " \
+           "evaluation does not run" in caplog.text
+    assert "hnsw" not in (tmp_path / "eval" / "report.md").read_text().lower()
