@@ -17,6 +17,12 @@ def temp_sibling(out: Path) -> Path:
     return tmp
 
 
+def check_writable(out: Path) -> None:
+    """OSError now, not after the work, if no folder can be swapped in at `out` (no permission, a
+    read-only disk, a file on the way): makes and removes a temporary sibling."""
+    temp_sibling(out).rmdir()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -59,7 +65,8 @@ def place_new_dir(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
     except OSError as e:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise FileExistsError(f"{out} appeared meanwhile and is not empty") from e
+            raise FileExistsError(f"{out} appeared meanwhile and is not empty; pass --overwrite (overwrite=True "
+                                  f"from Python) to replace it") from e
         raise
 
 

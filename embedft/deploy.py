@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from embedft.atomic import write_text
+from embedft.atomic import check_writable, write_text
 from embedft.export import weights_digest
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,10 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
         raise DeployError(f"--out {out} is a file; pass a folder for the index")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DeployError(f"{out} already exists; pass --overwrite to replace it")
+    try:
+        check_writable(out)
+    except OSError as e:
+        raise DeployError(f"--out {out}: cannot write there ({e.strerror}: {e.filename}); choose another --out") from e
     rows = read_corpus(corpus, text_column, id_column, header, label_column)
     model = SentenceTransformer(str(d), device=device)
     try:
@@ -178,7 +182,10 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
                 "metric": "inner_product", "normalized": True, "factory": factory, "count": len(rows.ids),
                 "corpus": str(Path(corpus).resolve()), "text_column": text_column, "id_column": rows.id_column,
                 "header": header, "label_column": label_column}
-    save_index(out_dir, index, rows.ids, manifest, labels=rows.labels, overwrite=overwrite)
+    try:
+        save_index(out_dir, index, rows.ids, manifest, labels=rows.labels, overwrite=overwrite)
+    except FileExistsError as e:  # checked above, but another `index build --out` wrote it while this one ran
+        raise DeployError(f"{e} (another index build to the same --out finished first?)") from e
     return manifest
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from embedft.atomic import replace_dir, temp_sibling
+from embedft.atomic import place_new_dir, replace_dir, temp_sibling
 
 __all__ = [
     "normalize",
@@ -390,7 +390,10 @@ def save_index(
             (tmp_dir / LABELS_FILE).write_text(json.dumps(list(labels), default=_json_default), encoding="utf-8")
         manifest_text = json.dumps(full_manifest, indent=2, sort_keys=True, default=_json_default) + "\n"
         (tmp_dir / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
-        replace_dir(tmp_dir, out_dir)
+        if overwrite:
+            replace_dir(tmp_dir, out_dir)
+        else:  # rename() refuses a folder another process filled since the check above
+            place_new_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

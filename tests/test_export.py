@@ -568,3 +568,45 @@ def test_index_search_refuses_bad_input_and_writes_nothing(exports, tmp_path):
     assert "not there any more; pass --model" in fails("q")
     res = CliRunner().invoke(main, ["index", "search", str(tmp_path), "q", "--show-text"])
     assert res.exit_code == 2 and "not an embedft index folder" in res.output
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(exports, tmp_path, monkeypatch):
+    import embedft.deploy as D
+    import embedft.export as E
+
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "x"  # a file on the way: no folder can be made there
+    monkeypatch.setattr(E, "_load_base", lambda *a, **k: pytest.fail("loaded the model before checking --out"))
+    res = CliRunner().invoke(main, ["export", "--adapter", str(exports["bert"][1]), "--out", str(out)])
+    assert res.exit_code == 2 and f"--out {out}: cannot write there (File exists: {out.parent}); choose another --out" in res.output
+    monkeypatch.setattr(D, "encode", lambda *a, **k: pytest.fail("embedded the corpus before checking --out"))
+    corpus = tmp_path / "c.csv"
+    corpus.write_text("id,text\n1,a\n")
+    res = CliRunner().invoke(main, ["index", "build", "--model", str(exports["bert"][2]), "--corpus", str(corpus),
+                                    "--out", str(out)])
+    assert res.exit_code == 2 and f"--out {out}: cannot write there (File exists: {out.parent})" in res.output
+
+
+def test_an_index_written_meanwhile_is_not_replaced_without_overwrite(exports, tmp_path, monkeypatch):
+    import embedft.index as I
+
+    out = tmp_path / "idx"
+    temp_sibling = I.temp_sibling
+
+    def another_build_lands(*a, **k):  # a second `index build --out` of the same folder finishes while this one saves
+        out.mkdir(exist_ok=True)
+        (out / "manifest.json").write_text("the other index")
+        return temp_sibling(*a, **k)
+
+    monkeypatch.setattr(I, "temp_sibling", another_build_lands)
+    corpus = tmp_path / "c.csv"
+    corpus.write_text("id,text\n1,a\n2,b\n")
+    res = CliRunner().invoke(main, ["index", "build", "--model", str(exports["bert"][2]), "--corpus", str(corpus),
+                                    "--out", str(out)])
+    assert res.exit_code == 2 and "idx appeared meanwhile and is not empty; pass --overwrite" in res.output
+    assert "another index build to the same --out finished first?" in res.output
+    monkeypatch.undo()
+    assert os.listdir(out) == ["manifest.json"] and sorted(os.listdir(tmp_path)) == ["c.csv", "idx"]
+    res = CliRunner().invoke(main, ["index", "build", "--model", str(exports["bert"][2]), "--corpus", str(corpus),
+                                    "--out", str(out), "--overwrite"])
+    assert res.exit_code == 0 and json.loads((out / "manifest.json").read_text())["count"] == 2
