@@ -195,7 +195,8 @@ def export_cmd(adapter, run_id, out, model, dtype, overwrite, onnx, register_nam
             from embedft.config import TrackingConfig
 
             adapter = tracking.download_adapter(tracking.resolve_uri(TrackingConfig()), run_id, tmp)
-        report = export_merged(adapter, out, model_name=model, dtype=dtype, overwrite=overwrite, onnx=onnx)
+        report = export_merged(adapter, out, model_name=model, dtype=dtype, overwrite=overwrite, onnx=onnx,
+                               source=f"runs:/{run_id}/adapter" if run_id else None)
     p = report["parity"]
     click.echo(f"exported {report['out_dir']} ({dtype}): min cosine {p['min_cosine']:.7f}, "
                f"max abs diff {p['max_abs_diff']:.3g} over {p['n_probes']} probes")
@@ -219,8 +220,8 @@ def export_cmd(adapter, run_id, out, model, dtype, overwrite, onnx, register_nam
 
 @main.command()
 @click.argument("model_dir", type=click.Path())
-@click.option("--min-cosine", type=float, help="Override the export's saved tolerance.")
-@click.option("--max-abs-diff", type=float, help="Override the export's saved tolerance.")
+@click.option("--min-cosine", type=click.FloatRange(0, 1, min_open=True), help="Override the export's saved tolerance.")
+@click.option("--max-abs-diff", type=click.FloatRange(min=0), help="Override the export's saved tolerance.")
 def verify(model_dir: str, min_cosine: float | None, max_abs_diff: float | None) -> None:
     """Re-embed an export's probe texts with plain sentence-transformers; exit 1 if they drifted."""
     from embedft.export import ExportError, verify_export

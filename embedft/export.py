@@ -127,10 +127,12 @@ class ExportError(ValueError):
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str | None = None, dtype: str = "fp32",
                   overwrite: bool = False, probe_texts: list[str] | None = None, cfg: ExportConfig | None = None,
-                  onnx: bool = False, device: str = "cpu") -> dict:
+                  onnx: bool = False, device: str = "cpu", source: str | None = None) -> dict:
     """Merge the adapter into its base, save a plain sentence-transformers folder, check parity; returns the report.
 
     `cfg` None: the `export:` section of the experiment the adapter was trained with (its embedft_meta.json).
+    `source`: where the adapter came from, recorded instead of `adapter_dir` (e.g. runs:/<id>/adapter
+    for a temporary download).
     """
     import torch
 
@@ -204,7 +206,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str 
             report["onnx"] = _export_onnx(tmp, probes, ref, encoder.spec, _looser(tol, ONNX_TOLERANCES))
         (tmp / EXPORT_META).write_text(json.dumps({
             **{k: v for k, v in report.items() if k != "out_dir"},
-            "adapter": {"dir": str(adapter_dir), "meta": meta, "lora": _lora_summary(lora_cfg)},
+            "adapter": {"dir": source or str(adapter_dir), "meta": meta, "lora": _lora_summary(lora_cfg)},
             "probe_embeddings": "float32 (2, N, D): [0] documents, [1] queries (prompt_name='query')",
             "versions": _versions(),
         }, indent=2, default=str), encoding="utf-8")

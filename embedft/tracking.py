@@ -834,7 +834,8 @@ def format_runs_table(rows: list[dict], columns: Iterable[str] | None = None) ->
 
 
 def download_adapter(uri: str, run_id: str, dst: str | Path) -> Path:
-    """Download run_id's `adapter/` artifact folder into dst; returns the local adapter folder."""
+    """Download run_id's `adapter/` artifact folder into dst, with its `eval/report.md` when the run
+    has one (laid out as a run folder, so an export's model card finds it); returns the adapter folder."""
     from mlflow.exceptions import MlflowException
 
     check_reachable(uri)
@@ -849,6 +850,9 @@ def download_adapter(uri: str, run_id: str, dst: str | Path) -> Path:
         raise TrackingError(f"MLflow run {run_id} at {uri} has no adapter/ artifact (it failed, was an eval run, "
                             "or its records are still spooled: `embedft runs sync`); pass --adapter DIR instead")
     Path(dst).mkdir(parents=True, exist_ok=True)
+    if any(f.path == "eval/report.md" for f in client.list_artifacts(run_id, "eval")):
+        (Path(dst) / "eval").mkdir(exist_ok=True)  # a file is downloaded into the folder given, by its own name
+        client.download_artifacts(run_id, "eval/report.md", str(Path(dst) / "eval"))
     return Path(client.download_artifacts(run_id, "adapter", str(dst)))
 
 

@@ -145,6 +145,11 @@ def test_verify_passes_then_fails_after_a_weight_changes(exports, tmp_path):
         verify_export(d)
     res = CliRunner().invoke(main, ["verify", str(d)])
     assert res.exit_code == 1 and "max abs diff" in res.output
+    # A tolerance that would pass anything (cosine -1) is refused, not applied.
+    res = CliRunner().invoke(main, ["verify", str(d), "--min-cosine", "-1"])
+    assert res.exit_code == 2 and "Invalid value for '--min-cosine'" in res.output
+    res = CliRunner().invoke(main, ["verify", str(d), "--max-abs-diff", "-0.1"])
+    assert res.exit_code == 2 and "Invalid value for '--max-abs-diff'" in res.output
     with pytest.raises(ExportError, match="model.safetensors is a file, not an export folder"):
         verify_export(d / "model.safetensors")
     with pytest.raises(ExportError, match="nope does not exist; pass the folder `embedft export --out` wrote"):

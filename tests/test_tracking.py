@@ -584,6 +584,11 @@ def test_train_over_http_then_eval_and_export_from_the_run(server, tmp_path, tin
     res = CliRunner().invoke(main, ["export", "--run", run_id, "--out", str(tmp_path / "export")], env=env)
     assert res.exit_code == 0, res.output
     assert (tmp_path / "export" / "modules.json").is_file()
+    # The export names the run, not the temporary download, and its model card has the run's eval table.
+    saved = json.loads((tmp_path / "export" / "embedft_export.json").read_text())
+    assert saved["adapter"]["dir"] == f"runs:/{run_id}/adapter"
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "## Evaluation (base vs adapted, from the training run)" in card and "retrieval/recall@10" in card
 
 
 def _tiny_train_args(repo: Path, tiny_bert_dir: Path, uri: str, *extra: str) -> list[str]:
