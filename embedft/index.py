@@ -182,13 +182,25 @@ def new_index(dim: int, factory: str, n: int) -> faiss.Index:
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise ValueError(f"faiss cannot parse index factory {factory!r}: {exc}") from exc
+        raise ValueError(f"faiss cannot parse index factory {factory!r}: {exc}{_case_hint(dim, factory)}") from exc
     nlist = _ivf_nlist(index)
     if nlist is not None and not index.is_trained and n < nlist:
         # faiss itself raises an opaque C++ assertion here (nx >= k in Clustering).
         raise ValueError(f"factory {factory!r} needs at least {nlist} training vectors (one per IVF list) "
                          f"but only N={n} were given; {_ivf_suggestion(n)}")
     return index
+
+
+def _case_hint(dim: int, factory: str) -> str:
+    # Factory strings are case-sensitive (HNSW32, IVF4,Flat, SQfp16): suggest a spelling only when faiss parses it.
+    guess = factory.upper().replace("FLAT", "Flat")
+    if guess == factory:
+        return ""
+    try:
+        faiss.index_factory(dim, guess, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        return ""
+    return f" (factory strings are case-sensitive: did you mean {guess!r}?)"
 
 
 def build_index(

@@ -233,7 +233,7 @@ def test_eval_index_faiss_cannot_build_is_refused_before_any_encoding(experiment
     monkeypatch.setattr(Encoder, "encode", lambda *a, **k: pytest.fail("encoded before the --index check"))
     model = ("-o", f"model.name={tiny_bert_dir}")
     assert_clean_error(invoke("eval", str(experiment), *model, "--base-only", "--index", "hnsw32"),
-                       "eval.indexes (--index) 'hnsw32'", "cannot parse")
+                       "eval.indexes (--index) 'hnsw32'", "cannot parse", "did you mean 'HNSW32'?")
     # 9 eval texts (groups 3 of 12 held out) cannot train 64 IVF lists
     assert_clean_error(invoke("eval", str(experiment), *model, "--base-only", "--index", "IVF64,Flat"),
                        "eval.indexes (--index) 'IVF64,Flat'", "needs at least 64 training vectors")

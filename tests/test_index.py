@@ -151,8 +151,11 @@ def test_pq_training_failure_is_clear(data):
 
 def test_bad_factory(data):
     corpus, _ = data
-    with pytest.raises(ValueError, match="cannot parse index factory 'Nope'"):
+    with pytest.raises(ValueError, match="cannot parse index factory 'Nope'") as e:
         build_index(corpus, "Nope")
+    assert "did you mean" not in str(e.value)  # NOPE does not parse either
+    with pytest.raises(ValueError, match=r"case-sensitive: did you mean 'IVF2,Flat'\?"):
+        build_index(corpus, "ivf2,flat")
 
 
 def test_gpu_request_without_gpu(data):
