@@ -188,7 +188,35 @@ def new_index(dim: int, factory: str, n: int) -> faiss.Index:
         # faiss itself raises an opaque C++ assertion here (nx >= k in Clustering).
         raise ValueError(f"factory {factory!r} needs at least {nlist} training vectors (one per IVF list) "
                          f"but only N={n} were given; {_ivf_suggestion(n)}")
+    ksub = _pq_centroids(index)
+    if ksub is not None and n < PQ_POINTS_PER_CENTROID * ksub:
+        # faiss only warns below this, and with barely more vectors than centroids it can corrupt its heap and
+        # kill the process (seen: OPQ8,IVF4,PQ8 on 260 vectors of dim 384, "free(): invalid size").
+        raise ValueError(f"factory {factory!r} trains {ksub} centroids per product-quantizer code, which needs at "
+                         f"least {PQ_POINTS_PER_CENTROID * ksub} training vectors ({PQ_POINTS_PER_CENTROID} per "
+                         f"centroid, faiss's minimum) but only N={n} were given; use Flat or HNSW32 for a corpus "
+                         f"this small" + (", or 4 bits per code (PQ8x4: 16 centroids)" if ksub > 16 and
+                                          n >= PQ_POINTS_PER_CENTROID * 16 else ""))
     return index
+
+
+# faiss's k-means asks for at least this many training points per centroid.
+PQ_POINTS_PER_CENTROID = 39
+
+
+def _pq_centroids(index: faiss.Index) -> int | None:
+    # The most centroids a product quantizer of the index trains (2**nbits; OPQ's own is 8-bit), None without one.
+    ks = []
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            if isinstance(faiss.downcast_VectorTransform(index.chain.at(i)), faiss.OPQMatrix):
+                ks.append(256)
+        index = faiss.downcast_index(index.index)
+    if getattr(index, "storage", None) is not None:  # HNSW over PQ codes
+        index = faiss.downcast_index(index.storage)
+    if getattr(index, "pq", None) is not None:
+        ks.append(int(index.pq.ksub))
+    return max(ks) if ks else None
 
 
 def _case_hint(dim: int, factory: str) -> str:

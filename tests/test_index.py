@@ -142,11 +142,17 @@ def test_ivf_sets_nprobe_and_warns_on_thin_clusters(data):
     assert faiss.extract_index_ivf(build_index(corpus[:200], "IVF4,Flat", nprobe=2)).nprobe == 2
 
 
-def test_pq_training_failure_is_clear(data):
-    corpus, _ = data
-    # PQ with 8 bits needs 256 training points.
-    with pytest.raises(ValueError, match=r"training factory 'PQ4' on N=100 vectors failed"):
-        build_index(corpus[:100], "PQ4")
+def test_pq_with_too_few_training_vectors_is_refused_before_faiss_trains():
+    corpus = normalize(np.random.default_rng(1).standard_normal((700, D)))
+    # 8-bit codes: 256 centroids, 39 training vectors each (faiss only warns; barely above 256 it can crash).
+    with pytest.raises(ValueError, match=r"factory 'PQ4' trains 256 centroids per product-quantizer code, which "
+                                         r"needs at least 9984 training vectors .* N=700 were given; use Flat or "
+                                         r"HNSW32 for a corpus this small, or 4 bits per code"):
+        build_index(corpus[:700], "PQ4")
+    for factory in ("OPQ4,IVF2,PQ4", "HNSW32,PQ4", "IVF2,PQ4x4fs"):  # PQ behind a transform, in HNSW, fast-scan
+        with pytest.raises(ValueError, match=f"factory '{factory}' trains"):
+            build_index(corpus[:100], factory)
+    assert build_index(corpus[:700], "PQ4x4").ntotal == 700  # 16 centroids: 624 vectors suffice
 
 
 def test_bad_factory(data):
