@@ -17,10 +17,19 @@ def temp_sibling(out: Path) -> Path:
     return tmp
 
 
-def check_writable(out: Path) -> None:
-    """OSError now, not after the work, if no folder can be swapped in at `out` (no permission, a
-    read-only disk, a file on the way): makes and removes a temporary sibling."""
-    temp_sibling(out).rmdir()
+def out_dir_problem(out: Path, overwrite: bool) -> str | None:
+    """Why no folder can be swapped in at `out` (`--out`), as a message with the fix, or None; checked
+    before the work: a file there, a non-empty folder without `overwrite`, no permission or a read-only
+    disk (a temporary sibling is made and removed)."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file; pass a folder"
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        return f"{out} already exists; pass --overwrite (overwrite=True from Python) to replace it"
+    try:
+        temp_sibling(out).rmdir()
+    except OSError as e:
+        return f"--out {out}: cannot write there ({e.strerror}: {e.filename}); choose another --out"
+    return None
 
 
 def _umask() -> int:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from embedft.atomic import check_writable, write_text
+from embedft.atomic import out_dir_problem, write_text
 from embedft.export import weights_digest
 
 log = logging.getLogger(__name__)
@@ -159,14 +159,9 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
 
     d, out = Path(model_dir), Path(out_dir)
     _require_export(d)
-    if out.exists() and not out.is_dir():
-        raise DeployError(f"--out {out} is a file; pass a folder for the index")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DeployError(f"{out} already exists; pass --overwrite to replace it")
-    try:
-        check_writable(out)
-    except OSError as e:
-        raise DeployError(f"--out {out}: cannot write there ({e.strerror}: {e.filename}); choose another --out") from e
+    problem = out_dir_problem(out, overwrite)
+    if problem:
+        raise DeployError(f"index folder: {problem}")
     rows = read_corpus(corpus, text_column, id_column, header, label_column)
     model = SentenceTransformer(str(d), device=device)
     try:

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from embedft.atomic import check_writable, place_new_dir, replace_dir, temp_sibling
+from embedft.atomic import out_dir_problem, place_new_dir, replace_dir, temp_sibling
 from embedft.config import ConfigError, ExportConfig, LoraConfig, ModelConfig, config_from_dict
 
 log = logging.getLogger(__name__)
@@ -298,14 +298,9 @@ def weights_digest(model_dir: str | Path) -> str:
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"export folder {out} already exists; pass --overwrite (overwrite=True from Python) to replace it")
-    try:
-        check_writable(out)
-    except OSError as e:
-        raise ExportError(f"--out {out}: cannot write there ({e.strerror}: {e.filename}); choose another --out") from e
+    problem = out_dir_problem(out, overwrite)
+    if problem:
+        raise ExportError(f"export folder: {problem}")
 
 
 def _require_onnx() -> None:

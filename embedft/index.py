@@ -34,7 +34,7 @@ __all__ = [
     "load_index",
 ]
 
-# faiss warns (on stderr only) below this many training points per IVF centroid.
+# faiss warns (on stderr only) below this many training points per k-means centroid (IVF lists, PQ codes).
 _MIN_POINTS_PER_CENTROID = 39
 
 INDEX_FILE = "index.faiss"
@@ -189,19 +189,16 @@ def new_index(dim: int, factory: str, n: int) -> faiss.Index:
         raise ValueError(f"factory {factory!r} needs at least {nlist} training vectors (one per IVF list) "
                          f"but only N={n} were given; {_ivf_suggestion(n)}")
     ksub = _pq_centroids(index)
-    if ksub is not None and n < PQ_POINTS_PER_CENTROID * ksub:
+    if ksub is not None and n < _MIN_POINTS_PER_CENTROID * ksub:
         # faiss only warns below this, and with barely more vectors than centroids it can corrupt its heap and
         # kill the process (seen: OPQ8,IVF4,PQ8 on 260 vectors of dim 384, "free(): invalid size").
         raise ValueError(f"factory {factory!r} trains {ksub} centroids per product-quantizer code, which needs at "
-                         f"least {PQ_POINTS_PER_CENTROID * ksub} training vectors ({PQ_POINTS_PER_CENTROID} per "
+                         f"least {_MIN_POINTS_PER_CENTROID * ksub} training vectors ({_MIN_POINTS_PER_CENTROID} per "
                          f"centroid, faiss's minimum) but only N={n} were given; use Flat or HNSW32 for a corpus "
                          f"this small" + (", or 4 bits per code (PQ8x4: 16 centroids)" if ksub > 16 and
-                                          n >= PQ_POINTS_PER_CENTROID * 16 else ""))
+                                          n >= _MIN_POINTS_PER_CENTROID * 16 else ""))
     return index
 
-
-# faiss's k-means asks for at least this many training points per centroid.
-PQ_POINTS_PER_CENTROID = 39
 
 
 def _pq_centroids(index: faiss.Index) -> int | None:
