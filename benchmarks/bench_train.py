@@ -14,8 +14,10 @@ and seed, on the SAME (anchor, positive) pairs in the SAME order:
   draws exactly these; sentence-transformers gets them as a `datasets.Dataset` in that order,
   read by a sequential batch sampler (no shuffling, no NO_DUPLICATES reordering), so batch i
   is the same on both sides. Each side prints a digest of its pairs; the parent checks they match.
-- sentence-transformers: `SentenceTransformer.add_adapter(peft.LoraConfig(...))`, which hands
-  over to transformers' PeftAdapterMixin (LoRA layers injected in place; only they train),
+- sentence-transformers: `peft.inject_adapter_in_model(peft.LoraConfig(...), model[0].auto_model)`,
+  what `SentenceTransformer.add_adapter` hands over to through transformers' PeftAdapterMixin (LoRA
+  layers injected in place; only they train). It is called directly because transformers >= 5.24
+  refuses `add_adapter` with peft < 0.22, and no peft 0.22 has been released yet;
   `MultipleNegativesRankingLoss` (scale 20 = temperature 0.05) and `SentenceTransformerTrainer`.
 - embedft: `apply_lora` + `train()` with InfoNCE at temperature 0.05, one direction.
 
@@ -365,8 +367,9 @@ def load_st_model(s: BenchSettings, device):
     backbone = model[0].auto_model
     targets = lora_targets_for(backbone.config.model_type)
     torch.manual_seed(s.seed)
-    model.add_adapter(peft.LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
-                                      target_modules=targets, bias="none"))
+    # What model.add_adapter(config) runs, minus transformers' peft version gate (see the docstring).
+    peft.inject_adapter_in_model(peft.LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
+                                                 target_modules=targets, bias="none"), backbone, "default")
     return model
 
 
@@ -563,7 +566,7 @@ def environment(s: BenchSettings) -> dict[str, Any]:
 NOTES = (
     "batches: both sides get the first steps*batch_size pairs of embedft.data.epoch_batches(seed) in order; "
     "ST reads them with a sequential batch sampler (no shuffle, no NO_DUPLICATES), so batch i is identical",
-    "adapter: SentenceTransformer.add_adapter(peft.LoraConfig) (transformers PeftAdapterMixin, in place) vs "
+    "adapter: peft.inject_adapter_in_model on the ST model's transformer (what ST's add_adapter runs, in place) vs "
     "embedft apply_lora (peft get_peft_model); same targets, r, alpha, dropout, seed",
     "timing: wall time of trainer.train() / train(), nothing subtracted (ST tokenises per batch inside it, "
     "embedft tokenises every text up front inside it); step-only: ST on_step_begin->on_step_end, embedft its step sum",
