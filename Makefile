@@ -5,24 +5,31 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch keeps installs small; on a GPU machine use `make setup TORCH=torch`.
 TORCH ?= torch==2.13.0
+# Pinned versions of everything else (the set the tests last passed with), so a new upstream
+# release cannot break a fresh install or CI; `make setup CONSTRAINTS=` takes the newest instead.
+CONSTRAINTS ?= constraints.txt
 CONFIG ?= experiments/default.yaml
 RUN ?= runs/pricerunner-matching
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test bench-pricerunner bench-deploy bench-encode bench-train bench-chunking gpu-check ui clean
+.PHONY: help setup lock train test bench-pricerunner bench-deploy bench-encode bench-train bench-chunking gpu-check ui clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed ## Create .venv and install embedft with its dev extras
+
+lock: setup ## Write constraints.txt from .venv (after `make setup CONSTRAINTS=` and a green `make test`)
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -E '^(torch|nvidia-|triton)'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 train: setup ## Train the default experiment (or CONFIG=path)
 	$(PY) -m embedft train $(CONFIG)
