@@ -13,7 +13,7 @@ RUN ?= runs/pricerunner-matching
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup lock train test bench-pricerunner bench-deploy bench-encode bench-train bench-chunking gpu-check ui clean
+.PHONY: help setup lock train test bench-pricerunner bench-deploy bench-encode bench-train bench-chunking gpu-check gpu-bundle ui clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ bench-chunking: setup ## Forward+backward time per step: random padding vs lengt
 gpu-check: setup ## On a CUDA machine: tests on GPU, Qwen3-0.6B-shaped training at batch 64/256/1024, figures to docs/benchmarks.md
 	$(PY) -m pytest -q
 	$(PY) benchmarks/gpu_check.py --write
+
+gpu-bundle: setup ## For an offline GPU machine: wheels, data, MiniLM config into .gpu/ for benchmarks/gpu_session.py
+	$(PY) benchmarks/gpu_session.py prepare
 
 ui: setup ## MLflow UI on the local SQLite store, bound to 127.0.0.1
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

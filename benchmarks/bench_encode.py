@@ -1,10 +1,11 @@
 """Encoding throughput: embedft's encoder vs SentenceTransformer.encode, same model, same texts.
 
     python benchmarks/bench_encode.py [--model minilm] [--limit N] [--batch-size 128] [--repeats 2]
-                                      [--precisions auto,fp32,bf16] [--deploy]
+                                      [--precisions auto,fp32,bf16] [--deploy] [--data auto]
 
 Texts: the 35,311 PriceRunner titles from ../shared/datasets/pricerunner when present,
-else the sample in data/. Runs the sides alternately --repeats times and reports each side's best
+else the sample in data/ (`--data`: auto, pricerunner, sample, or the path of a CSV in
+PriceRunner's layout, e.g. a copy carried to a machine that has no ../shared). Runs the sides alternately --repeats times and reports each side's best
 time: throughput of both, the ratio, and the max abs
 difference of the embeddings (speed is not bought with wrong vectors), as JSON too.
 
@@ -34,11 +35,17 @@ REPO = Path(__file__).resolve().parents[1]
 PRICERUNNER = REPO.parent / "shared" / "datasets" / "pricerunner" / "pricerunner_aggregate.csv"
 
 
-def load_titles(limit: int | None) -> tuple[list[str], str]:
-    if PRICERUNNER.is_file():
-        with PRICERUNNER.open() as f:
+def load_titles(limit: int | None, data: str = "auto") -> tuple[list[str], str]:
+    if data == "auto":
+        data = "pricerunner" if PRICERUNNER.is_file() else "sample"
+    if data != "sample":
+        path = PRICERUNNER if data == "pricerunner" else Path(data)
+        if not path.is_file():
+            raise SystemExit(f"--data {data}: {path} not found; use --data sample, or the path of "
+                             "pricerunner_aggregate.csv")
+        with path.open() as f:
             titles = [row[1] for row in csv.reader(f)]
-        source = str(PRICERUNNER)
+        source = str(path)
     else:
         with (REPO / "data" / "products.csv").open() as f:
             titles = [row["text"] for row in csv.DictReader(f)]
@@ -57,6 +64,8 @@ def main() -> None:
                     help="embedft precisions (eval.precision) to time, comma-separated: auto, fp32, bf16")
     ap.add_argument("--deploy", action="store_true",
                     help="also time embedft.deploy.encode (index build/search) over the same ST model")
+    ap.add_argument("--data", default="auto",
+                    help="auto | pricerunner | sample | path of a CSV in PriceRunner's layout (title in column 1)")
     args = ap.parse_args()
     from embedft.config import PRECISIONS, ModelConfig
 
@@ -72,7 +81,7 @@ def main() -> None:
     from embedft import deploy
     from embedft.models import encode_precision, load_encoder, resolve_model_path
 
-    texts, source = load_titles(args.limit)
+    texts, source = load_titles(args.limit, args.data)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     st = SentenceTransformer(resolve_model_path(args.model), device=device)
     st.max_seq_length = args.max_length

@@ -57,7 +57,7 @@ def synthetic_source(n_groups: int, words_per_text: int, seed: int = 0):
 
 
 def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: bool,
-        compile_modes: tuple[bool, ...] = (False,)) -> list[dict]:
+        compile_modes: tuple[bool, ...] = (False,), model: str | None = None) -> list[dict]:
     import numpy as np
     import torch
 
@@ -72,7 +72,10 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
     peak, peak_key = peak_flops(name) if cuda else (None, "n/a")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = tiny_qwen3(Path(tmp) / "m") if tiny else qwen3_from_config(CONFIG, Path(tmp) / "m")
+        if model is not None:  # built beforehand (benchmarks/gpu_session.py builds it once for all its steps)
+            path = Path(model)
+        else:
+            path = tiny_qwen3(Path(tmp) / "m") if tiny else qwen3_from_config(CONFIG, Path(tmp) / "m")
         for bs, compiled in [(b, c) for b in batch_sizes for c in compile_modes]:
             if cuda:
                 torch.cuda.empty_cache()
@@ -142,10 +145,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="a tiny Qwen3 (CPU smoke run of the same code)")
     ap.add_argument("--compile", choices=("no", "yes", "both"), default="both",
                     help="train.compile (torch.compile of each layer): without, with, or each batch size both ways")
+    ap.add_argument("--model", help="a Qwen3-shaped model folder built beforehand (default: build one from "
+                    "benchmarks/qwen3-embedding-0.6b.config.json, or a tiny one with --tiny)")
     ap.add_argument("--write", action="store_true", help="append the table to docs/benchmarks.md")
     args = ap.parse_args(argv)
     modes = {"no": (False,), "yes": (True,), "both": (False, True)}[args.compile]
-    run([int(b) for b in args.batch_sizes.split(",")], args.steps, args.tiny, args.mini_batch, args.write, modes)
+    run([int(b) for b in args.batch_sizes.split(",")], args.steps, args.tiny, args.mini_batch, args.write, modes,
+        args.model)
 
 
 if __name__ == "__main__":

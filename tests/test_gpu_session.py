@@ -1,0 +1,54 @@
+"""benchmarks/gpu_session.py: every step of the GPU lease runs (tiny models, CPU), and the budget is kept."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.py"
+
+
+@pytest.fixture(scope="module")
+def session():
+    spec = importlib.util.spec_from_file_location("gpu_session", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.mark.slow
+def test_smoke_run_passes_every_step_with_its_real_flags(session, tmp_path):
+    records = session.run(tmp_path / "out", budget_s=900, smoke=True, bundle=tmp_path / "empty-bundle")
+    assert [r["name"] for r in records] == ["0-setup"] + [s.name for s in session.STEPS]
+    failed = {r["name"]: (tmp_path / "out" / f"{r['name']}.log").read_text()[-2000:]
+              for r in records[1:] if r["rc"] != 0}
+    assert not failed, failed
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "smoke run" in summary and all(f"| {s.name} | 0 |" in summary for s in session.STEPS)
+    assert "faiss" in records[0]["environment"] and "NOT IMPORTABLE" not in records[0]["environment"]
+    mfu = (tmp_path / "out" / "1-mfu.log").read_text()
+    assert "tiny Qwen3 LoRA Q/K/V training" in mfu and "| 8 | yes |" in mfu  # the batch above --mini-batch
+    assert "--write" not in records[1]["argv"] and not (tmp_path / "out" / "benchmarks-gpu.md").exists()
+
+
+def test_budget_skips_steps_below_their_floor_and_stops_a_step_at_its_cap(session, tmp_path):
+    steps = (session.Step("a-quick", (sys.executable, "-c", "print('hello')"), 0, 30),
+             session.Step("b-hangs", (sys.executable, "-c", "import time; print('started', flush=True); "
+                                                            "time.sleep(60)"), 0, 2),
+             session.Step("c-too-big", (sys.executable, "-c", "print('never')"), 10**6, 30))
+    records = session.run(tmp_path / "out", budget_s=600, smoke=True, bundle=tmp_path / "b", steps=steps)
+    by_name = {r["name"]: r for r in records}
+    assert by_name["a-quick"]["rc"] == 0 and "hello" in (tmp_path / "out" / "a-quick.log").read_text()
+    assert by_name["b-hangs"]["rc"] == "timeout" and by_name["b-hangs"]["seconds"] < 20
+    assert "started" in (tmp_path / "out" / "b-hangs.log").read_text()  # what it printed is kept
+    assert by_name["c-too-big"]["rc"] is None and "floor" in by_name["c-too-big"]["skipped"]
+    assert not (tmp_path / "out" / "c-too-big.log").exists()
+    assert "| c-too-big | skipped (" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_prepare_pins_each_wheel_from_constraints(session):
+    pins = session._pins(session.REPO / "constraints.txt")
+    assert all(pins.get(name) for name in session.WHEELS)
