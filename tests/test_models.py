@@ -75,6 +75,22 @@ def test_batch_equals_single_under_padding(tiny_model_dir, padding_side, device)
     assert np.abs(enc.encode(TEXTS, batch_size=len(TEXTS), amp=False) - single).max() <= 1e-5
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_collate_pads_each_row_on_the_family_side(tiny_bert_dir, padding_side):
+    from dataclasses import replace
+
+    enc = load_encoder(ModelConfig(name=str(tiny_bert_dir)))
+    enc.spec = replace(enc.spec, padding_side=padding_side)
+    p = enc.tokenizer.pad_token_id
+    batch = enc.collate([[5, 6, 7], [8], [9, 10]])
+    if padding_side == "right":
+        want_ids, want_mask = [[5, 6, 7], [8, p, p], [9, 10, p]], [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    else:
+        want_ids, want_mask = [[5, 6, 7], [p, p, 8], [p, 9, 10]], [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert batch["input_ids"].tolist() == want_ids and batch["attention_mask"].tolist() == want_mask
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.long
+
+
 def test_minilm_alias_resolves_to_packaged_folder():
     path = resolve_model_path("minilm")
     assert path.endswith("model") and (__import__("pathlib").Path(path) / "modules.json").is_file()
