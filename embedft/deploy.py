@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embedft.atomic import out_dir_problem, write_text
-from embedft.export import weights_digest
+from embedft.export import weights_digest, weights_stat
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,10 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
     if problem:
         raise DeployError(f"index folder: {problem}")
     rows = read_corpus(corpus, text_column, id_column, header, label_column)
+    # The identity of the weights the model is loaded from, taken before loading (stat first:
+    # a file changed while it is hashed then fails the quick check of `index search`).
+    files = weights_stat(d)
+    digest = weights_digest(d)
     model = SentenceTransformer(str(d), device=device)
     try:
         new_index(_dimension(model), factory, len(rows.texts))  # a bad --index fails now, not after the corpus is embedded
@@ -173,7 +177,7 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
         index = build_index(vectors, factory)
     except ValueError as e:  # training can still fail (a PQ with too few vectors per code)
         raise DeployError(f"--index {factory}: {e}") from e
-    manifest = {"model": weights_digest(d), "model_dir": str(d.resolve()), "dim": int(index.d),
+    manifest = {"model": digest, "model_files": files, "model_dir": str(d.resolve()), "dim": int(index.d),
                 "metric": "inner_product", "normalized": True, "factory": factory, "count": len(rows.ids),
                 "corpus": str(Path(corpus).resolve()), "text_column": text_column, "id_column": rows.id_column,
                 "header": header, "label_column": label_column}
@@ -235,7 +239,9 @@ def search_index(folder: IndexFolder, queries: Sequence[str], k: int = 10, model
                           f"any more; pass --model with a copy of that export")
     model = Path(model_dir if model_dir is not None else manifest["model_dir"])
     _require_export(model)
-    digest = weights_digest(model)
+    # The export the index was built with, untouched since: its recorded digest holds, and reading
+    # every weight again (seconds for a 0.6B model) is skipped. A copy, or a changed file, is hashed.
+    digest = manifest.get("model") if manifest.get("model_files") == weights_stat(model) else weights_digest(model)
     if manifest.get("model") != digest:
         raise DeployError(f"{folder.path} was built with another model (weights digest {manifest.get('model')}) "
                           f"than {model} ({digest}); pass --model with the export it was built with, or "

@@ -575,6 +575,38 @@ def test_index_search_refuses_bad_input_and_writes_nothing(exports, tmp_path):
     assert res.exit_code == 2 and "not an embedft index folder" in res.output
 
 
+def test_index_search_hashes_the_weights_only_when_they_are_not_the_files_it_was_built_with(exports, tmp_path,
+                                                                                          monkeypatch):
+    import embedft.deploy as D
+
+    export_dir = tmp_path / "exp"
+    shutil.copytree(exports["bert"][2], export_dir)
+    _, idx = _build(export_dir, tmp_path)
+    hashed = []
+    monkeypatch.setattr(D, "weights_digest", lambda d: hashed.append(Path(d).name) or weights_digest(d))
+
+    def search(*args: str) -> int:
+        return CliRunner().invoke(main, ["index", "search", str(idx), "q", *args]).exit_code
+
+    assert search() == 0 and hashed == []  # the very files the index was built with: the recorded digest holds
+    shutil.copytree(export_dir, tmp_path / "copy")
+    assert search("--model", str(tmp_path / "copy")) == 0 and hashed == ["copy"]  # a copy is read, and answers
+    weights = export_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # rewritten in place, same bytes: read again, still the same model
+    assert search() == 0 and hashed == ["copy", "exp"]
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight changed in place, size kept
+    weights.write_bytes(bytes(data))
+    res = CliRunner().invoke(main, ["index", "search", str(idx), "q"])
+    assert res.exit_code == 2 and "another model" in res.output and hashed[-1] == "exp"
+    manifest = json.loads((idx / "manifest.json").read_text())
+    assert set(manifest["model_files"]) == {"model.safetensors"}
+    weights.write_bytes(bytes(data[:-1] + bytes([data[-1] ^ 1])))  # restored; an index from before model_files:
+    del manifest["model_files"]
+    (idx / "manifest.json").write_text(json.dumps(manifest))
+    assert search() == 0 and hashed[-1] == "exp" and len(hashed) == 4
+
+
 def test_an_out_that_cannot_be_written_is_refused_before_any_work(exports, tmp_path, monkeypatch):
     import embedft.deploy as D
     import embedft.export as E
