@@ -254,7 +254,9 @@ def index_group() -> None:
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="An `embedft export` folder.")
 @click.option("--corpus", required=True, type=click.Path(), help="CSV/TSV/JSONL/Parquet file of documents.")
 @click.option("--text-column", default="text", show_default=True)
-@click.option("--id-column", default="id", show_default=True, help="Row numbers are used when the column is absent.")
+@click.option("--id-column", default="id", show_default=True,
+              help="Without the column, a row's id is its row number in the file (its line in a CSV/TSV or JSONL, "
+                   "the header being line 1), the number error messages give.")
 @click.option("--label-column", help="Keep each row's label, so `index search --classify` can vote.")
 @click.option("--no-header", is_flag=True, help=NO_HEADER_HELP)
 @click.option("--index", "factory", default="Flat", show_default=True, help="FAISS factory string, e.g. HNSW32.")
@@ -277,7 +279,7 @@ def index_build(model_dir, corpus, text_column, id_column, label_column, no_head
 @click.argument("queries", nargs=-1)
 @click.option("--queries", "queries_file", type=click.Path(), help="CSV/TSV/JSONL/Parquet file of queries, one per row.")
 @click.option("--text-column", default="text", show_default=True, help="The queries file's text column.")
-@click.option("--id-column", default="id", show_default=True, help="The queries file's id column (else row numbers).")
+@click.option("--id-column", default="id", show_default=True, help="The queries file's id column (else its row numbers, as for the corpus).")
 @click.option("--no-header", is_flag=True, help=NO_HEADER_HELP)
 @click.option("-k", "k", default=10, show_default=True, help="Hits per query.")
 @click.option("--model", "model_dir", type=click.Path(), help="Default: the export the index was built with.")

@@ -31,7 +31,7 @@ class DeployError(ValueError):
 
 @dataclass
 class Corpus:
-    """Rows of a corpus or queries file: ids (row numbers when id_column is None), texts, labels."""
+    """Rows of a corpus or queries file: ids (the file's row numbers when id_column is None), texts, labels."""
 
     ids: list[str]
     texts: list[str]
@@ -44,7 +44,7 @@ CORPUS_FORMAT_FIX = "give the file a .csv, .tsv, .jsonl or .parquet name"
 
 def read_corpus(path: str | Path, text_column: str = "text", id_column: str | None = "id",
                 header: bool = True, label_column: str | None = None) -> Corpus:
-    """A CSV/TSV/JSONL/Parquet file's rows; row numbers as ids without the id column.
+    """A CSV/TSV/JSONL/Parquet file's rows; the file's row numbers as ids without the id column.
 
     Read as training data is (`data.read_table`): the same missing values, and messages give
     the file's row numbers. header=False: a CSV/TSV without a header row, whose columns are
@@ -78,8 +78,10 @@ def read_corpus(path: str | Path, text_column: str = "text", id_column: str | No
             raise DeployError(f"{p}: duplicate ids in column {id_column!r}: {dup[:10]}; ids must be unique")
         return Corpus(ids, texts, id_column, labels)
     if id_column:
-        log.warning("%s: no id column %r; using row numbers as ids", p, id_column)
-    return Corpus([str(i) for i in range(len(texts))], texts, None, labels)
+        log.warning("%s: no id column %r; using the file's row numbers as ids", p, id_column)
+    # The row numbers messages give (a CSV's header is row 1; blank lines count), so an id is the
+    # line an editor opens at, and a row refused by number is the same row a hit would name.
+    return Corpus([str(int(r)) for r in rows], texts, None, labels)
 
 
 def _filled_column(df, column: str, option: str, path: Path, rows: np.ndarray, fmt: str, header: bool) -> list[str]:

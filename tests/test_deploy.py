@@ -51,8 +51,22 @@ def test_values_read_as_training_data_reads_them(tmp_path):
         f.write("id,text\n7,red shoe\n\n8,blue hat\n")
     rows = read_corpus(gz)  # a blank line is skipped, as in training data
     assert (rows.ids, rows.texts) == (["7", "8"], ["red shoe", "blue hat"])
-    rows = read_corpus(gz, id_column="sku")  # no such id column: row numbers
-    assert (rows.ids, rows.id_column) == (["0", "1"], None)
+    rows = read_corpus(gz, id_column="sku")  # no such id column: the file's row numbers (header line 1, blank line 3)
+    assert (rows.ids, rows.id_column) == (["2", "4"], None)
+
+
+def test_without_an_id_column_a_rows_id_is_the_row_number_its_messages_give(tmp_path):
+    p = _jsonl(tmp_path / "c.jsonl", [{"text": "red shoe"}, {"text": ""}, {"text": "blue hat"}])
+    with pytest.raises(DeployError, match="at rows 2 "):
+        read_corpus(p)
+    _jsonl(p, [{"text": "red shoe"}, {"text": "green sock"}, {"text": "blue hat"}])
+    assert read_corpus(p).ids == ["1", "2", "3"]  # the refused row 2 is the document with id "2"
+    csv = tmp_path / "c.csv"
+    csv.write_text("0,red shoe\n1,green sock\n")
+    assert read_corpus(csv, text_column="1", header=False).ids == ["1", "2"]  # no header: line 1 is a row
+    pq = tmp_path / "c.parquet"
+    pd.DataFrame({"text": ["a", "b", "c"]}).to_parquet(pq)
+    assert read_corpus(pq).ids == ["1", "2", "3"]
 
 
 def test_bad_files_name_the_fix(tmp_path):
