@@ -265,6 +265,8 @@ def corpus_texts(folder: IndexFolder) -> dict[str, str]:
         raise DeployError(f"{folder.path} was built from {corpus}, which is not there any more; "
                           f"search without --show-text")
     rows = read_corpus(corpus, manifest["text_column"], manifest["id_column"], manifest.get("header", True))
+    if manifest["id_column"] is None and folder.ids[:1] == ["0"]:
+        rows.ids = [str(i) for i in range(len(rows.ids))]  # built before ids were row numbers (which start at 1)
     if rows.ids != folder.ids:
         raise DeployError(f"{corpus} changed since the index was built (its ids are not the indexed ones); "
                           f"rebuild the index or search without --show-text")

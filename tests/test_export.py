@@ -607,6 +607,20 @@ def test_index_search_hashes_the_weights_only_when_they_are_not_the_files_it_was
     assert search() == 0 and hashed[-1] == "exp" and len(hashed) == 4
 
 
+def test_a_corpus_without_ids_is_searched_by_row_number_and_older_indexes_keep_theirs(exports, tmp_path):
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("body\n" + "".join(f"{t}\n" for t in SEARCH_DOCS))
+    res = CliRunner().invoke(main, ["index", "build", "--model", str(exports["bert"][2]), "--corpus", str(corpus),
+                                    "--text-column", "body", "--out", str(tmp_path / "idx")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["index", "search", str(tmp_path / "idx"), SEARCH_DOCS[3], "-k", "1", "--show-text"])
+    assert res.exit_code == 0 and res.stdout.splitlines()[1].split() == ["1", "1.0000", "5", *SEARCH_DOCS[3].split()]
+    ids = tmp_path / "idx" / "ids.json"  # an index built before: 0-based positions as ids
+    ids.write_text(json.dumps([str(i) for i in range(len(SEARCH_DOCS))]))
+    res = CliRunner().invoke(main, ["index", "search", str(tmp_path / "idx"), SEARCH_DOCS[3], "-k", "1", "--show-text"])
+    assert res.exit_code == 0 and res.stdout.splitlines()[1].split() == ["1", "1.0000", "3", *SEARCH_DOCS[3].split()]
+
+
 def test_an_out_that_cannot_be_written_is_refused_before_any_work(exports, tmp_path, monkeypatch):
     import embedft.deploy as D
     import embedft.export as E
