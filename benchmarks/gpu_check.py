@@ -57,10 +57,12 @@ def synthetic_source(n_groups: int, words_per_text: int, seed: int = 0):
 
 
 def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: bool,
-        compile_modes: tuple[bool, ...] = (False,), model: str | None = None) -> list[dict]:
+        compile_modes: tuple[bool, ...] = (False,), model: str | None = None,
+        call_overhead: int | None = None) -> list[dict]:
     import numpy as np
     import torch
 
+    from embedft import models
     from embedft.config import LossConfig, LoraConfig, ModelConfig, TrainConfig
     from embedft.models import apply_lora, load_encoder
     from embedft.synthetic import qwen3_from_config, tiny_qwen3
@@ -71,6 +73,11 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
     name = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
     peak, peak_key = peak_flops(name) if cuda else (None, "n/a")
     rows = []
+    if call_overhead is not None:
+        # What one more forward call costs, in padded tokens, on CUDA (embedft cuts a batch into
+        # length-sorted chunks only where that saves more padding than this). The default never
+        # cuts; a smaller value splits e.g. instruction-prefixed anchors from their shorter positives.
+        models.CUDA_CALL_OVERHEAD_TOKENS = call_overhead
     with tempfile.TemporaryDirectory() as tmp:
         if model is not None:  # built beforehand (benchmarks/gpu_session.py builds it once for all its steps)
             path = Path(model)
@@ -102,7 +109,7 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
             rows.append(row)
             print(_fmt(row), flush=True)
             del enc
-    table = _table(rows, name, peak, peak_key, steps, tiny, compile_modes)
+    table = _table(rows, name, peak, peak_key, steps, tiny, compile_modes, models.CUDA_CALL_OVERHEAD_TOKENS)
     print(table)
     if write:
         with (REPO / "docs" / "benchmarks.md").open("a") as f:
@@ -119,12 +126,14 @@ def _fmt(r: dict) -> str:
 
 
 def _table(rows: list[dict], device: str, peak: float | None, peak_key: str, steps: int, tiny: bool,
-           compile_modes: tuple[bool, ...]) -> str:
+           compile_modes: tuple[bool, ...], call_overhead: int) -> str:
     flag = {(False,): "no", (True,): "yes"}.get(tuple(compile_modes), "both")
+    batches = ",".join(str(b) for b in dict.fromkeys(r["batch"] for r in rows))
     head = (f"### GPU check: {'tiny Qwen3' if tiny else 'Qwen3-Embedding-0.6B-shaped'} LoRA Q/K/V training\n\n"
             f"- device: {device}; peak bf16 used for MFU: {peak_key} = {peak / 1e12 if peak else 'n/a'} TFLOP/s\n"
             f"- date: {datetime.date.today().isoformat()}; command: `python benchmarks/gpu_check.py"
-            f"{' --tiny' if tiny else ''} --steps {steps} --compile {flag}`\n\n"
+            f"{' --tiny' if tiny else ''} --batch-sizes {batches} --steps {steps} --compile {flag}"
+            f" --call-overhead {call_overhead}`\n\n"
             "| batch | cached negatives | compiled layers | samples/s | tokens/s | first step (s) | peak GPU memory "
             "| MFU |\n|---|---|---|---|---|---|---|---|\n")
     lines = []
@@ -147,11 +156,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="train.compile (torch.compile of each layer): without, with, or each batch size both ways")
     ap.add_argument("--model", help="a Qwen3-shaped model folder built beforehand (default: build one from "
                     "benchmarks/qwen3-embedding-0.6b.config.json, or a tiny one with --tiny)")
+    ap.add_argument("--call-overhead", type=int, default=None,
+                    help="padded tokens one more forward call is worth on CUDA (embedft.models."
+                         "CUDA_CALL_OVERHEAD_TOKENS; default: its value, which never splits a batch)")
     ap.add_argument("--write", action="store_true", help="append the table to docs/benchmarks.md")
     args = ap.parse_args(argv)
     modes = {"no": (False,), "yes": (True,), "both": (False, True)}[args.compile]
     run([int(b) for b in args.batch_sizes.split(",")], args.steps, args.tiny, args.mini_batch, args.write, modes,
-        args.model)
+        args.model, args.call_overhead)
 
 
 if __name__ == "__main__":
