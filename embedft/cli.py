@@ -191,10 +191,10 @@ def export_cmd(adapter, run_id, out, model, dtype, overwrite, onnx, register_nam
         raise click.UsageError("pass exactly one of --adapter DIR or --run RUN_ID")
     with tempfile.TemporaryDirectory(prefix="embedft-adapter-") as tmp:
         if run_id:
-            from embedft import tracking
+            from embedft import runs, tracking
             from embedft.config import TrackingConfig
 
-            adapter = tracking.download_adapter(tracking.resolve_uri(TrackingConfig()), run_id, tmp)
+            adapter = runs.download_adapter(tracking.resolve_uri(TrackingConfig()), run_id, tmp)
         report = export_merged(adapter, out, model_name=model, dtype=dtype, overwrite=overwrite, onnx=onnx,
                                source=f"runs:/{run_id}/adapter" if run_id else None)
     p = report["parity"]
@@ -207,14 +207,14 @@ def export_cmd(adapter, run_id, out, model, dtype, overwrite, onnx, register_nam
         import json
         from pathlib import Path
 
-        from embedft import tracking
+        from embedft import runs, tracking
         from embedft.config import TrackingConfig
         from embedft.export import EXPORT_META
 
         saved = json.loads((Path(report["out_dir"]) / EXPORT_META).read_text())
         source_run = ((saved.get("adapter") or {}).get("meta") or {}).get("mlflow_run_id") or run_id
-        reg = tracking.register_model(tracking.resolve_uri(TrackingConfig()), report["out_dir"], register_name,
-                                      run_id=source_run)
+        reg = runs.register_model(tracking.resolve_uri(TrackingConfig()), report["out_dir"], register_name,
+                                  run_id=source_run)
         click.echo(f"registered {reg['name']} version {reg['version']}")
 
 
@@ -336,13 +336,13 @@ def runs_group() -> None:
 @click.option("-n", "--max-results", default=50, show_default=True)
 def runs_list(config, experiment, sort_by, max_results) -> None:
     """A table of an experiment's runs with their main params and metrics, best first."""
-    from embedft import tracking
+    from embedft import runs, tracking
 
     cfg = _load(config, ())
     uri = tracking.resolve_uri(cfg.tracking)
-    rows = tracking.list_runs(uri, experiment or cfg.tracking.experiment or cfg.name, sort_by=sort_by,
-                              max_results=max_results)
-    click.echo(tracking.format_runs_table(rows, tracking.runs_columns(sort_by)) if rows else f"no runs in experiment "
+    rows = runs.list_runs(uri, experiment or cfg.tracking.experiment or cfg.name, sort_by=sort_by,
+                          max_results=max_results)
+    click.echo(runs.format_runs_table(rows, runs.runs_columns(sort_by)) if rows else f"no runs in experiment "
                f"{experiment or cfg.tracking.experiment or cfg.name!r} at {uri}")
 
 

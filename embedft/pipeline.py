@@ -270,10 +270,10 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     tmp_download = None
     if not base_only:
         if run_id:
-            from embedft import tracking
+            from embedft import runs, tracking
 
             tmp_download = tempfile.mkdtemp(prefix="embedft-adapter-")
-            adapter_dir = tracking.download_adapter(tracking.resolve_uri(cfg.tracking), run_id, tmp_download)
+            adapter_dir = runs.download_adapter(tracking.resolve_uri(cfg.tracking), run_id, tmp_download)
         else:
             adapter_dir = Path(adapter) if adapter else cfg.output_dir / "adapter"
             if not adapter_dir.exists():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from embedft import tracking
+from embedft import runs, tracking
 from embedft.cli import main
 from embedft.config import LoraConfig, ModelConfig
 from embedft.export import export_merged
@@ -52,7 +52,7 @@ def test_register_export_links_run_and_loads_identically(tiny_bert_dir, template
     client = _client(uri)
 
     # The training run the adapter came from, with its final metrics.
-    exp_id = client.create_experiment("train", artifact_location=tracking._artifact_location(uri, "train"))
+    exp_id = client.create_experiment("train", artifact_location=tracking.artifact_location(uri, "train"))
     run = client.create_run(exp_id, run_name="train-1")
     rid = run.info.run_id
     client.log_metric(rid, RECALL, 0.75)
@@ -64,7 +64,7 @@ def test_register_export_links_run_and_loads_identically(tiny_bert_dir, template
     export_dir = tmp_path / "export"
     export_merged(adapter, export_dir, probe_texts=TEXTS)
 
-    res = tracking.register_model(uri, export_dir, "tiny-bert", run_id=rid)
+    res = runs.register_model(uri, export_dir, "tiny-bert", run_id=rid)
     assert res["name"] == "tiny-bert" and res["version"] == 1 and res["run_id"] == rid
     assert res["source"] == f"{run.info.artifact_uri}/registered_model"
     mv = client.get_model_version("tiny-bert", "1")
@@ -91,7 +91,7 @@ def test_register_export_links_run_and_loads_identically(tiny_bert_dir, template
     assert mv2.run_id == rid and mv2.source.endswith("/registered_model_2") and float(mv2.tags[RECALL]) == 0.75
 
     # A run id this store does not know: a new run in the exports experiment holds the model.
-    res3 = tracking.register_model(uri, export_dir, "other", run_id="0" * 32, metrics={"adapted/x@10": 0.5})
+    res3 = runs.register_model(uri, export_dir, "other", run_id="0" * 32, metrics={"adapted/x@10": 0.5})
     run3 = client.get_run(res3["run_id"])
     assert res3["version"] == 1 and res3["run_id"] != rid and run3.info.status == "FINISHED"
     assert client.get_experiment(run3.info.experiment_id).name == "embedft-exports"
@@ -101,4 +101,4 @@ def test_register_export_links_run_and_loads_identically(tiny_bert_dir, template
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(TrackingError, match="not reachable"):
-        tracking.register_model(f"http://127.0.0.1:{port}", export_dir, "x", run_id=rid)
+        runs.register_model(f"http://127.0.0.1:{port}", export_dir, "x", run_id=rid)

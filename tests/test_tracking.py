@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from embedft import tracking
+from embedft import runs, tracking
 from embedft.tracking import NullTracker, Tracker, TrackingError, metric_key
 
 
@@ -251,19 +251,19 @@ def test_sync_reports_a_damaged_spool_and_still_delivers_the_others(store, tmp_p
     c = _client(store)
     exp_id = c.create_experiment("damaged-spool")
     root = tmp_path / ".mlflow-pending"
-    runs = {}
+    run_ids = {}
     for name in ("damaged", "good"):
-        runs[name] = c.create_run(exp_id).info.run_id
+        run_ids[name] = c.create_run(exp_id).info.run_id
         (root / name).mkdir(parents=True)
-        (root / name / "spool.json").write_text(json.dumps({"run_id": runs[name], "uri": store, "status": "FINISHED"}))
+        (root / name / "spool.json").write_text(json.dumps({"run_id": run_ids[name], "uri": store, "status": "FINISHED"}))
         line = json.dumps({"type": "metric", "key": "train/loss", "value": 0.5, "timestamp": 1, "step": 3})
         # a kill while spooling leaves the last record cut short
         (root / name / "records.jsonl").write_text(line + "\n" + (line[:20] if name == "damaged" else line) + "\n")
     with pytest.raises(TrackingError, match=r"delivered 2 records, but 1 spooled run\(s\) are still pending: "
                                             r".*damaged \(damaged spool: JSONDecodeError: .*repair or delete"):
         tracking.sync_pending(root)
-    assert c.get_run(runs["good"]).info.status == "FINISHED" and not (root / "good").exists()
-    assert c.get_run(runs["damaged"]).info.status == "RUNNING" and (root / "damaged" / "records.jsonl").exists()
+    assert c.get_run(run_ids["good"]).info.status == "FINISHED" and not (root / "good").exists()
+    assert c.get_run(run_ids["damaged"]).info.status == "RUNNING" and (root / "damaged" / "records.jsonl").exists()
 
 
 def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
@@ -276,39 +276,39 @@ def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
                            "adapted/classification/macro_f1": 1.2 - recall}, step=5)
             t.log_artifacts(adapter_dir, "adapter")
         assert t.end()
-    rows = tracking.list_runs(store, "listing")
+    rows = runs.list_runs(store, "listing")
     assert [r["name"] for r in rows] == ["high", "low", "none"]
     assert rows[0]["metrics.adapted/retrieval/recall_at_10"] == 0.9 and rows[0]["params.lora.r"] == "8"
     assert rows[0]["status"] == "FINISHED" and rows[2]["metrics.adapted/retrieval/recall_at_10"] is None
-    table = tracking.format_runs_table(rows).splitlines()
+    table = runs.format_runs_table(rows).splitlines()
     assert table[0].split()[:4] == ["run_id", "name", "status", "start"]
     assert "0.9000" in table[2] and ids["high"] in table[2] and table[4].rstrip().endswith("-")
-    assert tracking.format_runs_table([]) == "(no runs)"
+    assert runs.format_runs_table([]) == "(no runs)"
     # Sorted by a metric outside the default columns: that metric gets a column.
-    by_f1 = tracking.list_runs(store, "listing", sort_by="metrics.adapted/classification/macro_f1")
+    by_f1 = runs.list_runs(store, "listing", sort_by="metrics.adapted/classification/macro_f1")
     assert [r["name"] for r in by_f1] == ["low", "high", "none"]
-    header = tracking.format_runs_table(by_f1, tracking.runs_columns("metrics.adapted/classification/macro_f1"))
+    header = runs.format_runs_table(by_f1, runs.runs_columns("metrics.adapted/classification/macro_f1"))
     assert header.splitlines()[0].split()[-1] == "adapted/classification/macro_f1"
     with pytest.raises(TrackingError, match=r"--sort metrics.adapted/retrieval/recal@10: no run of experiment "
                                             r"'listing' has metric 'adapted/retrieval/recal_at_10'; choose one of: "
                                             r"metrics.adapted/classification/macro_f1, "):
-        tracking.list_runs(store, "listing", sort_by="metrics.adapted/retrieval/recal@10")
+        runs.list_runs(store, "listing", sort_by="metrics.adapted/retrieval/recal@10")
     with pytest.raises(TrackingError, match="has param 'lora.rank'; choose one of: params.lora.r, "):
-        tracking.list_runs(store, "listing", sort_by="params.lora.rank")
+        runs.list_runs(store, "listing", sort_by="params.lora.rank")
     with pytest.raises(TrackingError, match="--sort recall: Invalid attribute key 'recall'.*; sort by metrics.<name>"):
-        tracking.list_runs(store, "listing", sort_by="recall")
-    assert len(tracking.list_runs(store, "listing", sort_by="start_time")) == 3  # a run attribute sorts too
-    assert tracking.runs_columns("metrics.adapted/retrieval/recall@10") == list(tracking.DEFAULT_COLUMNS)
+        runs.list_runs(store, "listing", sort_by="recall")
+    assert len(runs.list_runs(store, "listing", sort_by="start_time")) == 3  # a run attribute sorts too
+    assert runs.runs_columns("metrics.adapted/retrieval/recall@10") == list(runs.DEFAULT_COLUMNS)
     with pytest.raises(TrackingError, match="no MLflow experiment 'missing'"):
-        tracking.list_runs(store, "missing")
+        runs.list_runs(store, "missing")
 
-    got = tracking.download_adapter(store, ids["high"], tmp_path / "dl")
+    got = runs.download_adapter(store, ids["high"], tmp_path / "dl")
     assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in adapter_dir.iterdir())
     assert (got / "adapter_model.safetensors").read_bytes() == (adapter_dir / "adapter_model.safetensors").read_bytes()
     with pytest.raises(TrackingError, match="no adapter/ artifact"):
-        tracking.download_adapter(store, ids["none"], tmp_path / "dl2")
+        runs.download_adapter(store, ids["none"], tmp_path / "dl2")
     with pytest.raises(TrackingError, match="not found"):
-        tracking.download_adapter(store, "0" * 32, tmp_path / "dl3")
+        runs.download_adapter(store, "0" * 32, tmp_path / "dl3")
 
 
 def test_reading_commands_do_not_create_a_missing_sqlite_store(tmp_path, monkeypatch):
@@ -322,7 +322,7 @@ def test_reading_commands_do_not_create_a_missing_sqlite_store(tmp_path, monkeyp
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert res.stderr.startswith(f"error: no MLflow database at {tmp_path / 'mlflow.db'}: nothing was tracked there")
     with pytest.raises(TrackingError, match="run from the folder you trained in"):
-        tracking.download_adapter(f"sqlite:///{tmp_path / 'mlflow.db'}", "0" * 32, tmp_path / "dl")
+        runs.download_adapter(f"sqlite:///{tmp_path / 'mlflow.db'}", "0" * 32, tmp_path / "dl")
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -457,7 +457,7 @@ def test_http_run_roundtrip(server, tmp_path, adapter_dir):
     assert len(run.inputs.dataset_inputs) == 2
     # Proxied artifacts land in the server's --artifacts-destination.
     assert list((server.root / "artifacts").rglob("adapter_model.safetensors"))
-    got = tracking.download_adapter(server.uri, run_id, tmp_path / "dl")
+    got = runs.download_adapter(server.uri, run_id, tmp_path / "dl")
     assert (got / "adapter_config.json").read_text() == (adapter_dir / "adapter_config.json").read_text()
 
 
@@ -613,10 +613,10 @@ def test_sweep_runs_children_under_one_parent(tmp_path, tiny_bert_dir, monkeypat
     assert res.exit_code == 0, res.output
     c = _client(uri)
     exp = c.get_experiment_by_name("default")
-    runs = c.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("embedft.sweep") == "parent"]
+    found = c.search_runs([exp.experiment_id])
+    parents = [r for r in found if r.data.tags.get("embedft.sweep") == "parent"]
     assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.params["lora.r"] for r in children) == ["2", "4"]
     assert {r.data.params["train.lr"] for r in children} == {"0.001"}
     assert all("adapted/retrieval/recall_at_10" in r.data.metrics for r in children)
