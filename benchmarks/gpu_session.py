@@ -14,8 +14,9 @@ tokenizer, Qwen3-Embedding-0.6B-shaped from benchmarks/qwen3-embedding-0.6b.conf
 runs STEPS as subprocesses, each with its own log in --out ($OUT by default). A step starts only
 if the budget left is at least its floor, and is stopped at its cap or at the budget's end; its
 log keeps what it printed until then. summary.md lists each step's command, exit code and
-seconds, with the machine and package versions; benchmarks-gpu.md holds the table gpu_check
-appends to docs/benchmarks.md (copy it into the repo's docs/benchmarks.md afterwards).
+seconds, with the machine and package versions, and ends with the tables gpu_check appends to
+docs/benchmarks.md (copy them into the repo's docs/benchmarks.md afterwards). That is 8 files
+at most, all the device tool brings back.
 """
 
 from __future__ import annotations
@@ -158,15 +159,16 @@ def build_models(work: Path, bundle: Path, smoke: bool, env: dict[str, str]) -> 
     return {"minilm": str(minilm), "qwen3": str(qwen3), "data": str(data) if data.is_file() else "auto"}
 
 
-def run(out: Path, budget_s: float, smoke: bool, bundle: Path = BUNDLE, steps: tuple[Step, ...] = STEPS) -> list[dict]:
-    """Run the steps in order within budget_s seconds (counted from the call); returns one record per step."""
+def run(out: Path, budget_s: float, smoke: bool, bundle: Path = BUNDLE, steps: tuple[Step, ...] = STEPS,
+        docs: Path = REPO / "docs" / "benchmarks.md") -> list[dict]:
+    """Run the steps in order within budget_s seconds (counted from the call); returns one record per step.
+    What the steps append to `docs` (gpu_check --write) ends up in summary.md, and `docs` is restored."""
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu-session-"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     site = install_wheels(bundle, work / "site")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (site, str(REPO), env.get("PYTHONPATH", "")) if p)
-    docs = REPO / "docs" / "benchmarks.md"
     docs_before = docs.read_text()
     records = [{"name": "0-setup", "argv": ["environment, wheels, models"], "rc": 0}]
     records[0]["environment"] = _environment(env)
@@ -190,14 +192,18 @@ def run(out: Path, budget_s: float, smoke: bool, bundle: Path = BUNDLE, steps: t
             except subprocess.TimeoutExpired:
                 record["rc"] = "timeout"
         record["seconds"] = round(time.monotonic() - t0, 1)
-        _write_summary(out, records, budget_s, smoke)
-    appended = docs.read_text()[len(docs_before):] if docs.read_text().startswith(docs_before) else ""
-    if appended.strip():
-        (out / "benchmarks-gpu.md").write_text(appended)
-        docs.write_text(docs_before)  # the figures come back in benchmarks-gpu.md, to be placed by hand
-    _write_summary(out, records, budget_s, smoke)
+        # Rewritten after every step, so a call cut off at its limit still brings back what finished.
+        _write_summary(out, records, budget_s, smoke, _appended(docs, docs_before))
+    _write_summary(out, records, budget_s, smoke, _appended(docs, docs_before))  # skipped steps too
+    docs.write_text(docs_before)  # gpu_check's tables come back in summary.md, to be placed by hand
     shutil.rmtree(work, ignore_errors=True)
     return records
+
+
+def _appended(docs: Path, before: str) -> str:
+    # What gpu_check --write appended to docs/benchmarks.md during the session.
+    now = docs.read_text()
+    return now[len(before):].strip() if now.startswith(before) else ""
 
 
 def _environment(env: dict[str, str]) -> str:
@@ -211,13 +217,16 @@ def _environment(env: dict[str, str]) -> str:
     return (done.stdout + done.stderr).strip()
 
 
-def _write_summary(out: Path, records: list[dict], budget_s: float, smoke: bool) -> None:
+def _write_summary(out: Path, records: list[dict], budget_s: float, smoke: bool, tables: str = "") -> None:
+    # One file besides the step logs: the device tool brings back at most 8 files from $OUT.
     lines = [f"# GPU session{' (smoke run)' if smoke else ''}: budget {budget_s:.0f} s", "",
              "```", records[0].get("environment", ""), "```", "",
              "| step | exit code | seconds | command |", "|---|---|---|---|"]
     for r in records:
         rc = r.get("skipped") and f"skipped ({r['skipped']})" or r.get("rc")
         lines.append(f"| {r['name']} | {rc} | {r.get('seconds', '')} | `{' '.join(r['argv'])}` |")
+    if tables:
+        lines += ["", "## Tables gpu_check wrote for docs/benchmarks.md", "", tables]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 

@@ -31,22 +31,29 @@ def test_smoke_run_passes_every_step_with_its_real_flags(session, tmp_path):
     assert "faiss" in records[0]["environment"] and "NOT IMPORTABLE" not in records[0]["environment"]
     mfu = (tmp_path / "out" / "1-mfu.log").read_text()
     assert "tiny Qwen3 LoRA Q/K/V training" in mfu and "| 8 | yes |" in mfu  # the batch above --mini-batch
-    assert "--write" not in records[1]["argv"] and not (tmp_path / "out" / "benchmarks-gpu.md").exists()
+    assert "--write" not in records[1]["argv"] and "Tables gpu_check wrote" not in summary
+    assert len(list((tmp_path / "out").iterdir())) <= 8  # all that the device tool brings back
 
 
 def test_budget_skips_steps_below_their_floor_and_stops_a_step_at_its_cap(session, tmp_path):
-    steps = (session.Step("a-quick", (sys.executable, "-c", "print('hello')"), 0, 30),
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n")
+    table = "### GPU check\n\n| batch | MFU |\n|---|---|\n| 64 | 41.0% |"
+    steps = (session.Step("a-quick", (sys.executable, "-c", f"print('hello'); open({str(docs)!r}, 'a').write("
+                                                            f"{chr(10) + table!r})"), 0, 30),
              session.Step("b-hangs", (sys.executable, "-c", "import time; print('started', flush=True); "
                                                             "time.sleep(60)"), 0, 2),
              session.Step("c-too-big", (sys.executable, "-c", "print('never')"), 10**6, 30))
-    records = session.run(tmp_path / "out", budget_s=600, smoke=True, bundle=tmp_path / "b", steps=steps)
+    records = session.run(tmp_path / "out", budget_s=600, smoke=True, bundle=tmp_path / "b", steps=steps, docs=docs)
     by_name = {r["name"]: r for r in records}
     assert by_name["a-quick"]["rc"] == 0 and "hello" in (tmp_path / "out" / "a-quick.log").read_text()
     assert by_name["b-hangs"]["rc"] == "timeout" and by_name["b-hangs"]["seconds"] < 20
     assert "started" in (tmp_path / "out" / "b-hangs.log").read_text()  # what it printed is kept
     assert by_name["c-too-big"]["rc"] is None and "floor" in by_name["c-too-big"]["skipped"]
     assert not (tmp_path / "out" / "c-too-big.log").exists()
-    assert "| c-too-big | skipped (" in (tmp_path / "out" / "summary.md").read_text()
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| c-too-big | skipped (" in summary
+    assert summary.rstrip().endswith(table) and docs.read_text() == "# Benchmarks\n"  # the table came back, docs restored
 
 
 def test_prepare_pins_each_wheel_from_constraints(session):
