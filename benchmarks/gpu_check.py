@@ -73,11 +73,12 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
     name = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
     peak, peak_key = peak_flops(name) if cuda else (None, "n/a")
     rows = []
-    if call_overhead is not None:
-        # What one more forward call costs, in padded tokens, on CUDA (embedft cuts a batch into
-        # length-sorted chunks only where that saves more padding than this). The default never
-        # cuts; a smaller value splits e.g. instruction-prefixed anchors from their shorter positives.
-        models.CUDA_CALL_OVERHEAD_TOKENS = call_overhead
+    # What one more forward call costs, in padded tokens, on CUDA (embedft cuts a batch into
+    # length-sorted chunks only where that saves more padding than this). The default never
+    # cuts; a smaller value splits e.g. instruction-prefixed anchors from their shorter positives.
+    default_overhead = models.CUDA_CALL_OVERHEAD_TOKENS
+    overhead = default_overhead if call_overhead is None else call_overhead
+    models.CUDA_CALL_OVERHEAD_TOKENS = overhead  # put back below: the caller's process keeps its default
     with tempfile.TemporaryDirectory() as tmp:
         if model is not None:  # built beforehand (benchmarks/gpu_session.py builds it once for all its steps)
             path = Path(model)
@@ -109,7 +110,8 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
             rows.append(row)
             print(_fmt(row), flush=True)
             del enc
-    table = _table(rows, name, peak, peak_key, steps, tiny, compile_modes, models.CUDA_CALL_OVERHEAD_TOKENS)
+    models.CUDA_CALL_OVERHEAD_TOKENS = default_overhead
+    table = _table(rows, name, peak, peak_key, steps, tiny, compile_modes, overhead)
     print(table)
     if write:
         with (REPO / "docs" / "benchmarks.md").open("a") as f:

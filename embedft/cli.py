@@ -279,7 +279,8 @@ def index_build(model_dir, corpus, text_column, id_column, label_column, no_head
 @click.argument("queries", nargs=-1)
 @click.option("--queries", "queries_file", type=click.Path(), help="CSV/TSV/JSONL/Parquet file of queries, one per row.")
 @click.option("--text-column", default="text", show_default=True, help="The queries file's text column.")
-@click.option("--id-column", default="id", show_default=True, help="The queries file's id column (else its row numbers, as for the corpus).")
+@click.option("--id-column", default="id", show_default=True,
+              help="The queries file's id column (else its row numbers, as for the corpus).")
 @click.option("--no-header", is_flag=True, help=NO_HEADER_HELP)
 @click.option("-k", "k", default=10, show_default=True, help="Hits per query.")
 @click.option("--model", "model_dir", type=click.Path(), help="Default: the export the index was built with.")

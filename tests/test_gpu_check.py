@@ -34,3 +34,17 @@ def test_peak_flops_table():
     assert mod.peak_flops("NVIDIA H100 80GB HBM3")[0] == 989e12
     assert mod.peak_flops("NVIDIA H100 PCIe")[0] == 756e12
     assert mod.peak_flops("some cpu")[0] is None
+
+
+def test_gpu_check_call_overhead_is_used_for_the_run_only(monkeypatch):
+    import embedft.train as T
+    from embedft import models
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    default, seen, real = models.CUDA_CALL_OVERHEAD_TOKENS, [], T.train
+    monkeypatch.setattr(T, "train", lambda *a, **k: seen.append(models.CUDA_CALL_OVERHEAD_TOKENS) or real(*a, **k))
+    rows = mod.run([4], steps=2, tiny=True, mini_batch=4, write=False, call_overhead=2048)
+    assert seen == [2048] and rows[0]["samples_per_s"] > 0  # the run trains with the overhead given
+    assert models.CUDA_CALL_OVERHEAD_TOKENS == default  # and the process keeps its default
