@@ -111,7 +111,7 @@ class BenchData:
     """The training pairs (in step order) and the held-out retrieval task, identical for both sides."""
 
     source: str
-    src: Any  # embedft.data.PairSource
+    src: Any  # embedft.batches.PairSource
     anchors: list[str]  # steps * batch_size, batch i = rows [i*B, (i+1)*B)
     positives: list[str]
     task: Any  # embedft.data.RetrievalTask
@@ -150,7 +150,7 @@ def data_config(which: str):
 
 def planned_batches(src, batch_size: int, steps: int, seed: int) -> list:
     """The first `steps` batches embedft's train() draws: epoch_batches of epoch 0, 1, ..."""
-    from embedft.data import epoch_batches, steps_per_epoch
+    from embedft.batches import epoch_batches, steps_per_epoch
 
     if steps_per_epoch(src, batch_size) == 0:
         raise ValueError(f"--batch-size {batch_size} is larger than the {src.n_anchors} training anchors")
@@ -168,7 +168,8 @@ def prepare_data(s: BenchSettings) -> BenchData:
     """Split, build the pair source, materialise the planned pairs and the held-out task."""
     import numpy as np
 
-    from embedft.data import build_pair_source, load_splits, retrieval_task
+    from embedft.batches import build_pair_source
+    from embedft.data import load_splits, retrieval_task
 
     cfg = data_config(s.data)
     train_ex, eval_ex, _ = load_splits(cfg)
@@ -440,7 +441,7 @@ def run_st(s: BenchSettings, data: BenchData) -> dict[str, Any]:
 def run_embedft(s: BenchSettings, data: BenchData) -> dict[str, Any]:
     """Train with embedft's train() and measure it."""
     from embedft.config import LoraConfig, LossConfig, ModelConfig, TrainConfig
-    from embedft.data import steps_per_epoch
+    from embedft.batches import steps_per_epoch
     from embedft.models import apply_lora, load_encoder
     from embedft.train import base_dtype, seed_everything, train
 
@@ -564,7 +565,7 @@ def environment(s: BenchSettings) -> dict[str, Any]:
 
 
 NOTES = (
-    "batches: both sides get the first steps*batch_size pairs of embedft.data.epoch_batches(seed) in order; "
+    "batches: both sides get the first steps*batch_size pairs of embedft.batches.epoch_batches(seed) in order; "
     "ST reads them with a sequential batch sampler (no shuffle, no NO_DUPLICATES), so batch i is identical",
     "adapter: peft.inject_adapter_in_model on the ST model's transformer (what ST's add_adapter runs, in place) vs "
     "embedft apply_lora (peft get_peft_model); same targets, r, alpha, dropout, seed",

@@ -43,7 +43,8 @@ def synthetic_source(n_groups: int, words_per_text: int, seed: int = 0):
     """Grouped texts of about `words_per_text` tokens (one token per word with the local tokenizer)."""
     import numpy as np
 
-    from embedft.data import Examples, build_pair_source
+    from embedft.batches import build_pair_source
+    from embedft.data import Examples
     from embedft.synthetic import WORDS
 
     rng = np.random.default_rng(seed)

@@ -13,7 +13,7 @@ Layout of an export folder (besides the sentence-transformers files)::
     probe_embeddings.npy   float32 (2, N, D): [0] documents, [1] queries (prompt_name="query")
     embedft_export.json    spec, adapter metadata, dtype, tolerances, parity figures
     README.md              model card
-    onnx/model.onnx        with --onnx: the whole embedding as one fp32 graph (see _export_onnx)
+    onnx/model.onnx        with --onnx: the whole embedding as one fp32 graph (embedft.export_onnx)
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import shutil
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embedft.atomic import out_dir_problem, place_new_dir, replace_dir, temp_sibling
+from embedft.card import lora_summary, model_card
 from embedft.config import ConfigError, ExportConfig, LoraConfig, ModelConfig, config_from_dict
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,6 @@ DTYPES = ("fp32", "bf16", "fp16")
 # export reaches on real models (bf16 keeps 8 mantissa bits, fp16 11).
 REDUCED_TOLERANCES = {"bf16": {"min_cosine": 0.99, "max_abs_diff": 2e-2},
                       "fp16": {"min_cosine": 0.999, "max_abs_diff": 5e-3}}
-ONNX_PACKAGES = ("onnx", "onnxruntime")
-ONNX_FILE = "onnx/model.onnx"
-# onnxruntime fuses and reorders fp32 kernels, so it is held to 1e-4 rather than 1e-5.
-ONNX_TOLERANCES = {"min_cosine": 0.9999, "max_abs_diff": 1e-4}
 
 # Varied short texts (products, questions, support, numbers, punctuation, other scripts,
 # one longer than any max_length) so parity covers truncation and odd tokens.
@@ -144,7 +140,9 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str 
         raise ExportError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
     _check_out_dir(out, overwrite)
     if onnx:
-        _require_onnx()
+        from embedft.export_onnx import require_onnx
+
+        require_onnx()
     meta = read_adapter_meta(adapter_dir)
     spec = meta.get("spec") or {}
     if not spec:
@@ -193,7 +191,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str 
         np.save(tmp / PROBE_EMB_FILE, ref.astype(np.float32))
         parity = _parity(tmp, probes, ref, tol, device)
         if not parity["ok"]:
-            raise ExportError(f"parity check failed for the {dtype} export of {adapter_dir}: {_figures(parity)}; "
+            raise ExportError(f"parity check failed for the {dtype} export of {adapter_dir}: {parity_summary(parity)}; "
                               f"the export was not written")
         report: dict[str, Any] = {
             "out_dir": str(out), "dtype": dtype, "tolerances": tol, "parity": parity,
@@ -203,20 +201,22 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str 
             "weights_digest": weights_digest(tmp),
         }
         if onnx:
-            report["onnx"] = _export_onnx(tmp, probes, ref, encoder.spec, _looser(tol, ONNX_TOLERANCES))
+            from embedft.export_onnx import ONNX_TOLERANCES, export_onnx
+
+            report["onnx"] = export_onnx(tmp, probes, ref, encoder.spec, _looser(tol, ONNX_TOLERANCES))
         (tmp / EXPORT_META).write_text(json.dumps({
             **{k: v for k, v in report.items() if k != "out_dir"},
-            "adapter": {"dir": source or str(adapter_dir), "meta": meta, "lora": _lora_summary(lora_cfg)},
+            "adapter": {"dir": source or str(adapter_dir), "meta": meta, "lora": lora_summary(lora_cfg)},
             "probe_embeddings": "float32 (2, N, D): [0] documents, [1] queries (prompt_name='query')",
             "versions": _versions(),
         }, indent=2, default=str), encoding="utf-8")
-        (tmp / "README.md").write_text(_model_card(out.name, encoder.spec.to_json(), meta, lora_cfg, adapter_dir,
+        (tmp / "README.md").write_text(model_card(out.name, encoder.spec.to_json(), meta, lora_cfg, adapter_dir,
                                                    query_prompt, report), encoding="utf-8")
         _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("exported %s -> %s (%s): %s", adapter_dir, out, dtype, _figures(parity))
+    log.info("exported %s -> %s (%s): %s", adapter_dir, out, dtype, parity_summary(parity))
     return report
 
 
@@ -248,7 +248,9 @@ def verify_export(model_dir: str | Path, min_cosine: float | None = None, max_ab
         raise ExportError(f"{d} cannot be loaded by sentence-transformers ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:300]}); the export is damaged: copy it again or re-export") from e
     if not parity["ok"]:
-        raise ExportError(f"{d} no longer matches its reference embeddings: {_figures(parity)}")
+        raise ExportError(f"{d} no longer matches its reference embeddings: {parity_summary(parity)}")
+    from embedft.export_onnx import ONNX_FILE, ONNX_TOLERANCES, onnx_parity
+
     if (d / ONNX_FILE).is_file():
         import importlib.util
 
@@ -262,7 +264,7 @@ def verify_export(model_dir: str | Path, min_cosine: float | None = None, max_ab
                                   f"{str(e).splitlines()[0][:300]}); re-export with --onnx") from e
             if not parity["onnx"]["ok"]:
                 raise ExportError(f"{d / ONNX_FILE} no longer matches its reference embeddings: "
-                                  f"{_figures(parity['onnx'])}")
+                                  f"{parity_summary(parity['onnx'])}")
     return parity
 
 
@@ -317,14 +319,6 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
     problem = out_dir_problem(out, overwrite)
     if problem:
         raise ExportError(f"export folder: {problem}")
-
-
-def _require_onnx() -> None:
-    import importlib.util
-
-    missing = [m for m in ONNX_PACKAGES if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ExportError(f"--onnx needs {', '.join(missing)} (not installed): pip install {' '.join(missing)}")
 
 
 def _query_prompt(template: str | None) -> str:
@@ -466,10 +460,10 @@ def _parity(model_dir: Path, probes: list[str], ref: np.ndarray, tol: dict[str, 
     model = SentenceTransformer(str(model_dir), device=device)
     docs = model.encode(probes, normalize_embeddings=False, convert_to_numpy=True)
     queries = model.encode(probes, prompt_name="query", normalize_embeddings=False, convert_to_numpy=True)
-    return _parity_figures(ref, docs, queries, tol)
+    return parity_figures(ref, docs, queries, tol)
 
 
-def _parity_figures(ref: np.ndarray, docs: np.ndarray, queries: np.ndarray, tol: dict[str, float]) -> dict:
+def parity_figures(ref: np.ndarray, docs: np.ndarray, queries: np.ndarray, tol: dict[str, float]) -> dict:
     """Compare (N, D) document and query vectors with the reference (2, N, D) under a tolerance."""
     per = {"documents": compare_embeddings(ref[0], docs), "queries": compare_embeddings(ref[1], queries)}
     min_cos = min(v["min_cosine"] for v in per.values())
@@ -483,86 +477,12 @@ def _looser(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {"min_cosine": min(a["min_cosine"], b["min_cosine"]), "max_abs_diff": max(a["max_abs_diff"], b["max_abs_diff"])}
 
 
-def _figures(parity: dict) -> str:
+def parity_summary(parity: dict) -> str:
+    """One line of parity figures against their tolerances, for messages and logs."""
     t = parity["tolerances"]
     return (f"min cosine {parity['min_cosine']:.7f} (need >= {t['min_cosine']}), max abs diff "
             f"{parity['max_abs_diff']:.3g} (need <= {t['max_abs_diff']:.3g}) over {parity['n_probes']} probes "
             f"as documents and queries")
-
-
-def _export_onnx(tmp: Path, probes: list[str], ref: np.ndarray, spec, tol: dict[str, float]) -> dict:
-    """tmp/onnx/model.onnx: transformer, pooling and normalisation as one fp32 graph, checked with onnxruntime.
-
-    Inputs `input_ids` and `attention_mask` (batch and length dynamic), as the export's own
-    tokenizer makes them (padding side, EOS). Outputs `last_hidden_state`, which is what
-    sentence-transformers' ONNX backend reads, and `sentence_embedding`, the finished vector
-    for serving with onnxruntime alone. Exported with torch's TorchScript-based exporter,
-    which needs only `onnx`; optimum (what sentence-transformers' own ONNX export uses) does
-    not install beside transformers 5.
-    """
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    from embedft.models import pool
-
-    class EmbeddingGraph(torch.nn.Module):
-        def __init__(self, model: torch.nn.Module):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            emb = pool(hidden, attention_mask, spec.pooling)
-            return hidden, (torch.nn.functional.normalize(emb, dim=-1) if spec.normalize else emb)
-
-    st = SentenceTransformer(str(tmp), device="cpu").float().eval()
-    graph = EmbeddingGraph(st[0].auto_model).eval()
-    example = _st_tokenize(st, probes[:8])  # mixed lengths: the trace sees padding
-    path = tmp / ONNX_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dims = {0: "batch", 1: "sequence"}
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # The tracer warns that Python tests on shapes become constants, and that indexing with
-            # negative indices would export wrongly. The parity check below is the real test: it runs
-            # other batch sizes, lengths and paddings through the graph and compares the vectors.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
-            torch.onnx.export(graph, (example["input_ids"], example["attention_mask"]), str(path), dynamo=False,
-                              input_names=["input_ids", "attention_mask"],
-                              output_names=["last_hidden_state", "sentence_embedding"],
-                              dynamic_axes={"input_ids": dims, "attention_mask": dims, "last_hidden_state": dims,
-                                            "sentence_embedding": {0: "batch"}},
-                              opset_version=17)
-    except Exception as e:  # the exporter raises many types for operators it cannot express
-        raise ExportError(f"ONNX export is not supported for model type {spec.model_type!r} ({spec.family} family) "
-                          f"by torch.onnx {torch.__version__}: {type(e).__name__}: {e}; export without --onnx") from e
-    parity = onnx_parity(tmp, probes, ref, tol, st)
-    if not parity["ok"]:
-        raise ExportError(f"ONNX parity check failed for {spec.model_type!r}: {_figures(parity)}")
-    return parity
-
-
-def _st_tokenize(st, texts: list[str]) -> dict:
-    """The model's own tokenisation (`preprocess` in sentence-transformers >= 6, `tokenize` before)."""
-    return st.preprocess(texts) if hasattr(st, "preprocess") else st.tokenize(texts)
-
-
-def onnx_parity(model_dir: Path, probes: list[str], ref: np.ndarray, tol: dict[str, float], st=None) -> dict:
-    """onnx/model.onnx run by onnxruntime, fed by the export's own tokenizer, vs the reference vectors."""
-    import onnxruntime as ort
-    from sentence_transformers import SentenceTransformer
-
-    st = st or SentenceTransformer(str(model_dir), device="cpu")
-    session = ort.InferenceSession(str(model_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
-
-    def run(texts: list[str]) -> np.ndarray:
-        f = _st_tokenize(st, texts)
-        return session.run(["sentence_embedding"], {"input_ids": f["input_ids"].numpy(),
-                                                    "attention_mask": f["attention_mask"].numpy()})[0]
-
-    prompt = st.prompts.get("query") or ""
-    return _parity_figures(ref, run(probes), run([prompt + t for t in probes]), tol)
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -576,14 +496,6 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
                           f"it was left as it is: pass --overwrite to replace it") from e
 
 
-def _lora_summary(lora_cfg: dict) -> dict:
-    keys = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora", "peft_version")
-    out = {k: lora_cfg[k] for k in keys if k in lora_cfg}
-    if isinstance(out.get("target_modules"), (list, set, tuple)):
-        out["target_modules"] = sorted(out["target_modules"])
-    return out
-
-
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -594,65 +506,3 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-def _eval_table(adapter_dir: Path) -> str | None:
-    report = adapter_dir.resolve().parent / "eval" / "report.md"
-    if not report.is_file():
-        return None
-    lines = [ln for ln in report.read_text(encoding="utf-8").splitlines() if ln.startswith("|")]
-    return "\n".join(lines) or None
-
-
-def _model_card(name: str, spec: dict, meta: dict, lora_cfg: dict, adapter_dir: Path, query_prompt: str,
-                report: dict) -> str:
-    base = spec.get("base_model", "?")
-    lora = _lora_summary(lora_cfg)
-    is_hub_id = base.count("/") == 1 and not Path(base).exists()
-    front = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
-             "tags: [sentence-transformers, feature-extraction, embedft, lora-merged]"]
-    if is_hub_id:
-        front.append(f"base_model: {base}")
-    front.append("---")
-    parity = report["parity"]
-    lines = [
-        *front, "",
-        f"# {name}", "",
-        f"`{base}` fine-tuned with LoRA by embedft and merged into the base weights. It is a plain "
-        f"sentence-transformers model: no peft or embedft needed to use it.", "",
-        "## How to use", "",
-        "```python",
-        "from sentence_transformers import SentenceTransformer",
-        "",
-        f'model = SentenceTransformer("{name}")  # or the folder path',
-        "doc_emb = model.encode(documents)",
-        'query_emb = model.encode(queries, prompt_name="query")',
-        "scores = query_emb @ doc_emb.T" + ("  # embeddings are unit length: dot = cosine" if spec.get("normalize") else ""),
-        "```", "",
-        (f"Query prompt (prepended to queries by `prompt_name=\"query\"`): `{query_prompt!r}`. Documents get no prompt."
-         if query_prompt else "No prompts: queries and documents are embedded the same way "
-                              "(`prompt_name=\"query\"` is accepted and adds nothing)."), "",
-        "## Model", "",
-        f"- base model: `{base}` (type {spec.get('model_type')}, fingerprint {spec.get('fingerprint')})",
-        f"- family {spec.get('family')}, pooling {spec.get('pooling')}, normalize {spec.get('normalize')}, "
-        f"padding side {spec.get('padding_side')}, max length {spec.get('max_length')}, dim {spec.get('hidden_size')}",
-        f"- weights dtype: {report['dtype']}",
-        f"- LoRA: r={lora.get('r')}, alpha={lora.get('lora_alpha')}, dropout={lora.get('lora_dropout')}, "
-        f"targets={', '.join(lora.get('target_modules') or [])}",
-    ]
-    if meta.get("experiment"):
-        lines.append(f"- experiment: {meta['experiment']}")
-    if meta.get("mlflow_run_id"):
-        lines.append(f"- MLflow run: {meta['mlflow_run_id']}")
-    if meta.get("data"):
-        lines += ["", "## Training data", ""] + [f"- {k}: {v}" for k, v in meta["data"].items()]
-    table = _eval_table(adapter_dir)
-    if table:
-        lines += ["", "## Evaluation (base vs adapted, from the training run)", "", table]
-    lines += ["", "## Parity with the adapter model", "",
-              f"{parity['n_probes']} probe texts (probes.json) embedded by the unmerged adapter model in fp32 "
-              f"(probe_embeddings.npy) and by this folder loaded with plain sentence-transformers:", "",
-              f"- min cosine {parity['min_cosine']:.7f} (tolerance >= {report['tolerances']['min_cosine']})",
-              f"- max abs diff {parity['max_abs_diff']:.3g} (tolerance <= {report['tolerances']['max_abs_diff']:.3g})",
-              "", "Re-check on any machine with `embedft verify <folder>`.", ""]
-    return "\n".join(lines)

@@ -12,8 +12,8 @@ from typing import Any
 
 from embedft.atomic import replace_dir, temp_sibling
 from embedft.config import ConfigError, ExperimentConfig, TrackingConfig, flatten, to_dict, to_yaml
-from embedft.data import (DataError, Examples, PairSource, build_pair_source, check_schedule, load_splits,
-                          retrieval_task)
+from embedft.batches import PairSource, build_pair_source, check_schedule
+from embedft.data import DataError, Examples, load_splits, retrieval_task
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""MLflow tracking: with `embedft.runs`, the only modules that import mlflow (lazily, so importing them is cheap).
+"""MLflow tracking: with `embedft.delivery` and `embedft.runs`, the only modules that import mlflow
+(lazily, so importing them is cheap).
 
 A `Tracker` logs one run through `MlflowClient` with explicit run ids (no fluent active-run
 stack, so sweep children and threads are safe). Logging calls never block the training
@@ -7,7 +8,7 @@ loop and never raise because of the server: records are queued and delivered in
 away, and written to a spool folder at `end()` if it is still away. `sync_pending`
 (`embedft runs sync`) delivers a spool later. Re-sending is safe: metrics keep their
 original timestamps and steps, and already-delivered points are skipped, so history is
-never duplicated.
+never duplicated. How records reach the store, and the spool format, is `embedft.delivery`.
 
 Reading runs back (the runs table, a run's adapter, the model registry) is `embedft.runs`.
 
@@ -20,14 +21,15 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
+
+from embedft.delivery import SPOOL_META, deliver, is_permanent, read_spool, write_spool
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +38,12 @@ MAX_KEY_LEN = 250
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 8000
 MAX_DIGEST_LEN = 36
-BATCH_METRICS = 1000
-BATCH_PARAMS_TAGS = 100
 
 # mlflow retries a dead server for minutes by default (7 retries, backoff 2); we retry
 # ourselves in the background, so each request may fail fast. setdefault: the user's env wins.
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
-SPOOL_META = "spool.json"
-SPOOL_RECORDS = "records.jsonl"
 FIX_HINT = ("start it (`make ui` / `mlflow server --backend-store-uri sqlite:///$PWD/mlflow.db --port 5000`), "
             "or set tracking.uri / MLFLOW_TRACKING_URI, or disable tracking with -o tracking.enabled=false")
 
@@ -152,129 +150,6 @@ def mlflow_client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _is_permanent(e: BaseException) -> bool:
-    """Errors that a retry cannot fix (bad value, missing local file); all else is transient."""
-    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return True
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(e, MlflowException):
-        code = e.get_http_status_code()
-        return 400 <= code < 500 and code not in (404, 408, 429)
-    return False
-
-
-# ---------------------------------------------------------------------------------------
-# Delivery of records (shared by the live tracker and sync_pending)
-#
-# A record is a JSON-able dict with a "type": metric(key, value, timestamp, step),
-# param(key, value), tag(key, value), input(name, digest, n_rows, source, source_type,
-# context), text(text, artifact_file), artifact(path, artifact_path, is_dir).
-
-
-def _metric_id(key: str, step: int, timestamp: int, value: float) -> tuple:
-    return key, int(step), int(timestamp), "nan" if math.isnan(value) else float(value)
-
-
-def _already_logged(client, run_id: str, metrics: list[dict]) -> set[int]:
-    """Indexes of `metrics` whose exact point (key, step, timestamp, value) is already stored."""
-    present: set[int] = set()
-    for key in sorted({m["key"] for m in metrics}):
-        stored = {_metric_id(key, p.step, p.timestamp, p.value) for p in client.get_metric_history(run_id, key)}
-        present.update(i for i, m in enumerate(metrics)
-                       if m["key"] == key and _metric_id(key, m["step"], m["timestamp"], m["value"]) in stored)
-    return present
-
-
-def _log_batch_chunks(records: list[dict]) -> Iterable[list[dict]]:
-    chunk: list[dict] = []
-    n_metrics = n_pt = 0
-    keys: set[tuple[str, str]] = set()
-    for r in records:
-        is_metric = r["type"] == "metric"
-        dup_key = not is_metric and (r["type"], r["key"]) in keys  # one value per param/tag key per request
-        if chunk and (dup_key or n_metrics + n_pt >= BATCH_METRICS or
-                      (not is_metric and n_pt >= BATCH_PARAMS_TAGS)):
-            yield chunk
-            chunk, n_metrics, n_pt, keys = [], 0, 0, set()
-        chunk.append(r)
-        if is_metric:
-            n_metrics += 1
-        else:
-            n_pt += 1
-            keys.add((r["type"], r["key"]))
-    if chunk:
-        yield chunk
-
-
-def _send_chunk(client, run_id: str, chunk: list[dict]) -> None:
-    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
-
-    kind = chunk[0]["type"]
-    if kind in ("metric", "param", "tag"):
-        client.log_batch(run_id,
-                         metrics=[Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in chunk
-                                  if r["type"] == "metric"],
-                         params=[Param(r["key"], r["value"]) for r in chunk if r["type"] == "param"],
-                         tags=[RunTag(r["key"], r["value"]) for r in chunk if r["type"] == "tag"])
-        return
-    (r,) = chunk
-    if kind == "input":
-        ds = Dataset(name=r["name"], digest=r["digest"], source_type=r["source_type"],
-                     source=json.dumps({"uri": r["source"]}), profile=json.dumps({"num_rows": r["n_rows"]}))
-        client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", r["context"])])])
-    elif kind == "text":
-        client.log_text(run_id, r["text"], r["artifact_file"])
-    elif kind == "artifact":
-        if r["is_dir"]:
-            client.log_artifacts(run_id, r["path"], r["artifact_path"])
-        else:
-            client.log_artifact(run_id, r["path"], r["artifact_path"])
-    else:
-        raise ValueError(f"unknown record type {kind!r}")
-
-
-def _deliver(client, run_id: str, records: list[dict], done: Callable[[list[dict]], None],
-             check_history: bool = False) -> None:
-    """Send records in order, calling done() after each confirmed request; raise on a transient failure.
-
-    check_history: first skip metric points the store already has (after a failure whose
-    outcome is unknown, or when syncing a spool), so re-sending never duplicates history.
-    """
-    batchable = [r for r in records if r["type"] in ("metric", "param", "tag")]
-    others = [r for r in records if r["type"] not in ("metric", "param", "tag")]
-    if check_history:
-        metrics = [r for r in batchable if r["type"] == "metric"]
-        present = _already_logged(client, run_id, metrics)
-        if present:
-            seen = [metrics[i] for i in sorted(present)]
-            done(seen)
-            ids = {id(r) for r in seen}
-            batchable = [r for r in batchable if id(r) not in ids]
-    chunks = list(_log_batch_chunks(batchable)) + [[r] for r in others]
-    for chunk in chunks:
-        try:
-            _send_chunk(client, run_id, chunk)
-        except Exception as e:
-            if not _is_permanent(e):
-                raise
-            # One bad record must not sink the others: retry them one by one and drop only the bad ones.
-            for r in chunk:
-                try:
-                    if len(chunk) > 1:
-                        _send_chunk(client, run_id, [r])
-                    else:
-                        raise e
-                except Exception as e1:
-                    if not _is_permanent(e1):
-                        raise
-                    log.error("MLflow rejected %s %s for run %s, dropping it: %s", r["type"],
-                              r.get("key") or r.get("artifact_file") or r.get("path") or r.get("name"), run_id, e1)
-                done([r])
-            continue
-        done(chunk)
-
-
 # ---------------------------------------------------------------------------------------
 # The tracker
 
@@ -340,7 +215,7 @@ class Tracker:
         run_id = run.info.run_id
         records = [self._param_record(k, v) for k, v in params.items()]
         try:
-            _deliver(self._client, run_id, [r for r in records if r is not None], lambda rs: None)
+            deliver(self._client, run_id, [r for r in records if r is not None], lambda rs: None)
         except MlflowException as e:
             try:
                 self._client.set_terminated(run_id, "FAILED")
@@ -452,12 +327,12 @@ class Tracker:
                 with self._cond:
                     batch = list(self._pending.values())
                 if batch:
-                    _deliver(self._client, self.run_id, batch, self._done, check_history=self._uncertain)
+                    deliver(self._client, self.run_id, batch, self._done, check_history=self._uncertain)
                 self._client.set_terminated(self.run_id, status)
                 ok = True
                 break
             except Exception as e:
-                if _is_permanent(e):
+                if is_permanent(e):
                     log.error("MLflow refused to end run %s as %s: %s", self.run_id, status, e)
                     ok = True  # nothing a later sync could change
                     break
@@ -548,7 +423,7 @@ class Tracker:
                     return
                 batch = list(self._pending.values())
             try:
-                _deliver(self._client, self.run_id, batch, self._done, check_history=self._uncertain)
+                deliver(self._client, self.run_id, batch, self._done, check_history=self._uncertain)
             except Exception as e:  # transient: keep the records, back off, try again
                 self._failures += 1
                 self._uncertain = True
@@ -567,39 +442,10 @@ class Tracker:
                 self._next_try = time.monotonic() + self.flush_interval
 
     def _spool(self, records: list[dict], status: str) -> Path:
-        """Write undelivered records as JSONL (+ copies of artifact files) for `embedft runs sync`."""
-        folder = self.spool_dir / str(self.run_id)
-        files = folder / "files"
-        files.mkdir(parents=True, exist_ok=True)
-        lines = []
-        for r in records:
-            r = {k: v for k, v in r.items() if k != "seq"}
-            if r["type"] in ("text", "artifact"):
-                dst = files / str(len(list(files.iterdir())))
-                dst.mkdir(parents=True, exist_ok=True)
-                if r["type"] == "text":
-                    (dst / Path(r["artifact_file"]).name).write_text(r["text"])
-                    parent = str(Path(r["artifact_file"]).parent)
-                    r = {"type": "artifact", "path": str(dst.relative_to(folder)), "is_dir": True,
-                         "artifact_path": None if parent == "." else parent}
-                else:
-                    src = Path(r["path"])
-                    try:
-                        if r["is_dir"]:
-                            shutil.copytree(src, dst, dirs_exist_ok=True)
-                        else:
-                            shutil.copy2(src, dst / src.name)
-                    except OSError as e:
-                        log.error("cannot keep artifact %s for later delivery: %s", src, e)
-                        continue
-                    r = {**r, "path": str(dst.relative_to(folder)), "is_dir": True}
-            lines.append(json.dumps(r))
-        with open(folder / SPOOL_RECORDS, "a") as f:
-            f.writelines(line + "\n" for line in lines)
-        meta = {"run_id": self.run_id, "uri": self.uri, "experiment": self.experiment, "status": status,
-                "end_time": _now_ms(), "spooled_at": _dt.datetime.now().isoformat(timespec="seconds")}
-        (folder / SPOOL_META).write_text(json.dumps(meta, indent=2))
-        return folder
+        """Write undelivered records to this run's spool folder for `embedft runs sync`."""
+        return write_spool(self.spool_dir / str(self.run_id), records, {
+            "run_id": self.run_id, "uri": self.uri, "experiment": self.experiment, "status": status,
+            "end_time": _now_ms(), "spooled_at": _dt.datetime.now().isoformat(timespec="seconds")})
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -690,7 +536,7 @@ def sync_pending(spool_root: str | Path, uri: str | None = None) -> int:
     failed: list[str] = []
     for folder in spools:
         try:
-            meta, records = _read_spool(folder)
+            meta, records = read_spool(folder)
         except (ValueError, KeyError) as e:  # cut short by a kill while spooling, or edited by hand
             failed.append(f"{folder} (damaged spool: {type(e).__name__}: {e}; repair or delete that folder)")
             continue
@@ -703,7 +549,7 @@ def sync_pending(spool_root: str | Path, uri: str | None = None) -> int:
         try:
             check_reachable(target)
             client = mlflow_client(target)
-            _deliver(client, meta["run_id"], records, done, check_history=True)
+            deliver(client, meta["run_id"], records, done, check_history=True)
             client.set_terminated(meta["run_id"], meta["status"], end_time=meta.get("end_time"))
         except Exception as e:
             failed.append(f"{folder} ({e})")
@@ -718,20 +564,3 @@ def sync_pending(spool_root: str | Path, uri: str | None = None) -> int:
         raise TrackingError(f"delivered {total} records, but {len(failed)} spooled run(s) are still pending: "
                             f"{'; '.join(failed)}")
     return total
-
-
-def _read_spool(folder: Path) -> tuple[dict, list[dict]]:
-    """A spool folder's meta (run id, uri, status) and its records, artifact paths made absolute."""
-    meta = json.loads((folder / SPOOL_META).read_text())
-    if not isinstance(meta, dict) or not {"run_id", "uri", "status"} <= meta.keys():
-        raise ValueError(f"{SPOOL_META} lacks the run_id, uri or status")
-    records = []
-    rec_file = folder / SPOOL_RECORDS
-    if rec_file.exists():
-        for line in rec_file.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                if r["type"] == "artifact":
-                    r["path"] = str(folder / r["path"])
-                records.append(r)
-    return meta, records

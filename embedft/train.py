@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from embedft.atomic import replace_dir
 from embedft.config import GROUP_SAMPLINGS, ConfigError, LossConfig, TrainConfig
-from embedft.data import Batch, PairSource, check_schedule, epoch_batches, group_keys
+from embedft.batches import Batch, PairSource, check_schedule, epoch_batches, group_keys
 from embedft.losses import false_negative_mask, group_info_nce, info_nce, label_contrastive
 from embedft.models import (Encoder, EncoderSpec, call_overhead, compile_layers, length_chunks, lora_input_casts,
                             lora_settings)

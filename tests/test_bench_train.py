@@ -33,7 +33,7 @@ def data(bench, settings):
 
 
 def test_pairs_are_embedft_batches_in_order(bench, settings, data):
-    from embedft.data import epoch_batches
+    from embedft.batches import epoch_batches
 
     want = [b for _, b in zip(range(3), epoch_batches(data.src, 8, settings.seed, 0))]
     assert data.anchors == [data.src.texts[i] for b in want for i in b.anchors.tolist()]

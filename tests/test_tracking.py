@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from embedft import runs, tracking
+from embedft import delivery, runs, tracking
 from embedft.tracking import NullTracker, Tracker, TrackingError, metric_key
 
 
@@ -201,7 +201,7 @@ def test_already_logged_matches_exact_points_only(store, tmp_path):
                   {"key": "train/loss", "value": 0.5, "timestamp": ts, "step": 3},
                   {"key": "train/lr", "value": float("nan"), "timestamp": ts, "step": 2},  # stored NaN
                   {"key": "other", "value": 1.0, "timestamp": ts, "step": 2}]
-    assert tracking._already_logged(c, run_id, candidates) == {0, 3}
+    assert delivery._already_logged(c, run_id, candidates) == {0, 3}
 
 
 def test_store_away_at_end_spools_then_sync_delivers(store, tmp_path, adapter_dir, monkeypatch):
@@ -680,3 +680,17 @@ def test_sigterm_ends_the_mlflow_run_as_killed(tmp_path, tiny_bert_dir, template
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in proc.stderr.read()  # the log says why it stopped and how to go on
     assert _client(uri).get_run(id_file.read_text()).info.status == "KILLED"
+
+
+def test_only_the_tracking_modules_import_mlflow():
+    """STYLE: mlflow stays out of data, model, loss and train code (pipeline talks to a Tracker)."""
+    import ast
+
+    importers = set()
+    for path in sorted(Path(tracking.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
+                importers.add(path.stem)
+    assert importers == {"tracking", "delivery", "runs"}

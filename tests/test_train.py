@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from embedft.config import LossConfig, LoraConfig, ModelConfig, TrainConfig
-from embedft.data import Examples, build_pair_source, epoch_batches
+from embedft.batches import build_pair_source, epoch_batches
+from embedft.data import Examples
 from embedft.models import apply_lora, load_encoder
 from embedft.train import TokenCache, batch_loss, batch_sequences, embed, train, train_step_cached
 
@@ -175,7 +176,7 @@ def test_cached_negatives_match_full_batch(tiny_model_dir, sampling, device):
         if mini is None:
             loss_t = loss_of(embed(enc, seqs, device, False, chunk=64))
             loss_t.backward()
-            loss = float(loss_t)
+            loss = float(loss_t.detach())
         else:
             loss = train_step_cached(enc, seqs, loss_of, device, mini, False)
         results.append((loss, _grads(enc)))
