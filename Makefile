@@ -13,7 +13,7 @@ RUN ?= runs/pricerunner-matching
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup lock train test bench-pricerunner bench-deploy bench-encode bench-train bench-chunking gpu-check gpu-bundle ui clean
+.PHONY: help setup lock train test bench-pricerunner bench-deploy bench-encode bench-train bench-chunking gpu-check gpu-bundle gpu-smoke-image ui clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -59,6 +59,14 @@ gpu-check: setup ## On a CUDA machine: tests on GPU, Qwen3-0.6B-shaped training 
 
 gpu-bundle: setup ## For an offline GPU machine: wheels, data, MiniLM config into .gpu/ for benchmarks/gpu_session.py
 	$(PY) benchmarks/gpu_session.py prepare
+
+GPU_IMAGE_VENV ?= .venv-gpu-image
+gpu-smoke-image: ## benchmarks/gpu_session.py run --smoke under the GPU image's library versions (benchmarks/gpu-image.txt), no mlflow
+	test -x $(GPU_IMAGE_VENV)/bin/python || $(PYTHON) -m venv $(GPU_IMAGE_VENV)
+	$(GPU_IMAGE_VENV)/bin/python -m pip install -q "$(TORCH)" -r benchmarks/gpu-image.txt
+	rm -rf /tmp/gpu-smoke-image && mkdir -p /tmp/gpu-smoke-image/bundle
+	PYTHONPATH=$(CURDIR) $(GPU_IMAGE_VENV)/bin/python benchmarks/gpu_session.py run --smoke --budget 900 \
+		--bundle /tmp/gpu-smoke-image/bundle --out /tmp/gpu-smoke-image/out
 
 ui: setup ## MLflow UI on the local SQLite store, bound to 127.0.0.1
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -6,6 +6,7 @@ everything is prepared on the CPU machine and the GPU machine only measures:
     python benchmarks/gpu_session.py prepare          # here: wheels, data, model config -> .gpu/ (git-ignored)
     python3 benchmarks/gpu_session.py run             # there: device run, carry [".gpu"], timeout_s 600
     python benchmarks/gpu_session.py run --smoke --out /tmp/gs   # anywhere: the same steps on tiny models
+    make gpu-smoke-image                              # here: --smoke with the GPU image's library versions
 
 `run` installs the carried wheels (what the GPU image lacks: faiss-cpu, datasets and its
 pure-Python needs) into /tmp/site, builds the random-weight models once (speed does not
@@ -242,13 +243,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="folder for the logs and summary.md (default: $OUT)")
     r.add_argument("--budget", type=float, default=540.0, help="seconds for everything (device call limit 600)")
     r.add_argument("--smoke", action="store_true", help="tiny models and a few steps, on any machine")
+    r.add_argument("--bundle", type=Path, default=BUNDLE,
+                   help="the folder `prepare` filled (default .gpu/); an empty one installs no wheels")
     args = ap.parse_args(argv)
     if args.command == "prepare":
         prepare()
         return
     if args.out is None:
         ap.error("run: pass --out (or set $OUT)")
-    records = run(args.out, args.budget, args.smoke)
+    records = run(args.out, args.budget, args.smoke, bundle=args.bundle)
     print((args.out / "summary.md").read_text())
     failed = [r["name"] for r in records if r.get("rc") not in (0, None)]
     sys.exit(1 if failed else 0)

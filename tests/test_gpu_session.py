@@ -59,3 +59,22 @@ def test_budget_skips_steps_below_their_floor_and_stops_a_step_at_its_cap(sessio
 def test_prepare_pins_each_wheel_from_constraints(session):
     pins = session._pins(session.REPO / "constraints.txt")
     assert all(pins.get(name) for name in session.WHEELS)
+
+
+def test_run_command_passes_its_bundle_and_exits_by_the_steps(session, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(out, budget_s, smoke, bundle):
+        seen.update(out=out, budget=budget_s, smoke=smoke, bundle=bundle)
+        (out / "summary.md").parent.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text("summary\n")
+        return [{"name": "0-setup", "rc": 0}, {"name": "1-mfu", "rc": seen.get("rc", 0)}, {"name": "2", "rc": None}]
+
+    monkeypatch.setattr(session, "run", fake_run)
+    with pytest.raises(SystemExit) as ok:
+        session.main(["run", "--smoke", "--bundle", str(tmp_path / "b"), "--out", str(tmp_path / "o"), "--budget", "60"])
+    assert ok.value.code == 0 and seen == {"out": tmp_path / "o", "budget": 60.0, "smoke": True, "bundle": tmp_path / "b"}
+    seen["rc"] = "timeout"  # a step cut at its cap fails the call; a skipped one (rc None) does not
+    with pytest.raises(SystemExit) as failed:
+        session.main(["run", "--out", str(tmp_path / "o")])
+    assert failed.value.code == 1 and seen["bundle"] == session.BUNDLE and seen["smoke"] is False
