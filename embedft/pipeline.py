@@ -98,7 +98,8 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
 
     from embedft.evaluate import check_indexes, evaluate_encoder, format_table, compare, write_report
     from embedft.models import apply_lora, load_adapter, load_encoder, lora_settings, save_adapter
-    from embedft.train import base_dtype, check_resumable, resolve_device, run_identity, seed_everything, train
+    from embedft.checkpoint import check_resumable, run_identity
+    from embedft.train import base_dtype, resolve_device, seed_everything, train
 
     data = prepare_data(cfg)
     out = cfg.output_dir
