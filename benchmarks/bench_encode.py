@@ -35,14 +35,26 @@ REPO = Path(__file__).resolve().parents[1]
 PRICERUNNER = REPO.parent / "shared" / "datasets" / "pricerunner" / "pricerunner_aggregate.csv"
 
 
+def data_csv(which: str) -> Path | None:
+    """The PriceRunner-layout CSV `--data` names (auto: ../shared's when present), or None for
+    the sample in data/; a clear FileNotFoundError when the file is not there. bench_train uses it too."""
+    if which == "auto":
+        which = "pricerunner" if PRICERUNNER.is_file() else "sample"
+    if which == "sample":
+        return None
+    path = PRICERUNNER if which == "pricerunner" else Path(which)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {which}: {path} not found; use --data sample, or the path of "
+                                "pricerunner_aggregate.csv")
+    return path
+
+
 def load_titles(limit: int | None, data: str = "auto") -> tuple[list[str], str]:
-    if data == "auto":
-        data = "pricerunner" if PRICERUNNER.is_file() else "sample"
-    if data != "sample":
-        path = PRICERUNNER if data == "pricerunner" else Path(data)
-        if not path.is_file():
-            raise SystemExit(f"--data {data}: {path} not found; use --data sample, or the path of "
-                             "pricerunner_aggregate.csv")
+    try:
+        path = data_csv(data)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    if path is not None:
         with path.open() as f:
             titles = [row[1] for row in csv.reader(f)]
         source = str(path)

@@ -71,7 +71,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
-PRICERUNNER = REPO.parent / "shared" / "datasets" / "pricerunner" / "pricerunner_aggregate.csv"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_encode import data_csv  # noqa: E402  (the --data choice, shared with bench_encode)
+
 SAMPLE = REPO / "data" / "products.csv"
 SIDES = ("st", "embedft")
 SIDE_NAMES = {"st": "sentence-transformers", "embedft": "embedft"}
@@ -132,18 +134,13 @@ def data_config(which: str):
     """The DataConfig of the benchmark split (PriceRunner when present, else the sample)."""
     from embedft.config import DataConfig
 
-    if which == "auto":
-        which = "pricerunner" if PRICERUNNER.is_file() else "sample"
+    path = data_csv(which)
     # Keep every row, as the pricerunner-matching experiment does: repeated titles and
     # single-offer products stay in the held-out corpus and never become anchors.
     policies = dict(on_singleton="warn", on_duplicate="warn", on_overlap="warn")
-    if which == "sample":
+    if path is None:
         return DataConfig(train=str(SAMPLE), shape="grouped", text_column="text", group_column="product_id",
                           label_column="category", split="modulo", split_modulo=5, **policies)
-    path = PRICERUNNER if which == "pricerunner" else Path(which)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {which}: {path} not found; use --data sample, or the path of "
-                                "pricerunner_aggregate.csv")
     return DataConfig(train=str(path), header=False, shape="grouped", text_column=1, group_column=3,
                       label_column=6, split="modulo", split_modulo=5, **policies)
 

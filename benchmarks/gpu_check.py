@@ -79,39 +79,42 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
     # cuts; a smaller value splits e.g. instruction-prefixed anchors from their shorter positives.
     default_overhead = models.CUDA_CALL_OVERHEAD_TOKENS
     overhead = default_overhead if call_overhead is None else call_overhead
-    models.CUDA_CALL_OVERHEAD_TOKENS = overhead  # put back below: the caller's process keeps its default
-    with tempfile.TemporaryDirectory() as tmp:
-        if model is not None:  # built beforehand (benchmarks/gpu_session.py builds it once for all its steps)
-            path = Path(model)
-        else:
-            path = tiny_qwen3(Path(tmp) / "m") if tiny else qwen3_from_config(CONFIG, Path(tmp) / "m")
-        for bs, compiled in [(b, c) for b in batch_sizes for c in compile_modes]:
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            enc = load_encoder(ModelConfig(name=str(path), max_length=64), device)
-            if cuda:  # frozen base weights in bf16; LoRA weights and optimizer state stay fp32
-                enc.backbone.to(torch.bfloat16)
-            apply_lora(enc, LoraConfig(r=16, alpha=32, dropout=0.0))
-            params = sum(p.numel() for n, p in enc.backbone.named_parameters() if "embed" not in n and "lora_" not in n)
-            src = synthetic_source(n_groups=bs * (steps + 1), words_per_text=32)
-            cfg = TrainConfig(epochs=1, max_steps=steps, batch_size=bs, lr=1e-4, warmup_steps=0, log_every=1,
-                              mini_batch_size=mini_batch if bs > mini_batch else None, eval_every_epoch=False,
-                              compile=compiled)
-            res = train(enc, src, cfg, LossConfig(), Path(tmp) / f"run{bs}", progress=False)
-            sps = [h["train/samples_per_s"] for h in res.history[min(2, len(res.history) - 1):]]
-            samples_per_s = float(np.median(sps))
-            tokens_per_sample = res.tokens_per_s / res.samples_per_s if res.samples_per_s else 0.0
-            tokens_per_s = samples_per_s * tokens_per_sample
-            row = {"batch": bs, "cached": cfg.mini_batch_size is not None, "compiled": compiled,
-                   "samples_per_s": samples_per_s, "first_step_s": bs / res.history[0]["train/samples_per_s"],
-                   "tokens_per_s": tokens_per_s, "non_embedding_params": params,
-                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                   "mfu": 4 * params * tokens_per_s / peak if peak else None}
-            rows.append(row)
-            print(_fmt(row), flush=True)
-            del enc
-    models.CUDA_CALL_OVERHEAD_TOKENS = default_overhead
+    models.CUDA_CALL_OVERHEAD_TOKENS = overhead  # put back below, however the runs end: the caller keeps its default
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if model is not None:  # built beforehand (benchmarks/gpu_session.py builds it once for all its steps)
+                path = Path(model)
+            else:
+                path = tiny_qwen3(Path(tmp) / "m") if tiny else qwen3_from_config(CONFIG, Path(tmp) / "m")
+            for bs, compiled in [(b, c) for b in batch_sizes for c in compile_modes]:
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                enc = load_encoder(ModelConfig(name=str(path), max_length=64), device)
+                if cuda:  # frozen base weights in bf16; LoRA weights and optimizer state stay fp32
+                    enc.backbone.to(torch.bfloat16)
+                apply_lora(enc, LoraConfig(r=16, alpha=32, dropout=0.0))
+                params = sum(p.numel() for n, p in enc.backbone.named_parameters()
+                             if "embed" not in n and "lora_" not in n)
+                src = synthetic_source(n_groups=bs * (steps + 1), words_per_text=32)
+                cfg = TrainConfig(epochs=1, max_steps=steps, batch_size=bs, lr=1e-4, warmup_steps=0, log_every=1,
+                                  mini_batch_size=mini_batch if bs > mini_batch else None, eval_every_epoch=False,
+                                  compile=compiled)
+                res = train(enc, src, cfg, LossConfig(), Path(tmp) / f"run{bs}", progress=False)
+                sps = [h["train/samples_per_s"] for h in res.history[min(2, len(res.history) - 1):]]
+                samples_per_s = float(np.median(sps))
+                tokens_per_sample = res.tokens_per_s / res.samples_per_s if res.samples_per_s else 0.0
+                tokens_per_s = samples_per_s * tokens_per_sample
+                row = {"batch": bs, "cached": cfg.mini_batch_size is not None, "compiled": compiled,
+                       "samples_per_s": samples_per_s, "first_step_s": bs / res.history[0]["train/samples_per_s"],
+                       "tokens_per_s": tokens_per_s, "non_embedding_params": params,
+                       "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                       "mfu": 4 * params * tokens_per_s / peak if peak else None}
+                rows.append(row)
+                print(_fmt(row), flush=True)
+                del enc
+    finally:
+        models.CUDA_CALL_OVERHEAD_TOKENS = default_overhead
     table = _table(rows, name, peak, peak_key, steps, tiny, compile_modes, overhead)
     print(table)
     if write:

@@ -174,33 +174,35 @@ def run(out: Path, budget_s: float, smoke: bool, bundle: Path = BUNDLE, steps: t
     site = install_wheels(bundle, work / "site")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (site, str(REPO), env.get("PYTHONPATH", "")) if p)
     docs_before = docs.read_text()
-    records = [{"name": "0-setup", "argv": ["environment, wheels, models"], "rc": 0}]
-    records[0]["environment"] = _environment(env)
-    models = build_models(work, bundle, smoke, env)
-    records[0]["seconds"] = round(time.monotonic() - start, 1)
-    for step in steps:
-        left = budget_s - (time.monotonic() - start)
-        argv = step_command(step, models, smoke)
-        record = {"name": step.name, "argv": argv}
-        records.append(record)
-        if left < step.floor_s:
-            record.update(rc=None, seconds=0.0, skipped=f"{left:.0f} s left, floor {step.floor_s:.0f} s")
-            continue
-        t0 = time.monotonic()
-        with (out / f"{step.name}.log").open("w") as log:
-            log.write("$ " + " ".join(argv) + "\n")
-            log.flush()
-            try:
-                record["rc"] = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                              timeout=min(step.cap_s, left)).returncode
-            except subprocess.TimeoutExpired:
-                record["rc"] = "timeout"
-        record["seconds"] = round(time.monotonic() - t0, 1)
-        # Rewritten after every step, so a call cut off at its limit still brings back what finished.
-        _write_summary(out, records, budget_s, smoke, _appended(docs, docs_before))
-    _write_summary(out, records, budget_s, smoke, _appended(docs, docs_before))  # skipped steps too
-    docs.write_text(docs_before)  # gpu_check's tables come back in summary.md, to be placed by hand
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        records = [{"name": "0-setup", "argv": ["environment, wheels, models"], "rc": 0}]
+        records[0]["environment"] = _environment(env)
+        models = build_models(work, bundle, smoke, env)
+        records[0]["seconds"] = round(time.monotonic() - start, 1)
+        for step in steps:
+            left = budget_s - (time.monotonic() - start)
+            argv = step_command(step, models, smoke)
+            record = {"name": step.name, "argv": argv}
+            records.append(record)
+            if left < step.floor_s:
+                record.update(rc=None, seconds=0.0, skipped=f"{left:.0f} s left, floor {step.floor_s:.0f} s")
+                continue
+            t0 = time.monotonic()
+            with (out / f"{step.name}.log").open("w") as log:
+                log.write("$ " + " ".join(argv) + "\n")
+                log.flush()
+                try:
+                    record["rc"] = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                                  timeout=min(step.cap_s, left)).returncode
+                except subprocess.TimeoutExpired:
+                    record["rc"] = "timeout"
+            record["seconds"] = round(time.monotonic() - t0, 1)
+            # Rewritten after every step, so a call cut off at its limit still brings back what finished.
+            _write_summary(out, records, budget_s, smoke, _appended(docs, docs_before))
+        _write_summary(out, records, budget_s, smoke, _appended(docs, docs_before))  # skipped steps too
+    finally:  # however the call ends: docs as they were, the models gone
+        docs.write_text(docs_before)  # gpu_check's tables come back in summary.md, to be placed by hand
+        shutil.rmtree(work, ignore_errors=True)
     return records
 
 

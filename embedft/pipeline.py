@@ -96,9 +96,9 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     """Train one experiment end to end; returns the run summary (paths and metrics)."""
     import torch
 
+    from embedft.checkpoint import check_resumable, run_identity
     from embedft.evaluate import check_indexes, evaluate_encoder, format_table, compare, write_report
     from embedft.models import apply_lora, load_adapter, load_encoder, lora_settings, save_adapter
-    from embedft.checkpoint import check_resumable, run_identity
     from embedft.train import base_dtype, resolve_device, seed_everything, train
 
     data = prepare_data(cfg)

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
@@ -48,3 +50,8 @@ def test_gpu_check_call_overhead_is_used_for_the_run_only(monkeypatch):
     rows = mod.run([4], steps=2, tiny=True, mini_batch=4, write=False, call_overhead=2048)
     assert seen == [2048] and rows[0]["samples_per_s"] > 0  # the run trains with the overhead given
     assert models.CUDA_CALL_OVERHEAD_TOKENS == default  # and the process keeps its default
+    # A run that fails midway (out of memory, say) gives the default back too.
+    monkeypatch.setattr(T, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        mod.run([4], steps=2, tiny=True, mini_batch=4, write=False, call_overhead=2048)
+    assert models.CUDA_CALL_OVERHEAD_TOKENS == default
