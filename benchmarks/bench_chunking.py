@@ -45,7 +45,8 @@ def main() -> None:
     import torch
 
     from embedft.config import LoraConfig, ModelConfig
-    from embedft.models import apply_lora, length_chunks, load_encoder
+    from embedft.models import length_chunks, load_encoder
+    from embedft.lora import apply_lora
 
     torch.manual_seed(args.seed)
     enc = apply_lora(load_encoder(ModelConfig(name=args.model, max_length=args.max_length)), LoraConfig(r=16, alpha=32))

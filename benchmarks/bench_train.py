@@ -439,7 +439,8 @@ def run_embedft(s: BenchSettings, data: BenchData) -> dict[str, Any]:
     """Train with embedft's train() and measure it."""
     from embedft.config import LoraConfig, LossConfig, ModelConfig, TrainConfig
     from embedft.batches import steps_per_epoch
-    from embedft.models import apply_lora, load_encoder
+    from embedft.models import load_encoder
+    from embedft.lora import apply_lora
     from embedft.train import base_dtype, seed_everything, train
 
     device = _device(s.device)

@@ -65,7 +65,8 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
 
     from embedft import models
     from embedft.config import LossConfig, LoraConfig, ModelConfig, TrainConfig
-    from embedft.models import apply_lora, load_encoder
+    from embedft.models import load_encoder
+    from embedft.lora import apply_lora
     from embedft.synthetic import qwen3_from_config, tiny_qwen3
     from embedft.train import train
 

@@ -32,7 +32,8 @@ def main() -> None:
     from embedft.data import load_splits, retrieval_task
     from embedft.index import exact_search
     from embedft.metrics import recall_at_k
-    from embedft.models import load_adapter, load_encoder
+    from embedft.models import load_encoder
+    from embedft.lora import load_adapter
 
     cfg = load_config(args.experiment)
     _, eval_ex, _ = load_splits(cfg.data)

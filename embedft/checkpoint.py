@@ -43,7 +43,7 @@ EMBEDDING_SETTINGS = ("pooling", "normalize", "query_template", "max_length")
 def run_identity(spec: EncoderSpec, lora: dict[str, Any] | None, src: PairSource, cfg: TrainConfig,
                  loss_cfg: LossConfig) -> dict[str, Any]:
     """What a checkpoint must be resumed with: base model and how it embeds, LoRA
-    (`models.lora_settings`), the training data, loss and training settings, as JSON values."""
+    (`lora.lora_settings`), the training data, loss and training settings, as JSON values."""
     ident: dict[str, Any] = {"model": spec.fingerprint, **{f"model.{k}": getattr(spec, k) for k in EMBEDDING_SETTINGS},
                              **{f"lora.{k}": v for k, v in (lora or {}).items()}, "training data digest": src.digest()}
     ident.update({f"train.{k}": v for k, v in asdict(cfg).items()})

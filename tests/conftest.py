@@ -38,7 +38,8 @@ def tiny_qwen3_dir(tmp_path_factory) -> Path:
 def tiny_bert_adapter(tiny_bert_dir, tmp_path_factory) -> Path:
     """A LoRA adapter on the tiny BERT whose B matrices are non-zero, so it embeds differently from the base."""
     from embedft.config import LoraConfig, ModelConfig
-    from embedft.models import apply_lora, load_encoder, save_adapter
+    from embedft.models import load_encoder
+    from embedft.lora import apply_lora, save_adapter
 
     torch.manual_seed(0)
     enc = load_encoder(ModelConfig(name=str(tiny_bert_dir)))

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from embedft.cli import main
 from embedft.config import ExportConfig, LoraConfig, ModelConfig
 from embedft.export import ExportError, export_merged, verify_export, weights_digest
-from embedft.models import ModelError, apply_lora, load_adapter, load_encoder, save_adapter
+from embedft.models import ModelError, load_encoder
+from embedft.lora import apply_lora, load_adapter, save_adapter
 
 PROBES = ["apple iphone 8 plus 64gb silver", "tv", "bosch serie 6 washing machine 9kg 1400 rpm white",
           "How do I reset my password?", "a", "£499.99 – 20% off!!!", "Смартфон с хорошей камерой",

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from embedft.config import LoraConfig, ModelConfig
-from embedft.models import (CALL_OVERHEAD_TOKENS, ModelError, apply_lora, call_overhead, load_adapter, load_encoder,
-                            read_adapter_meta, sdpa_backends,
-                            length_chunks, resolve_model_path, save_adapter)
+from embedft.lora import apply_lora, load_adapter, read_adapter_meta, save_adapter
+from embedft.models import (CALL_OVERHEAD_TOKENS, ModelError, call_overhead, length_chunks, load_encoder, resolve_model_path,
+                            sdpa_backends)
 
 TEXTS = ["apple iphone 8 plus 64gb silver", "tv", "bosch serie 6 washing machine 9kg 1400 rpm white",
          "intel core i7 processor box", "a"]
@@ -197,7 +197,7 @@ def test_skipping_peft_input_casts_under_bf16_autocast_changes_nothing(tiny_mode
     # adapted projection's input to fp32 first; autocast casts it back to bf16 for the matmul, so
     # skipping the copy (lora_input_casts) must give the same embeddings and LoRA gradients
     # (bit for bit without LoRA dropout; dropout's 1/(1-p) scaling rounds differently in bf16).
-    from embedft.models import lora_input_casts
+    from embedft.lora import lora_input_casts
 
     enc = load_encoder(ModelConfig(name=str(tiny_model_dir)))
     enc.backbone.to(torch.bfloat16)

@@ -15,7 +15,8 @@ from embedft import runs, tracking
 from embedft.cli import main
 from embedft.config import LoraConfig, ModelConfig
 from embedft.export import export_merged
-from embedft.models import apply_lora, load_encoder, save_adapter
+from embedft.models import load_encoder
+from embedft.lora import apply_lora, save_adapter
 from embedft.tracking import TrackingError
 
 TEXTS = ["apple iphone 8 plus 64gb silver", "tv", "How do I reset my password?", "£499.99 – 20% off!!!",

@@ -8,7 +8,8 @@ import torch
 from embedft.config import LossConfig, LoraConfig, ModelConfig, TrainConfig
 from embedft.batches import build_pair_source, epoch_batches
 from embedft.data import Examples
-from embedft.models import apply_lora, load_encoder
+from embedft.models import load_encoder
+from embedft.lora import apply_lora
 from embedft.train import TokenCache, batch_loss, batch_sequences, embed, train, train_step_cached
 
 WORDS = ["apple", "samsung", "sony", "bosch", "intel", "canon", "nikon", "miele", "lg", "amd", "pixel", "galaxy"]
