@@ -65,19 +65,24 @@ def load_titles(limit: int | None, data: str = "auto") -> tuple[list[str], str]:
     return (titles[:limit] if limit else titles), source
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_encode_args(ap: argparse.ArgumentParser, repeats: int) -> None:
+    """The options of every encoding benchmark: model, texts, batch shape, runs (bench_encode_host too)."""
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best of each is reported")
+    ap.add_argument("--repeats", type=int, default=repeats, help="alternating runs per side; the best of each is reported")
+    ap.add_argument("--data", default="auto",
+                    help="auto | pricerunner | sample | path of a CSV in PriceRunner's layout (title in column 1)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_encode_args(ap, repeats=2)
     ap.add_argument("--precisions", default="auto",
                     help="embedft precisions (eval.precision) to time, comma-separated: auto, fp32, bf16")
     ap.add_argument("--deploy", action="store_true",
                     help="also time embedft.deploy.encode (index build/search) over the same ST model")
-    ap.add_argument("--data", default="auto",
-                    help="auto | pricerunner | sample | path of a CSV in PriceRunner's layout (title in column 1)")
     args = ap.parse_args()
     from embedft.config import PRECISIONS, ModelConfig
 

@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny randomly initialised models (BERT-like, Qwen3-like), built offline."""
+"""Shared fixtures: tiny randomly initialised models (BERT-like, Qwen3-like), built offline; the
+benchmark scripts loaded as modules."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +87,21 @@ def template_db(tmp_path_factory) -> Path:
 def device(request) -> torch.device:
     """Each test using this runs on the CPU, and on CUDA when there is one (fp32 on both)."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """Load a script of benchmarks/ as a module, afresh on each call: benchmark_script("bench_encode")."""
+    loaded = []
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up there
+        loaded.append(name)
+        spec.loader.exec_module(mod)
+        return mod
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)

@@ -1,16 +1,11 @@
 """benchmarks/bench_collate.py: the per-row reference and embedft's collate agree, and both are timed."""
 
-import importlib.util
 import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_collate.py"
 
 
-def test_bench_collate_checks_equal_outputs_and_prints_a_row_per_shape(tiny_qwen3_dir, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("bench_collate", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_bench_collate_checks_equal_outputs_and_prints_a_row_per_shape(benchmark_script, tiny_qwen3_dir, monkeypatch,
+                                                                        capsys):
+    bench = benchmark_script("bench_collate")
     monkeypatch.setattr(sys, "argv", ["bench_collate.py", "--model", str(tiny_qwen3_dir), "--repeats", "2"])
     bench.main()
     out = capsys.readouterr().out

@@ -1,22 +1,16 @@
 """benchmarks/bench_encode.py with a tiny random BERT: both sides embed the same texts to the
 same vectors at fp32, and --precisions bf16 times the bf16 path with its difference reported."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_encode.py"
 
 
-def test_bench_encode_reports_each_precision_against_sentence_transformers(tiny_bert_dir, tmp_path, monkeypatch,
-                                                                           capsys):
+def test_bench_encode_reports_each_precision_against_sentence_transformers(benchmark_script, tiny_bert_dir, tmp_path,
+                                                                           monkeypatch, capsys):
     from embedft.synthetic import random_like, save_as_sentence_transformer
 
     model = save_as_sentence_transformer(random_like(tiny_bert_dir, tmp_path / "m"))
-    spec = importlib.util.spec_from_file_location("bench_encode", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("bench_encode")
     monkeypatch.setattr(sys, "argv", ["bench_encode.py", "--model", str(model), "--limit", "40", "--repeats", "1",
                                       "--batch-size", "8", "--precisions", "auto,bf16", "--deploy"])
     bench.main()

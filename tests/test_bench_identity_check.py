@@ -1,19 +1,13 @@
 """benchmarks/bench_identity_check.py times the digest, the stat check and a model load on a given folder."""
 
-import importlib.util
 import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_identity_check.py"
 
 
-def test_bench_identity_check_prints_the_three_timings(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+def test_bench_identity_check_prints_the_three_timings(benchmark_script, tiny_bert_dir, tmp_path, monkeypatch, capsys):
     from embedft.synthetic import random_like, save_as_sentence_transformer
 
     model = save_as_sentence_transformer(random_like(tiny_bert_dir, tmp_path / "m"))
-    spec = importlib.util.spec_from_file_location("bench_identity_check", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("bench_identity_check")
     monkeypatch.setattr(sys, "argv", ["bench_identity_check.py", "--model", str(model), "--repeats", "1"])
     bench.main()
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in capsys.readouterr().out.splitlines()

@@ -1,24 +1,14 @@
 """benchmarks/bench_train.py on the sample data with a tiny random BERT: both sides train on
 the same batches in the same order, and report finite losses, throughput and a recall."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+def bench(benchmark_script):
+    return benchmark_script("bench_train")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """benchmarks/deploy_check.py on the sample data with a tiny random BERT: the export's index
 build + search --classify gives exactly the kNN classification figures `embedft eval` reported."""
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -13,11 +12,10 @@ from click.testing import CliRunner
 from embedft.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "deploy_check.py"
 
 
-def test_deployed_classification_equals_the_evaluated_one(tiny_bert_experiment, tiny_bert_adapter, tmp_path,
-                                                           monkeypatch, capsys):
+def test_deployed_classification_equals_the_evaluated_one(benchmark_script, tiny_bert_experiment, tiny_bert_adapter,
+                                                           tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(tiny_bert_experiment, run / "config.yaml")
@@ -29,9 +27,7 @@ def test_deployed_classification_equals_the_evaluated_one(tiny_bert_experiment, 
     res = CliRunner().invoke(main, ["export", "--adapter", str(tiny_bert_adapter), "--out", str(tmp_path / "export")])
     assert res.exit_code == 0, res.output
 
-    spec = importlib.util.spec_from_file_location("deploy_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_script("deploy_check")
     monkeypatch.setattr(sys, "argv", ["deploy_check.py", str(run), str(tmp_path / "export"), "--work", str(tmp_path / "w")])
     mod.main()
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

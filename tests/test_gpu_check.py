@@ -1,17 +1,10 @@
 """The GPU check script runs its full code path on CPU with a tiny Qwen3 (no figures asserted)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
-
-def test_gpu_check_runs_on_cpu_with_a_tiny_model():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_gpu_check_runs_on_cpu_with_a_tiny_model(benchmark_script):
+    mod = benchmark_script("gpu_check")
     rows = mod.run([4, 8], steps=2, tiny=True, mini_batch=4, write=False)
     assert [r["batch"] for r in rows] == [4, 8]
     assert [r["cached"] for r in rows] == [False, True]  # the larger batch uses cached negatives
@@ -20,31 +13,25 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_model():
     assert not any(r["compiled"] for r in rows) and all(r["first_step_s"] > 0 for r in rows)
 
 
-def test_gpu_check_compares_compiled_layers_in_the_same_run():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_gpu_check_compares_compiled_layers_in_the_same_run(benchmark_script):
+    mod = benchmark_script("gpu_check")
     rows = mod.run([4], steps=2, tiny=True, mini_batch=4, write=False, compile_modes=(False, True))
     assert [(r["batch"], r["compiled"]) for r in rows] == [(4, False), (4, True)]
     assert all(r["samples_per_s"] > 0 for r in rows)
 
 
-def test_peak_flops_table():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_peak_flops_table(benchmark_script):
+    mod = benchmark_script("gpu_check")
     assert mod.peak_flops("NVIDIA H100 80GB HBM3")[0] == 989e12
     assert mod.peak_flops("NVIDIA H100 PCIe")[0] == 756e12
     assert mod.peak_flops("some cpu")[0] is None
 
 
-def test_gpu_check_call_overhead_is_used_for_the_run_only(monkeypatch):
+def test_gpu_check_call_overhead_is_used_for_the_run_only(benchmark_script, monkeypatch):
     import embedft.train as T
     from embedft import models
 
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_script("gpu_check")
     default, seen, real = models.CUDA_CALL_OVERHEAD_TOKENS, [], T.train
     monkeypatch.setattr(T, "train", lambda *a, **k: seen.append(models.CUDA_CALL_OVERHEAD_TOKENS) or real(*a, **k))
     rows = mod.run([4], steps=2, tiny=True, mini_batch=4, write=False, call_overhead=2048)

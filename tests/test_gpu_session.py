@@ -1,22 +1,13 @@
 """benchmarks/gpu_session.py: every step of the GPU lease runs (tiny models, CPU), and the budget is kept."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.py"
-
 
 @pytest.fixture(scope="module")
-def session():
-    spec = importlib.util.spec_from_file_location("gpu_session", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+def session(benchmark_script):
+    return benchmark_script("gpu_session")
 
 
 @pytest.mark.slow

@@ -45,6 +45,71 @@ def test_eos_appended_exactly_once(tiny_qwen3_dir):
     assert enc2.tokenize(["tv"]) == enc.tokenize(["tv"])
 
 
+def _reference_ids(enc, texts, is_query=False):
+    # transformers' own call, as Encoder.tokenize made it before it called the Rust tokenizer directly.
+    return enc.tokenizer(enc.format(texts, is_query), truncation=True, max_length=enc.spec.max_length,
+                         padding=False, return_attention_mask=False)["input_ids"]
+
+
+def test_tokenize_gives_the_ids_of_the_transformers_call(tiny_model_dir):
+    enc = load_encoder(ModelConfig(name=str(tiny_model_dir), max_length=8))
+    rust = enc.tokenizer.backend_tokenizer
+    rust.enable_padding(length=32, pad_id=0, pad_token="[PAD]")  # as all-MiniLM-L6-v2's tokenizer.json has it
+    rust.enable_truncation(32)
+    before = (rust.truncation, rust.padding, rust.encode_special_tokens)
+    special = enc.tokenizer.eos_token or enc.tokenizer.sep_token
+    texts = TEXTS + ["", "  spaced   out  ", f"with {special} inside", "ünïcödé ☃ 日本語", "word " * 40]
+    ids = {q: enc.tokenize(texts, is_query=q) for q in (False, True)}
+    # transformers' call below leaves its own settings behind; Encoder.tokenize puts back what was
+    # there, which an export saves in tokenizer.json.
+    assert (rust.truncation, rust.padding, rust.encode_special_tokens) == before
+    for is_query in (False, True):
+        assert ids[is_query] == _reference_ids(enc, texts, is_query)
+        assert max(map(len, ids[is_query])) == 8  # truncated to max_length, never padded
+
+
+def test_tokenize_falls_back_to_the_transformers_call_for_other_tokenizers(tiny_bert_dir):
+    from embedft.models import _rust_tokenizer
+
+    enc = load_encoder(ModelConfig(name=str(tiny_bert_dir)))
+    assert _rust_tokenizer(enc.tokenizer) is enc.tokenizer.backend_tokenizer
+    calls = []
+
+    class Custom(type(enc.tokenizer)):  # a tokenizer whose encode path does its own work in Python
+        def _encode_plus(self, *a, **k):
+            calls.append(1)
+            return super()._encode_plus(*a, **k)
+
+    enc.tokenizer.__class__ = Custom
+    assert _rust_tokenizer(enc.tokenizer) is None
+    assert enc.tokenize(TEXTS) == _reference_ids(enc, TEXTS) and calls
+
+
+def test_repeated_texts_are_embedded_once_and_returned_in_input_order(tiny_bert_dir):
+    enc = load_encoder(ModelConfig(name=str(tiny_bert_dir)))
+    rows = []
+    real = enc.forward
+    enc.forward = lambda input_ids, attention_mask: rows.append(len(input_ids)) or real(input_ids, attention_mask)
+    texts = [TEXTS[i] for i in (2, 0, 2, 1, 0, 2, 3)]
+    vecs = enc.encode(texts, batch_size=2)
+    assert sum(rows) == 4  # the four distinct texts
+    distinct = enc.encode([TEXTS[i] for i in (0, 1, 2, 3)])
+    np.testing.assert_allclose(vecs, distinct[[2, 0, 2, 1, 0, 2, 3]], atol=1e-6)
+
+
+def test_encode_puts_the_training_mode_back_when_a_batch_fails(tiny_bert_dir):
+    enc = load_encoder(ModelConfig(name=str(tiny_bert_dir)))
+    enc.train()
+
+    def fail(*a, **k):
+        raise RuntimeError("CUDA out of memory")
+
+    enc.forward = fail
+    with pytest.raises(RuntimeError, match="out of memory"):
+        enc.encode(TEXTS)
+    assert enc.training and enc.backbone.training
+
+
 def test_instruction_on_queries_only(tiny_qwen3_dir):
     enc = load_encoder(ModelConfig(name=str(tiny_qwen3_dir), task="t"))
     assert enc.format(["x"], is_query=True) == ["Instruct: t\nQuery:x"]

@@ -1,7 +1,6 @@
 """benchmarks/recall_breakdown.py on the sample data with a tiny random BERT: the buckets cover
 every query, and --compare reports the other model's recall and the queries that changed."""
 
-import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -9,15 +8,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "recall_breakdown.py"
 
 
 @pytest.fixture(scope="module")
-def breakdown():
-    spec = importlib.util.spec_from_file_location("recall_breakdown", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def breakdown(benchmark_script):
+    return benchmark_script("recall_breakdown")
 
 
 def _run(breakdown, monkeypatch, capsys, *argv) -> dict:
