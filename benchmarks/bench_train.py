@@ -32,7 +32,7 @@ wall time of the training call (`trainer.train()` / `train()`, model load and da
 excluded, nothing subtracted), samples/s and tokens/s over it (tokens of anchor + positive,
 truncated at max_length, counted once with the model's tokenizer), step-only time (ST: sum of
 on_step_begin -> on_step_end, which excludes its per-batch tokenisation; embedft: its own sum of
-step times, which includes padding), peak RSS (process, and sampled during training only), on
+step times, which includes padding and tokenising the batch's new texts), peak RSS (process, and sampled during training only), on
 CUDA the peak allocated memory, the final training loss (mean of the last 10 steps), and
 validation recall@10 by exact search on up to --limit-queries held-out queries against all
 held-out offers minus the query itself, both embedded with the model's pooling and L2-normalised.
@@ -568,7 +568,7 @@ NOTES = (
     "adapter: peft.inject_adapter_in_model on the ST model's transformer (what ST's add_adapter runs, in place) vs "
     "embedft apply_lora (peft get_peft_model); same targets, r, alpha, dropout, seed",
     "timing: wall time of trainer.train() / train(), nothing subtracted (ST tokenises per batch inside it, "
-    "embedft tokenises every text up front inside it); step-only: ST on_step_begin->on_step_end, embedft its step sum",
+    "embedft tokenises each text inside its step, the first time a batch needs it); step-only: ST on_step_begin->on_step_end, embedft its step sum",
     "loss: embedft masks in-batch candidates of the anchor's own product and embeds duplicate texts once; "
     "MNRL does not (see same_product_pairs_per_batch)",
     "schedule: HF linear warmup starts at lr 0 on step 1, embedft at lr/warmup (one-step shift); "

@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -116,12 +116,33 @@ def seed_everything(seed: int) -> None:
 
 
 class TokenCache:
-    """Token ids of a PairSource's texts, as queries (with instruction) and as documents."""
+    """Token ids of a PairSource's texts, as queries (with instruction) and as documents.
+
+    A text is tokenized the first time a batch needs it (one tokenizer call per batch for the
+    new ones), then kept: a run shorter than an epoch tokenizes only the texts it trains on.
+    """
 
     def __init__(self, encoder: Encoder, texts: Sequence[str]):
-        self.docs = encoder.tokenize(texts, is_query=False)
-        same = not encoder.spec.query_template
-        self.queries = self.docs if same else encoder.tokenize(texts, is_query=True)
+        self.encoder, self.texts = encoder, texts
+        self.two_forms = bool(encoder.spec.query_template)  # else a query is its document form
+        self._docs: list[list[int] | None] = [None] * len(texts)
+        self._queries = [None] * len(texts) if self.two_forms else self._docs
+
+    def docs(self, idx: Iterable[int]) -> list[list[int]]:
+        """Document-form ids of texts idx."""
+        return self._get(self._docs, idx, is_query=False)
+
+    def queries(self, idx: Iterable[int]) -> list[list[int]]:
+        """Query-form ids of texts idx (the model's query instruction applied)."""
+        return self._get(self._queries, idx, is_query=True)
+
+    def _get(self, store: list, idx: Iterable[int], is_query: bool) -> list[list[int]]:
+        idx = [int(i) for i in idx]
+        new = [i for i in dict.fromkeys(idx) if store[i] is None]
+        if new:
+            for i, ids in zip(new, self.encoder.tokenize([self.texts[i] for i in new], is_query=is_query)):
+                store[i] = ids
+        return [store[i] for i in idx]
 
 
 def batch_sequences(batch: Batch, cache: TokenCache) -> tuple[list[list[int]], dict[str, Any]]:
@@ -132,15 +153,14 @@ def batch_sequences(batch: Batch, cache: TokenCache) -> tuple[list[list[int]], d
     """
     if batch.positives is None:
         u, inv = np.unique(batch.anchors, return_inverse=True)
-        two_forms = cache.queries is not cache.docs
-        seqs = [cache.queries[i] for i in u] + ([cache.docs[i] for i in u] if two_forms else [])
-        return seqs, {"q_inv": inv, "n_q": len(u), "two_forms": two_forms}
+        seqs = cache.queries(u) + (cache.docs(u) if cache.two_forms else [])
+        return seqs, {"q_inv": inv, "n_q": len(u), "two_forms": cache.two_forms}
     q_unique, q_inv = np.unique(batch.anchors, return_inverse=True)
     docs = batch.positives if batch.negatives is None else np.concatenate(
         [batch.positives, batch.negatives.reshape(-1)])
     valid = docs >= 0
     d_unique, d_inv = np.unique(docs[valid], return_inverse=True)
-    seqs = [cache.queries[i] for i in q_unique] + [cache.docs[i] for i in d_unique]
+    seqs = cache.queries(q_unique) + cache.docs(d_unique)
     return seqs, {"q_inv": q_inv, "d_inv": d_inv, "n_q": len(q_unique), "valid": valid}
 
 
@@ -331,11 +351,11 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
     """(N_anchors, n) text ids of the nearest texts with a different key, by the current encoder."""
     from embedft.index import exact_search
 
-    docs = encoder.encode_ids(cache.docs, device=device)
-    if cache.queries is cache.docs:  # no query instruction: an anchor's query vector is its doc vector
+    docs = encoder.encode_ids(cache.docs(range(len(src.texts))), device=device)
+    if not cache.two_forms:  # no query instruction: an anchor's query vector is its doc vector
         queries = docs[src.anchors]
     else:
-        queries = encoder.encode_ids([cache.queries[i] for i in src.anchors], device=device)
+        queries = encoder.encode_ids(cache.queries(src.anchors), device=device)
     depth = min(len(docs), n + skip_top + 32)
     _, ranked = exact_search(docs, queries, depth)
     out = np.full((src.n_anchors, n), -1, dtype=np.int64)
@@ -356,7 +376,7 @@ def group_neighbours(encoder: Encoder, src: PairSource, cache: TokenCache, devic
     keys = group_keys(src)  # the order group_batches indexes neighbours by
     texts = np.concatenate([src.members[int(k)] for k in keys.tolist()])
     owner = np.repeat(np.arange(len(keys)), [len(src.members[int(k)]) for k in keys.tolist()])
-    emb = encoder.encode_ids([cache.docs[i] for i in texts], device=device)  # (T, D)
+    emb = encoder.encode_ids(cache.docs(texts), device=device)  # (T, D)
     cent = np.zeros((len(keys), emb.shape[1]), dtype=np.float32)
     np.add.at(cent, owner, emb)
     cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)

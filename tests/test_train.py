@@ -48,6 +48,43 @@ def _loss_on(enc, src, cache, loss_cfg, n_batches=3, bs=8, sampling="random"):
     return float(np.mean(vals))
 
 
+def _count_tokenized(enc) -> list[int]:
+    # How many texts each tokenizer call of the encoder got.
+    calls, real = [], enc.tokenize
+    enc.tokenize = lambda texts, is_query=False: calls.append(len(texts)) or real(texts, is_query)
+    return calls
+
+
+def test_token_cache_tokenizes_each_text_once_when_first_needed(tiny_model_dir):
+    enc = _encoder(tiny_model_dir)
+    texts = toy_examples().texts
+    cache = TokenCache(enc, texts)
+    calls = _count_tokenized(enc)
+    assert calls == []  # nothing up front
+    idx = np.array([5, 1, 5, 9])
+    assert cache.queries(idx) == enc.tokenize([texts[i] for i in idx], is_query=True)
+    assert cache.docs(idx) == enc.tokenize([texts[i] for i in idx])
+    calls.clear()
+    assert cache.queries([1, 9]) + cache.docs([9, 5]) == [cache.queries([1])[0], cache.queries([9])[0],
+                                                           cache.docs([9])[0], cache.docs([5])[0]]
+    assert calls == []  # kept: asked again, tokenized never
+    cache.docs([9, 2, 2])
+    assert calls == [1]  # only the new text, once
+    # A decoder's queries carry the instruction, so they are a second form; a BERT's are its documents.
+    assert cache.two_forms == (enc.spec.family == "decoder")
+    assert (cache.queries([3]) != cache.docs([3])) == cache.two_forms
+
+
+def test_a_run_shorter_than_an_epoch_tokenizes_only_its_batches(tiny_model_dir, tmp_path):
+    enc = _encoder(tiny_model_dir)
+    src = build_pair_source(toy_examples())
+    calls = _count_tokenized(enc)
+    train(enc, src, TrainConfig(epochs=1, max_steps=1, batch_size=8, warmup_ratio=0.0), LossConfig(), tmp_path,
+          progress=False)
+    forms = 2 if enc.spec.family == "decoder" else 1
+    assert 0 < sum(calls) <= 2 * 8 * forms < len(src.texts) * forms  # one batch's anchors and positives
+
+
 def test_a_few_steps_lower_the_loss(tiny_model_dir, tmp_path):
     enc = _encoder(tiny_model_dir)
     src = build_pair_source(toy_examples())
