@@ -10,6 +10,7 @@ The family decides pooling, padding side, prompts and LoRA targets:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -307,16 +308,58 @@ class Encoder(nn.Module):
             chunks = tqdm(chunks, desc="encode", unit="batch", leave=False)
         was_training = self.training
         self.eval()
+        gather = _Gather(out, torch.device(device))
         try:
             with lora_input_casts(self, enabled=not use_amp):
                 for idx in chunks:
                     batch = self.collate([unique[i] for i in idx], device)
                     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_amp):
-                        emb = self(**batch)
-                    out[idx] = emb.float().cpu().numpy()
+                        gather.put(idx, self(**batch))
+            gather.close()
         finally:
             self.train(was_training)
         return out if unique is ids else out[inverse]
+
+
+# Batches a CUDA encode may run ahead of the copies of its vectors to the host.
+ENCODE_QUEUE_DEPTH = 4
+
+
+class _Gather:
+    """(B, D) embeddings on the device -> rows `idx` of a host array.
+
+    On CUDA each batch's vectors are copied into pinned memory without waiting, and collected
+    `depth` batches later: the host tokenizes, pads and launches the next batches while the
+    device computes (waiting for each copy, as `.cpu()` does, idles the device through all of
+    that host work). Elsewhere the rows are written at once.
+    """
+
+    def __init__(self, out: np.ndarray, device: torch.device, depth: int = ENCODE_QUEUE_DEPTH):
+        self.out, self.cuda, self.depth = out, device.type == "cuda", depth
+        self.pending: collections.deque = collections.deque()
+
+    def put(self, idx: np.ndarray, emb: torch.Tensor) -> None:
+        emb = emb.float()
+        if not self.cuda:
+            self.out[idx] = emb.numpy()
+            return
+        host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
+        host.copy_(emb, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(emb.device))
+        self.pending.append((idx, host, copied))
+        while len(self.pending) > self.depth:
+            self._land()
+
+    def close(self) -> None:
+        """Wait for the copies still queued and write their rows."""
+        while self.pending:
+            self._land()
+
+    def _land(self) -> None:
+        idx, host, copied = self.pending.popleft()
+        copied.synchronize()
+        self.out[idx] = host.numpy()
 
 
 # A forward call costs about this many padded tokens of work on top of its tokens (measured on

@@ -97,6 +97,46 @@ def test_repeated_texts_are_embedded_once_and_returned_in_input_order(tiny_bert_
     np.testing.assert_allclose(vecs, distinct[[2, 0, 2, 1, 0, 2, 3]], atol=1e-6)
 
 
+def test_encode_returns_each_texts_own_vector_on_each_device(tiny_model_dir, device):
+    # Batches of 2 over 14 texts: on CUDA more batches are in flight than the copy queue holds.
+    enc = load_encoder(ModelConfig(name=str(tiny_model_dir)), device)
+    enc.eval()
+    texts = [f"{t} {i}" for i in range(2) for t in TEXTS] + ["x", "y y y y y y y y", "z z", "w"]
+    got = enc.encode(texts, batch_size=2, amp=False)
+    with torch.no_grad():
+        one_by_one = np.concatenate([enc(**enc.collate([x], device)).float().cpu().numpy() for x in enc.tokenize(texts)])
+    np.testing.assert_allclose(got, one_by_one, atol=1e-5)
+
+
+def test_cuda_gather_collects_each_copy_depth_batches_later(monkeypatch):
+    # The queue's bookkeeping, with CUDA's events and pinned memory stood in for on the CPU.
+    from embedft import models
+
+    waited = []
+
+    class Event:
+        def record(self, stream):
+            self.n = len(recorded)
+            recorded.append(self)
+
+        def synchronize(self):
+            waited.append(self.n)
+
+    recorded = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
+    out = np.zeros((6, 2), dtype=np.float32)
+    gather = models._Gather(out, torch.device("cuda"), depth=2)
+    for b in range(3):
+        gather.put(np.array([2 * b + 1, 2 * b]), torch.full((2, 2), b + 1.0))
+    assert waited == [0]  # the third batch waits for the first copy only
+    assert out[:2].tolist() == [[1, 1], [1, 1]] and not out[2:].any()
+    gather.close()
+    assert waited == [0, 1, 2] and out[:, 0].tolist() == [1, 1, 2, 2, 3, 3]
+
+
 def test_encode_puts_the_training_mode_back_when_a_batch_fails(tiny_bert_dir):
     enc = load_encoder(ModelConfig(name=str(tiny_bert_dir)))
     enc.train()
