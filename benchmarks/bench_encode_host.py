@@ -9,7 +9,8 @@ What is left is each side's own work around the model: tokenising, sorting and b
 padding, pooling, normalising and gathering the vectors. A small model on a GPU waits for
 exactly this host work (the model's own kernel launches are the same on both sides, as both
 call the same Hugging Face model), so this is the part of a GPU encode that a CPU can measure.
-The sides alternate --repeats times; each side's best time counts.
+The sides alternate --repeats times; each side's best time counts. Tokenising runs on one thread
+unless TOKENIZERS_PARALLELISM=true is set (the tokenizers library's own default when unset).
 
 A second table times the largest part of that host work, tokenising every text, both ways:
 transformers' tokenizer call (what `Encoder.tokenize` did before) against `Encoder.tokenize`
@@ -74,7 +75,7 @@ def main() -> None:
     print(f"{len(texts):,} texts from {source}, {args.model}, batch {args.batch_size}, max length {args.max_length}, "
           f"transformer forward replaced by zeros; cpu ({os.cpu_count()} cores, "
           f"{platform.processor() or platform.machine()}), torch {torch.__version__}, torch threads "
-          f"{torch.get_num_threads()}, best of {args.repeats}")
+          f"{torch.get_num_threads()}, TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']}, best of {args.repeats}")
     print("| encoder | host seconds (best) | host ms per 1,000 texts | runs (s) |\n|---|---|---|---|")
     for name, ts in times.items():
         print(f"| {name} | {min(ts):.3f} | {1e6 * min(ts) / len(texts):.1f} | {', '.join(f'{t:.3f}' for t in ts)} |")
