@@ -331,7 +331,7 @@ class _Gather:
     On CUDA each batch's vectors are copied into pinned memory without waiting, and collected
     `depth` batches later: the host tokenizes, pads and launches the next batches while the
     device computes (waiting for each copy, as `.cpu()` does, idles the device through all of
-    that host work). Elsewhere the rows are written at once.
+    that host work). Elsewhere each batch is copied and written at once.
     """
 
     def __init__(self, out: np.ndarray, device: torch.device, depth: int = ENCODE_QUEUE_DEPTH):
@@ -340,8 +340,8 @@ class _Gather:
 
     def put(self, idx: np.ndarray, emb: torch.Tensor) -> None:
         emb = emb.float()
-        if not self.cuda:
-            self.out[idx] = emb.numpy()
+        if not self.cuda:  # CPU, or another accelerator (MPS, XPU): copy and wait, as before
+            self.out[idx] = emb.cpu().numpy()
             return
         host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
         host.copy_(emb, non_blocking=True)
