@@ -134,8 +134,12 @@ def _rust_tokenizer(tok):
     rust = getattr(tok, "_tokenizer", None)
     if not getattr(tok, "is_fast", False) or rust is None:
         return None
-    owner = next((k for k in type(tok).__mro__ if "_encode_plus" in vars(k)), None)
-    return rust if owner is not None and owner.__module__ in _PLAIN_FAST_BASES else None
+    # The methods that encode (transformers 5 has the first only): each must be the base class's own.
+    owners = [next((k for k in type(tok).__mro__ if name in vars(k)), None)
+              for name in ("_encode_plus", "_batch_encode_plus")]
+    if owners[0] is None or any(k is not None and k.__module__ not in _PLAIN_FAST_BASES for k in owners):
+        return None
+    return rust
 
 
 @contextlib.contextmanager

@@ -80,9 +80,17 @@ def test_tokenize_falls_back_to_the_transformers_call_for_other_tokenizers(tiny_
             calls.append(1)
             return super()._encode_plus(*a, **k)
 
+    base = type(enc.tokenizer)
     enc.tokenizer.__class__ = Custom
     assert _rust_tokenizer(enc.tokenizer) is None
     assert enc.tokenize(TEXTS) == _reference_ids(enc, TEXTS) and calls
+
+    class CustomBatch(base):  # transformers 4's batch path overridden instead
+        def _batch_encode_plus(self, *a, **k):
+            return super()._batch_encode_plus(*a, **k)
+
+    enc.tokenizer.__class__ = CustomBatch
+    assert _rust_tokenizer(enc.tokenizer) is None
 
 
 def test_repeated_texts_are_embedded_once_and_returned_in_input_order(tiny_bert_dir):
