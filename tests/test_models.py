@@ -66,6 +66,8 @@ def test_tokenize_gives_the_ids_of_the_transformers_call(tiny_model_dir):
     for is_query in (False, True):
         assert ids[is_query] == _reference_ids(enc, texts, is_query)
         assert max(map(len, ids[is_query])) == 8  # truncated to max_length, never padded
+    enc.tokenizer.truncation_side = "left"  # a tokenizer that keeps the end of long texts
+    assert enc.tokenize(texts) == _reference_ids(enc, texts) != ids[False]
 
 
 def test_tokenize_falls_back_to_the_transformers_call_for_other_tokenizers(tiny_bert_dir):
