@@ -65,6 +65,19 @@ def load_titles(limit: int | None, data: str = "auto") -> tuple[list[str], str]:
     return (titles[:limit] if limit else titles), source
 
 
+def alternate(runs: dict, repeats: int) -> tuple[dict[str, list[float]], dict]:
+    """Each run's times over `repeats` rounds, the runs alternating (drift of the machine's speed
+    hits all of them), and each run's last output. bench_encode_host uses it too."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    outputs = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            outputs[name] = run()
+            times[name].append(time.perf_counter() - t0)
+    return times, outputs
+
+
 def add_encode_args(ap: argparse.ArgumentParser, repeats: int) -> None:
     """The options of every encoding benchmark: model, texts, batch shape, runs (bench_encode_host too)."""
     ap.add_argument("--model", default="minilm")
@@ -114,20 +127,13 @@ def main() -> None:
         encode(v, warm)
 
     # Alternate the sides so drift of the machine's speed hits all; keep each side's best.
-    t_st, t_var, t_deploy = [], {v: [] for v in precisions}, []
-    vecs = {}
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        ref = st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True, normalize_embeddings=True)
-        t_st.append(time.perf_counter() - t0)
-        for v in precisions:
-            t0 = time.perf_counter()
-            vecs[v] = encode(v, texts)
-            t_var[v].append(time.perf_counter() - t0)
-        if args.deploy:
-            t0 = time.perf_counter()
-            vecs["deploy"] = deploy.encode(st, texts, batch_size=args.batch_size)
-            t_deploy.append(time.perf_counter() - t0)
+    runs = {"st": lambda: st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True,
+                                    normalize_embeddings=True),
+            **{v: (lambda v=v: encode(v, texts)) for v in precisions}}
+    if args.deploy:
+        runs["deploy"] = lambda: deploy.encode(st, texts, batch_size=args.batch_size)
+    t_all, vecs = alternate(runs, args.repeats)
+    t_st, t_var, t_deploy, ref = t_all["st"], {v: t_all[v] for v in precisions}, t_all.get("deploy", []), vecs["st"]
     first = precisions[0]
     t_ours, ours = t_var[first], vecs[first]
     times = {"sentence_transformers_seconds": [round(t, 2) for t in t_st], "embedft_seconds": [round(t, 2) for t in t_ours]}

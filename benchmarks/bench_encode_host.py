@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,7 +45,7 @@ def null_forward(hidden_size: int):
 def main() -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     sys.path.insert(0, str(REPO))
-    from bench_encode import add_encode_args, load_titles
+    from bench_encode import add_encode_args, alternate, load_titles
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_encode_args(ap, repeats=3)
@@ -98,19 +97,6 @@ def main() -> None:
     print(json.dumps({"texts": len(texts), "host_seconds": {k: min(v) for k, v in times.items()},
                       "host_ratio": ours / st_t, "tokenize_seconds": {k: min(v) for k, v in tok_times.items()},
                       "max_abs_vector": {k: float(np.abs(v).max()) for k, v in vectors.items()}}))
-
-
-def alternate(runs: dict, repeats: int) -> tuple[dict[str, list[float]], dict]:
-    """Each run's times over `repeats` rounds, the runs alternating (drift of the machine's speed
-    hits all of them), and each run's last output."""
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    outputs = {}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            outputs[name] = run()
-            times[name].append(time.perf_counter() - t0)
-    return times, outputs
 
 
 if __name__ == "__main__":
