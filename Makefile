@@ -53,9 +53,9 @@ bench-train: setup ## Training throughput and quality, embedft vs the sentence-t
 bench-chunking: setup ## Forward+backward time per step: random padding vs length-sorted chunks (embedft's)
 	$(PY) benchmarks/bench_chunking.py
 
-gpu-check: setup ## On a CUDA machine: tests on GPU, Qwen3-0.6B-shaped training at batch 64/256/1024, figures to docs/benchmarks.md
+gpu-check: setup ## On a CUDA machine: tests on GPU, Qwen3-0.6B-shaped training at batch 64/256/1024 (batch 256 profiled), figures to docs/benchmarks.md
 	$(PY) -m pytest -q
-	$(PY) benchmarks/gpu_check.py --write
+	$(PY) benchmarks/gpu_check.py --profile-batch 256 --write
 
 gpu-bundle: setup ## For an offline GPU machine: wheels, data, MiniLM config into .gpu/ for benchmarks/gpu_session.py
 	$(PY) benchmarks/gpu_session.py prepare

@@ -14,6 +14,10 @@ first one is "embedft" in the summary): `auto` (bf16 autocast over the fp32 weig
 fp32 on CPU), `fp32` (no autocast) and `bf16` (a bf16 copy of the weights, under autocast on
 CUDA, so no per-call weight casts). On CPU `auto` and `fp32` are the same path.
 
+`--profile N` then encodes the first N texts once more per side under torch.profiler
+(`benchmarks/profiling.py`): how busy the device was and which kinds of kernel took its time,
+sentence-transformers beside embedft (on CUDA, a device busy well under 100% means host-bound).
+
 `--deploy` also times `embedft.deploy.encode` (what `embedft index build` and `index search`
 embed with): the same plain SentenceTransformer model, its texts deduplicated and batched as
 embedft's encoder batches them, each batch through `SentenceTransformer.encode`.
@@ -26,6 +30,7 @@ import csv
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -96,7 +101,11 @@ def main() -> None:
                     help="embedft precisions (eval.precision) to time, comma-separated: auto, fp32, bf16")
     ap.add_argument("--deploy", action="store_true",
                     help="also time embedft.deploy.encode (index build/search) over the same ST model")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="afterwards, profile each side once on the first N texts (0: no profile)")
     args = ap.parse_args()
+    if args.profile < 0:
+        ap.error(f"--profile {args.profile}: give a number of texts (0 for no profile)")
     from embedft.config import PRECISIONS, ModelConfig
 
     precisions = [v.strip() for v in args.precisions.split(",") if v.strip()]
@@ -165,6 +174,21 @@ def main() -> None:
         r = result["deploy"]
         print(f"embedft.deploy.encode (ST model): {r['texts_per_s']:8.1f} texts/s  {r['ratio_over_st']:5.2f}x ST  "
               f"max |diff| = {r['max_abs_diff']:.2e}")
+    if args.profile:
+        if str(REPO / "benchmarks") not in sys.path:
+            sys.path.insert(0, str(REPO / "benchmarks"))
+        from profiling import markdown, profile_runs
+
+        few = texts[: args.profile]
+        try:  # a profiler that fails (no CUPTI access on a device, say) costs the profile, not the figures
+            profiles = profile_runs({"sentence-transformers": lambda: st.encode(few, batch_size=args.batch_size),
+                                     f"embedft ({first})": lambda: encode(first, few)}, device)
+        except Exception as e:  # noqa: BLE001
+            print(f"profile failed: {type(e).__name__}: {e}")
+        else:
+            print(f"\nProfile of one encode of {len(few)} texts per side (one unit = that call):\n")
+            print(markdown(list(profiles.items())))
+            result["profile"] = {"texts": len(few), **{k: p.as_dict() for k, p in profiles.items()}}
     print(json.dumps(result))
 
 

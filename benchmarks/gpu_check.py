@@ -10,7 +10,10 @@ trains a fixed number of steps with embedft's own loop (cached negatives for the
 batches), without and with `train.compile` (torch.compile of each layer; `--compile`), and
 prints samples/s, tokens/s, peak GPU memory, the first step's time (compiling included) and
 MFU = 4 x non-embedding parameters x tokens/s / peak bf16 FLOP/s of the device.
-With --write, the table is appended to docs/benchmarks.md with the device name.
+With --profile-batch B, batch size B trains --profile-steps more steps under torch.profiler
+after its timed ones (so the timings are not slowed by it): how busy the GPU was and which kinds
+of kernel took its time (`benchmarks/profiling.py`), eager and compiled side by side.
+With --write, the tables are appended to docs/benchmarks.md with the device name.
 """
 
 from __future__ import annotations
@@ -59,9 +62,13 @@ def synthetic_source(n_groups: int, words_per_text: int, seed: int = 0):
 
 def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: bool,
         compile_modes: tuple[bool, ...] = (False,), model: str | None = None,
-        call_overhead: int | None = None) -> list[dict]:
+        call_overhead: int | None = None, profile_batch: int | None = None, profile_steps: int = 2) -> list[dict]:
     import numpy as np
     import torch
+
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    from profiling import markdown
 
     from embedft import models
     from embedft.config import LossConfig, LoraConfig, ModelConfig, TrainConfig
@@ -74,7 +81,7 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
     device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
     peak, peak_key = peak_flops(name) if cuda else (None, "n/a")
-    rows = []
+    rows, profiles = [], []
     # What one more forward call costs, in padded tokens, on CUDA (embedft cuts a batch into
     # length-sorted chunks only where that saves more padding than this). The default never
     # cuts; a smaller value splits e.g. instruction-prefixed anchors from their shorter positives.
@@ -97,12 +104,15 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
                 apply_lora(enc, LoraConfig(r=16, alpha=32, dropout=0.0))
                 params = sum(p.numel() for n, p in enc.backbone.named_parameters()
                              if "embed" not in n and "lora_" not in n)
-                src = synthetic_source(n_groups=bs * (steps + 1), words_per_text=32)
-                cfg = TrainConfig(epochs=1, max_steps=steps, batch_size=bs, lr=1e-4, warmup_steps=0, log_every=1,
+                extra = profile_steps if bs == profile_batch else 0  # profiled after the timed steps
+                sink = _ProfileSteps(first=steps, n=extra, device=device) if extra else None
+                src = synthetic_source(n_groups=bs * (steps + extra + 1), words_per_text=32)
+                cfg = TrainConfig(epochs=1, max_steps=steps + extra, batch_size=bs, lr=1e-4, warmup_steps=0, log_every=1,
                                   mini_batch_size=mini_batch if bs > mini_batch else None, eval_every_epoch=False,
                                   compile=compiled)
-                res = train(enc, src, cfg, LossConfig(), Path(tmp) / f"run{bs}", progress=False)
-                sps = [h["train/samples_per_s"] for h in res.history[min(2, len(res.history) - 1):]]
+                res = train(enc, src, cfg, LossConfig(), Path(tmp) / f"run{bs}", sink=sink, progress=False)
+                timed = res.history[:steps]
+                sps = [h["train/samples_per_s"] for h in timed[min(2, len(timed) - 1):]]
                 samples_per_s = float(np.median(sps))
                 tokens_per_sample = res.tokens_per_s / res.samples_per_s if res.samples_per_s else 0.0
                 tokens_per_s = samples_per_s * tokens_per_sample
@@ -113,15 +123,47 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
                        "mfu": 4 * params * tokens_per_s / peak if peak else None}
                 rows.append(row)
                 print(_fmt(row), flush=True)
+                if sink is not None and sink.result is not None:
+                    row["profile"] = sink.result.as_dict()
+                    profiles.append((f"batch {bs}, {'compiled' if compiled else 'eager'}", sink.result))
+                    print(markdown(profiles[-1:]), flush=True)
                 del enc
     finally:
         models.CUDA_CALL_OVERHEAD_TOKENS = default_overhead
-    table = _table(rows, name, peak, peak_key, steps, tiny, compile_modes, overhead)
+    profile_args = f" --profile-batch {profile_batch} --profile-steps {profile_steps}" if profiles else ""
+    table = _table(rows, name, peak, peak_key, steps, tiny, compile_modes, overhead, profile_args)
+    if profiles:
+        table += (f"\n\nWhere the time of {profile_steps} more step(s) at batch {profile_batch} went "
+                  f"(torch.profiler, after the timed steps; one unit = one training step):\n\n" + markdown(profiles))
     print(table)
     if write:
         with (REPO / "docs" / "benchmarks.md").open("a") as f:
             f.write("\n" + table + "\n")
     return rows
+
+
+class _ProfileSteps:
+    """A metric sink (train logs every step here) that profiles steps first+1 .. first+n."""
+
+    def __init__(self, first: int, n: int, device):
+        from profiling import Profiler
+
+        self.first, self.n, self.result, self.failed = first, n, None, False
+        self._profiler = Profiler(device, reps=n)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if self.failed or step not in (self.first, self.first + self.n):
+            return
+        # A profiler that fails (no CUPTI access on a device, say) costs the profile, not the run's figures.
+        try:
+            if step == self.first:
+                self._profiler.start()
+            else:
+                self.result = self._profiler.stop()
+        except Exception as e:  # noqa: BLE001
+            self.failed = True
+            print(f"profile of steps {self.first + 1}-{self.first + self.n} failed: {type(e).__name__}: {e}",
+                  flush=True)
 
 
 def _fmt(r: dict) -> str:
@@ -133,14 +175,14 @@ def _fmt(r: dict) -> str:
 
 
 def _table(rows: list[dict], device: str, peak: float | None, peak_key: str, steps: int, tiny: bool,
-           compile_modes: tuple[bool, ...], call_overhead: int) -> str:
+           compile_modes: tuple[bool, ...], call_overhead: int, profile_args: str = "") -> str:
     flag = {(False,): "no", (True,): "yes"}.get(tuple(compile_modes), "both")
     batches = ",".join(str(b) for b in dict.fromkeys(r["batch"] for r in rows))
     head = (f"### GPU check: {'tiny Qwen3' if tiny else 'Qwen3-Embedding-0.6B-shaped'} LoRA Q/K/V training\n\n"
             f"- device: {device}; peak bf16 used for MFU: {peak_key} = {peak / 1e12 if peak else 'n/a'} TFLOP/s\n"
             f"- date: {datetime.date.today().isoformat()}; command: `python benchmarks/gpu_check.py"
             f"{' --tiny' if tiny else ''} --batch-sizes {batches} --steps {steps} --compile {flag}"
-            f" --call-overhead {call_overhead}`\n\n"
+            f" --call-overhead {call_overhead}{profile_args}`\n\n"
             "| batch | cached negatives | compiled layers | samples/s | tokens/s | first step (s) | peak GPU memory "
             "| MFU |\n|---|---|---|---|---|---|---|---|\n")
     lines = []
@@ -166,11 +208,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--call-overhead", type=int, default=None,
                     help="padded tokens one more forward call is worth on CUDA (embedft.models."
                          "CUDA_CALL_OVERHEAD_TOKENS; default: its value, which never splits a batch)")
-    ap.add_argument("--write", action="store_true", help="append the table to docs/benchmarks.md")
+    ap.add_argument("--profile-batch", type=int, default=None,
+                    help="profile this batch size's extra steps (one of --batch-sizes; default: none)")
+    ap.add_argument("--profile-steps", type=int, default=2, help="steps profiled after the timed ones")
+    ap.add_argument("--write", action="store_true", help="append the tables to docs/benchmarks.md")
     args = ap.parse_args(argv)
     modes = {"no": (False,), "yes": (True,), "both": (False, True)}[args.compile]
-    run([int(b) for b in args.batch_sizes.split(",")], args.steps, args.tiny, args.mini_batch, args.write, modes,
-        args.model, args.call_overhead)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if args.profile_batch is not None and args.profile_batch not in batch_sizes:
+        ap.error(f"--profile-batch {args.profile_batch}: not one of --batch-sizes {args.batch_sizes}")
+    if args.profile_steps < 1:
+        ap.error(f"--profile-steps {args.profile_steps}: profile at least 1 step")
+    run(batch_sizes, args.steps, args.tiny, args.mini_batch, args.write, modes, args.model, args.call_overhead,
+        args.profile_batch, args.profile_steps)
 
 
 if __name__ == "__main__":

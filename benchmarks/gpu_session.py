@@ -52,11 +52,13 @@ class Step:
 # Priority order: the targets still unmet or never measured come first (docs/benchmarks.md, "At a glance").
 STEPS = (
     # Issue 6: MFU >= 40% (measured 4.8-7.1% eager); train.compile has never run on a GPU.
+    # Batch 256 also trains 2 steps more under torch.profiler, eager and compiled: where the time goes.
     Step("1-mfu", ("benchmarks/gpu_check.py", "--model", "{qwen3}", "--batch-sizes", "64,256,1024", "--steps", "12",
-                   "--compile", "both", "--write"), 150, 330),
+                   "--compile", "both", "--profile-batch", "256", "--write"), 150, 330),
     # Issue 7: MiniLM GPU encoding >= 1.5x ST (measured 0.91x); eval.precision=bf16 not yet measured there.
+    # The profile of 4,096 texts per side says whether either side is bound by the host (GPU busy share).
     Step("2-encode-minilm", ("benchmarks/bench_encode.py", "--model", "{minilm}", "--data", "{data}",
-                             "--precisions", "auto,bf16,fp32"), 30, 100),
+                             "--precisions", "auto,bf16,fp32", "--profile", "4096"), 30, 100),
     # Issue 7: Qwen3-shaped GPU training >= 2x ST (measured 1.82x).
     Step("3-train-qwen3", ("benchmarks/bench_train.py", "--model", "{qwen3}", "--data", "{data}", "--steps", "40",
                            "--warmup-steps", "5", "--limit-queries", "1000"), 90, 200),
@@ -76,8 +78,9 @@ STEPS = (
 
 # --smoke: the same scripts and flags on tiny models and a few steps, so a typo cannot waste a lease.
 SMOKE_ARGS = {
-    "1-mfu": ("--tiny", "--steps", "2", "--batch-sizes", "4,8", "--mini-batch", "4", "--compile", "no"),
-    "2-encode-minilm": ("--limit", "40", "--batch-size", "8", "--repeats", "1"),
+    "1-mfu": ("--tiny", "--steps", "2", "--batch-sizes", "4,8", "--mini-batch", "4", "--compile", "no",
+              "--profile-batch", "8"),
+    "2-encode-minilm": ("--limit", "40", "--batch-size", "8", "--repeats", "1", "--profile", "16"),
     "3-train-qwen3": ("--steps", "2", "--warmup-steps", "1", "--batch-size", "8", "--limit-queries", "20", "--data", "sample"),
     "5-split-batch": ("--tiny", "--steps", "2", "--batch-sizes", "4", "--mini-batch", "4"),
     "6-train-minilm": ("--steps", "2", "--warmup-steps", "1", "--batch-size", "8", "--limit-queries", "20", "--data", "sample"),

@@ -42,3 +42,30 @@ def test_gpu_check_call_overhead_is_used_for_the_run_only(benchmark_script, monk
     with pytest.raises(RuntimeError, match="out of memory"):
         mod.run([4], steps=2, tiny=True, mini_batch=4, write=False, call_overhead=2048)
     assert models.CUDA_CALL_OVERHEAD_TOKENS == default
+
+
+def test_gpu_check_profiles_extra_steps_of_one_batch_size_after_the_timed_ones(benchmark_script, monkeypatch):
+    import embedft.train as T
+
+    mod = benchmark_script("gpu_check")
+    results, real = [], T.train
+    monkeypatch.setattr(T, "train", lambda *a, **k: results.append(real(*a, **k)) or results[-1])
+    rows = mod.run([4, 8], steps=2, tiny=True, mini_batch=8, write=False, profile_batch=8, profile_steps=1)
+    assert [r.steps for r in results] == [2, 3]  # only batch 8 trains one step more, to be profiled
+    assert [r["batch"] for r in rows] == [4, 8] and all(r["samples_per_s"] > 0 for r in rows)
+    assert "profile" not in rows[0]
+    profile = rows[1]["profile"]
+    assert profile["reps"] == 1 and profile["device"] == "cpu" and profile["wall_s"] > 0
+    assert any(t["name"] == "aten::mm" and t["kind"] == "matmul" for t in profile["top"])  # the q/k/v projections
+
+
+def test_a_failing_profiler_costs_the_profile_not_the_figures(benchmark_script, monkeypatch, capsys):
+    mod, profiling = benchmark_script("gpu_check"), benchmark_script("profiling")  # the module gpu_check imports
+
+    def fail(self):
+        raise RuntimeError("CUPTI_ERROR_INSUFFICIENT_PRIVILEGES")
+
+    monkeypatch.setattr(profiling.Profiler, "start", fail)
+    rows = mod.run([4], steps=2, tiny=True, mini_batch=8, write=False, profile_batch=4, profile_steps=1)
+    assert rows[0]["samples_per_s"] > 0 and "profile" not in rows[0]
+    assert "profile of steps 3-3 failed: RuntimeError: CUPTI_ERROR_INSUFFICIENT_PRIVILEGES" in capsys.readouterr().out
