@@ -4,6 +4,7 @@
                                      [--lr 5e-4] [--warmup-steps 10] [--r 16] [--alpha 32] [--dropout 0.05]
                                      [--limit-queries 2000] [--seed 42] [--threads N] [--sides st,embedft]
                                      [--embedft-compile true] [--embedft-base-dtype bf16]
+                                     [--embedft-base-dropout false]
 
 Both sides train the same base model with the same LoRA (the family's Q/K/V, same r, alpha,
 dropout), batch size, max length, steps, lr, linear warmup + decay, weight decay, grad clip
@@ -106,6 +107,8 @@ class BenchSettings:
     # embedft side only: train.base_dtype. `match` (the default) = ST's precision: bf16 on CUDA (ST runs
     # with bf16=True there), fp32 on CPU; or fp32, bf16, auto (the pipeline's: bf16 on CPUs with native bf16).
     embedft_base_dtype: str = "match"
+    # embedft side only: train.base_dropout. true (the default) = as ST trains, with the base model's dropout.
+    embedft_base_dropout: bool = True
 
 
 @dataclass(frozen=True)
@@ -457,7 +460,8 @@ def run_embedft(s: BenchSettings, data: BenchData) -> dict[str, Any]:
     cfg = TrainConfig(epochs=math.ceil(s.steps / steps_per_epoch(data.src, s.batch_size)), max_steps=s.steps,
                       batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay, warmup_steps=s.warmup_steps,
                       scheduler="linear", max_grad_norm=s.max_grad_norm, seed=s.seed, device=str(device),
-                      log_every=1, eval_every_epoch=False, threads=s.threads, compile=s.embedft_compile)
+                      log_every=1, eval_every_epoch=False, threads=s.threads, compile=s.embedft_compile,
+                      base_dropout=s.embedft_base_dropout)
     loss_cfg = LossConfig(temperature=TEMPERATURE, symmetric=False)
     with tempfile.TemporaryDirectory(prefix="bench-embedft-") as out:
         with measured(m, device):

@@ -206,20 +206,35 @@ def _st_pooling(st) -> str | None:
     return None
 
 
-def sdpa_backends(device: torch.device, padding_side: str):
-    """Attention kernels for a forward call: on CUDA with left padding, not cuDNN's.
+def sdpa_backends(device: torch.device, padding_side: str, bf16_training: bool = False):
+    """Attention kernels for a forward call.
 
-    Left-padded causal attention has fully masked query rows (the pads); flash, memory-efficient
-    and math SDPA are documented to give those rows zeros. On an H100 (torch 2.11) a Qwen3-shaped
-    LoRA run with the default kernel choice (cuDNN) hit a NaN loss at step 2 and trained without
-    it; a one-batch gradient probe did not reproduce the NaN, so cuDNN is the likely, not the
-    proven, cause (docs/benchmarks.md).
+    - CUDA with left padding: not cuDNN's. Left-padded causal attention has fully masked query
+      rows (the pads); flash, memory-efficient and math SDPA are documented to give those rows
+      zeros. On an H100 (torch 2.11) a Qwen3-shaped LoRA run with the default kernel choice
+      (cuDNN) hit a NaN loss at step 2 and trained without it; a one-batch gradient probe did not
+      reproduce the NaN, so cuDNN is the likely, not the proven, cause (docs/benchmarks.md).
+    - CPU, training in bf16 on short sequences (`bf16_training`, see `Encoder.forward`): the math
+      kernel. PyTorch's CPU flash kernel is the faster one forward, but its bf16 backward costs
+      tens of ms a call at any length: 3-10x the math kernel's on 16-32 tokens on cpu-2 (in fp32
+      flash is faster both ways; `benchmarks/bench_cpu_attention.py`). Training takes the flash
+      kernel where attention has no dropout: models without it (Qwen3), `train.base_dropout=false`.
     """
+    if device.type == "cpu" and bf16_training:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
     if device.type != "cuda" or padding_side != "left":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+# Up to this padded length x head dim, bf16 CPU training takes the math attention kernel. On cpu-2
+# (benchmarks/bench_cpu_attention.py, forward+backward, math / flash time): MiniLM's 32-dim heads
+# 0.10-0.72 up to 128 tokens; Qwen3's 128-dim heads 0.32 at 16 tokens, 0.99 at 64, 1.55 at 128.
+CPU_MATH_ATTENTION_MAX = 8192
 
 
 class Encoder(nn.Module):
@@ -231,6 +246,9 @@ class Encoder(nn.Module):
         self.backbone = st[0].auto_model
         self.tokenizer = st[0].tokenizer
         self.spec = spec
+        cfg = self.backbone.config
+        heads = getattr(cfg, "num_attention_heads", None)
+        self.head_dim = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", 0) // heads if heads else 0) or 64
 
     # -- text -> ids ------------------------------------------------------------------
     def format(self, texts: Sequence[str], is_query: bool) -> list[str]:
@@ -274,7 +292,13 @@ class Encoder(nn.Module):
     # -- ids -> vectors ---------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids and mask -> (B, D) embeddings."""
-        with sdpa_backends(input_ids.device, self.spec.padding_side):
+        # By training mode, not grad mode: the cached negatives' pass without graph takes the kernel
+        # of the pass with graph, so both give the same embeddings.
+        bf16_training = (self.training and input_ids.device.type == "cpu"
+                         and input_ids.shape[1] * self.head_dim <= CPU_MATH_ATTENTION_MAX and (
+                             (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+                             or self.backbone.get_input_embeddings().weight.dtype == torch.bfloat16))
+        with sdpa_backends(input_ids.device, self.spec.padding_side, bf16_training):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
         emb = pool(hidden, attention_mask, self.spec.pooling)
         return nn.functional.normalize(emb.float(), dim=-1) if self.spec.normalize else emb.float()

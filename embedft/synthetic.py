@@ -64,8 +64,10 @@ def build_qwen_tokenizer(out_dir: str | Path):
     return tok
 
 
-def tiny_bert(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> Path:
-    """Save a tiny random BertModel + tokenizer as a Hugging Face folder."""
+def tiny_bert(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0,
+              dropout: float = 0.0) -> Path:
+    """Save a tiny random BertModel + tokenizer as a Hugging Face folder (`dropout`: its hidden and
+    attention dropout, 0 by default so that tests compare exact values)."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -73,8 +75,8 @@ def tiny_bert(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int
     tok = build_bert_tokenizer(out)
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=hidden * 2, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+                     intermediate_size=hidden * 2, max_position_embeddings=128, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)
     BertModel(cfg).save_pretrained(out)
     return out
 

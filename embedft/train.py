@@ -8,6 +8,7 @@ holds the optimizer, scheduler and RNG state, so a killed run resumes exactly
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -103,6 +104,23 @@ def uses_amp(encoder: Encoder, device: torch.device) -> bool:
     are bf16 (there the fp32 LoRA layers would otherwise compute on fp32 copies of their bf16
     inputs, and keep those copies for the backward)."""
     return device.type == "cuda" or any(p.dtype == torch.bfloat16 for p in encoder.parameters())
+
+
+@contextlib.contextmanager
+def base_dropout(encoder: Encoder, enabled: bool):
+    """With enabled=False, the base model's dropout layers drop nothing while the block runs (p=0,
+    which also lets attention take its fused kernel: Hugging Face passes the attention dropout
+    layer's p to SDPA); the LoRA layers' own dropout stays. Each layer's p is put back afterwards."""
+    layers = [] if enabled else [m for name, m in encoder.named_modules()
+                                 if isinstance(m, torch.nn.Dropout) and "lora_" not in name and m.p > 0]
+    saved = [m.p for m in layers]
+    try:
+        for m in layers:
+            m.p = 0.0
+        yield len(layers)
+    finally:
+        for m, p in zip(layers, saved):
+            m.p = p
 
 
 def seed_everything(seed: int) -> None:
@@ -442,8 +460,12 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
 
     encoder.train()
     seen, tokens, t_train = 0, 0, 0.0
-    # Closed however the loop ends (a NaN loss, Ctrl-C), so the error line starts on a line of its own.
-    with tqdm(total=n_total, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not progress) as bar:
+    # The bar is closed however the loop ends (a NaN loss, Ctrl-C), so the error line starts on a
+    # line of its own; the base model's dropout is put back however it ends, too.
+    with tqdm(total=n_total, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not progress) as bar, \
+            base_dropout(encoder, cfg.base_dropout) as n_off:
+        if n_off:
+            log.info("train.base_dropout=false: %d dropout layers of the base model off (LoRA dropout stays)", n_off)
         for epoch in range(start_epoch, cfg.epochs):
             if step >= n_total:
                 break

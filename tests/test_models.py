@@ -307,6 +307,41 @@ def test_sdpa_backends_only_constrain_left_padding_on_cuda():
     assert not isinstance(sdpa_backends(cuda, "left"), contextlib.nullcontext)  # not entered: no GPU needed
 
 
+@pytest.mark.parametrize("base, autocast", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_bf16_training_on_cpu_takes_the_math_attention_kernel(tiny_model_dir, base, autocast):
+    # The CPU flash kernel's bf16 backward is several times slower than the math kernel's; fp32 keeps
+    # the default choice, and so does any forward in eval mode (encoding: flash is the faster forward).
+    enc = load_encoder(ModelConfig(name=str(tiny_model_dir)))
+    enc.backbone.to(base)
+    flash_enabled = []
+    attn = next(m for n, m in enc.backbone.named_modules() if n.endswith("attention") or n.endswith("self_attn"))
+    attn.register_forward_pre_hook(lambda m, a: flash_enabled.append(torch.backends.cuda.flash_sdp_enabled()))
+    batch = enc.collate(enc.tokenize(["apple iphone", "bosch washer 9kg black"]), torch.device("cpu"))
+    bf16 = base == torch.bfloat16 or autocast
+    for training in (True, False):
+        enc.train(training)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            enc(**batch)
+    assert flash_enabled == [not bf16, True]
+    assert torch.backends.cuda.flash_sdp_enabled()  # put back after the call
+
+
+def test_bf16_training_on_cpu_keeps_flash_attention_for_long_sequences(tiny_model_dir, monkeypatch):
+    from embedft import models
+
+    enc = load_encoder(ModelConfig(name=str(tiny_model_dir)))
+    enc.backbone.to(torch.bfloat16)
+    flash_enabled = []
+    attn = next(m for n, m in enc.backbone.named_modules() if n.endswith("attention") or n.endswith("self_attn"))
+    attn.register_forward_pre_hook(lambda m, a: flash_enabled.append(torch.backends.cuda.flash_sdp_enabled()))
+    short, long = (enc.collate(enc.tokenize([t]), torch.device("cpu")) for t in ("apple", "apple iphone 8 plus " * 4))
+    monkeypatch.setattr(models, "CPU_MATH_ATTENTION_MAX", short["input_ids"].shape[1] * enc.head_dim)
+    enc.train()
+    enc(**short)
+    enc(**long)
+    assert flash_enabled == [False, True]  # past length x head dim of the limit, flash's backward is the faster
+
+
 def test_skipping_peft_input_casts_under_bf16_autocast_changes_nothing(tiny_model_dir):
     # The GPU path: frozen base weights in bf16, fp32 LoRA weights, bf16 autocast. peft copies each
     # adapted projection's input to fp32 first; autocast casts it back to bf16 for the matmul, so

@@ -10,7 +10,8 @@ from embedft.batches import build_pair_source, epoch_batches
 from embedft.data import Examples
 from embedft.models import load_encoder
 from embedft.lora import apply_lora
-from embedft.train import TokenCache, batch_loss, batch_sequences, embed, train, train_step_cached
+from embedft.train import (TokenCache, base_dropout, batch_loss, batch_sequences, embed, train,
+                           train_step_cached)
 
 WORDS = ["apple", "samsung", "sony", "bosch", "intel", "canon", "nikon", "miele", "lg", "amd", "pixel", "galaxy"]
 
@@ -317,3 +318,48 @@ def test_bf16_base_trains_under_cpu_autocast_without_fp32_input_copies(tiny_mode
     for n, p in enc.named_parameters():
         if p.requires_grad:
             assert p.dtype == torch.float32 and not torch.equal(p, before[n]), n
+
+
+def _dropout_layers(enc):
+    return {name: m for name, m in enc.named_modules() if isinstance(m, torch.nn.Dropout)}
+
+
+def test_base_dropout_off_leaves_only_the_lora_dropout_and_puts_the_models_back(tmp_path):
+    from embedft.synthetic import tiny_bert
+
+    enc = _encoder(tiny_bert(tmp_path / "m", dropout=0.3), dropout=0.2)
+    layers = _dropout_layers(enc)
+    base = {n for n in layers if "lora_" not in n}
+    assert base and len(layers) > len(base)  # the model's own dropout layers and LoRA's
+    batch = enc.collate(enc.tokenize(["apple iphone 8 plus", "bosch washing machine 9kg"]), torch.device("cpu"))
+    enc.eval()
+    with torch.no_grad():
+        ref = enc(**batch)
+    enc.train()
+    with base_dropout(enc, enabled=False) as n_off, torch.no_grad():
+        assert n_off == len(base)
+        assert all(layers[n].p == 0.0 for n in base) and all(layers[n].p == 0.2 for n in set(layers) - base)
+        for n in set(layers) - base:  # LoRA's dropout off too, to see that nothing of the model drops out
+            layers[n].eval()
+        torch.testing.assert_close(enc(**batch), ref)  # training mode, yet the model's forward is eval's
+        enc.train()
+    assert all(layers[n].p == 0.3 for n in base)  # put back
+    with torch.no_grad():
+        assert not torch.allclose(enc(**batch), ref)  # the model's dropout is on again
+    with base_dropout(enc, enabled=True) as n_off:
+        assert n_off == 0 and all(layers[n].p == 0.3 for n in base)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_train_runs_with_or_without_the_base_models_dropout(tmp_path, keep):
+    from embedft.synthetic import tiny_bert
+
+    enc = _encoder(tiny_bert(tmp_path / "m", dropout=0.3))
+    layer = next(m for n, m in _dropout_layers(enc).items() if "lora_" not in n)
+    seen = []
+    layer.register_forward_hook(lambda m, args, out: seen.append(m.p) if m.training else None)
+    train(enc, build_pair_source(toy_examples()), TrainConfig(epochs=1, max_steps=2, batch_size=8, warmup_ratio=0.0,
+                                                               eval_every_epoch=False, base_dropout=keep),
+          LossConfig(), tmp_path / "run", progress=False)
+    assert seen and set(seen) == {0.3 if keep else 0.0}  # every training forward
+    assert layer.p == 0.3  # the model as it was, for the evaluation and export after training
