@@ -459,10 +459,19 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         cfg = config_from_dict(values)
     except ConfigError as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from None
+        raise ConfigError(f"{_error_source(path, overrides, str(e))}: {e}") from None
     # Relative data paths in a YAML are relative to the working directory (the repo root),
     # which is where the Makefile and README run commands.
     return cfg
+
+
+def _error_source(path: str | Path | None, overrides: list[str] | tuple[str, ...], message: str) -> str:
+    """What a config error is about: the file, and the -o option that set the key it names, if one did."""
+    key = message.split(":", 1)[0].strip()
+    source = next((o for o in reversed(overrides) if "=" in o and (
+        (k := o.split("=", 1)[0].strip()) == key or k.startswith(key + ".") or key.startswith(k + "."))), None)
+    where = str(path or "config")
+    return f"{where} (-o {source})" if source else where
 
 
 def to_dict(cfg: Any) -> dict:

@@ -165,6 +165,20 @@ def test_override_nested_unknown_key_rejected():
         load_config(None, ["lora.rank=8"])
 
 
+def test_a_bad_override_is_named_in_the_error(tmp_path):
+    p = tmp_path / "exp.yaml"
+    p.write_text("train:\n  lr: 5.0e-4\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml \(-o train\.lr=abc\): train\.lr: expected a number, got 'abc'"):
+        load_config(p, ["train.epochs=2", "train.lr=abc"])
+    with pytest.raises(ConfigError, match=r"\(-o train\.lr=-1\): train\.lr: learning rate must be > 0"):
+        load_config(p, ["train.lr=-1"])  # a value check too
+    with pytest.raises(ConfigError, match=r"^config \(-o train\.foo\.bar=1\): train\.foo: unknown key"):
+        load_config(None, ["train.foo.bar=1"])
+    p.write_text("train:\n  lr: abc\n")  # set by the file, not by an option: the file alone is named
+    with pytest.raises(ConfigError, match=r"exp\.yaml: train\.lr: expected a number"):
+        load_config(p, ["train.epochs=2"])
+
+
 def test_override_into_a_value_is_rejected(tmp_path):
     p = tmp_path / "exp.yaml"
     p.write_text("train:\n  lr: 5.0e-4\n")
