@@ -130,14 +130,16 @@ def main() -> None:
         with encode_precision(enc, precision) as amp:  # as `embedft eval` does at eval.precision
             return enc.encode(batch, batch_size=args.batch_size, amp=amp)
 
+    def st_encode(batch: list[str]):
+        return st.encode(batch, batch_size=args.batch_size, convert_to_numpy=True, normalize_embeddings=True)
+
     warm = texts[:256]
-    st.encode(warm, batch_size=args.batch_size)
+    st_encode(warm)
     for v in precisions:
         encode(v, warm)
 
     # Alternate the sides so drift of the machine's speed hits all; keep each side's best.
-    runs = {"st": lambda: st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True,
-                                    normalize_embeddings=True),
+    runs = {"st": lambda: st_encode(texts),
             **{v: (lambda v=v: encode(v, texts)) for v in precisions}}
     if args.deploy:
         runs["deploy"] = lambda: deploy.encode(st, texts, batch_size=args.batch_size)
@@ -181,7 +183,7 @@ def main() -> None:
 
         few = texts[: args.profile]
         try:  # a profiler that fails (no CUPTI access on a device, say) costs the profile, not the figures
-            profiles = profile_runs({"sentence-transformers": lambda: st.encode(few, batch_size=args.batch_size),
+            profiles = profile_runs({"sentence-transformers": lambda: st_encode(few),
                                      f"embedft ({first})": lambda: encode(first, few)}, device)
         except Exception as e:  # noqa: BLE001
             print(f"profile failed: {type(e).__name__}: {e}")

@@ -162,7 +162,7 @@ def markdown(runs: list[tuple[str, Profile]]) -> str:
     """One table of the runs' wall time, device busy share and kinds, then each run's top kernels."""
     if not runs:
         return ""
-    unit = runs[0][1].device == "cuda" and "device kernel time" or "aten self CPU time"
+    unit = "device kernel time" if runs[0][1].device == "cuda" else "aten self CPU time"
     head = ("| run | wall per unit (ms) | device busy | " + " | ".join(KIND_NAMES) + " |\n"
             "|---|---|---|" + "---|" * len(KIND_NAMES) + "\n")
     lines = []

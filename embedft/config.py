@@ -467,9 +467,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def _error_source(path: str | Path | None, overrides: list[str] | tuple[str, ...], message: str) -> str:
     """What a config error is about: the file, and the -o option that set the key it names, if one did."""
-    key = message.split(":", 1)[0].strip()
-    source = next((o for o in reversed(overrides) if "=" in o and (
-        (k := o.split("=", 1)[0].strip()) == key or k.startswith(key + ".") or key.startswith(k + "."))), None)
+    key = message.split(":", 1)[0].strip()  # every ConfigError of a key starts with its dotted name
+    source = next((o for o in reversed(overrides) if (k := ".".join(parse_override(o)[0])) == key
+                   or k.startswith(key + ".") or key.startswith(k + ".")), None)
     where = str(path or "config")
     return f"{where} (-o {source})" if source else where
 

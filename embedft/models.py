@@ -206,7 +206,7 @@ def _st_pooling(st) -> str | None:
     return None
 
 
-def sdpa_backends(device: torch.device, padding_side: str, bf16_training: bool = False):
+def sdpa_backends(device: torch.device, padding_side: str, cpu_math: bool = False):
     """Attention kernels for a forward call.
 
     - CUDA with left padding: not cuDNN's. Left-padded causal attention has fully masked query
@@ -214,20 +214,19 @@ def sdpa_backends(device: torch.device, padding_side: str, bf16_training: bool =
       zeros. On an H100 (torch 2.11) a Qwen3-shaped LoRA run with the default kernel choice
       (cuDNN) hit a NaN loss at step 2 and trained without it; a one-batch gradient probe did not
       reproduce the NaN, so cuDNN is the likely, not the proven, cause (docs/benchmarks.md).
-    - CPU, training in bf16 on short sequences (`bf16_training`, see `Encoder.forward`): the math
+    - CPU with `cpu_math` (bf16 training on short sequences; `Encoder.forward` decides): the math
       kernel. PyTorch's CPU flash kernel is the faster one forward, but its bf16 backward costs
-      tens of ms a call at any length: 3-10x the math kernel's on 16-32 tokens on cpu-2 (in fp32
-      flash is faster both ways; `benchmarks/bench_cpu_attention.py`). Training takes the flash
-      kernel where attention has no dropout: models without it (Qwen3), `train.base_dropout=false`.
+      tens of ms a call at any length: up to 10x the math kernel's on short sequences on cpu-2 (in
+      fp32 flash is faster both ways; `benchmarks/bench_cpu_attention.py`). Training takes the
+      flash kernel where attention has no dropout: models without it (Qwen3), `train.base_dropout=false`.
     """
-    if device.type == "cpu" and bf16_training:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.MATH])
-    if device.type != "cuda" or padding_side != "left":
+    cpu_math = cpu_math and device.type == "cpu"
+    if not cpu_math and (device.type != "cuda" or padding_side != "left"):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if cpu_math:
+        return sdpa_kernel([SDPBackend.MATH])
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
@@ -294,11 +293,11 @@ class Encoder(nn.Module):
         """(B, L) ids and mask -> (B, D) embeddings."""
         # By training mode, not grad mode: the cached negatives' pass without graph takes the kernel
         # of the pass with graph, so both give the same embeddings.
-        bf16_training = (self.training and input_ids.device.type == "cpu"
-                         and input_ids.shape[1] * self.head_dim <= CPU_MATH_ATTENTION_MAX and (
-                             (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-                             or self.backbone.get_input_embeddings().weight.dtype == torch.bfloat16))
-        with sdpa_backends(input_ids.device, self.spec.padding_side, bf16_training):
+        cpu_math = (self.training and input_ids.device.type == "cpu"
+                    and input_ids.shape[1] * self.head_dim <= CPU_MATH_ATTENTION_MAX and (
+                        (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+                        or self.backbone.get_input_embeddings().weight.dtype == torch.bfloat16))
+        with sdpa_backends(input_ids.device, self.spec.padding_side, cpu_math):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
         emb = pool(hidden, attention_mask, self.spec.pooling)
         return nn.functional.normalize(emb.float(), dim=-1) if self.spec.normalize else emb.float()
