@@ -18,6 +18,12 @@ CUDA, so no per-call weight casts). On CPU `auto` and `fp32` are the same path.
 (`benchmarks/profiling.py`): how busy the device was and which kinds of kernel took its time,
 sentence-transformers beside embedft (on CUDA, a device busy well under 100% means host-bound).
 
+`--row-capped` also times embedft's encoder (at the first precision) batched as it was before
+its token bound: at most --batch-size rows per forward call. On the CPU that is its batching
+anyway; on CUDA its calls now hold any number of rows up to --batch-size rows of the longest
+text's padded tokens, so short titles share far fewer calls (`models.forward_chunks`). Each
+side's forward calls per encode are reported.
+
 `--deploy` also times `embedft.deploy.encode` (what `embedft index build` and `index search`
 embed with): the same plain SentenceTransformer model, its texts deduplicated and batched as
 embedft's encoder batches them, each batch through `SentenceTransformer.encode`.
@@ -101,6 +107,9 @@ def main() -> None:
                     help="embedft precisions (eval.precision) to time, comma-separated: auto, fp32, bf16")
     ap.add_argument("--deploy", action="store_true",
                     help="also time embedft.deploy.encode (index build/search) over the same ST model")
+    ap.add_argument("--row-capped", action="store_true",
+                    help="also time embedft with at most --batch-size rows per forward call (its batching before the "
+                         "token bound on CUDA)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="afterwards, profile each side once on the first N texts (0: no profile)")
     args = ap.parse_args()
@@ -112,12 +121,13 @@ def main() -> None:
     unknown = set(precisions) - set(PRECISIONS)
     if unknown or not precisions:
         ap.error(f"--precisions {args.precisions!r}: use a comma-separated subset of {', '.join(PRECISIONS)}")
+    first = precisions[0]  # "embedft" in the summary
 
     import numpy as np
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from embedft import deploy
+    from embedft import deploy, models
     from embedft.models import encode_precision, load_encoder, resolve_model_path
 
     texts, source = load_titles(args.limit, args.data)
@@ -133,6 +143,28 @@ def main() -> None:
     def st_encode(batch: list[str]):
         return st.encode(batch, batch_size=args.batch_size, convert_to_numpy=True, normalize_embeddings=True)
 
+    def row_capped(batch: list[str]):
+        own = models.forward_chunks
+        models.forward_chunks = lambda lengths, batch_size, dev: models.length_chunks(
+            lengths, batch_size, models.call_overhead(dev))[::-1]
+        try:
+            return encode(first, batch)
+        finally:
+            models.forward_chunks = own
+
+    # Forward calls per encode: ST's transformer module and embedft's backbone are each called once per batch.
+    counter, calls = [0], {}
+    for module in (st[0], enc.backbone):
+        module.register_forward_pre_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+
+    def counted(name: str, run):
+        def counted_run():
+            counter[0] = 0
+            out = run()
+            calls[name] = counter[0]
+            return out
+        return counted_run
+
     warm = texts[:256]
     st_encode(warm)
     for v in precisions:
@@ -141,11 +173,12 @@ def main() -> None:
     # Alternate the sides so drift of the machine's speed hits all; keep each side's best.
     runs = {"st": lambda: st_encode(texts),
             **{v: (lambda v=v: encode(v, texts)) for v in precisions}}
+    if args.row_capped:
+        runs["row_capped"] = lambda: row_capped(texts)
     if args.deploy:
         runs["deploy"] = lambda: deploy.encode(st, texts, batch_size=args.batch_size)
-    t_all, vecs = alternate(runs, args.repeats)
-    t_st, t_var, t_deploy, ref = t_all["st"], {v: t_all[v] for v in precisions}, t_all.get("deploy", []), vecs["st"]
-    first = precisions[0]
+    t_all, vecs = alternate({k: counted(k, run) for k, run in runs.items()}, args.repeats)
+    t_st, t_var, ref = t_all["st"], {v: t_all[v] for v in precisions}, vecs["st"]
     t_ours, ours = t_var[first], vecs[first]
     times = {"sentence_transformers_seconds": [round(t, 2) for t in t_st], "embedft_seconds": [round(t, 2) for t in t_ours]}
     t_st, t_ours = min(t_st), min(t_ours)
@@ -156,15 +189,16 @@ def main() -> None:
         "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
         "sentence_transformers_texts_per_s": len(texts) / t_st, "embedft_texts_per_s": len(texts) / t_ours,
         "ratio_embedft_over_st": t_st / t_ours, **times, "max_abs_diff": float(np.abs(ref - ours).max()),
-        "embedft_precision": first,
+        "embedft_precision": first, "forward_calls": calls,
         "precisions": {v: {"texts_per_s": len(texts) / min(t_var[v]), "ratio_over_st": t_st / min(t_var[v]),
                          "seconds": [round(t, 2) for t in t_var[v]],
                          "max_abs_diff": float(np.abs(ref - vecs[v]).max())} for v in precisions},
     }
-    if args.deploy:
-        result["deploy"] = {"texts_per_s": len(texts) / min(t_deploy), "ratio_over_st": t_st / min(t_deploy),
-                            "seconds": [round(t, 2) for t in t_deploy],
-                            "max_abs_diff": float(np.abs(ref - vecs["deploy"]).max())}
+    for side in ("row_capped", "deploy"):
+        if side in t_all:
+            result[side] = {"texts_per_s": len(texts) / min(t_all[side]), "ratio_over_st": t_st / min(t_all[side]),
+                            "seconds": [round(t, 2) for t in t_all[side]],
+                            "max_abs_diff": float(np.abs(ref - vecs[side]).max())}
     print(f"sentence-transformers encode: {result['sentence_transformers_texts_per_s']:8.1f} texts/s")
     print(f"embedft encoder:              {result['embedft_texts_per_s']:8.1f} texts/s")
     print(f"ratio embedft / ST:           {result['ratio_embedft_over_st']:8.2f}x   max |diff| = {result['max_abs_diff']:.2e}")
@@ -172,10 +206,13 @@ def main() -> None:
         if len(precisions) > 1:
             print(f"  embedft {v:13s} {r['texts_per_s']:8.1f} texts/s  {r['ratio_over_st']:5.2f}x ST  "
                   f"max |diff| = {r['max_abs_diff']:.2e}")
-    if args.deploy:
-        r = result["deploy"]
-        print(f"embedft.deploy.encode (ST model): {r['texts_per_s']:8.1f} texts/s  {r['ratio_over_st']:5.2f}x ST  "
-              f"max |diff| = {r['max_abs_diff']:.2e}")
+    for side, label in (("row_capped", f"embedft ({first}), <= {args.batch_size} rows a call:"),
+                        ("deploy", "embedft.deploy.encode (ST model):")):
+        if side in result:
+            r = result[side]
+            print(f"{label} {r['texts_per_s']:8.1f} texts/s  {r['ratio_over_st']:5.2f}x ST  "
+                  f"max |diff| = {r['max_abs_diff']:.2e}")
+    print("forward calls per encode: " + ", ".join(f"{k} {v}" for k, v in calls.items()))
     if args.profile:
         if str(REPO / "benchmarks") not in sys.path:
             sys.path.insert(0, str(REPO / "benchmarks"))

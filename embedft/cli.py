@@ -243,6 +243,8 @@ def verify(model_dir: str, min_cosine: float | None, max_abs_diff: float | None)
 
 
 NO_HEADER_HELP = "A CSV/TSV without a header row: name columns by 0-based position (--text-column 1)."
+BATCH_SIZE_HELP = ("Bounds a forward call: at most this many rows of the longest text's padded tokens "
+                   "(and, on the CPU, this many rows); lower it if the device runs out of memory.")
 
 
 @main.group("index")
@@ -262,14 +264,15 @@ def index_group() -> None:
 @click.option("--index", "factory", default="Flat", show_default=True, help="FAISS factory string, e.g. HNSW32.")
 @click.option("--out", required=True, type=click.Path(), help="Index folder (index.faiss, ids.json, manifest.json).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index folder.")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1), help=BATCH_SIZE_HELP)
 @click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 def index_build(model_dir, corpus, text_column, id_column, label_column, no_header, factory, out, overwrite,
-                no_progress) -> None:
+                batch_size, no_progress) -> None:
     """Embed a corpus with an exported model and save a FAISS inner-product index."""
     from embedft.deploy import index_corpus
 
     m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
-                     header=not no_header, label_column=label_column, overwrite=overwrite,
+                     header=not no_header, label_column=label_column, overwrite=overwrite, batch_size=batch_size,
                      progress=_progress(no_progress))
     click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
 
@@ -292,9 +295,10 @@ def index_build(model_dir, corpus, text_column, id_column, label_column, no_head
 @click.option("--nprobe", type=int, help="IVF indexes: lists scanned per query, 1..nlist (default: the index's); "
               "nlist scans them all.")
 @click.option("--out", type=click.Path(), help="Write the hits as JSON lines here instead of printing them.")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1), help=BATCH_SIZE_HELP)
 @click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 def index_search(index_dir, queries, queries_file, text_column, id_column, no_header, k, model_dir, show_text,
-                 classify, ef_search, nprobe, out, no_progress) -> None:
+                 classify, ef_search, nprobe, out, batch_size, no_progress) -> None:
     """Top-k documents of an `embedft index build` folder for each query (given as arguments or --queries)."""
     from embedft import deploy
 
@@ -314,7 +318,7 @@ def index_search(index_dir, queries, queries_file, text_column, id_column, no_he
     texts = deploy.corpus_texts(folder) if show_text else None
     label_of = deploy.index_labels(folder) if classify else None
     hits = deploy.search_index(folder, list(queries), k=k, model_dir=model_dir, ef_search=ef_search, nprobe=nprobe,
-                               progress=_progress(no_progress))
+                               batch_size=batch_size, progress=_progress(no_progress))
     labels = deploy.classify(hits, label_of) if label_of is not None else None
     records = deploy.results_records(query_ids, queries, hits, texts, labels)
     if out:

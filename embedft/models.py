@@ -316,8 +316,9 @@ class Encoder(nn.Module):
                    device: torch.device | str = "cpu", amp: bool | None = None) -> np.ndarray:
         """Embed pre-tokenized texts (tokenize once, encode many times).
 
-        Batches of at most batch_size rows, cut from the length-sorted texts where padding
-        waste is least (`length_chunks`). `amp`: bf16 autocast (None: on CUDA only).
+        Batches cut from the length-sorted texts where padding waste is least, none with more
+        padded tokens than batch_size rows of the longest text (`forward_chunks`). `amp`: bf16
+        autocast (None: on CUDA only).
         """
         from embedft.lora import lora_input_casts  # lora imports this module
 
@@ -325,8 +326,7 @@ class Encoder(nn.Module):
         first: dict[tuple[int, ...], int] = {}
         inverse = np.array([first.setdefault(tuple(x), len(first)) for x in ids], dtype=np.int64)
         unique: Sequence[Sequence[int]] = list(first) if len(first) < len(ids) else ids
-        # Longest chunk first: an out-of-memory batch fails at once, not at the end.
-        chunks = length_chunks([len(x) for x in unique], batch_size, call_overhead(device))[::-1]
+        chunks = forward_chunks([len(x) for x in unique], batch_size, device)
         out = np.empty((len(unique), self.spec.hidden_size), dtype=np.float32)
         use_amp = torch.device(device).type == "cuda" if amp is None else amp
         if progress:
@@ -402,13 +402,15 @@ def call_overhead(device: torch.device | str) -> int:
     return CUDA_CALL_OVERHEAD_TOKENS if torch.device(device).type == "cuda" else CALL_OVERHEAD_TOKENS
 
 
-def length_chunks(lengths: Sequence[int], max_rows: int,
-                  overhead: int = CALL_OVERHEAD_TOKENS) -> list[np.ndarray]:
+def length_chunks(lengths: Sequence[int], max_rows: int, overhead: int = CALL_OVERHEAD_TOKENS,
+                  max_tokens: int | None = None) -> list[np.ndarray]:
     """Split sequences into forward chunks that waste the least work on padding.
 
-    Sequences are sorted by length and cut into consecutive chunks of at most max_rows,
-    minimising sum(rows x longest + overhead) over chunks (exact, by dynamic programming).
-    Returns index arrays into `lengths`, shortest chunk first.
+    Sequences are sorted by length and cut into consecutive chunks of at most max_rows rows
+    and, with `max_tokens`, at most that many padded tokens (rows x longest; a sequence longer
+    than that on its own still gets its own chunk), minimising sum(rows x longest + overhead)
+    over chunks (exact, by dynamic programming). Returns index arrays into `lengths`, shortest
+    chunk first.
     """
     order = np.argsort(np.asarray(lengths), kind="stable")
     n = len(order)
@@ -418,7 +420,8 @@ def length_chunks(lengths: Sequence[int], max_rows: int,
     best = np.zeros(n + 1, dtype=np.int64)
     cut = np.zeros(n + 1, dtype=np.int64)
     for j in range(1, n + 1):
-        i = np.arange(max(0, j - max_rows), j)
+        rows = max_rows if max_tokens is None else min(max_rows, max(1, max_tokens // max(int(L[j - 1]), 1)))
+        i = np.arange(max(0, j - rows), j)
         cost = best[i] + (j - i) * L[j - 1] + overhead
         k = int(np.argmin(cost))
         best[j], cut[j] = cost[k], i[k]
@@ -428,6 +431,23 @@ def length_chunks(lengths: Sequence[int], max_rows: int,
         bounds.append((int(cut[j]), j))
         j = int(cut[j])
     return [order[a:b] for a, b in reversed(bounds)]
+
+
+def forward_chunks(lengths: Sequence[int], batch_size: int, device: torch.device | str) -> list[np.ndarray]:
+    """The forward calls of an encode of `batch_size`: `length_chunks`, longest chunk first (an
+    out-of-memory batch then fails at once, not at the end).
+
+    No call holds more padded tokens than batch_size rows of the longest sequence, the largest
+    batch a plain batch_size encode runs, so peak memory is no higher. On CUDA that is the only
+    bound: short texts share a call in their hundreds, since there a call's fixed cost (every
+    layer's kernel launches) is what a small model's encode waits for. Elsewhere a call also holds
+    at most batch_size rows.
+    """
+    if not len(lengths):
+        return []
+    cuda = torch.device(device).type == "cuda"
+    return length_chunks(lengths, len(lengths) if cuda else batch_size, call_overhead(device),
+                         max_tokens=batch_size * max(lengths))[::-1]
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

@@ -382,6 +382,22 @@ def test_index_build_refuses_a_bad_index_or_out_before_embedding(exports, tmp_pa
     assert "--out " + str(tmp_path / "f") + " is a file" in fails(tmp_path / "f", "Flat")
 
 
+def test_index_batch_size_bounds_each_forward_call(exports, tmp_path, monkeypatch):
+    from embedft import models
+
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("id,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(SEARCH_DOCS)))
+    seen, real = [], models.forward_chunks
+    monkeypatch.setattr(models, "forward_chunks", lambda lengths, bs, dev: seen.append(bs) or real(lengths, bs, dev))
+    res = CliRunner().invoke(main, ["index", "build", "--model", str(exports["bert"][2]), "--corpus", str(corpus),
+                                    "--batch-size", "3", "--out", str(tmp_path / "idx")])
+    assert res.exit_code == 0 and seen == [3], res.output
+    res = CliRunner().invoke(main, ["index", "search", str(tmp_path / "idx"), "sony camera", "--batch-size", "5"])
+    assert res.exit_code == 0 and seen == [3, 5], res.output
+    res = CliRunner().invoke(main, ["index", "search", str(tmp_path / "idx"), "sony camera", "--batch-size", "0"])
+    assert res.exit_code == 2 and "--batch-size" in res.output and seen == [3, 5]
+
+
 SEARCH_PAIRS = [(w, t) for w in ("apple", "sony", "bosch", "intel", "canon") for t in ("phone", "camera", "washer", "chip")]
 SEARCH_DOCS = [f"{w} {thing} {i}" for i, (w, thing) in enumerate(SEARCH_PAIRS)]
 
