@@ -315,12 +315,20 @@ def _empty_mask(ex: Examples) -> np.ndarray:
     return bad
 
 
-def validate_split(ex: Examples, cfg: DataConfig, report: DataReport, role: str) -> Examples:
-    """Empty texts (any split); single-member groups and duplicate texts (train only)."""
+def check_empty(ex: Examples, cfg: DataConfig, report: DataReport, role: str) -> Examples:
+    """Empty or missing texts/groups, as data.on_empty_text says (error, warn or drop)."""
     ex = _apply_policy(ex, _empty_mask(ex), cfg.on_empty_text, "data.on_empty_text",
                        "empty or missing texts/groups", report, f"{role}_empty")
     if len(ex) == 0:
         raise DataError(f"{ex.source}: no usable rows left after removing empty texts")
+    return ex
+
+
+def validate_split(ex: Examples, cfg: DataConfig, report: DataReport, role: str, empty: bool = True) -> Examples:
+    """Empty texts (any split, unless `empty` is false: checked before the split); single-member
+    groups and duplicate texts (train only)."""
+    if empty:
+        ex = check_empty(ex, cfg, report, role)
     if role != "train":
         return ex
     # For pairs a row is a duplicate only when the query AND its positive repeat: one query
@@ -398,17 +406,16 @@ def load_splits(cfg: DataConfig) -> tuple[Examples, Examples, DataReport]:
     if cfg.split == "given":
         train, eval_ = full, load_examples(cfg.eval, cfg)
     else:
-        # Dropped empty texts are removed before splitting and counted once, against the train file.
-        if cfg.on_empty_text == "drop":
-            full = _apply_policy(full, _empty_mask(full), "drop", "data.on_empty_text",
-                                 "empty or missing texts/groups", report, "train_empty")
-            if len(full) == 0:
-                raise DataError(f"{full.source}: no usable rows left after removing empty texts")
+        # Empty texts are checked in the whole file before it is split: every such row is named in
+        # one message (not the eval side's first, the train side's once those are fixed), and
+        # counted once, against the train file.
+        full = check_empty(full, cfg, report, "train")
         train, eval_ = split_examples(full, cfg)
     train = _subsample(train, cfg.max_train_rows, cfg.split_seed)
     eval_ = _subsample(eval_, cfg.max_eval_rows, cfg.split_seed + 1)
-    eval_ = validate_split(eval_, cfg, report, "eval")
-    train = validate_split(train, cfg, report, "train")
+    given = cfg.split == "given"
+    eval_ = validate_split(eval_, cfg, report, "eval", empty=given)
+    train = validate_split(train, cfg, report, "train", empty=given)
     train = check_overlap(train, eval_, cfg, report)
     if len(train) < 2:
         raise DataError(f"{cfg.train}: fewer than 2 training rows remain after the overlap check")

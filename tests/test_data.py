@@ -222,6 +222,25 @@ def test_empty_text_error_names_file_rows_and_option(tmp_path):
     assert "data.on_empty_text=drop" in msg and "data.on_empty_text=warn" in msg
 
 
+@pytest.mark.parametrize("policy", ["error", "warn"])
+def test_empty_texts_on_both_sides_of_a_split_are_named_in_one_message(tmp_path, policy):
+    rows = [list(r) for r in ROWS]
+    for g in range(10):  # the first text of every group: both sides of the split get some
+        rows[4 * g][0] = ""
+    p = write_csv(tmp_path / "g.csv", rows)
+    bad = ", ".join(str(4 * g + 2) for g in range(10))
+    # Kept empty texts repeat, within the train side and across the split: those are warned about too.
+    cfg = grouped(train=str(p), on_empty_text=policy, on_duplicate="warn", on_overlap="warn")
+    if policy == "error":
+        with pytest.raises(DataError, match=rf"g\.csv: 10 empty or missing texts/groups at rows {bad}\. Fix"):
+            load_splits(cfg)
+        return
+    train, eval_, report = load_splits(cfg)  # warned once, for the file, not once per side
+    assert [w for w in report.warnings if "empty or missing" in w] == [f"{p}: 10 empty or missing texts/groups at rows {bad}"]
+    assert report.counts["train_empty"] == 10 and "eval_empty" not in report.counts
+    assert "" in train.texts and "" in eval_.texts
+
+
 def test_empty_text_rows_in_jsonl_are_line_numbers(tmp_path):
     lines = [{"text": t, "label": lab} for t, _, lab in ROWS]
     lines[3]["text"] = None
