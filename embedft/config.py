@@ -19,7 +19,15 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config value or key is invalid; the message names the field and the fix."""
+    """A config value or key is invalid; the message names the field and the fix.
+
+    `keys`: the dotted keys the error is about, so that `load_config` can name the -o option
+    that set one of them.
+    """
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keys = tuple(keys)
 
 
 Column = Union[str, int]
@@ -30,7 +38,7 @@ GROUP_SAMPLINGS = ("groups", "similar_groups")
 
 def _check(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
-        raise ConfigError(f"{field_name}: {msg}")
+        raise ConfigError(f"{field_name}: {msg}", (field_name,))
 
 
 def _check_policy(section: str, name: str, value: str) -> None:
@@ -313,16 +321,18 @@ class ExperimentConfig:
             self.train.output_dir.format(name=self.name)
         except (KeyError, IndexError, ValueError) as e:
             raise ConfigError(f"train.output_dir: {self.train.output_dir!r} cannot be filled in ({type(e).__name__}: "
-                              f"{e}); the only placeholder is {{name}}, e.g. runs/{{name}}") from None
+                              f"{e}); the only placeholder is {{name}}, e.g. runs/{{name}}", ("train.output_dir",)) from None
         sampling = self.train.batch_sampling
         if sampling in GROUP_SAMPLINGS and self.loss.hard_negatives > 0:
             raise ConfigError(f"loss.hard_negatives={self.loss.hard_negatives} is not used with train.batch_sampling="
                               f"{sampling} (group batches have no per-anchor negatives); set "
-                              "-o loss.hard_negatives=0, and use similar_groups for hard in-batch negatives")
+                              "-o loss.hard_negatives=0, and use similar_groups for hard in-batch negatives",
+                              ("loss.hard_negatives", "train.batch_sampling"))
         if sampling in GROUP_SAMPLINGS and self.loss.symmetric:
             raise ConfigError(f"loss.symmetric=true is not used with train.batch_sampling={sampling} "
                               "(every text of a group batch is already an anchor against all the others, so there "
-                              "is no positive->anchor direction to add); set -o loss.symmetric=false")
+                              "is no positive->anchor direction to add); set -o loss.symmetric=false",
+                              ("loss.symmetric", "train.batch_sampling"))
 
     @property
     def output_dir(self) -> Path:
@@ -339,14 +349,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}", (where,))
         return _build(tp, value, where)
     if origin is Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
         args = get_args(tp)
         if value is None:
             if type(None) in args:
                 return None
-            raise ConfigError(f"{where}: may not be null")
+            raise ConfigError(f"{where}: may not be null", (where,))
         errors = []
         for a in args:
             if a is type(None):
@@ -355,31 +365,32 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of the allowed types")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of the allowed types",
+                          (where,))
     if origin is tuple:
         if isinstance(value, (str, int, float)):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}", (where,))
         (inner, *_rest) = get_args(tp)
         return tuple(_coerce(v, inner, where) for v in value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}", (where,))
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}", (where,))
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}", (where,))
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {value!r}", (where,))
         return value
     return value
 
@@ -397,7 +408,8 @@ def _build(cls: type, values: dict, where: str = "") -> Any:
         k = unknown[0]
         close = [_SYNONYMS[k]] if _SYNONYMS.get(k) in names else difflib.get_close_matches(str(k), names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{where + '.' if where else ''}{k}: unknown key{hint}; valid keys: {', '.join(names)}")
+        key = f"{where + '.' if where else ''}{k}"
+        raise ConfigError(f"{key}: unknown key{hint}; valid keys: {', '.join(names)}", (key,))
     kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in values.items()}
     return cls(**kwargs)
 
@@ -459,19 +471,21 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         cfg = config_from_dict(values)
     except ConfigError as e:
-        raise ConfigError(f"{_error_source(path, overrides, str(e))}: {e}") from None
+        raise ConfigError(f"{_error_source(path, overrides, e.keys)}: {e}", e.keys) from None
     # Relative data paths in a YAML are relative to the working directory (the repo root),
     # which is where the Makefile and README run commands.
     return cfg
 
 
-def _error_source(path: str | Path | None, overrides: list[str] | tuple[str, ...], message: str) -> str:
-    """What a config error is about: the file, and the -o option that set the key it names, if one did."""
-    key = message.split(":", 1)[0].strip()  # every ConfigError of a key starts with its dotted name
-    source = next((o for o in reversed(overrides) if (k := ".".join(parse_override(o)[0])) == key
-                   or k.startswith(key + ".") or key.startswith(k + ".")), None)
+def _error_source(path: str | Path | None, overrides: list[str] | tuple[str, ...], keys: tuple[str, ...]) -> str:
+    """What a config error is about: the file, and the -o options that set the keys it names, if any did."""
+    last: dict[str, str] = {}  # key -> the last option that set it (the one in force)
+    for option in overrides:
+        k = ".".join(parse_override(option)[0])
+        if any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for key in keys):
+            last[k] = option
     where = str(path or "config")
-    return f"{where} (-o {source})" if source else where
+    return f"{where} ({', '.join('-o ' + o for o in last.values())})" if last else where
 
 
 def to_dict(cfg: Any) -> dict:

@@ -174,6 +174,11 @@ def test_a_bad_override_is_named_in_the_error(tmp_path):
         load_config(p, ["train.lr=-1"])  # a value check too
     with pytest.raises(ConfigError, match=r"^config \(-o train\.foo\.bar=1\): train\.foo: unknown key"):
         load_config(None, ["train.foo.bar=1"])
+    # An error about two keys names the options that set either, the last of each (the one in force).
+    with pytest.raises(ConfigError, match=r"^config \(-o train\.batch_sampling=groups, -o loss\.hard_negatives=3\): "
+                                          r"loss\.hard_negatives=3 is not used with train\.batch_sampling=groups"):
+        load_config(None, ["train.batch_sampling=random", "train.batch_sampling=groups", "train.lr=1e-4",
+                           "loss.hard_negatives=3"])
     p.write_text("train:\n  lr: abc\n")  # set by the file, not by an option: the file alone is named
     with pytest.raises(ConfigError, match=r"exp\.yaml: train\.lr: expected a number"):
         load_config(p, ["train.epochs=2"])
