@@ -244,7 +244,12 @@ def verify(model_dir: str, min_cosine: float | None, max_abs_diff: float | None)
 
 NO_HEADER_HELP = "A CSV/TSV without a header row: name columns by 0-based position (--text-column 1)."
 BATCH_SIZE_HELP = ("Bounds a forward call: at most this many rows of the longest text's padded tokens "
-                   "(and, on the CPU, this many rows); lower it if the device runs out of memory.")
+                   "(and, on the CPU, this many rows); lower it if the device runs out of memory. Default: 128.")
+
+
+def _batch_size_kwargs(batch_size: int | None) -> dict:
+    """--batch-size when given; else the deploy functions' own default (ENCODE_BATCH_SIZE)."""
+    return {} if batch_size is None else {"batch_size": batch_size}
 
 
 @main.group("index")
@@ -264,7 +269,7 @@ def index_group() -> None:
 @click.option("--index", "factory", default="Flat", show_default=True, help="FAISS factory string, e.g. HNSW32.")
 @click.option("--out", required=True, type=click.Path(), help="Index folder (index.faiss, ids.json, manifest.json).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index folder.")
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1), help=BATCH_SIZE_HELP)
+@click.option("--batch-size", type=click.IntRange(min=1), help=BATCH_SIZE_HELP)
 @click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 def index_build(model_dir, corpus, text_column, id_column, label_column, no_header, factory, out, overwrite,
                 batch_size, no_progress) -> None:
@@ -272,8 +277,8 @@ def index_build(model_dir, corpus, text_column, id_column, label_column, no_head
     from embedft.deploy import index_corpus
 
     m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
-                     header=not no_header, label_column=label_column, overwrite=overwrite, batch_size=batch_size,
-                     progress=_progress(no_progress))
+                     header=not no_header, label_column=label_column, overwrite=overwrite,
+                     progress=_progress(no_progress), **_batch_size_kwargs(batch_size))
     click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
 
 
@@ -295,7 +300,7 @@ def index_build(model_dir, corpus, text_column, id_column, label_column, no_head
 @click.option("--nprobe", type=int, help="IVF indexes: lists scanned per query, 1..nlist (default: the index's); "
               "nlist scans them all.")
 @click.option("--out", type=click.Path(), help="Write the hits as JSON lines here instead of printing them.")
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1), help=BATCH_SIZE_HELP)
+@click.option("--batch-size", type=click.IntRange(min=1), help=BATCH_SIZE_HELP)
 @click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 def index_search(index_dir, queries, queries_file, text_column, id_column, no_header, k, model_dir, show_text,
                  classify, ef_search, nprobe, out, batch_size, no_progress) -> None:
@@ -318,7 +323,7 @@ def index_search(index_dir, queries, queries_file, text_column, id_column, no_he
     texts = deploy.corpus_texts(folder) if show_text else None
     label_of = deploy.index_labels(folder) if classify else None
     hits = deploy.search_index(folder, list(queries), k=k, model_dir=model_dir, ef_search=ef_search, nprobe=nprobe,
-                               batch_size=batch_size, progress=_progress(no_progress))
+                               progress=_progress(no_progress), **_batch_size_kwargs(batch_size))
     labels = deploy.classify(hits, label_of) if label_of is not None else None
     records = deploy.results_records(query_ids, queries, hits, texts, labels)
     if out:

@@ -42,6 +42,10 @@ class Corpus:
 CORPUS_FORMAT_FIX = "give the file a .csv, .tsv, .jsonl or .parquet name"
 
 
+# Rows of the longest text that one forward call's padded tokens may hold (`models.forward_chunks`).
+ENCODE_BATCH_SIZE = 128
+
+
 def read_corpus(path: str | Path, text_column: str = "text", id_column: str | None = "id",
                 header: bool = True, label_column: str | None = None) -> Corpus:
     """A CSV/TSV/JSONL/Parquet file's rows; the file's row numbers as ids without the id column.
@@ -113,7 +117,7 @@ def _dimension(st) -> int:
     return (getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension)()  # renamed in ST 6
 
 
-def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size: int = 128,
+def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size: int = ENCODE_BATCH_SIZE,
            progress: bool = False) -> np.ndarray:
     """(N, D) normalised float32 embeddings, as `st.encode(texts, prompt_name=...)` gives them, faster.
 
@@ -148,7 +152,7 @@ def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size:
 
 def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path, factory: str = "Flat",
                  text_column: str = "text", id_column: str | None = "id", header: bool = True,
-                 label_column: str | None = None, overwrite: bool = False, batch_size: int = 128,
+                 label_column: str | None = None, overwrite: bool = False, batch_size: int = ENCODE_BATCH_SIZE,
                  device: str | None = None, progress: bool = False) -> dict:
     """Embed a corpus with an export (plain sentence-transformers) and save a FAISS index; returns the manifest.
 
@@ -211,7 +215,7 @@ def open_index(index_dir: str | Path) -> IndexFolder:
 
 
 def search_index(folder: IndexFolder, queries: Sequence[str], k: int = 10, model_dir: str | Path | None = None,
-                 batch_size: int = 128, device: str | None = None, ef_search: int | None = None,
+                 batch_size: int = ENCODE_BATCH_SIZE, device: str | None = None, ef_search: int | None = None,
                  nprobe: int | None = None, progress: bool = False) -> list[Hits]:
     """Top-k (id, score) per query from an `index_corpus` folder, best first.
 

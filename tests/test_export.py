@@ -387,6 +387,9 @@ def test_index_batch_size_bounds_each_forward_call(exports, tmp_path, monkeypatc
 
     corpus = tmp_path / "corpus.csv"
     corpus.write_text("id,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(SEARCH_DOCS)))
+    from embedft.cli import BATCH_SIZE_HELP
+    from embedft.deploy import ENCODE_BATCH_SIZE
+
     seen, real = [], models.forward_chunks
     monkeypatch.setattr(models, "forward_chunks", lambda lengths, bs, dev: seen.append(bs) or real(lengths, bs, dev))
     res = CliRunner().invoke(main, ["index", "build", "--model", str(exports["bert"][2]), "--corpus", str(corpus),
@@ -394,8 +397,11 @@ def test_index_batch_size_bounds_each_forward_call(exports, tmp_path, monkeypatc
     assert res.exit_code == 0 and seen == [3], res.output
     res = CliRunner().invoke(main, ["index", "search", str(tmp_path / "idx"), "sony camera", "--batch-size", "5"])
     assert res.exit_code == 0 and seen == [3, 5], res.output
+    res = CliRunner().invoke(main, ["index", "search", str(tmp_path / "idx"), "sony camera"])
+    assert res.exit_code == 0 and seen == [3, 5, ENCODE_BATCH_SIZE], res.output  # the default the help states
+    assert BATCH_SIZE_HELP.endswith(f"Default: {ENCODE_BATCH_SIZE}.")
     res = CliRunner().invoke(main, ["index", "search", str(tmp_path / "idx"), "sony camera", "--batch-size", "0"])
-    assert res.exit_code == 2 and "--batch-size" in res.output and seen == [3, 5]
+    assert res.exit_code == 2 and "--batch-size" in res.output and len(seen) == 3
 
 
 SEARCH_PAIRS = [(w, t) for w in ("apple", "sony", "bosch", "intel", "canon") for t in ("phone", "camera", "washer", "chip")]
