@@ -321,7 +321,8 @@ class ExperimentConfig:
             self.train.output_dir.format(name=self.name)
         except (KeyError, IndexError, ValueError) as e:
             raise ConfigError(f"train.output_dir: {self.train.output_dir!r} cannot be filled in ({type(e).__name__}: "
-                              f"{e}); the only placeholder is {{name}}, e.g. runs/{{name}}", ("train.output_dir",)) from None
+                              f"{e}); the only placeholder is {{name}}, e.g. runs/{{name}}",
+                              ("train.output_dir",)) from None
         sampling = self.train.batch_sampling
         if sampling in GROUP_SAMPLINGS and self.loss.hard_negatives > 0:
             raise ConfigError(f"loss.hard_negatives={self.loss.hard_negatives} is not used with train.batch_sampling="
