@@ -36,16 +36,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=6, help="steps per scheme, the first one a warm-up (>= 2)")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.steps < 2:
+        ap.error(f"--steps {args.steps}: give at least 2 (the first step is a warm-up, not timed)")
 
     import numpy as np
     import torch
 
     from embedft.config import LoraConfig, ModelConfig
-    from embedft.models import length_chunks, load_encoder
+    from embedft.chunking import length_chunks
+    from embedft.models import load_encoder
     from embedft.lora import apply_lora
 
     torch.manual_seed(args.seed)

@@ -21,7 +21,7 @@ sentence-transformers beside embedft (on CUDA, a device busy well under 100% mea
 `--row-capped` also times embedft's encoder (at the first precision) batched as it was before
 its token bound: at most --batch-size rows per forward call. On the CPU that is its batching
 anyway; on CUDA its calls now hold any number of rows up to --batch-size rows of the longest
-text's padded tokens, so short titles share far fewer calls (`models.forward_chunks`). Each
+text's padded tokens, so short titles share far fewer calls (`chunking.forward_chunks`). Each
 side's forward calls per encode are reported.
 
 `--deploy` also times `embedft.deploy.encode` (what `embedft index build` and `index search`
@@ -127,7 +127,7 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from embedft import deploy, models
+    from embedft import chunking, deploy
     from embedft.models import encode_precision, load_encoder, resolve_model_path
 
     texts, source = load_titles(args.limit, args.data)
@@ -144,13 +144,13 @@ def main() -> None:
         return st.encode(batch, batch_size=args.batch_size, convert_to_numpy=True, normalize_embeddings=True)
 
     def row_capped(batch: list[str]):
-        own = models.forward_chunks
-        models.forward_chunks = lambda lengths, batch_size, dev: models.length_chunks(
-            lengths, batch_size, models.call_overhead(dev))[::-1]
+        own = chunking.forward_chunks
+        chunking.forward_chunks = lambda lengths, batch_size, dev: chunking.length_chunks(
+            lengths, batch_size, chunking.call_overhead(dev))[::-1]
         try:
             return encode(first, batch)
         finally:
-            models.forward_chunks = own
+            chunking.forward_chunks = own
 
     # Forward calls per encode: ST's transformer module and embedft's backbone are each called once per batch.
     counter, calls = [0], {}

@@ -70,7 +70,7 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
         sys.path.insert(0, str(REPO / "benchmarks"))
     from profiling import markdown
 
-    from embedft import models
+    from embedft import chunking
     from embedft.config import LossConfig, LoraConfig, ModelConfig, TrainConfig
     from embedft.models import load_encoder
     from embedft.lora import apply_lora
@@ -85,9 +85,9 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
     # What one more forward call costs, in padded tokens, on CUDA (embedft cuts a batch into
     # length-sorted chunks only where that saves more padding than this). The default never
     # cuts; a smaller value splits e.g. instruction-prefixed anchors from their shorter positives.
-    default_overhead = models.CUDA_CALL_OVERHEAD_TOKENS
+    default_overhead = chunking.CUDA_CALL_OVERHEAD_TOKENS
     overhead = default_overhead if call_overhead is None else call_overhead
-    models.CUDA_CALL_OVERHEAD_TOKENS = overhead  # put back below, however the runs end: the caller keeps its default
+    chunking.CUDA_CALL_OVERHEAD_TOKENS = overhead  # put back below, however the runs end: the caller keeps its default
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if model is not None:  # built beforehand (benchmarks/gpu_session.py builds it once for all its steps)
@@ -129,7 +129,7 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
                     print(markdown(profiles[-1:]), flush=True)
                 del enc
     finally:
-        models.CUDA_CALL_OVERHEAD_TOKENS = default_overhead
+        chunking.CUDA_CALL_OVERHEAD_TOKENS = default_overhead
     profile_args = f" --profile-batch {profile_batch} --profile-steps {profile_steps}" if profiles else ""
     table = _table(rows, name, peak, peak_key, steps, tiny, compile_modes, overhead, profile_args)
     if profiles:
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", help="a Qwen3-shaped model folder built beforehand (default: build one from "
                     "benchmarks/qwen3-embedding-0.6b.config.json, or a tiny one with --tiny)")
     ap.add_argument("--call-overhead", type=int, default=None,
-                    help="padded tokens one more forward call is worth on CUDA (embedft.models."
+                    help="padded tokens one more forward call is worth on CUDA (embedft.chunking."
                          "CUDA_CALL_OVERHEAD_TOKENS; default: its value, which never splits a batch)")
     ap.add_argument("--profile-batch", type=int, default=None,
                     help="profile this batch size's extra steps (one of --batch-sizes; default: none)")

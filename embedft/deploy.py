@@ -42,7 +42,7 @@ class Corpus:
 CORPUS_FORMAT_FIX = "give the file a .csv, .tsv, .jsonl or .parquet name"
 
 
-# Rows of the longest text that one forward call's padded tokens may hold (`models.forward_chunks`).
+# Rows of the longest text that one forward call's padded tokens may hold (`chunking.forward_chunks`).
 ENCODE_BATCH_SIZE = 128
 
 
@@ -122,14 +122,14 @@ def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size:
     """(N, D) normalised float32 embeddings, as `st.encode(texts, prompt_name=...)` gives them, faster.
 
     Repeated texts are embedded once, and each forward call gets a batch cut from the
-    length-sorted texts where padding plus per-call overhead is least (`models.forward_chunks`,
+    length-sorted texts where padding plus per-call overhead is least (`chunking.forward_chunks`,
     as embedft's own encoder does) instead of every `batch_size` texts. Each batch still goes
     through `st.encode`, so prompts, pooling and normalisation are exactly the served model's.
     `progress`: a bar of texts embedded, on stderr.
     """
     from tqdm.auto import tqdm
 
-    from embedft.models import forward_chunks
+    from embedft import chunking
 
     dim = _dimension(st)
     if not texts:
@@ -141,7 +141,7 @@ def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size:
     lengths = [len(x) for x in st.tokenizer([prompt + t for t in unique], truncation=True,
                                              max_length=st.max_seq_length)["input_ids"]]
     out = np.empty((len(unique), dim), dtype=np.float32)
-    chunks = forward_chunks(lengths, batch_size, st.device)
+    chunks = chunking.forward_chunks(lengths, batch_size, st.device)
     with tqdm(total=len(unique), desc="embed", unit="text", leave=False, disable=not progress) as bar:
         for idx in chunks:
             out[idx] = st.encode([unique[i] for i in idx], prompt_name=prompt_name, batch_size=len(idx),

@@ -26,7 +26,8 @@ from embedft.batches import Batch, PairSource, check_schedule, epoch_batches, gr
 from embedft.checkpoint import check_resumable, load_checkpoint, run_identity, save_checkpoint
 from embedft.config import GROUP_SAMPLINGS, ConfigError, LossConfig, TrainConfig
 from embedft.losses import false_negative_mask, group_info_nce, info_nce, label_contrastive
-from embedft.models import Encoder, call_overhead, compile_layers, length_chunks
+from embedft.chunking import call_overhead, length_chunks
+from embedft.models import Encoder, compile_layers
 from embedft.lora import lora_input_casts, lora_settings
 
 log = logging.getLogger(__name__)

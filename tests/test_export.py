@@ -383,15 +383,15 @@ def test_index_build_refuses_a_bad_index_or_out_before_embedding(exports, tmp_pa
 
 
 def test_index_batch_size_bounds_each_forward_call(exports, tmp_path, monkeypatch):
-    from embedft import models
-
-    corpus = tmp_path / "corpus.csv"
-    corpus.write_text("id,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(SEARCH_DOCS)))
+    from embedft import chunking
     from embedft.cli import BATCH_SIZE_HELP
     from embedft.deploy import ENCODE_BATCH_SIZE
 
-    seen, real = [], models.forward_chunks
-    monkeypatch.setattr(models, "forward_chunks", lambda lengths, bs, dev: seen.append(bs) or real(lengths, bs, dev))
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("id,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(SEARCH_DOCS)))
+
+    seen, real = [], chunking.forward_chunks
+    monkeypatch.setattr(chunking, "forward_chunks", lambda lengths, bs, dev: seen.append(bs) or real(lengths, bs, dev))
     res = CliRunner().invoke(main, ["index", "build", "--model", str(exports["bert"][2]), "--corpus", str(corpus),
                                     "--batch-size", "3", "--out", str(tmp_path / "idx")])
     assert res.exit_code == 0 and seen == [3], res.output

@@ -29,19 +29,19 @@ def test_peak_flops_table(benchmark_script):
 
 def test_gpu_check_call_overhead_is_used_for_the_run_only(benchmark_script, monkeypatch):
     import embedft.train as T
-    from embedft import models
+    from embedft import chunking
 
     mod = benchmark_script("gpu_check")
-    default, seen, real = models.CUDA_CALL_OVERHEAD_TOKENS, [], T.train
-    monkeypatch.setattr(T, "train", lambda *a, **k: seen.append(models.CUDA_CALL_OVERHEAD_TOKENS) or real(*a, **k))
+    default, seen, real = chunking.CUDA_CALL_OVERHEAD_TOKENS, [], T.train
+    monkeypatch.setattr(T, "train", lambda *a, **k: seen.append(chunking.CUDA_CALL_OVERHEAD_TOKENS) or real(*a, **k))
     rows = mod.run([4], steps=2, tiny=True, mini_batch=4, write=False, call_overhead=2048)
     assert seen == [2048] and rows[0]["samples_per_s"] > 0  # the run trains with the overhead given
-    assert models.CUDA_CALL_OVERHEAD_TOKENS == default  # and the process keeps its default
+    assert chunking.CUDA_CALL_OVERHEAD_TOKENS == default  # and the process keeps its default
     # A run that fails midway (out of memory, say) gives the default back too.
     monkeypatch.setattr(T, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
     with pytest.raises(RuntimeError, match="out of memory"):
         mod.run([4], steps=2, tiny=True, mini_batch=4, write=False, call_overhead=2048)
-    assert models.CUDA_CALL_OVERHEAD_TOKENS == default
+    assert chunking.CUDA_CALL_OVERHEAD_TOKENS == default
 
 
 def test_gpu_check_profiles_extra_steps_of_one_batch_size_after_the_timed_ones(benchmark_script, monkeypatch):
