@@ -247,9 +247,12 @@ BATCH_SIZE_HELP = ("Bounds a forward call: at most this many rows of the longest
                    "(and, on the CPU, this many rows); lower it if the device runs out of memory. Default: 128.")
 
 
-def _batch_size_kwargs(batch_size: int | None) -> dict:
-    """--batch-size when given; else the deploy functions' own default (ENCODE_BATCH_SIZE)."""
-    return {} if batch_size is None else {"batch_size": batch_size}
+DEVICE_HELP = "auto (CUDA when there is one, else the CPU), cpu, cuda or cuda:N. Default: auto."
+
+
+def _encode_kwargs(batch_size: int | None, device: str | None) -> dict:
+    """--batch-size and --device when given; else the deploy functions' own defaults."""
+    return {k: v for k, v in (("batch_size", batch_size), ("device", device)) if v is not None}
 
 
 @main.group("index")
@@ -270,15 +273,16 @@ def index_group() -> None:
 @click.option("--out", required=True, type=click.Path(), help="Index folder (index.faiss, ids.json, manifest.json).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index folder.")
 @click.option("--batch-size", type=click.IntRange(min=1), help=BATCH_SIZE_HELP)
+@click.option("--device", help=DEVICE_HELP)
 @click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 def index_build(model_dir, corpus, text_column, id_column, label_column, no_header, factory, out, overwrite,
-                batch_size, no_progress) -> None:
+                batch_size, device, no_progress) -> None:
     """Embed a corpus with an exported model and save a FAISS inner-product index."""
     from embedft.deploy import index_corpus
 
     m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
                      header=not no_header, label_column=label_column, overwrite=overwrite,
-                     progress=_progress(no_progress), **_batch_size_kwargs(batch_size))
+                     progress=_progress(no_progress), **_encode_kwargs(batch_size, device))
     click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
 
 
@@ -301,9 +305,10 @@ def index_build(model_dir, corpus, text_column, id_column, label_column, no_head
               "nlist scans them all.")
 @click.option("--out", type=click.Path(), help="Write the hits as JSON lines here instead of printing them.")
 @click.option("--batch-size", type=click.IntRange(min=1), help=BATCH_SIZE_HELP)
+@click.option("--device", help=DEVICE_HELP)
 @click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 def index_search(index_dir, queries, queries_file, text_column, id_column, no_header, k, model_dir, show_text,
-                 classify, ef_search, nprobe, out, batch_size, no_progress) -> None:
+                 classify, ef_search, nprobe, out, batch_size, device, no_progress) -> None:
     """Top-k documents of an `embedft index build` folder for each query (given as arguments or --queries)."""
     from embedft import deploy
 
@@ -323,7 +328,7 @@ def index_search(index_dir, queries, queries_file, text_column, id_column, no_he
     texts = deploy.corpus_texts(folder) if show_text else None
     label_of = deploy.index_labels(folder) if classify else None
     hits = deploy.search_index(folder, list(queries), k=k, model_dir=model_dir, ef_search=ef_search, nprobe=nprobe,
-                               progress=_progress(no_progress), **_batch_size_kwargs(batch_size))
+                               progress=_progress(no_progress), **_encode_kwargs(batch_size, device))
     labels = deploy.classify(hits, label_of) if label_of is not None else None
     records = deploy.results_records(query_ids, queries, hits, texts, labels)
     if out:

@@ -36,6 +36,14 @@ POLICIES = ("error", "warn", "drop")
 GROUP_SAMPLINGS = ("groups", "similar_groups")
 
 
+DEVICES = "auto, cpu, cuda or cuda:N (N = 0, 1, ...)"  # what train.device and --device accept
+
+
+def is_device(name: str) -> bool:
+    """Whether `name` is one of DEVICES (auto: CUDA when there is one, else the CPU)."""
+    return name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name) is not None
+
+
 def _check(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{field_name}: {msg}", (field_name,))
@@ -228,8 +236,7 @@ class TrainConfig:
         _check(self.scheduler in ("linear", "cosine", "constant"), "train.scheduler",
                f"unknown scheduler {self.scheduler!r}; use linear, cosine or constant")
         _check(self.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
-        _check(self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
-               "train.device", f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
+        _check(is_device(self.device), "train.device", f"unknown device {self.device!r}; use {DEVICES}")
         _check(self.batch_sampling in ("random", "by_label", "groups", "similar_groups"), "train.batch_sampling",
                f"unknown batch_sampling {self.batch_sampling!r}; use random, by_label, groups or similar_groups")
         _check(self.group_size >= 2, "train.group_size", f"must be >= 2 (a text and its positive), got {self.group_size}")

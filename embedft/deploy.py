@@ -153,15 +153,18 @@ def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size:
 def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path, factory: str = "Flat",
                  text_column: str = "text", id_column: str | None = "id", header: bool = True,
                  label_column: str | None = None, overwrite: bool = False, batch_size: int = ENCODE_BATCH_SIZE,
-                 device: str | None = None, progress: bool = False) -> dict:
+                 device: str = "auto", progress: bool = False) -> dict:
     """Embed a corpus with an export (plain sentence-transformers) and save a FAISS index; returns the manifest.
 
-    With `label_column` the index keeps each row's label, for `classify`.
+    With `label_column` the index keeps each row's label, for `classify`. `device`: auto (CUDA
+    when there is one), cpu, cuda or cuda:N.
     """
     from sentence_transformers import SentenceTransformer
 
     from embedft.index import build_index, new_index, save_index
+    from embedft.train import resolve_device
 
+    dev = str(resolve_device(device, "--device"))  # a bad --device fails before anything is read
     d, out = Path(model_dir), Path(out_dir)
     _require_export(d)
     problem = out_dir_problem(out, overwrite)
@@ -172,7 +175,7 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
     # a file changed while it is hashed then fails the quick check of `index search`).
     files = weights_stat(d)
     digest = weights_digest(d)
-    model = SentenceTransformer(str(d), device=device)
+    model = SentenceTransformer(str(d), device=dev)
     try:
         new_index(_dimension(model), factory, len(rows.texts))  # a bad --index fails now, not after the corpus is embedded
     except ValueError as e:
@@ -215,17 +218,20 @@ def open_index(index_dir: str | Path) -> IndexFolder:
 
 
 def search_index(folder: IndexFolder, queries: Sequence[str], k: int = 10, model_dir: str | Path | None = None,
-                 batch_size: int = ENCODE_BATCH_SIZE, device: str | None = None, ef_search: int | None = None,
+                 batch_size: int = ENCODE_BATCH_SIZE, device: str = "auto", ef_search: int | None = None,
                  nprobe: int | None = None, progress: bool = False) -> list[Hits]:
     """Top-k (id, score) per query from an `index_corpus` folder, best first.
 
     Queries are embedded by the export the index was built with (or `model_dir`, which must
     have the same weights), with its query prompt. `ef_search` / `nprobe` override the HNSW /
-    IVF search knobs the index was saved with (`index.tune_search`).
+    IVF search knobs the index was saved with (`index.tune_search`). `device`: as for `index_corpus`.
     """
     from sentence_transformers import SentenceTransformer
 
     from embedft.index import search, tune_search
+    from embedft.train import resolve_device
+
+    dev = str(resolve_device(device, "--device"))
 
     for option, knob in (("--ef-search", {"ef_search": ef_search}), ("--nprobe", {"nprobe": nprobe})):
         try:
@@ -253,7 +259,7 @@ def search_index(folder: IndexFolder, queries: Sequence[str], k: int = 10, model
                           f"rebuild it with `embedft index build --model {model}`")
     if not 1 <= k <= folder.index.ntotal:
         raise DeployError(f"-k {k}: choose k between 1 and {folder.index.ntotal}, the number of indexed documents")
-    st = SentenceTransformer(str(model), device=device)
+    st = SentenceTransformer(str(model), device=dev)
     vectors = encode(st, queries, prompt_name="query" if "query" in st.prompts else None, batch_size=batch_size,
                      progress=progress)
     scores, rows = search(folder.index, vectors, k)

@@ -404,6 +404,31 @@ def test_index_batch_size_bounds_each_forward_call(exports, tmp_path, monkeypatc
     assert res.exit_code == 2 and "--batch-size" in res.output and len(seen) == 3
 
 
+def test_index_device_is_checked_before_any_work(exports, tmp_path, monkeypatch):
+    import inspect
+
+    import torch
+
+    from embedft import deploy
+    from embedft.cli import DEVICE_HELP
+
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("id,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(SEARCH_DOCS)))
+    build = ["index", "build", "--model", str(exports["bert"][2]), "--corpus", str(corpus)]
+    res = CliRunner().invoke(main, [*build, "--device", "gpu", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "--device gpu: unknown device; use --device auto" in res.output, res.output
+    assert not (tmp_path / "bad").exists()
+    res = CliRunner().invoke(main, [*build, "--device", "cpu", "--out", str(tmp_path / "idx")])
+    assert res.exit_code == 0, res.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = CliRunner().invoke(main, ["index", "search", str(tmp_path / "idx"), "sony camera", "--device", "cuda"])
+    assert res.exit_code == 2 and "--device cuda but no CUDA device is available; use --device auto" in res.output
+    res = CliRunner().invoke(main, ["index", "search", str(tmp_path / "idx"), "sony camera", "--device", "cpu"])
+    assert res.exit_code == 0 and "query 1: sony camera" in res.output, res.output
+    for fn in (deploy.index_corpus, deploy.search_index):  # the default the help states
+        assert DEVICE_HELP.endswith(f"Default: {inspect.signature(fn).parameters['device'].default}.")
+
+
 SEARCH_PAIRS = [(w, t) for w in ("apple", "sony", "bosch", "intel", "canon") for t in ("phone", "camera", "washer", "chip")]
 SEARCH_DOCS = [f"{w} {thing} {i}" for i, (w, thing) in enumerate(SEARCH_PAIRS)]
 

@@ -281,6 +281,10 @@ def test_cuda_device_the_machine_lacks_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"train.device=cuda:3 but this machine has 1 CUDA device"):
         resolve_device("cuda:3")
     assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match=r"^train.device=gpu: unknown device; use -o train.device=auto"):
+        resolve_device("gpu")
+    with pytest.raises(ConfigError, match=r"^--device cuda:3 but this machine has 1 CUDA device.*use --device cuda$"):
+        resolve_device("cuda:3", "--device")  # a command-line option is named as one
 
 
 def test_auto_base_dtype_follows_the_device_and_the_cpus_bf16(tmp_path, monkeypatch):
