@@ -162,7 +162,7 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
     from sentence_transformers import SentenceTransformer
 
     from embedft.index import build_index, new_index, save_index
-    from embedft.train import resolve_device
+    from embedft.models import resolve_device
 
     dev = str(resolve_device(device, "--device"))  # a bad --device fails before anything is read
     d, out = Path(model_dir), Path(out_dir)
@@ -229,7 +229,7 @@ def search_index(folder: IndexFolder, queries: Sequence[str], k: int = 10, model
     from sentence_transformers import SentenceTransformer
 
     from embedft.index import search, tune_search
-    from embedft.train import resolve_device
+    from embedft.models import resolve_device
 
     dev = str(resolve_device(device, "--device"))
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from embedft import chunking
-from embedft.config import LoraConfig, ModelConfig
+from embedft.config import DEVICES, ConfigError, LoraConfig, ModelConfig, is_device
 
 log = logging.getLogger(__name__)
 
@@ -416,6 +416,28 @@ def bound_onednn_cache() -> None:
     """Cap oneDNN's primitive cache, unless $ONEDNN_PRIMITIVE_CACHE_CAPACITY is set. oneDNN reads
     the variable when it builds its first primitive, so call this before the first forward."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+
+
+def resolve_device(name: str, option: str = "train.device") -> torch.device:
+    """auto -> cuda when available, else cpu. `option` is the setting errors name: a config key
+    (train.device, set with -o) or a command-line option (--device)."""
+    flag = option.startswith("--")
+    given = f"{option} {name}" if flag else f"{option}={name}"
+
+    def use(value: str) -> str:
+        return f"use {option} {value}" if flag else f"use -o {option}={value}"
+
+    if not is_device(name):
+        raise ConfigError(f"{given}: unknown device; {use('auto')}, or one of {DEVICES}", (option,))
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{given} but no CUDA device is available; {use('auto')}", (option,))
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{given} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                          f"(numbered from 0); {use('cuda')}", (option,))
+    return device
 
 
 def load_encoder(cfg: ModelConfig, device: str | torch.device = "cpu", lora: LoraConfig | None = None) -> Encoder:

@@ -100,7 +100,8 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     from embedft.evaluate import check_indexes, evaluate_encoder, format_table, compare, write_report
     from embedft.models import load_encoder
     from embedft.lora import apply_lora, load_adapter, lora_settings, save_adapter
-    from embedft.train import base_dtype, resolve_device, seed_everything, train
+    from embedft.models import resolve_device
+    from embedft.train import base_dtype, seed_everything, train
 
     data = prepare_data(cfg)
     out = cfg.output_dir
@@ -263,7 +264,7 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     from embedft.evaluate import check_indexes, compare, evaluate_encoder, format_table, write_report
     from embedft.models import ModelError, load_encoder
     from embedft.lora import load_adapter, read_adapter_meta
-    from embedft.train import resolve_device
+    from embedft.models import resolve_device
 
     _check_extras(cfg)
     if save_index:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from embedft.batches import Batch, PairSource, check_schedule, epoch_batches, group_keys
 from embedft.checkpoint import check_resumable, load_checkpoint, run_identity, save_checkpoint
-from embedft.config import DEVICES, GROUP_SAMPLINGS, ConfigError, LossConfig, TrainConfig, is_device
+from embedft.config import GROUP_SAMPLINGS, LossConfig, TrainConfig
 from embedft.losses import false_negative_mask, group_info_nce, info_nce, label_contrastive
 from embedft.chunking import call_overhead, length_chunks
 from embedft.models import Encoder, compile_layers
@@ -63,28 +63,6 @@ class TrainResult:
     train_seconds: float = 0.0
     samples_per_s: float = 0.0
     tokens_per_s: float = 0.0
-
-
-def resolve_device(name: str, option: str = "train.device") -> torch.device:
-    """auto -> cuda when available, else cpu. `option` is the setting errors name: a config key
-    (train.device, set with -o) or a command-line option (--device)."""
-    flag = option.startswith("--")
-    given = f"{option} {name}" if flag else f"{option}={name}"
-
-    def use(value: str) -> str:
-        return f"use {option} {value}" if flag else f"use -o {option}={value}"
-
-    if not is_device(name):
-        raise ConfigError(f"{given}: unknown device; {use('auto')}, or one of {DEVICES}", (option,))
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"{given} but no CUDA device is available; {use('auto')}", (option,))
-    device = torch.device(name)
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"{given} but this machine has {torch.cuda.device_count()} CUDA device(s) "
-                          f"(numbered from 0); {use('cuda')}", (option,))
-    return device
 
 
 CPUINFO = Path("/proc/cpuinfo")

@@ -384,3 +384,21 @@ def test_load_encoder_caps_onednns_primitive_cache_unless_the_user_set_it(tiny_b
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
     load_encoder(ModelConfig(name=str(tiny_bert_dir)))
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
+
+
+def test_cuda_device_the_machine_lacks_is_a_config_error(monkeypatch):
+    from embedft.config import ConfigError
+    from embedft.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="train.device=cuda but no CUDA device is available"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"train.device=cuda:3 but this machine has 1 CUDA device"):
+        resolve_device("cuda:3")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match=r"^train.device=gpu: unknown device; use -o train.device=auto"):
+        resolve_device("gpu")
+    with pytest.raises(ConfigError, match=r"^--device cuda:3 but this machine has 1 CUDA device.*use --device cuda$"):
+        resolve_device("cuda:3", "--device")  # a command-line option is named as one

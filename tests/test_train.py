@@ -269,24 +269,6 @@ def test_batch_larger_than_data_is_rejected(tiny_bert_dir, tmp_path):
         train(enc, build_pair_source(toy_examples()), TrainConfig(batch_size=64), LossConfig(), tmp_path, progress=False)
 
 
-def test_cuda_device_the_machine_lacks_is_a_config_error(monkeypatch):
-    from embedft.config import ConfigError
-    from embedft.train import resolve_device
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match="train.device=cuda but no CUDA device is available"):
-        resolve_device("cuda")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(ConfigError, match=r"train.device=cuda:3 but this machine has 1 CUDA device"):
-        resolve_device("cuda:3")
-    assert resolve_device("cuda:0") == torch.device("cuda:0")
-    with pytest.raises(ConfigError, match=r"^train.device=gpu: unknown device; use -o train.device=auto"):
-        resolve_device("gpu")
-    with pytest.raises(ConfigError, match=r"^--device cuda:3 but this machine has 1 CUDA device.*use --device cuda$"):
-        resolve_device("cuda:3", "--device")  # a command-line option is named as one
-
-
 def test_auto_base_dtype_follows_the_device_and_the_cpus_bf16(tmp_path, monkeypatch):
     import embedft.train as T
 
