@@ -1,7 +1,7 @@
-"""Epoch checkpoints that resume a killed run exactly, and the check that they fit the run resuming them.
+"""Checkpoints that resume a killed run exactly, and the check that they fit the run resuming them.
 
-A checkpoint folder holds state.pt (LoRA weights, optimizer, scheduler, RNG states, epoch and
-step) and progress.json (loss history and the run's identity: model, LoRA, data digest, loss and
+A checkpoint folder holds state.pt (LoRA weights, optimizer, scheduler, RNG states, epochs done,
+step, and the batches done of the epoch in progress when it was written mid-epoch) and progress.json (loss history and the run's identity: model, LoRA, data digest, loss and
 training settings). It is written beside the old one and swapped in whole.
 """
 
@@ -33,7 +33,7 @@ def _adapter_state(encoder: Encoder) -> dict[str, torch.Tensor]:
 
 # Settings a resumed run may change: they do not alter what is trained or in which order.
 RESUMABLE_CHANGES = ("train.threads", "train.log_every", "train.device", "train.output_dir",
-                     "train.eval_every_epoch", "train.val_max_queries", "train.compile")
+                     "train.eval_every_epoch", "train.val_max_queries", "train.compile", "train.checkpoint_every")
 
 
 # EncoderSpec fields that change what a text embeds to, so what is trained (next to the weights' fingerprint).
@@ -80,22 +80,27 @@ def _read_checkpoint(path: Path, read: Callable[[], Any]) -> Any:
 
 
 def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: int, result: TrainResult,
-                    identity: dict[str, Any] | None = None) -> None:
-    """Everything to continue exactly: adapter, optimizer, scheduler, RNG, counters. Atomic."""
+                    identity: dict[str, Any] | None = None, batches_done: int = 0) -> None:
+    """Everything to continue exactly: adapter, optimizer, scheduler, RNG, counters. Atomic.
+
+    epoch: epochs done; batches_done: batches done of the next one (0 at an epoch's end).
+    """
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save({"adapter": _adapter_state(encoder), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                "epoch": epoch, "step": step}, tmp / "state.pt")
-    (tmp / "progress.json").write_text(json.dumps({"epoch": epoch, "step": step, "history": result.history,
+                "epoch": epoch, "step": step, "batches_done": batches_done}, tmp / "state.pt")
+    (tmp / "progress.json").write_text(json.dumps({"epoch": epoch, "step": step, "batches_done": batches_done,
+                                                   "history": result.history,
                                                    "val_history": result.val_history, "identity": identity}))
     replace_dir(tmp, path)  # the previous checkpoint is kept until the new one is in place
 
 
-def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResult) -> tuple[int, int]:
-    """Restore state saved by save_checkpoint (after check_resumable); returns (epochs done, step)."""
+def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResult) -> tuple[int, int, int]:
+    """Restore state saved by save_checkpoint (after check_resumable); returns (epochs done, step,
+    batches done of the next epoch)."""
     progress = _read_checkpoint(path, lambda: json.loads((path / "progress.json").read_text()))
     state = _read_checkpoint(path, lambda: torch.load(path / "state.pt", map_location="cpu", weights_only=False))
     params = dict(encoder.named_parameters())
@@ -116,4 +121,4 @@ def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResul
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     result.history, result.val_history = progress["history"], progress["val_history"]
-    return state["epoch"], state["step"]
+    return state["epoch"], state["step"], state.get("batches_done", 0)  # 0: written before mid-epoch checkpoints

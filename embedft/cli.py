@@ -80,7 +80,7 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("config", type=click.Path())
 @click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
-@click.option("--resume", is_flag=True, help="Continue from the run folder's last epoch checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint (each epoch's end, and every train.checkpoint_every steps).")
 @click.option("--sweep", "sweeps", multiple=True,
               help="Grid over a key, e.g. --sweep lora.r=8,16,32 (repeatable); each point is a child run.")
 @click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
@@ -91,7 +91,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
     cfg = _load(config, overrides)
     progress = _progress(no_progress)
     # `kill`, `docker stop` and job schedulers send SIGTERM: end the MLflow run as KILLED (the
-    # last epoch checkpoint stays for --resume) instead of dying with the run left RUNNING.
+    # last checkpoint stays for --resume) instead of dying with the run left RUNNING.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if sweeps:
@@ -108,8 +108,8 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
 
 
 def _exit_on_sigterm(signum, frame) -> None:
-    click.echo("embedft train: stopped by SIGTERM; its MLflow run ends as KILLED, and the same command with --resume "
-               "continues from the last epoch checkpoint", err=True)
+    click.echo("embedft train: stopped by SIGTERM; its MLflow run (if tracked) ends as KILLED, and the same command with --resume "
+               "continues from the last checkpoint", err=True)
     raise SystemExit(128 + signum)
 
 

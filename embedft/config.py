@@ -203,6 +203,9 @@ class TrainConfig:
     group_size: int = 4  # groups/similar_groups: at most this many texts of a group per epoch
     mini_batch_size: int | None = None  # cached negatives (GradCache): embed in chunks of this size
     output_dir: str = "runs/{name}"
+    # A checkpoint every this many steps as well as at each epoch's end, so --resume loses at
+    # most that many steps of a long epoch (null: at epoch ends only).
+    checkpoint_every: int | None = 500
     log_every: int = 10
     eval_every_epoch: bool = True
     val_max_queries: int = 1000  # per-epoch validation recall@10 on at most this many queries
@@ -243,6 +246,8 @@ class TrainConfig:
         if self.mini_batch_size is not None:
             _check(1 <= self.mini_batch_size, "train.mini_batch_size", f"must be >= 1, got {self.mini_batch_size}")
         _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _check(self.checkpoint_every is None or self.checkpoint_every >= 1, "train.checkpoint_every",
+               f"must be >= 1 or null (at epoch ends only), got {self.checkpoint_every}")
         _check(self.threads is None or self.threads >= 1, "train.threads",
                f"must be >= 1 or null (torch's default), got {self.threads}")
         _check(self.base_dtype in ("auto", "fp32", "bf16"), "train.base_dtype",

@@ -1,14 +1,15 @@
-"""The training loop: LoRA parameters only, InfoNCE, warmup + decay, epoch checkpoints.
+"""The training loop: LoRA parameters only, InfoNCE, warmup + decay, checkpoints.
 
-Read `train()` top to bottom: setup, (resume), epoch loop -> step -> log, validate,
-checkpoint. The batch order is a pure function of (seed, epoch), and the checkpoint
-holds the optimizer, scheduler and RNG state, so a killed run resumes exactly
-(`embedft.checkpoint`).
+Read `train()` top to bottom: setup, (resume), epoch loop -> step -> log (-> checkpoint every
+train.checkpoint_every steps), validate, checkpoint. The batch order is a pure function of
+(seed, epoch), and the checkpoint holds the optimizer, scheduler and RNG state, so a killed
+run resumes exactly, mid-epoch too (`embedft.checkpoint`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import random
@@ -441,10 +442,11 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
         torch.set_rng_state(state)
 
     result = TrainResult(steps=0, epochs_done=0)
-    start_epoch, step = 0, 0
+    start_epoch, step, skip = 0, 0, 0
     if resume:
-        start_epoch, step = load_checkpoint(ckpt, encoder, opt, sched, result)
-        log.info("resumed from %s at epoch %d, step %d", ckpt, start_epoch, step)
+        start_epoch, step, skip = load_checkpoint(ckpt, encoder, opt, sched, result)
+        result.epochs_done = start_epoch
+        log.info("resumed from %s at step %d (epoch %d, after %d of its batches)", ckpt, step, start_epoch + 1, skip)
 
     encoder.train()
     seen, tokens, t_train = 0, 0, 0.0
@@ -457,8 +459,12 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
         for epoch in range(start_epoch, cfg.epochs):
             if step >= n_total:
                 break
-            for batch in epoch_batches(src, cfg.batch_size, cfg.seed, epoch, cfg.batch_sampling,
-                                       loss_cfg.hard_negatives, mined, cfg.group_size, neighbours):
+            batches = epoch_batches(src, cfg.batch_size, cfg.seed, epoch, cfg.batch_sampling,
+                                    loss_cfg.hard_negatives, mined, cfg.group_size, neighbours)
+            # An epoch's batches are a pure function of (seed, epoch): a run resumed from a
+            # mid-epoch checkpoint skips the ones done and goes on with the same next batch.
+            skip = skip if epoch == start_epoch else 0
+            for i, batch in enumerate(itertools.islice(batches, skip, None), start=skip):
                 if step >= n_total:
                     break
                 t0 = time.perf_counter()
@@ -497,6 +503,8 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                     if not progress:
                         log.info("step %d/%d loss=%.4f lr=%.2e samples/s=%.1f", step, n_total, loss,
                                  rec["train/lr"], seen / max(t_train, 1e-9))
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < n_total:
+                    save_checkpoint(ckpt, encoder, opt, sched, epoch, step, result, identity, batches_done=i + 1)
             epoch_done = epoch + 1
             if val is not None and cfg.eval_every_epoch:
                 metrics = validate(encoder, val, val_cache, loss_cfg, cfg.batch_size, device, cfg.seed,

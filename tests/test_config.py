@@ -102,6 +102,7 @@ def test_unknown_key_typo_suggests_close_name():
     ({"eval": {"precision": "fp16"}}, "eval.precision", "use auto, fp32 or bf16"),
     ({"train": {"device": "cuda:x"}}, "train.device", "cuda:N"),
     ({"train": {"threads": 0}}, "train.threads", "must be >= 1 or null"),
+    ({"train": {"checkpoint_every": 0}}, "train.checkpoint_every", "must be >= 1 or null"),
     ({"train": {"output_dir": "runs/{nam}"}}, "train.output_dir", "the only placeholder is {name}"),
     ({"train": {"output_dir": "runs/{name"}}, "train.output_dir", "the only placeholder is {name}"),
 ])

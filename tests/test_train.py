@@ -1,6 +1,9 @@
 """The training loop on tiny random models: it learns, resumes exactly, and its memory
 savers (cached negatives, gradient checkpointing) give the same gradients."""
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -117,7 +120,11 @@ def _adapter(enc):
     return {k: v.detach().clone() for k, v in enc.named_parameters() if v.requires_grad}
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
+# 6 steps an epoch. Every 4 steps: checkpoints at step 4 (epoch 1, 4 of its batches done), 6 (end
+# of epoch 1), 8 (epoch 2, 2 done), 12 (epoch 2, all 6 done, then its end), 16, 18.
+@pytest.mark.parametrize("every, kill_at, at", [(None, 1, (6, 1, 0)), (4, 1, (4, 0, 4)), (4, 3, (8, 1, 2)),
+                                                (4, 4, (12, 1, 6))])
+def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch, every, kill_at, at):
     src = build_pair_source(toy_examples())
     cfg = TrainConfig(epochs=3, batch_size=8, lr=3e-3, warmup_steps=2, scheduler="cosine", log_every=1)
     loss_cfg = LossConfig(temperature=0.1, symmetric=True)
@@ -128,20 +135,26 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, tmp_path, m
     import embedft.train as T
 
     real_save = T.save_checkpoint
+    saves = []
 
     def save_then_die(path, *a, **k):
         real_save(path, *a, **k)
-        raise KeyboardInterrupt  # killed right after the epoch-1 checkpoint
+        saves.append(1)
+        if len(saves) == kill_at:
+            raise KeyboardInterrupt  # killed right after this checkpoint
 
     killed = _encoder(tiny_model_dir, dropout=0.1)
     monkeypatch.setattr(T, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(killed, src, cfg, loss_cfg, tmp_path / "resumed", progress=False)
+        train(killed, src, replace(cfg, checkpoint_every=every), loss_cfg, tmp_path / "resumed", progress=False)
     monkeypatch.setattr(T, "save_checkpoint", real_save)
+    progress = json.loads((tmp_path / "resumed" / "checkpoint" / "progress.json").read_text())
+    assert (progress["step"], progress["epoch"], progress["batches_done"]) == at
 
     resumed = _encoder(tiny_model_dir, dropout=0.1)  # a fresh process: fresh weights, state from disk
     res = train(resumed, src, cfg, loss_cfg, tmp_path / "resumed", resume=True, progress=False)
     assert res.steps == 3 * 6 and res.epochs_done == 3
+    assert [h["step"] for h in res.history] == list(range(1, 19))  # no step lost or done twice
     a, b = _adapter(full), _adapter(resumed)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
