@@ -72,6 +72,14 @@ def test_ndcg_at_k_by_hand():
     assert ndcg_at_k(np.array([[2, 1, 0]]), [{1, 2}], 3) == pytest.approx(1.0)
 
 
+def test_ndcg_with_more_positives_than_k():
+    # 4 positives, k=2: the ideal DCG has min(4, 2) = 2 ones, so two hits on top score 1 (not an IndexError).
+    assert ndcg_at_k(np.array([[0, 1, 2]]), [{0, 1, 2, 3}], 2) == pytest.approx(1.0)
+    # one hit at rank 2: (1/log2(3)) / (1 + 1/log2(3))
+    expected = (1 / math.log2(3)) / (1 + 1 / math.log2(3))
+    assert ndcg_at_k(np.array([[5, 0, 1]]), [{0, 1, 2, 3}], 2) == pytest.approx(expected)
+
+
 def test_queries_without_positives_are_an_error():
     with pytest.raises(ValueError, match="1 of 2 queries have no positives"):
         recall_at_k(RANKED, [{1}, set()], 2)
@@ -121,6 +129,15 @@ def test_knn_vote_padding_and_negative_scores():
     # row0: only class1 voted; row1: no neighbours -> -1;
     # row2: class0 = -0.1 > class1 = -0.2, and unvoted class2 (sum 0) must not win
     assert knn_vote(labels, scores, 3).tolist() == [1, -1, 0]
+    # The winner here is not the nearest neighbour: class0 = -0.1 + -0.1 = -0.2 beats class1 = -0.3,
+    # while the unvoted class2 (sum 0) would beat both and leave no tied candidate.
+    assert knn_vote(np.array([[1, 0, 0]]), np.array([[-0.3, -0.1, -0.1]]), 3).tolist() == [0]
+
+
+def test_knn_vote_sums_equal_up_to_rounding_are_a_tie():
+    # class0 = 0.1 + 0.2 = 0.30000000000000004 and class1 = 0.3: a tie, so the nearest (class1) wins
+    assert 0.1 + 0.2 != 0.3
+    assert knn_vote(np.array([[1, 0, 0]]), np.array([[0.3, 0.1, 0.2]]), 2).tolist() == [1]
 
 
 def test_knn_vote_rejects_out_of_range_labels():
