@@ -168,3 +168,72 @@ def test_group_info_nce_masks_the_same_text_in_two_forms():
     loss = group_info_nce(qq, d, torch.tensor([1, 2, 3]), torch.eye(3, dtype=torch.bool))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(qq.grad, torch.zeros_like(qq))
+
+
+def test_info_nce_against_a_brute_force_loop():
+    # Random 3 x 4 batch with hard negatives and asymmetric masks, against a plain loop over rows.
+    g = torch.Generator().manual_seed(0)
+    a, p, n = (torch.nn.functional.normalize(torch.randn(3, 4, generator=g, dtype=torch.float64), dim=1)
+               for _ in range(3))
+    t = 0.1
+    cands = torch.cat([p, n])  # (6, D): positives then negatives
+    exclude = torch.zeros(3, 6, dtype=torch.bool)
+    exclude[0, 1] = exclude[0, 5] = exclude[2, 0] = True  # anchor 0: not p1 nor n2; anchor 2: not p0
+    exclude_sym = torch.zeros(3, 3, dtype=torch.bool)
+    exclude_sym[1, 2] = True  # positive 1 -> anchor 2 is a false negative
+
+    def ref(x, y, ex):
+        s = x @ y.T / t
+        rows = [-s[i, i] + torch.logsumexp(torch.stack([s[i, j] for j in range(len(y)) if j == i or not ex[i, j]]), 0)
+                for i in range(len(x))]
+        return torch.stack(rows).mean().item()
+
+    fwd = ref(a, cands, exclude)
+    assert info_nce(a, p, n, temperature=t, exclude=exclude).item() == pytest.approx(fwd, rel=1e-12)
+    bwd = ref(p, a, exclude_sym)
+    got = info_nce(a, p, n, temperature=t, exclude=exclude, symmetric=True, exclude_sym=exclude_sym)
+    assert got.item() == pytest.approx(0.5 * (fwd + bwd), rel=1e-12)
+    # Without negatives, a square mask is read row = anchor, column = candidate (not transposed).
+    sq = exclude[:, :3]
+    assert info_nce(a, p, temperature=t, exclude=sq).item() == pytest.approx(ref(a, p, sq), rel=1e-12)
+
+
+def test_group_info_nce_averages_per_anchor_then_over_anchors():
+    from embedft.losses import group_info_nce
+
+    # Uneven groups (3 texts and 2): the anchors of the big group have 2 pairs each, the others 1;
+    # each anchor counts once, whatever its number of pairs.
+    g = torch.Generator().manual_seed(1)
+    e = torch.nn.functional.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
+    keys = torch.tensor([0, 0, 0, 1, 1])
+    t = 0.2
+    s = e @ e.T / t
+    per_anchor = []
+    for i in range(5):
+        negs = [s[i, j] for j in range(5) if keys[j] != keys[i]]
+        pairs = [-s[i, j] + torch.logsumexp(torch.stack([s[i, j], *negs]), 0)
+                 for j in range(5) if j != i and keys[j] == keys[i]]
+        per_anchor.append(torch.stack(pairs).mean())
+    got = group_info_nce(e, e, keys, torch.eye(5, dtype=torch.bool), temperature=t)
+    assert got.item() == pytest.approx(torch.stack(per_anchor).mean().item(), rel=1e-12)
+
+
+def test_label_contrastive_is_l_out_with_several_positives():
+    from embedft.losses import label_contrastive
+
+    # Khosla et al.'s L_out: the mean over positives of log-probabilities (not the log of the mean
+    # probability, L_in); the two differ once an item has two positives.
+    g = torch.Generator().manual_seed(2)
+    e = torch.nn.functional.normalize(torch.randn(6, 4, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    t = 0.5
+    s = e @ e.T / t
+    rows = []
+    for i in range(6):
+        others = [j for j in range(6) if j != i]
+        log_den = torch.logsumexp(torch.stack([s[i, j] for j in others]), 0)
+        pos = [j for j in others if labels[j] == labels[i]]
+        if pos:
+            rows.append(-torch.stack([s[i, j] - log_den for j in pos]).mean())
+    got = label_contrastive(e, labels, temperature=t)
+    assert got.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-12)
