@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedft.batches import _neighbour_runs, anchors_per_epoch, build_pair_source, epoch_batches, steps_per_epoch
+from embedft.batches import (_neighbour_runs, _other_member, anchors_per_epoch, build_pair_source, check_schedule,
+                             epoch_batches, steps_per_epoch)
+from embedft.config import ConfigError, TrainConfig
 from embedft.data import DataError, Examples
 
 
@@ -55,6 +57,9 @@ def test_by_label_batches_hold_one_label_each():
     assert all(len({label_of[a] for a in b.anchors.tolist()}) == 1 for b in batches)
     mixed = list(epoch_batches(src, 4, seed=0, epoch=0, sampling="random"))
     assert any(len({label_of[a] for a in b.anchors.tolist()}) > 1 for b in mixed)
+    # The single-label batches are shuffled, not served label after label (that would be 2 changes).
+    seq = [label_of[int(b.anchors[0])] for b in batches]
+    assert sum(x != y for x, y in zip(seq, seq[1:])) > 2, seq
 
 
 def test_by_label_with_leftovers_keeps_full_single_label_batches():
@@ -161,3 +166,79 @@ def test_pair_source_rejects_data_with_a_single_label_or_group():
     ex = Examples("pairs", "z.csv", np.arange(3) + 1, ["a", "b", "c"], positives=["p"] * 3)
     with pytest.raises(DataError, match="z.csv: every query and positive is linked"):
         build_pair_source(ex)
+
+
+def test_a_ragged_last_batch_is_dropped():
+    # 10 anchors, batch size 4: two full batches; the 2 left over would have fewer negatives.
+    src = build_pair_source(_grouped_examples(n_groups=5, per=2, n_labels=1))
+    for sampling in ("random", "groups"):
+        batches = list(epoch_batches(src, 4, seed=0, epoch=0, sampling=sampling))
+        assert [len(b.anchors) for b in batches] == [4, 4] and steps_per_epoch(src, 4, sampling) == 2
+    pairs = build_pair_source(_pairs([(f"q{i}", f"p{i}") for i in range(10)]))
+    assert [len(b.anchors) for b in epoch_batches(pairs, 4, seed=0, epoch=0)] == [4, 4]
+
+
+def test_other_member_is_uniform_over_the_rest_of_the_group():
+    pool = np.array([0, 2, 4, 6, 8])  # sorted unique ids, as build_pair_source keeps them
+    rng = np.random.default_rng(0)
+    draws = np.array([_other_member(pool, 4, rng) for _ in range(4000)])
+    values, counts = np.unique(draws, return_counts=True)
+    assert values.tolist() == [0, 2, 6, 8]  # never the anchor
+    assert (counts > 800).all() and (counts < 1200).all(), counts  # about 1000 each
+    # Through epoch_batches: over epochs, an anchor of a 3-text group meets both other texts.
+    src = build_pair_source(_grouped_examples(n_groups=4, per=3, n_labels=1))
+    seen: dict[int, set] = {}
+    for epoch in range(20):
+        for b in epoch_batches(src, 4, seed=0, epoch=epoch):
+            for a, pos in zip(b.anchors.tolist(), b.positives.tolist()):
+                seen.setdefault(a, set()).add(pos)
+    assert all(len(v) == 2 for v in seen.values()) and len(seen) == 12
+
+
+def test_group_batches_draw_a_fresh_subset_of_a_large_group():
+    # group_size 2 out of groups of up to 6 texts: over epochs, every text gets its turn.
+    src = build_pair_source(_uneven_groups())
+    seen = set()
+    for epoch in range(15):
+        for b in epoch_batches(src, 8, seed=0, epoch=epoch, sampling="groups", group_size=2):
+            seen.update(b.anchors.tolist())
+    assert seen == set(src.anchors.tolist())
+
+
+def test_neighbour_runs_by_hand():
+    # 0 -> 1 -> (0 is used, so its next nearest) 3 -> 2: a used neighbour is skipped, not a dead end.
+    neighbours = np.array([[1, -1], [0, 3], [3, -1], [2, -1]])
+    assert _neighbour_runs(np.array([0, 2, 1, 3]), neighbours).tolist() == [0, 1, 3, 2]
+    # A chain 0 -> 1 -> ... -> 9 is cut after NEIGHBOUR_RUN = 8 groups; 9 then starts the next run.
+    chain = np.array([[i + 1] for i in range(9)] + [[-1]])
+    assert _neighbour_runs(np.array([0, 9] + list(range(1, 9))), chain).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 9, 8]
+
+
+def test_pairs_keys_cover_every_positive_of_a_query():
+    # q0 has two positives: p1 must carry q0's key, or it would be an in-batch negative for (q0, p0).
+    src = build_pair_source(_pairs([("q0", "p0"), ("q0", "p1"), ("q2", "p2"), ("q3", "p3")]))
+    assert (src.text_keys[src.positives] == src.anchor_keys).all()
+    assert src.anchor_keys[0] == src.anchor_keys[1] != src.anchor_keys[2] != src.anchor_keys[3]
+
+
+def test_duplicate_texts_in_a_group_never_pair_with_themselves():
+    # data.on_duplicate=warn keeps exact duplicates: "a" twice in group x, and in group z too.
+    texts = ["a", "b", "a", "c", "d", "e", "a"]
+    groups = ["x", "x", "x", "y", "y", "z", "z"]
+    src = build_pair_source(Examples("grouped", "mem", np.arange(7) + 2, texts, groups=groups))
+    for epoch in range(10):
+        for b in epoch_batches(src, 7, seed=0, epoch=epoch):
+            assert (b.positives != b.anchors).all()
+        for b in epoch_batches(src, 6, seed=0, epoch=epoch, sampling="groups"):
+            # "a" may sit in groups x and z at once (the loss masks it against itself), never twice for one group
+            pairs = list(zip(b.anchors.tolist(), b.anchor_keys.tolist()))
+            assert len(set(pairs)) == len(pairs)
+
+
+def test_check_schedule_boundaries():
+    src = build_pair_source(_grouped_examples())  # 36 anchors
+    assert check_schedule(src, TrainConfig(batch_size=36, epochs=2, warmup_steps=2)) == 2  # a batch of all of them
+    with pytest.raises(DataError, match="train.batch_size=37 is larger than the 36 training anchors"):
+        check_schedule(src, TrainConfig(batch_size=37))
+    with pytest.raises(ConfigError, match="train.warmup_steps=3 is longer than the 2 training steps"):
+        check_schedule(src, TrainConfig(batch_size=36, epochs=2, warmup_steps=3))
