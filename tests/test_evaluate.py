@@ -109,3 +109,50 @@ def test_evaluate_encoder_encodes_at_eval_precision(tiny_bert_dir, precision):
     assert seen and set(seen) == {want}
     assert 0 <= out.metrics["retrieval/recall@10"] <= 1 and "classification/macro_f1" in out.metrics
     assert all(p.dtype == torch.float32 for p in enc.parameters())  # the weights come back after encoding
+
+
+def _clustered_grouped(n=300, per=3, noise=0.6, seed=0):
+    # Groups of `per` texts whose embeddings scatter around one centre each.
+    rng = np.random.default_rng(seed)
+    ex = Examples("grouped", "t", np.arange(n) + 1, [f"t{i}" for i in range(n)], groups=[f"g{i // per}" for i in range(n)])
+    c = rng.standard_normal((n // per, 16))[np.arange(n) // per] + noise * rng.standard_normal((n, 16))
+    return ex, _unit(c)
+
+
+def test_ann_figures_are_the_ann_rankings_own():
+    from embedft.index import build_index, search_excluding_self
+    from embedft.metrics import retrieval_metrics
+
+    ex, c = _clustered_grouped()
+    task = retrieval_task(ex)
+    with pytest.warns(UserWarning, match="clustering will be poor"):  # 300 vectors for 64 lists: approximate
+        out = evaluate_retrieval(c[task.self_ids], c, task, ks=(1, 10), indexes=("IVF64,Flat",))
+        index = build_index(c, "IVF64,Flat")  # the same deterministic k-means, nprobe 16 of 64
+    m = out.metrics
+    # The ANN's figures come from its own ranking, each query's own row excluded as for exact search.
+    _, ann_ids = search_excluding_self(index, c[task.self_ids], 10, task.self_ids)
+    want = retrieval_metrics(ann_ids, task.positives, ks=(1, 10))
+    for key in ("recall@1", "recall@10", "mrr@10", "ndcg@10"):
+        assert m[f"retrieval/IVF64,Flat/{key}"] == pytest.approx(want[key]), key
+    assert m["retrieval/IVF64,Flat/recall@10"] != m["retrieval/recall@10"]  # the ANN does miss some
+    assert out.details["recall_curve"] == {1: m["retrieval/recall@1"], 10: m["retrieval/recall@10"]}
+
+
+def test_knn_classification_follows_the_weighted_setting():
+    # Query [1, 0]: its neighbours are one 'a' at cosine 1 and two 'b' at cosine 0.25 (a far 'a' at -1 is not among k=3).
+    s = float(np.sqrt(1 - 0.25 ** 2))
+    train = np.array([[1, 0], [0.25, s], [0.25, -s], [-1, 0]], dtype=np.float32)
+    labels = ["a", "b", "b", "a"]
+    test = np.array([[1, 0]], dtype=np.float32)
+    weighted = evaluate_classification(train, labels, test, ["a"], k=3, weighted=True)  # a: 1 > b: 0.5
+    assert weighted.metrics["classification/accuracy"] == 1.0
+    unweighted = evaluate_classification(train, labels, test, ["a"], k=3, weighted=False)  # b: 2 votes > a: 1
+    assert unweighted.metrics["classification/accuracy"] == 0.0
+    assert unweighted.details["report"]["confusion_matrix"] == [[0, 1], [0, 0]]
+
+
+def test_compare_leaves_out_timings_and_counts():
+    m = {"retrieval/recall@10": 0.5, "retrieval/exact/qps": 900.0, "retrieval/HNSW32/qps": 2000.0,
+         "retrieval/HNSW32/build_s": 0.2, "retrieval/n_queries": 40.0, "classification/unseen_label_queries": 1.0,
+         "classification/seconds": 3.0, "classification/macro_f1": 0.7}
+    assert [r[0] for r in compare(m, m)] == ["retrieval/recall@10", "classification/macro_f1"]
