@@ -362,3 +362,47 @@ def test_train_runs_with_or_without_the_base_models_dropout(tmp_path, keep):
           LossConfig(), tmp_path / "run", progress=False)
     assert seen and set(seen) == {0.3 if keep else 0.0}  # every training forward
     assert layer.p == 0.3  # the model as it was, for the evaluation and export after training
+
+
+class _IdCache:
+    """A stand-in TokenCache: text id i 'tokenizes' to [i], one form for queries and documents."""
+
+    two_forms = False
+
+    def queries(self, ids):
+        return [[int(i)] for i in ids]
+
+    docs = queries
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_pair_batch_loss_masks_other_positives_of_the_same_query(symmetric):
+    from embedft.batches import Batch
+
+    # q0 has two positives (p0, p1): in one batch, neither is a negative for the other's row.
+    rows = [("q0", "p0"), ("q0", "p1"), ("q2", "p2"), ("q3", "p3")]
+    ex = Examples("pairs", "mem", np.arange(4) + 2, [r[0] for r in rows], positives=[r[1] for r in rows])
+    src = build_pair_source(ex)
+    batch = Batch(src.anchors, src.positives, None, src.anchor_keys)
+    seqs, gather = batch_sequences(batch, _IdCache())
+    g = torch.Generator().manual_seed(0)
+    vec = torch.nn.functional.normalize(torch.randn(len(src.texts), 8, generator=g, dtype=torch.float64), dim=1)
+    emb = vec[[s[0] for s in seqs]]  # (unique sequences, D): one vector per text id
+    t = 0.1
+    got = batch_loss(emb, batch, gather, src.text_keys, LossConfig(temperature=t, symmetric=symmetric))
+
+    def ref(rows_ids, cols_ids, rows_keys, cols_keys):
+        s = vec[rows_ids] @ vec[cols_ids].T / t
+        out = []
+        for i in range(len(rows_ids)):
+            keep = [j for j in range(len(cols_ids)) if j == i or (rows_keys[i] != cols_keys[j]
+                                                                   and rows_ids[i] != cols_ids[j])]
+            out.append(-s[i, i] + torch.logsumexp(s[i, keep], 0))
+        return torch.stack(out).mean()
+
+    a, p = src.anchors.tolist(), src.positives.tolist()
+    keys_a, keys_p = src.anchor_keys.tolist(), src.text_keys[src.positives].tolist()
+    want = ref(a, p, keys_a, keys_p)
+    if symmetric:
+        want = 0.5 * (want + ref(p, a, keys_p, keys_a))
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
