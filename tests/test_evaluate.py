@@ -114,7 +114,8 @@ def test_evaluate_encoder_encodes_at_eval_precision(tiny_bert_dir, precision):
 def _clustered_grouped(n=300, per=3, noise=0.6, seed=0):
     # Groups of `per` texts whose embeddings scatter around one centre each.
     rng = np.random.default_rng(seed)
-    ex = Examples("grouped", "t", np.arange(n) + 1, [f"t{i}" for i in range(n)], groups=[f"g{i // per}" for i in range(n)])
+    ex = Examples("grouped", "t", np.arange(n) + 1, [f"t{i}" for i in range(n)],
+                  groups=[f"g{i // per}" for i in range(n)])
     c = rng.standard_normal((n // per, 16))[np.arange(n) // per] + noise * rng.standard_normal((n, 16))
     return ex, _unit(c)
 
@@ -139,7 +140,7 @@ def test_ann_figures_are_the_ann_rankings_own():
 
 
 def test_knn_classification_follows_the_weighted_setting():
-    # Query [1, 0]: its neighbours are one 'a' at cosine 1 and two 'b' at cosine 0.25 (a far 'a' at -1 is not among k=3).
+    # Query [1, 0]: its k=3 neighbours are one 'a' at cosine 1 and two 'b' at cosine 0.25 (the 'a' at -1 is not one).
     s = float(np.sqrt(1 - 0.25 ** 2))
     train = np.array([[1, 0], [0.25, s], [0.25, -s], [-1, 0]], dtype=np.float32)
     labels = ["a", "b", "b", "a"]
