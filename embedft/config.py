@@ -463,13 +463,36 @@ def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...]) -> dic
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice in one section (lines {seen[key]} and "
+                                  f"{key_node.start_mark.line + 1}); the second would silently replace the first: "
+                                  "merge them into one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read an experiment YAML into a dict, with a clear error for a missing or bad file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: config file not found; pass an experiment YAML such as experiments/default.yaml")
+        what = "is a folder, not a config file" if p.is_dir() else "config file not found"
+        raise ConfigError(f"{p}: {what}; pass an experiment YAML such as experiments/default.yaml")
     try:
-        values = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                          "save it as UTF-8") from None
+    try:
+        values = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
     if not isinstance(values, dict):

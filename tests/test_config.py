@@ -223,6 +223,25 @@ def test_invalid_yaml_and_non_mapping_rejected(tmp_path):
         load_config(lst)
 
 
+def test_non_utf8_config_and_a_folder_are_named_not_a_traceback(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\xe9\n".encode("latin1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte b'\\xe9' at offset 9\); save it as UTF-8"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="is a folder, not a config file"):
+        load_config(tmp_path)
+
+
+def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path):
+    p = tmp_path / "exp.yaml"
+    p.write_text("name: x\ntrain:\n  lr: 1.0e-3\nlora:\n  r: 8\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml: key 'train' appears twice in one section \(lines 2 and 6\)"):
+        load_config(p)
+    p.write_text("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"key 'lr' appears twice in one section \(lines 2 and 3\)"):
+        load_config(p)
+
+
 def test_error_in_file_names_the_file(tmp_path):
     p = tmp_path / "exp.yaml"
     p.write_text("lora:\n  r: 0\n")
