@@ -150,6 +150,19 @@ def evaluate_encoder(encoder, train: Examples, eval_: Examples, cfg: EvalConfig,
     return EvalOutput(metrics, details)
 
 
+def check_tasks(cfg: EvalConfig, train: Examples, eval_: Examples) -> None:
+    """Refuse, before any model is loaded (or any training), an evaluation the splits cannot run:
+    no configured task fits the data, retrieval without a query, or eval.knn_k past the train split."""
+    tasks = tasks_for(cfg, train, eval_)
+    if "retrieval" in tasks and len(retrieval_task(eval_)) == 0:
+        raise EvalError(f"{eval_.source}: the eval split has no retrieval query (no group with two or more items, "
+                        "no query/positive row); change data.eval_fraction or data.eval, or set "
+                        "-o 'eval.tasks=[classification]'")
+    if "classification" in tasks and cfg.knn_k > len(train):
+        raise EvalError(f"eval.knn_k={cfg.knn_k} is larger than the {len(train)} training texts in the kNN index; "
+                        f"lower it (-o eval.knn_k={min(10, len(train))})")
+
+
 def check_indexes(cfg: EvalConfig, dim: int, train: Examples, eval_: Examples) -> None:
     """Refuse an eval.indexes factory string faiss cannot build over the eval corpus, before anything is embedded."""
     from embedft.index import new_index
@@ -217,8 +230,24 @@ def format_table(rows, markdown: bool = False) -> str:
     return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in body])
 
 
+REPORT_FILES = ("report.json", "report.md")
+
+
+def check_report_dir(out: Path) -> None:
+    """Refuse a report folder whose replacement would lose something: a file, or a folder holding
+    more than an earlier report (`eval --out .` would otherwise replace the working directory)."""
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} is a file; pass a folder for the report")
+    other = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES) if out.is_dir() else []
+    if other:
+        shown = ", ".join(other[:5]) + (f" ... ({len(other)} entries)" if len(other) > 5 else "")
+        raise EvalError(f"--out {out} holds files that are not an embedft report ({shown}), which writing the report "
+                        "there would delete; pass a new or empty folder (an earlier report folder is replaced)")
+
+
 def write_report(out_dir: str | Path, base: EvalOutput | None, adapted: EvalOutput | None, meta: dict[str, Any]) -> Path:
-    """report.json + report.md, written to a temp folder and moved into place (never half-written)."""
+    """report.json + report.md, written to a temp folder and moved into place (never half-written).
+    An existing `out_dir` is replaced: `check_report_dir` first where it was not made by embedft."""
     out = Path(out_dir)
     tmp = temp_sibling(out)
     rows = compare(base.metrics if base else None, adapted.metrics if adapted else None)

@@ -14,6 +14,7 @@ from embedft.atomic import replace_dir, temp_sibling
 from embedft.config import ConfigError, ExperimentConfig, TrackingConfig, flatten, to_dict, to_yaml
 from embedft.batches import PairSource, build_pair_source, check_schedule
 from embedft.data import DataError, Examples, load_splits, retrieval_task
+from embedft.evaluate import check_tasks
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
                           f"(data.shape=grouped, data.label_column set; {cfg.data.train} has shape "
                           f"{cfg.data.shape!r}, label column {cfg.data.label_column!r}); set -o loss.label_weight=0")
     check_schedule(src, cfg.train, str(cfg.data.train))
+    check_tasks(cfg.eval, train_ex, eval_ex)  # an evaluation that cannot run fails now, not after training
     return PreparedData(train_ex, eval_ex, src, report)
 
 
@@ -261,7 +263,8 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     """Evaluate base vs adapted on the experiment's eval split; report to disk and MLflow."""
     import tempfile
 
-    from embedft.evaluate import check_indexes, compare, evaluate_encoder, format_table, write_report
+    from embedft.evaluate import (check_indexes, check_report_dir, check_tasks, compare, evaluate_encoder,
+                                  format_table, write_report)
     from embedft.models import ModelError, load_encoder
     from embedft.lora import load_adapter, read_adapter_meta
     from embedft.models import resolve_device
@@ -269,7 +272,10 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     _check_extras(cfg)
     if save_index:
         _check_save_index(Path(save_index))
+    if out:
+        check_report_dir(Path(out))
     train_ex, eval_ex, _ = load_splits(cfg.data)
+    check_tasks(cfg.eval, train_ex, eval_ex)
     adapter_dir: Path | None = None
     tmp_download = None
     if not base_only:

@@ -280,3 +280,27 @@ def test_eval_index_without_a_retrieval_task_is_reported_not_silently_ignored(ex
     assert "eval.indexes (--index) ['HNSW32'] not built: ANN indexes are reported for retrieval, which this " \
            "evaluation does not run" in caplog.text
     assert "hnsw" not in (tmp_path / "eval" / "report.md").read_text().lower()
+
+
+def test_eval_out_over_a_file_or_a_folder_of_other_files_is_refused_before_any_work(experiment, tmp_path, monkeypatch):
+    import embedft.models
+
+    monkeypatch.setattr(embedft.models, "load_encoder", lambda *a, **k: pytest.fail("model loaded before the check"))
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert_clean_error(invoke("eval", str(experiment), "--base-only", "--out", str(tmp_path / "notes.txt")),
+                       f"--out {tmp_path / 'notes.txt'} is a file")
+    # Writing the report would have replaced tmp_path, with the data, the config and these notes in it.
+    assert_clean_error(invoke("eval", str(experiment), "--base-only", "--out", str(tmp_path)),
+                       f"--out {tmp_path} holds files that are not an embedft report (data.csv, exp.yaml, notes.txt)")
+    assert (tmp_path / "notes.txt").read_text() == "keep me" and (tmp_path / "data.csv").is_file()
+
+
+def test_train_refuses_an_evaluation_it_cannot_run_before_training(experiment, tiny_bert_dir):
+    # Without the base evaluation first, these used to fail only after training, the run folder half written.
+    model = ("-o", f"model.name={tiny_bert_dir}", "-o", "eval.compare_base=false")
+    assert_clean_error(invoke("train", str(experiment), *model, "-o", "eval.knn_k=1000"),
+                       "eval.knn_k=1000 is larger than the 24 training texts")
+    assert_clean_error(invoke("train", str(experiment), *model, "-o", "eval.tasks=[classification]",
+                              "-o", "data.label_column=null"), "none of eval.tasks=['classification'] fits grouped data")
+    assert_clean_error(invoke("check", str(experiment), "-o", "eval.knn_k=1000"), "eval.knn_k=1000")
+    assert not (experiment.parent / "run").exists()

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from embedft.data import Examples, retrieval_task
-from embedft.evaluate import (EvalError, EvalOutput, compare, evaluate_classification, evaluate_retrieval,
-                              format_table, write_report)
+from embedft.config import EvalConfig
+from embedft.evaluate import (EvalError, EvalOutput, check_report_dir, check_tasks, compare, evaluate_classification,
+                              evaluate_retrieval, format_table, write_report)
 
 
 def _unit(x):
@@ -32,6 +33,31 @@ def test_knn_k_larger_than_index_is_a_clear_error():
     x = _unit(np.eye(3, dtype=np.float32))
     with pytest.raises(EvalError, match="eval.knn_k=5 is larger than the 3 training texts"):
         evaluate_classification(x, ["a", "b", "c"], x, ["a", "b", "c"], k=5)
+
+
+def test_check_tasks_refuses_what_the_splits_cannot_evaluate_before_any_encoding():
+    train = Examples("grouped", "t.csv", np.arange(4) + 2, ["a1", "a2", "b1", "b2"], groups=["a", "a", "b", "b"],
+                     labels=["x", "x", "y", "y"])
+    ok = Examples("grouped", "t.csv", np.arange(2) + 2, ["c1", "c2"], groups=["c", "c"], labels=["x", "x"])
+    check_tasks(EvalConfig(knn_k=4), train, ok)
+    with pytest.raises(EvalError, match=r"eval.knn_k=5 is larger than the 4 training texts in the kNN index; "
+                                        r"lower it \(-o eval.knn_k=4\)"):
+        check_tasks(EvalConfig(knn_k=5), train, ok)
+    singletons = Examples("grouped", "e.csv", np.arange(2) + 2, ["c1", "d1"], groups=["c", "d"], labels=["x", "y"])
+    with pytest.raises(EvalError, match=r"e\.csv: the eval split has no retrieval query"):
+        check_tasks(EvalConfig(knn_k=2), train, singletons)
+    check_tasks(EvalConfig(knn_k=2, tasks=("classification",)), train, singletons)
+
+
+def test_check_report_dir_refuses_a_file_or_a_folder_with_more_than_a_report(tmp_path):
+    check_report_dir(tmp_path / "new")
+    report = write_report(tmp_path / "old", None, EvalOutput({"retrieval/recall@1": 1.0}, {}), {})
+    check_report_dir(report)  # an earlier report is replaced
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(EvalError, match="is a file; pass a folder"):
+        check_report_dir(tmp_path / "afile")
+    with pytest.raises(EvalError, match=r"holds files that are not an embedft report \(afile, old\)"):
+        check_report_dir(tmp_path)
 
 
 def test_retrieval_on_grouped_examples_excludes_self():
