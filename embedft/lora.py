@@ -107,7 +107,8 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
     """The embedft metadata saved with an adapter, with clear errors for missing files."""
     d = Path(adapter_dir)
     if not d.is_dir():
-        raise ModelError(f"adapter folder {d} does not exist; pass the adapter/ folder of a run (runs/<name>/adapter)")
+        what = "is a file, not a folder" if d.exists() else "does not exist"
+        raise ModelError(f"adapter folder {d} {what}; pass the adapter/ folder of a run (runs/<name>/adapter)")
     for f in ("adapter_config.json", "adapter_model.safetensors", META_FILE):
         if not (d / f).is_file():
             raise ModelError(f"{d}: missing {f}; this is not a complete embedft adapter folder "

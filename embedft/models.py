@@ -451,10 +451,21 @@ def load_encoder(cfg: ModelConfig, device: str | torch.device = "cpu", lora: Lor
     except OSError as e:
         raise ModelError(f"could not load model {cfg.name!r} ({path}): {e}. Offline? Use a local folder "
                          f"or the alias 'minilm'") from e
+    except Exception as e:  # a folder without config.json (ValueError), truncated weights (SafetensorError), ...
+        raise ModelError(f"model.name={cfg.name!r} ({path}) is not a model transformers can load "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); give a Hugging Face or "
+                         "sentence-transformers model folder (config.json and weights), a hub id or the alias "
+                         "'minilm'") from e
+    tok = st[0].tokenizer
+    if len(tok) <= len(set(tok.all_special_ids)):
+        # transformers builds an empty tokenizer when the folder has no tokenizer files: every text would
+        # tokenize to [UNK] and embed the same.
+        raise ModelError(f"model.name={cfg.name!r} ({path}): its tokenizer has no vocabulary besides its "
+                         f"{len(tok)} special tokens (no tokenizer files in the folder?); save the tokenizer "
+                         "next to the model (tokenizer.save_pretrained(folder))")
     backbone = st[0].auto_model
     model_type = getattr(backbone.config, "model_type", "unknown")
     fam = detect_family(model_type, backbone, cfg, lora)
-    tok = st[0].tokenizer
     tok.padding_side = fam.padding_side
     if fam.name == "decoder":
         ensure_eos_appended(tok)

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,6 +216,23 @@ def test_missing_local_path_is_a_clear_error(tmp_path):
         resolve_model_path(str(tmp_path / "nope"))
 
 
+def test_a_folder_that_is_not_a_loadable_model_is_a_model_error(tmp_path, tiny_bert_dir):
+    import shutil
+
+    (tmp_path / "empty").mkdir()
+    truncated = Path(shutil.copytree(tiny_bert_dir, tmp_path / "truncated"))
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    no_tokenizer = Path(shutil.copytree(tiny_bert_dir, tmp_path / "no-tokenizer",
+                                        ignore=shutil.ignore_patterns("tokenizer*", "vocab.txt")))
+    for folder, why in (("empty", r"is not a model transformers can load \(ValueError: Unrecognized model"),
+                        ("truncated", r"is not a model transformers can load \(SafetensorError"),
+                        ("no-tokenizer", r"its tokenizer has no vocabulary besides its 5 special tokens")):
+        with pytest.raises(ModelError, match=rf"model\.name='{tmp_path / folder}' .*{why}"):
+            load_encoder(ModelConfig(name=str(tmp_path / folder)))
+    assert no_tokenizer.is_dir()
+
+
 def test_unknown_architecture_lists_linear_layers(tmp_path):
     from transformers import OPTConfig, OPTModel
 
@@ -252,6 +270,9 @@ def test_adapter_roundtrip_and_base_mismatch(tiny_bert_dir, tiny_qwen3_dir, tmp_
     (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
     with pytest.raises(ModelError, match="missing adapter_model.safetensors"):
         read_adapter_meta(tmp_path / "adapter")
+    (tmp_path / "adapter.txt").write_text("")
+    with pytest.raises(ModelError, match="adapter.txt is a file, not a folder; pass the adapter/ folder"):
+        read_adapter_meta(tmp_path / "adapter.txt")
 
 
 def test_sdpa_backends_only_constrain_left_padding_on_cuda():
