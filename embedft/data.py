@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -165,6 +166,12 @@ def read_table(path: str, fmt: str = "auto", header: bool = True, hub_split: str
         raise DataError(f"{path}: {where} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}: {e.reason}); "
                         "save it as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8 OLD > NEW)") from None
     except Exception as e:  # parser errors carry the line; add the file and the fix
+        fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e)) if fmt in ("csv", "tsv") else None
+        if fields:
+            want, line, got = fields.groups()
+            first = "header row" if header else "first row"
+            raise DataError(f"{path}: line {line} has {got} fields but the {first} has {want}; quote a text that "
+                            f"contains {sep!r} (\"samsung tv{sep} 55 inch\"), and remove any {sep!r} at line ends") from None
         bad = _first_bad_json_line(path) if fmt == "jsonl" else None
         if bad is not None:  # pandas' JSON errors give a character position; find the line
             raise DataError(f"{path}: line {bad[0]} is not a JSON object ({bad[1]}); each line of a JSONL file must "
@@ -316,9 +323,15 @@ def _empty_mask(ex: Examples) -> np.ndarray:
 
 
 def check_empty(ex: Examples, cfg: DataConfig, report: DataReport, role: str) -> Examples:
-    """Empty or missing texts/groups, as data.on_empty_text says (error, warn or drop)."""
+    """Empty or missing texts/groups, and labels of grouped data (labeled data's labels are its
+    groups), as data.on_empty_text says (error, warn or drop)."""
     ex = _apply_policy(ex, _empty_mask(ex), cfg.on_empty_text, "data.on_empty_text",
                        "empty or missing texts/groups", report, f"{role}_empty")
+    if ex.labels is not None and ex.labels is not ex.groups:
+        # A missing label would otherwise be a class of its own, "", in kNN classification and loss.label_weight.
+        ex = _apply_policy(ex, np.array([not t.strip() for t in ex.labels], dtype=bool), cfg.on_empty_text,
+                           "data.on_empty_text", f"empty or missing labels (data.label_column={cfg.label_column!r})",
+                           report, f"{role}_empty_label")
     if len(ex) == 0:
         raise DataError(f"{ex.source}: no usable rows left after removing empty texts")
     return ex

@@ -164,6 +164,15 @@ def test_unquoted_separator_in_the_first_row_is_refused_not_shifted(tmp_path):
         load_examples(str(p), DataConfig(shape="grouped"))
 
 
+def test_a_row_with_more_fields_than_the_header_names_its_line_and_the_fix(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_text("text,group,label\nlg tv,1,TVs\nsony tv,1,TVs\nsamsung tv, 55 inch,2,TVs\nbosch fridge,2,Fridges\n")
+    with pytest.raises(DataError, match=r"c\.csv: line 4 has 4 fields but the header row has 3; quote a text that "
+                                        r"contains ','") as e:
+        load_examples(str(p), DataConfig(shape="grouped"))
+    assert "\n" not in str(e.value)
+
+
 def test_malformed_jsonl_names_the_line(tmp_path):
     p = tmp_path / "t.jsonl"
     p.write_text('{"text": "a", "label": "x"}\n\n{"text": "b", "label": "x"\n{"text": "c", "label": "y"}\n')
@@ -302,6 +311,18 @@ def test_empty_group_is_an_empty_row_too(tmp_path):
     p = write_csv(tmp_path / "g.csv", rows)
     with pytest.raises(DataError, match=r"at rows 2\."):
         validate_split(load_examples(str(p), grouped()), grouped(), DataReport(), "train")
+
+
+def test_empty_label_of_grouped_data_is_an_empty_row_not_a_class(tmp_path):
+    rows = [list(r) for r in ROWS]
+    rows[5][2], rows[30][2] = "", "NaN"
+    p = write_csv(tmp_path / "g.csv", rows)
+    with pytest.raises(DataError, match=r"g\.csv: 2 empty or missing labels \(data\.label_column='label'\) at rows 7, 32\. "
+                                        r"Fix the data, or set data\.on_empty_text=drop"):
+        load_splits(grouped(train=str(p)))
+    train, eval_, report = load_splits(grouped(train=str(p), on_empty_text="drop"))
+    assert "" not in train.labels + eval_.labels and report.counts["train_empty_label"] == 2
+    assert len(train) + len(eval_) == N - 2
 
 
 def _eval_file(tmp_path: Path) -> Path:
