@@ -314,6 +314,8 @@ def index_search(index_dir, queries, queries_file, text_column, id_column, no_he
 
     if queries and queries_file:
         raise click.UsageError("give queries as arguments or with --queries, not both")
+    if out:
+        deploy.check_results_path(out)  # before the search, not after it
     if queries_file:
         rows = deploy.read_corpus(queries_file, text_column, id_column, header=not no_header)
         query_ids, queries = rows.ids, rows.texts

@@ -214,6 +214,11 @@ def open_index(index_dir: str | Path) -> IndexFolder:
         index, ids, manifest = load_index(index_dir)
     except ValueError as e:
         raise DeployError(str(e)) from e
+    if "model_dir" not in manifest and "base_model" in manifest:  # `embedft eval --save-index` wrote it
+        raise DeployError(f"{index_dir} was written by `embedft eval --save-index` (the adapter "
+                          f"{manifest.get('adapter')} on {manifest.get('base_model')}), which no export's weights "
+                          "match; to search with an export, build its index with `embedft index build --model "
+                          "EXPORT --corpus FILE`")
     return IndexFolder(Path(index_dir), index, ids, manifest)
 
 
@@ -319,8 +324,15 @@ def results_records(query_ids: Sequence[str], queries: Sequence[str], hits: Sequ
             for n, (qid, q, h) in enumerate(zip(query_ids, queries, hits))]
 
 
+def check_results_path(path: str | Path) -> None:
+    """Refuse a results file `write_results` cannot write (a folder there), before the search."""
+    if Path(path).is_dir():
+        raise DeployError(f"--out {path} is a folder; pass a file name for the JSON lines, e.g. {Path(path) / 'hits.jsonl'}")
+
+
 def write_results(path: str | Path, records: Sequence[dict]) -> None:
     """JSON lines, written whole or not at all."""
+    check_results_path(path)
     write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 

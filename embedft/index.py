@@ -455,6 +455,8 @@ def load_index(
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{manifest_path} is not valid JSON ({exc}); {_REBUILD_HINT}") from exc
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{manifest_path} holds a {type(manifest).__name__}, not the manifest object; {_REBUILD_HINT}")
 
     # Check the manifest before reading a possibly large index file.
     if expected_model is not None and manifest.get("model") != expected_model:
@@ -471,8 +473,17 @@ def load_index(
     for name in (INDEX_FILE, IDS_FILE):
         if not (index_dir / name).is_file():
             raise FileNotFoundError(f"{index_dir} has no {name}; {_REBUILD_HINT}")
-    index = faiss.read_index(str(index_dir / INDEX_FILE))
-    ids = json.loads((index_dir / IDS_FILE).read_text(encoding="utf-8"))
+    try:
+        index = faiss.read_index(str(index_dir / INDEX_FILE))
+    except RuntimeError as exc:  # faiss' C++ read errors (a truncated or overwritten file)
+        raise ValueError(f"{index_dir / INDEX_FILE} cannot be read by faiss ({str(exc).splitlines()[-1][:300]}); "
+                         f"the index is damaged: {_REBUILD_HINT}") from exc
+    try:
+        ids = json.loads((index_dir / IDS_FILE).read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{index_dir / IDS_FILE} is not valid JSON ({exc}); {_REBUILD_HINT}") from exc
+    if not isinstance(ids, list):
+        raise ValueError(f"{index_dir / IDS_FILE} holds a {type(ids).__name__}, not a list of ids; {_REBUILD_HINT}")
     if len(ids) != index.ntotal:
         raise ValueError(f"{index_dir} has {len(ids)} ids for {index.ntotal} vectors; {_REBUILD_HINT}")
     if "dim" in manifest and manifest["dim"] != index.d:

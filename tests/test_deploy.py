@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from embedft.deploy import DeployError, read_corpus
+from embedft.deploy import DeployError, check_results_path, open_index, read_corpus
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -89,3 +89,24 @@ def test_bad_files_name_the_fix(tmp_path):
     broken.write_text('{"id": 1, "text": "a"}\n{"id": 2, "te\n')
     with pytest.raises(DeployError, match=r"b\.jsonl: line 2 is not a JSON object"):
         read_corpus(broken)
+
+
+def test_an_eval_save_index_folder_is_refused_by_index_search_with_the_reason(tmp_path):
+    import numpy as np
+
+    from embedft.index import build_index, save_index
+
+    # The manifest `embedft eval --save-index` writes: an adapter model, no export to embed queries with.
+    manifest = {"model": "4006042dfd4047bf+adapter", "base_model": "minilm", "adapter": "runs/x/adapter", "dim": 4,
+                "metric": "inner_product", "normalized": True, "factory": "Flat", "count": 3}
+    vectors = np.eye(3, 4, dtype=np.float32)
+    out = save_index(tmp_path / "idx", build_index(vectors), ["a", "b", "c"], manifest)
+    with pytest.raises(DeployError, match=r"idx was written by `embedft eval --save-index` \(the adapter runs/x/adapter "
+                                          r"on minilm\), which no export's weights match; .*embedft index build"):
+        open_index(out)
+
+
+def test_search_out_that_is_a_folder_is_refused(tmp_path):
+    check_results_path(tmp_path / "hits.jsonl")
+    with pytest.raises(DeployError, match=r"--out .* is a folder; pass a file name for the JSON lines"):
+        check_results_path(tmp_path)

@@ -709,3 +709,17 @@ def test_an_index_written_meanwhile_is_not_replaced_without_overwrite(exports, t
     res = CliRunner().invoke(main, ["index", "build", "--model", str(exports["bert"][2]), "--corpus", str(corpus),
                                     "--out", str(out), "--overwrite"])
     assert res.exit_code == 0 and json.loads((out / "manifest.json").read_text())["count"] == 2
+
+
+def test_index_search_out_that_is_a_folder_is_refused_before_the_search(exports, tmp_path, monkeypatch):
+    from embedft import deploy
+
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("id,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(SEARCH_DOCS)))
+    res = CliRunner().invoke(main, ["index", "build", "--model", str(exports["bert"][2]), "--corpus", str(corpus),
+                                    "--out", str(tmp_path / "idx")])
+    assert res.exit_code == 0, res.output
+    monkeypatch.setattr(deploy, "search_index", lambda *a, **k: pytest.fail("searched before --out was checked"))
+    res = CliRunner().invoke(main, ["index", "search", str(tmp_path / "idx"), "sony camera", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"error: --out {tmp_path} is a folder; pass a file name for the JSON lines" in res.stderr

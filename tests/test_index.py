@@ -259,6 +259,20 @@ def test_load_missing_folder_or_manifest(tmp_path):
         load_index(tmp_path / "half")
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("index.faiss", b"IxF2 truncated", r"index\.faiss cannot be read by faiss \(.*\); the index is damaged"),
+    ("manifest.json", b"[]", r"manifest\.json holds a list, not the manifest object"),
+    ("ids.json", b"[1, 2", r"ids\.json is not valid JSON"),
+    ("ids.json", b'{"a": 1}', r"ids\.json holds a dict, not a list of ids"),
+])
+def test_load_of_a_damaged_file_names_it_and_the_fix(data, tmp_path, name, content, message):
+    corpus, _ = data
+    out = save_index(tmp_path / "idx", build_index(corpus[:10]), np.arange(10), _manifest())
+    (out / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message + r".*embedft index build"):
+        load_index(out)
+
+
 def test_existing_out_dir_needs_overwrite(data, tmp_path):
     corpus, _ = data
     out = tmp_path / "idx"
