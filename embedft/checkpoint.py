@@ -54,11 +54,16 @@ def run_identity(spec: EncoderSpec, lora: dict[str, Any] | None, src: PairSource
 RESUME_FIX = "resume with the same config and -o options as that run, or start fresh without --resume"
 
 
+def require_checkpoint(path: Path) -> None:
+    """A clear error when there is no checkpoint at `path` to resume (checked before any model is loaded)."""
+    if not (path / "state.pt").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {path}; run without --resume to start fresh")
+
+
 def check_resumable(path: Path, identity: dict[str, Any]) -> None:
     """A clear error when there is no checkpoint at `path`, or it was written with other settings
     (another LoRA rank, lr, batch size, data order, ...): resuming it would train something else."""
-    if not (path / "state.pt").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {path}; run without --resume to start fresh")
+    require_checkpoint(path)
     saved = _read_checkpoint(path, lambda: json.loads((path / "progress.json").read_text())).get("identity")
     if saved is None:  # written before embedft recorded settings: load_checkpoint checks the shapes
         return

@@ -98,7 +98,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     """Train one experiment end to end; returns the run summary (paths and metrics)."""
     import torch
 
-    from embedft.checkpoint import check_resumable, run_identity
+    from embedft.checkpoint import check_resumable, require_checkpoint, run_identity
     from embedft.evaluate import check_indexes, evaluate_encoder, format_table, compare, write_report
     from embedft.models import load_encoder
     from embedft.lora import apply_lora, load_adapter, lora_settings, save_adapter
@@ -107,6 +107,8 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
 
     data = prepare_data(cfg)
     out = cfg.output_dir
+    if resume:  # nothing to resume: refused before the run folder is made or a model loaded
+        require_checkpoint(out / "checkpoint")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where a folder should be, no permission, read-only disk

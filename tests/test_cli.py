@@ -158,6 +158,7 @@ def test_resume_mismatch_is_refused_before_any_work(experiment, tiny_bert_dir, m
 
     model = ("-o", f"model.name={tiny_bert_dir}", "-o", "train.max_steps=2", "-o", "eval.indexes=[]")
     assert_clean_error(invoke("train", str(experiment), *model, "--resume"), "--resume: no checkpoint in")
+    assert not (experiment.parent / "run").exists()  # refused before the run folder was made
     assert invoke("train", str(experiment), *model).exit_code == 0
     monkeypatch.setattr(E, "evaluate_encoder", None)  # the base evaluation would fail: the refusal comes first
     result = invoke("train", str(experiment), *model, "-o", "lora.r=8", "--resume")
