@@ -88,6 +88,9 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
     """Fine-tune LoRA adapters on CONFIG (an experiment YAML) and evaluate base vs adapted."""
     from embedft.pipeline import run_sweep, run_train
 
+    if resume and sweeps:  # a sweep trains every point afresh: its children's checkpoints would be overwritten
+        raise click.UsageError("--resume continues one run, not a --sweep (which trains every point afresh): resume "
+                               "a killed point alone with its name and value, e.g. --resume -o name=<name>-r8 -o lora.r=8")
     cfg = _load(config, overrides)
     progress = _progress(no_progress)
     # `kill`, `docker stop` and job schedulers send SIGTERM: end the MLflow run as KILLED (the

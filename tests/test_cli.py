@@ -305,3 +305,14 @@ def test_train_refuses_an_evaluation_it_cannot_run_before_training(experiment, t
                               "-o", "data.label_column=null"), "none of eval.tasks=['classification'] fits grouped data")
     assert_clean_error(invoke("check", str(experiment), "-o", "eval.knn_k=1000"), "eval.knn_k=1000")
     assert not (experiment.parent / "run").exists()
+
+
+def test_train_resume_with_a_sweep_is_refused_not_ignored(experiment, monkeypatch):
+    import embedft.pipeline
+
+    # Ignored, the sweep would train every point afresh over the checkpoints --resume was meant to continue.
+    monkeypatch.setattr(embedft.pipeline, "run_sweep", lambda *a, **k: pytest.fail("swept with --resume ignored"))
+    result = invoke("train", str(experiment), "--resume", "--sweep", "lora.r=4,8")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "--resume continues one run, not a --sweep" in result.output and "-o name=<name>-r8 -o lora.r=8" in result.output
+
