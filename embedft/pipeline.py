@@ -389,6 +389,10 @@ def run_sweep(cfg: ExperimentConfig, config_path: str, overrides: tuple[str, ...
         # Children keep the parent's MLflow experiment; only the run (and its folder) is renamed.
         points.append(replace(child, name=f"{cfg.name}-{suffix}",
                               tracking=replace(child.tracking, experiment=cfg.tracking.experiment or cfg.name)))
+    if len({p.output_dir for p in points}) < len(points):  # each point would replace the last one's run folder
+        raise ConfigError(f"train.output_dir={cfg.train.output_dir!r} gives every --sweep point the same run folder, "
+                          "so each would replace the one before; put {name} in it (e.g. runs/{name}), each point's "
+                          "name being <name>-<key><value>", ("train.output_dir",))
     tracker = open_tracker(cfg.tracking, cfg.name, cfg.output_dir)
     parent = tracker.start_run(run_name=f"{cfg.name}-sweep", params={"sweep": " x ".join(sweeps)},
                                tags={"embedft.sweep": "parent"})

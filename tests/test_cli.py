@@ -316,3 +316,11 @@ def test_train_resume_with_a_sweep_is_refused_not_ignored(experiment, monkeypatc
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "--resume continues one run, not a --sweep" in result.output and "-o name=<name>-r8 -o lora.r=8" in result.output
 
+
+def test_sweep_whose_points_share_one_run_folder_is_refused_before_training(experiment, monkeypatch):
+    import embedft.pipeline
+
+    monkeypatch.setattr(embedft.pipeline, "run_train", lambda *a, **k: pytest.fail("trained a point"))
+    # The fixture's train.output_dir has no {name}: the second point would have replaced the first one's adapter.
+    result = invoke("train", str(experiment), "--sweep", "lora.r=4,8")
+    assert_clean_error(result, "gives every --sweep point the same run folder", "put {name} in it")
