@@ -130,17 +130,21 @@ def _adapter_json(path: Path) -> dict:
     return value
 
 
-def load_adapter(encoder: Encoder, adapter_dir: str | Path) -> Encoder:
-    """Attach a saved adapter to a freshly loaded base Encoder, checking it was trained on this base."""
-    from peft import PeftModel
-
-    meta = read_adapter_meta(adapter_dir)
-    spec = meta.get("spec", {})
+def check_adapter_base(encoder: Encoder, adapter_dir: str | Path) -> None:
+    """A clear error unless the adapter was trained on this base model (its weights' fingerprint)."""
+    spec = read_adapter_meta(adapter_dir).get("spec", {})
     if spec.get("fingerprint") and spec["fingerprint"] != encoder.spec.fingerprint:
         raise ModelError(f"adapter {adapter_dir} was trained on base model {spec.get('base_model')!r} "
                          f"(fingerprint {spec['fingerprint']}, {spec.get('model_type')}, hidden {spec.get('hidden_size')}) "
                          f"but the model given is {encoder.spec.base_model!r} (fingerprint {encoder.spec.fingerprint}, "
                          f"{encoder.spec.model_type}, hidden {encoder.spec.hidden_size}); pass the adapter's base model")
+
+
+def load_adapter(encoder: Encoder, adapter_dir: str | Path) -> Encoder:
+    """Attach a saved adapter to a freshly loaded base Encoder, checking it was trained on this base."""
+    from peft import PeftModel
+
+    check_adapter_base(encoder, adapter_dir)
     try:
         with _peft_quiet():
             encoder.backbone = PeftModel.from_pretrained(encoder.backbone, str(adapter_dir), is_trainable=False)

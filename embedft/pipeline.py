@@ -268,7 +268,7 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     from embedft.evaluate import (check_indexes, check_report_dir, check_tasks, compare, evaluate_encoder,
                                   format_table, write_report)
     from embedft.models import ModelError, load_encoder
-    from embedft.lora import load_adapter, read_adapter_meta
+    from embedft.lora import check_adapter_base, load_adapter, read_adapter_meta
     from embedft.models import resolve_device
 
     _check_extras(cfg)
@@ -295,6 +295,8 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     device = resolve_device(cfg.train.device)
     tracker = open_tracker(cfg.tracking, cfg.tracking.experiment or cfg.name, cfg.output_dir)
     encoder = load_encoder(cfg.model, device)
+    if adapter_dir is not None:  # a --model the adapter was not trained on is refused before the base evaluation
+        check_adapter_base(encoder, adapter_dir)
     check_indexes(cfg.eval, encoder.spec.hidden_size, train_ex, eval_ex)
     base_eval = evaluate_encoder(encoder, train_ex, eval_ex, cfg.eval, device, progress) \
         if (compare_base or base_only) else None

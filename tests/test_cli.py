@@ -324,3 +324,12 @@ def test_sweep_whose_points_share_one_run_folder_is_refused_before_training(expe
     # The fixture's train.output_dir has no {name}: the second point would have replaced the first one's adapter.
     result = invoke("train", str(experiment), "--sweep", "lora.r=4,8")
     assert_clean_error(result, "gives every --sweep point the same run folder", "put {name} in it")
+
+
+def test_eval_with_a_model_the_adapter_was_not_trained_on_is_refused_before_the_base_evaluation(
+        experiment, tiny_bert_adapter, tiny_qwen3_dir, monkeypatch):
+    import embedft.evaluate as E
+
+    monkeypatch.setattr(E, "evaluate_encoder", lambda *a, **k: pytest.fail("evaluated before the adapter check"))
+    result = invoke("eval", str(experiment), "--adapter", str(tiny_bert_adapter), "-o", f"model.name={tiny_qwen3_dir}")
+    assert_clean_error(result, f"adapter {tiny_bert_adapter} was trained on base model", "pass the adapter's base model")
