@@ -437,14 +437,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. -o train.lr=1e-4")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    keys = key.strip().split(".")
+    if not all(k.strip() for k in keys):
+        raise ConfigError(f"override {item!r}: empty key name before '='; expected section.key=value, "
+                          "e.g. -o train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({first}); quote it or close its "
+                          "brackets, e.g. -o 'eval.ks=[1,5,10]'") from None
     # YAML reads 1e-4 as a string; numbers in scientific notation are common in lr overrides.
     if isinstance(value, str):
         try:
             value = float(value) if any(c in value for c in "eE.") else int(value)
         except ValueError:
             pass
-    return key.strip().split("."), value
+    return [k.strip() for k in keys], value
 
 
 def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...]) -> dict:

@@ -529,8 +529,9 @@ def sync_pending(spool_root: str | Path, uri: str | None = None) -> int:
     Each delivered spool folder is removed. Safe to repeat: points already stored are skipped.
     """
     root = Path(spool_root)
-    if not root.exists():
-        raise TrackingError(f"{root}: no such folder; pass a run folder or its .mlflow-pending folder")
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "no such folder"
+        raise TrackingError(f"{root}: {what}; pass a run folder or its .mlflow-pending folder")
     spools = sorted(p.parent for p in root.rglob(SPOOL_META))
     total = 0
     failed: list[str] = []

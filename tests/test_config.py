@@ -1,5 +1,6 @@
 """Config: defaults, every experiment YAML, unknown keys, impossible values, -o overrides."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,16 @@ def test_override_into_a_value_is_rejected(tmp_path):
 def test_malformed_override_rejected():
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(None, ["train.lr"])
+
+
+@pytest.mark.parametrize("item, message", [
+    ("=3", "empty key name"),
+    ("train..lr=1e-4", "empty key name"),
+    ("eval.ks=[1,5", "the value is not valid YAML"),
+])
+def test_override_without_a_key_or_with_bad_yaml_is_named(item, message):
+    with pytest.raises(ConfigError, match=rf"override '{re.escape(item)}': {message}"):
+        load_config(None, [item])
 
 
 def test_override_bad_value_names_field():

@@ -266,6 +266,13 @@ def test_sync_reports_a_damaged_spool_and_still_delivers_the_others(store, tmp_p
     assert c.get_run(run_ids["damaged"]).info.status == "RUNNING" and (root / "damaged" / "records.jsonl").exists()
 
 
+def test_sync_pending_names_a_file_given_as_the_folder(tmp_path):
+    f = tmp_path / "summary.json"
+    f.write_text("{}")
+    with pytest.raises(TrackingError, match="is a file, not a folder"):
+        tracking.sync_pending(f)
+
+
 def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
     ids = {}
     for name, recall in (("low", 0.3), ("high", 0.9), ("none", None)):
