@@ -448,7 +448,9 @@ def compare_embeddings(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     if ref.shape != got.shape:
         return {"min_cosine": float("nan"), "max_abs_diff": float("inf"), "mean_cosine": float("nan")}
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
-    cos = np.where(norms > 0, (ref * got).sum(1) / np.maximum(norms, 1e-30), 1.0)
+    # Two zero vectors agree; a row with a NaN or inf keeps a NaN cosine, so it fails the check.
+    with np.errstate(invalid="ignore"):
+        cos = np.where(norms == 0, 1.0, (ref * got).sum(1) / np.maximum(norms, 1e-30))
     return {"min_cosine": float(cos.min()), "max_abs_diff": float(np.abs(ref - got).max()),
             "mean_cosine": float(cos.mean())}
 
@@ -466,8 +468,9 @@ def _parity(model_dir: Path, probes: list[str], ref: np.ndarray, tol: dict[str, 
 def parity_figures(ref: np.ndarray, docs: np.ndarray, queries: np.ndarray, tol: dict[str, float]) -> dict:
     """Compare (N, D) document and query vectors with the reference (2, N, D) under a tolerance."""
     per = {"documents": compare_embeddings(ref[0], docs), "queries": compare_embeddings(ref[1], queries)}
-    min_cos = min(v["min_cosine"] for v in per.values())
-    max_abs = max(v["max_abs_diff"] for v in per.values())
+    # np.min/np.max carry a NaN; Python's min/max keep the first value when the other is NaN.
+    min_cos = float(np.min([v["min_cosine"] for v in per.values()]))
+    max_abs = float(np.max([v["max_abs_diff"] for v in per.values()]))
     ok = bool(min_cos >= tol["min_cosine"] and max_abs <= tol["max_abs_diff"])  # NaN compares False
     return {"ok": ok, "min_cosine": min_cos, "max_abs_diff": max_abs, **per, "tolerances": dict(tol),
             "n_probes": int(ref.shape[1])}

@@ -146,6 +146,12 @@ def test_verify_passes_then_fails_after_a_weight_changes(exports, tmp_path):
         verify_export(d)
     res = CliRunner().invoke(main, ["verify", str(d)])
     assert res.exit_code == 1 and "max abs diff" in res.output
+    # Tolerances given on the command line replace the saved ones (any two unit vectors are within 2).
+    loose = verify_export(d, min_cosine=0.5, max_abs_diff=2.0)
+    assert loose["ok"] and loose["tolerances"] == {"min_cosine": 0.5, "max_abs_diff": 2.0}
+    assert 0.5 <= loose["min_cosine"] < 0.99999
+    res = CliRunner().invoke(main, ["verify", str(d), "--min-cosine", "0.5", "--max-abs-diff", "2"])
+    assert res.exit_code == 0, res.output
     # A tolerance that would pass anything (cosine -1) is refused, not applied.
     res = CliRunner().invoke(main, ["verify", str(d), "--min-cosine", "-1"])
     assert res.exit_code == 2 and "Invalid value for '--min-cosine'" in res.output
@@ -604,6 +610,9 @@ def test_index_search_refuses_bad_input_and_writes_nothing(exports, tmp_path):
 
     assert "another model" in fails("q", "--model", str(exports["qwen3"][2]))
     assert "choose k between 1 and 20" in fails("q", "-k", "21")
+    res = CliRunner().invoke(main, ["index", "search", str(idx), "q", "-k", "20", "--out", str(out)])
+    assert res.exit_code == 0 and len(json.loads(out.read_text())["hits"]) == 20, res.output  # k may be all of them
+    out.unlink()
     assert "no queries" in fails()
     assert "query 2 of 3 is empty (numbered from 1, as the output lists queries)" in fails("a", " ", "b")
     assert "not both" in fails("q", "--queries", str(corpus))
@@ -723,3 +732,29 @@ def test_index_search_out_that_is_a_folder_is_refused_before_the_search(exports,
     res = CliRunner().invoke(main, ["index", "search", str(tmp_path / "idx"), "sony camera", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert f"error: --out {tmp_path} is a folder; pass a file name for the JSON lines" in res.stderr
+
+
+def test_parity_needs_both_the_cosine_and_the_largest_difference():
+    from embedft.export import parity_figures
+
+    ref = np.zeros((2, 3, 4), dtype=np.float32)
+    ref[:, :, 0] = 1.0  # (2, N, D): every probe the unit vector e0, as documents and as queries
+    tol = {"min_cosine": 0.99, "max_abs_diff": 0.2}
+
+    def check(queries):
+        return parity_figures(ref, ref[0].copy(), np.asarray(queries, dtype=np.float32), tol)
+
+    close = [[1, 0.05, 0, 0]] * 3  # cosine 1/sqrt(1.0025) = 0.99875, largest difference 0.05
+    p = check(close)
+    assert p["ok"] and p["min_cosine"] == pytest.approx(1 / np.sqrt(1.0025))
+    assert p["max_abs_diff"] == pytest.approx(0.05)
+    assert p["documents"]["min_cosine"] == 1.0 and p["documents"]["max_abs_diff"] == 0.0
+    turned = [[1, 0.05, 0, 0], [1, 0.15, 0.15, 0.15], [1, 0, 0, 0]]  # every entry within 0.2, one cosine 0.9679
+    p = check(turned)
+    assert not p["ok"] and p["min_cosine"] == pytest.approx(1 / np.sqrt(1.0675)) and p["max_abs_diff"] <= 0.2
+    assert not check([[1.3, 0, 0, 0]] * 3)["ok"]  # the same direction (cosine 1), 0.3 off
+    assert not check([[1, 0, 0, 0]] * 2)["ok"]  # a probe missing
+    for bad in (np.nan, np.inf):  # an fp16 overflow: a NaN or inf vector (its cosine is NaN) fails, as queries too
+        p = check([[1, 0, 0, 0], [bad, 0, 0, 0], [1, 0, 0, 0]])
+        assert not p["ok"] and np.isnan(p["min_cosine"]) and not p["max_abs_diff"] <= 0.2
+    assert check([[0, 0, 0, 0]] * 3)["max_abs_diff"] == 1.0 and not check([[0, 0, 0, 0]] * 3)["ok"]
