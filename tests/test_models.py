@@ -414,8 +414,12 @@ def test_cuda_device_the_machine_lacks_is_a_config_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="train.device=cuda but no CUDA device is available"):
         resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"train.device=cuda:1 but this machine has 1 CUDA device"):
+        resolve_device("cuda:1")  # numbered from 0: the one device is cuda:0
     with pytest.raises(ConfigError, match=r"train.device=cuda:3 but this machine has 1 CUDA device"):
         resolve_device("cuda:3")
     assert resolve_device("cuda:0") == torch.device("cuda:0")
@@ -423,3 +427,100 @@ def test_cuda_device_the_machine_lacks_is_a_config_error(monkeypatch):
         resolve_device("gpu")
     with pytest.raises(ConfigError, match=r"^--device cuda:3 but this machine has 1 CUDA device.*use --device cuda$"):
         resolve_device("cuda:3", "--device")  # a command-line option is named as one
+
+
+def test_pool_by_hand_under_right_and_left_padding():
+    from embedft.models import pool
+
+    # hidden[b, t] = (10b + t, -(10b + t)): every pooled value says which tokens it came from.
+    v = 10 * torch.arange(3.0)[:, None] + torch.arange(4.0)[None, :]  # (3, 4)
+    hidden = torch.stack([v, -v], dim=-1)  # (B=3, L=4, H=2)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]])
+    for mask, mean, cls, last in ((right, [0.5, 11.0, 21.5], [0.0, 10.0, 20.0], [1.0, 12.0, 23.0]),
+                                  (left, [2.5, 12.0, 21.5], None, [3.0, 13.0, 23.0])):
+        for mode, want in (("mean", mean), ("cls", cls), ("lasttoken", last)):
+            if want is not None:  # cls reads position 0: a right-padding (BERT) pooling only
+                assert pool(hidden, mask, mode).tolist() == [[w, -w] for w in want], (mode, mask)
+    with pytest.raises(ModelError, match="unknown pooling 'max'"):
+        pool(hidden, right, "max")
+
+
+def test_pooling_setting_wins_and_a_saved_sentence_transformers_config_is_read(tiny_bert_dir, tmp_path):
+    import shutil
+
+    from embedft.export import to_sentence_transformer
+
+    enc = load_encoder(ModelConfig(name=str(tiny_bert_dir), pooling="cls"))
+    assert enc.spec.pooling == "cls"
+    enc.eval()
+    batch = enc.collate(enc.tokenize(TEXTS))
+    with torch.no_grad():
+        hidden = enc.backbone(**batch).last_hidden_state
+        torch.testing.assert_close(enc(**batch), torch.nn.functional.normalize(hidden[:, 0], dim=-1))
+    # A sentence-transformers folder whose Pooling is cls and whose query prompt is "query: " (as E5 has).
+    st_dir = shutil.copytree(tiny_bert_dir, tmp_path / "st")
+    to_sentence_transformer(enc, "query: ").save(str(st_dir))
+    saved = load_encoder(ModelConfig(name=str(st_dir)))
+    assert (saved.spec.pooling, saved.spec.query_template) == ("cls", "query: {text}")
+    assert saved.format(["tv"], is_query=True) == ["query: tv"] and saved.format(["tv"], is_query=False) == ["tv"]
+    assert load_encoder(ModelConfig(name=str(st_dir), pooling="mean")).spec.pooling == "mean"  # the setting wins
+
+
+def test_max_length_is_capped_at_the_models_positions(tiny_bert_dir):
+    enc = load_encoder(ModelConfig(name=str(tiny_bert_dir), max_length=1000))
+    assert enc.spec.max_length == enc.backbone.config.max_position_embeddings == 128
+    ids = enc.tokenize(["word " * 400])
+    assert len(ids[0]) == 128
+    with torch.no_grad():
+        assert enc(**enc.collate(ids)).shape == (1, 32)  # beyond 128 positions BERT has no embedding
+
+
+def test_family_setting_decides_padding_pooling_and_prompt(tiny_bert_dir, tiny_qwen3_dir):
+    as_decoder = load_encoder(ModelConfig(name=str(tiny_bert_dir), family="decoder", task="t"))
+    spec = as_decoder.spec
+    assert (spec.family, spec.padding_side, spec.pooling) == ("decoder", "left", "lasttoken")
+    assert spec.query_template == "Instruct: t\nQuery:{text}"
+    as_bert = load_encoder(ModelConfig(name=str(tiny_qwen3_dir), family="bert"))
+    spec = as_bert.spec
+    assert (spec.family, spec.padding_side, spec.pooling, spec.query_template) == ("bert", "right", "mean", None)
+    apply_lora(as_bert, LoraConfig(r=2))  # the model type's own Q/K/V names are kept
+    assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in as_bert.named_parameters() if "lora_A" in n} == \
+        {"q_proj", "k_proj", "v_proj"}
+
+
+def test_a_tokenizer_that_appends_its_own_end_token_is_left_as_it_is(tiny_qwen3_dir):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from embedft.models import ensure_eos_appended
+
+    # Qwen3-Embedding's tokenizer appends <|endoftext|> (its pad), not its eos token <|im_end|>.
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3_dir)
+    end = tok.pad_token
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"$A {end}", special_tokens=[(end, tok.pad_token_id)])
+    before = tok(["apple tv", "a"])["input_ids"]
+    ensure_eos_appended(tok)
+    assert tok(["apple tv", "a"])["input_ids"] == before
+    assert all(ids[-1] == tok.pad_token_id and tok.eos_token_id not in ids for ids in before)
+    plain = AutoTokenizer.from_pretrained(tiny_qwen3_dir)  # appends nothing: EOS is added, once
+    ensure_eos_appended(plain)
+    assert plain(["apple tv", "a"])["input_ids"] == [ids[:-1] + [plain.eos_token_id] for ids in before]
+
+
+def test_lora_update_is_b_a_times_alpha_over_r_as_configured(tiny_bert_dir, tmp_path):
+    from embedft.lora import lora_settings
+
+    torch.manual_seed(0)
+    enc = apply_lora(load_encoder(ModelConfig(name=str(tiny_bert_dir))), LoraConfig(r=4, alpha=12, dropout=0.1))
+    enc.eval()  # no dropout: the layer's output is its weights'
+    layer = next(m for n, m in enc.backbone.named_modules() if n.endswith("layer.0.attention.self.query"))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.5)
+        x = torch.randn(3, 32)
+        W, b = layer.base_layer.weight, layer.base_layer.bias
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, in), (out, r)
+        torch.testing.assert_close(layer(x), x @ (W + (12 / 4) * B @ A).T + b)
+    assert lora_settings(enc) == {"r": 4, "alpha": 12, "dropout": 0.1, "target_modules": ["key", "query", "value"]}
+    saved = json.loads((save_adapter(enc, tmp_path / "adapter") / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["lora_dropout"]) == (4, 12, 0.1)
