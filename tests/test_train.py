@@ -241,14 +241,19 @@ def test_cached_negatives_match_full_batch(tiny_model_dir, sampling, device):
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, device):
     src = build_pair_source(toy_examples())
     batch = _one_batch(src)
-    grads = []
+    grads, calls = [], []
     for ckpt in (False, True):
         enc = _encoder(tiny_model_dir, device=device, gradient_checkpointing=ckpt)
         enc.train()
+        layer = max((m for m in enc.modules() if isinstance(m, torch.nn.ModuleList)), key=len)[0]
+        inner = next(m for m in layer.modules() if isinstance(m, torch.nn.Linear))  # one of the layer's matmuls
+        inner.register_forward_hook(lambda *a: calls.append(ckpt))
         seqs, gather = batch_sequences(batch, TokenCache(enc, src.texts))
         batch_loss(embed(enc, seqs, device, False, chunk=64), batch, gather, src.text_keys, LossConfig()).backward()
         grads.append(_grads(enc))
     plain, ckpt = grads
+    # Checkpointed layers run their forward again in the backward pass; that is what saves the memory.
+    assert calls.count(True) == 2 * calls.count(False) > 0
     # Non-zero on every LoRA matrix that feeds the output (no silently detached graph).
     # (lora_A has zero gradient at init because lora_B starts at zero; lora_B must not.)
     assert all(g.abs().sum() > 0 for k, g in ckpt.items() if "lora_B" in k)
@@ -406,3 +411,77 @@ def test_pair_batch_loss_masks_other_positives_of_the_same_query(symmetric):
     if symmetric:
         want = 0.5 * (want + ref(p, a, keys_p, keys_a))
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_lr_schedule_by_hand():
+    from embedft.train import lr_lambda
+
+    # LambdaLR gives step s (0-based) the peak lr times f(s). Warmup 2 of 10 steps, then decay to 0.
+    f = lr_lambda(10, 2, "linear")
+    assert [f(s) for s in range(12)] == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125,
+                                                       0.0, 0.0])
+    f = lr_lambda(10, 2, "cosine")
+    assert [f(s) for s in range(11)] == pytest.approx([0.5, 1.0, 1.0, 0.96194, 0.85355, 0.69134, 0.5, 0.30866,
+                                                       0.14645, 0.03806, 0.0], abs=1e-5)
+    f = lr_lambda(10, 2, "constant")
+    assert [f(s) for s in range(11)] == [0.5] + [1.0] * 10
+    f = lr_lambda(4, 0, "linear")  # no warmup: the first step at the peak
+    assert [f(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_each_step_uses_the_scheduled_lr_and_clipped_gradients(tiny_bert_dir, tmp_path, monkeypatch):
+    import embedft.train as T
+
+    seen = []  # per optimizer step: lr, weight decay and the norm of the gradients it applies
+
+    def make_optimizer(*a, **k):
+        opt = real(*a, **k)
+        opt.register_step_pre_hook(lambda o, args, kwargs: seen.append((
+            o.param_groups[0]["lr"], o.param_groups[0]["weight_decay"],
+            torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in o.param_groups[0]["params"]])).item())))
+        return opt
+
+    real = T.make_optimizer
+    monkeypatch.setattr(T, "make_optimizer", make_optimizer)
+    enc = _encoder(tiny_bert_dir)
+    cfg = TrainConfig(epochs=1, max_steps=4, batch_size=8, lr=1e-2, weight_decay=0.05, warmup_ratio=0.5,
+                      max_grad_norm=1e-3, log_every=1, eval_every_epoch=False)
+    res = train(enc, build_pair_source(toy_examples()), cfg, LossConfig(), tmp_path, progress=False)
+    # 4 steps, warmup int(0.5 * 4) = 2: 0.5, 1 of the peak, then linear decay from 1 over the last 2.
+    assert [s[0] for s in seen] == pytest.approx([5e-3, 1e-2, 1e-2, 5e-3])
+    assert [h["train/lr"] for h in res.history] == pytest.approx([1e-2, 1e-2, 5e-3, 0.0])  # after each step
+    assert {s[1] for s in seen} == {0.05}
+    # The logged norm is before clipping; the optimizer gets gradients clipped to max_grad_norm.
+    assert all(h["train/grad_norm"] > 1e-3 for h in res.history)
+    assert [s[2] for s in seen] == pytest.approx([1e-3] * 4, rel=1e-4)
+    assert all(p.grad is None for p in enc.parameters())  # nothing carried over into a next step
+
+
+def test_cached_negatives_replay_each_chunks_dropout(tiny_bert_dir):
+    # With LoRA dropout on, the backward pass of each chunk must drop what its first pass dropped:
+    # the same as one graph through the same chunks, from the same RNG state.
+    from embedft.chunking import call_overhead, length_chunks
+
+    src = build_pair_source(toy_examples())
+    batch = _one_batch(src)
+    cpu = torch.device("cpu")
+    results = []
+    for cached in (False, True):
+        enc = _encoder(tiny_bert_dir, dropout=0.3)
+        enc.train()
+        seqs, gather = batch_sequences(batch, TokenCache(enc, src.texts))
+        loss_of = lambda e: batch_loss(e, batch, gather, src.text_keys, LossConfig(temperature=0.05))  # noqa: E731
+        torch.manual_seed(7)
+        if cached:
+            loss = train_step_cached(enc, seqs, loss_of, cpu, 5, False)
+        else:
+            chunks = length_chunks([len(s) for s in seqs], 5, call_overhead(cpu))
+            assert len(chunks) > 1
+            emb = torch.cat([enc(**enc.collate([seqs[i] for i in idx])) for idx in chunks])
+            loss_t = loss_of(emb[np.argsort(np.concatenate(chunks))])
+            loss_t.backward()
+            loss = loss_t.item()
+        results.append((loss, _grads(enc)))
+    (l_ref, g_ref), (l_cached, g_cached) = results
+    assert l_cached == pytest.approx(l_ref, abs=1e-6)
+    assert max((g_ref[k] - g_cached[k]).abs().max().item() for k in g_ref) <= 1e-6
