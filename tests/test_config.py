@@ -98,6 +98,10 @@ def test_unknown_key_typo_suggests_close_name():
     ({"loss": {"temperature": 0}}, "loss.temperature", "must be in (0, 1]"),
     ({"tracking": {"enabled": "yes"}}, "tracking.enabled", "expected true or false"),
     ({"lora": {"target_modules": []}}, "lora.target_modules", "non-empty"),
+    ({"lora": {"dropout": 1.0}}, "lora.dropout", "must be in [0, 1)"),
+    ({"model": {"max_length": 3}}, "model.max_length", "must be >= 4"),
+    ({"train": {"mini_batch_size": 0}}, "train.mini_batch_size", "must be >= 1"),
+    ({"train": {"warmup_ratio": 1.0}}, "train.warmup_ratio", "must be in [0, 1)"),
     ({"name": "a/b"}, "name", "without '/'"),
     ({"name": ".."}, "name", "not . or .."),
     ({"eval": {"precision": "fp16"}}, "eval.precision", "use auto, fp32 or bf16"),
@@ -125,6 +129,14 @@ def test_dataclasses_validate_when_built_directly():
         DataConfig(shape="grouped", group_column=None)
 
 
+def test_values_at_the_edges_of_their_ranges_are_accepted():
+    cfg = config_from_dict({"loss": {"temperature": 1.0, "label_temperature": 1.0}, "lora": {"dropout": 0.0},
+                            "export": {"min_cosine": 1.0, "max_abs_diff": 0.0}, "model": {"max_length": 4},
+                            "train": {"epochs": 2.0, "warmup_ratio": 0.0, "mini_batch_size": 1}})
+    assert cfg.loss.temperature == 1.0 and cfg.model.max_length == 4 and cfg.train.mini_batch_size == 1
+    assert cfg.train.epochs == 2 and type(cfg.train.epochs) is int  # YAML's 2.0 is the integer 2
+
+
 def test_configs_are_frozen():
     cfg = ExperimentConfig()
     with pytest.raises(AttributeError):
@@ -142,6 +154,8 @@ def test_override_scientific_lr_is_a_float():
 def test_override_list_gives_a_tuple():
     cfg = load_config(None, ["lora.target_modules=[q,k]"])
     assert cfg.lora.target_modules == ("q", "k")
+    cfg = load_config(None, ["eval.ks=10", "lora.target_modules=query"])  # one value: a list of one
+    assert cfg.eval.ks == (10,) and cfg.lora.target_modules == ("query",)
 
 
 def test_override_values_are_typed():
@@ -151,6 +165,7 @@ def test_override_values_are_typed():
     assert cfg.train.max_steps is None
     assert parse_override("a.b = 2") == (["a", "b"], 2)
     assert parse_override("x=") == (["x"], None)
+    assert parse_override("data.train=data/k=v.csv") == (["data", "train"], "data/k=v.csv")  # the first = splits
 
 
 def test_override_applies_on_top_of_yaml(tmp_path):

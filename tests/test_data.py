@@ -568,3 +568,34 @@ def test_group_sampling_with_hard_negatives_or_symmetric_is_a_config_error(tmp_p
     with pytest.raises(ConfigError, match=r"loss.symmetric=true is not used with train.batch_sampling=similar_groups"):
         replace(cfg, loss=LossConfig(symmetric=True))
     assert prepare_data(cfg).source.n_anchors == len(ROWS)
+
+
+def test_pairs_overlap_checks_positives_and_every_eval_text(tmp_path):
+    # A train pair leaks when its query or its positive is any text of the eval split: a query,
+    # a positive or a negative there.
+    header = ("query", "positive", "negative")
+    train = write_csv(tmp_path / "t.csv", [("q1", "p1", "n1"), ("q2", "shared positive", "n2"),
+                                           ("q3", "eval query", "n3"), ("q4", "p4", "n4"),
+                                           ("eval negative", "p5", "n5"), ("q6", "p6", "n6")], header=header)
+    ev = write_csv(tmp_path / "e.csv", [("eval query", "shared positive", "eval negative")], header=header)
+    cfg = given(train, ev, shape="pairs", negative_columns=("negative",))
+    with pytest.raises(DataError, match=r"t\.csv: 3 train texts that also appear in the eval split at rows 3, 4, 6\."):
+        load_splits(cfg)
+    kept, _, report = load_splits(replace(cfg, on_overlap="drop"))
+    assert kept.texts == ["q1", "q4", "q6"] and report.counts["train_eval_overlap"] == 3
+
+
+def test_empty_positive_is_an_empty_row(tmp_path):
+    p = write_csv(tmp_path / "p.csv", [("q1", "p1"), ("q2", ""), ("q3", "p3")], header=("query", "positive"))
+    cfg = DataConfig(shape="pairs")
+    with pytest.raises(DataError, match=r"1 empty or missing texts/groups at rows 3\. .*data.on_empty_text"):
+        validate_split(load_examples(str(p), cfg), cfg, DataReport(), "train")
+
+
+def test_max_train_and_eval_rows_cap_each_split(tmp_path):
+    p = write_csv(tmp_path / "g.csv", ROWS)
+    ev = write_csv(tmp_path / "e.csv", [(f"other {i}", "90", "cat9") for i in range(6)])
+    train, eval_, _ = load_splits(given(p, ev, shape="grouped", max_eval_rows=2))
+    assert len(train) == N and len(eval_) == 2 and set(eval_.texts) < {f"other {i}" for i in range(6)}
+    train, eval_, _ = load_splits(given(p, ev, shape="grouped", max_train_rows=10, on_singleton="drop"))
+    assert len(eval_) == 6 and 0 < len(train) <= 10
