@@ -133,14 +133,15 @@ def test_nested_child_run_has_parent_tag(store, tmp_path):
     assert all(c.get_run(k).data.params["lora.r"] in ("4", "8") for k in kids)
 
 
-def test_context_manager_ends_failed_on_exception(store, tmp_path):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("error, status", [(ValueError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_context_manager_ends_failed_on_exception(store, tmp_path, error, status):
+    with pytest.raises(error):
         with _tracker(store, tmp_path, "ctx") as t:
             run_id = t.start_run("boom", {}, {})
             t.log_metrics({"train/loss": 1.0}, step=0)
-            raise ValueError("training blew up")
+            raise error("training blew up")
     c = _client(store)
-    assert c.get_run(run_id).info.status == "FAILED"
+    assert c.get_run(run_id).info.status == status
     assert _history(c, run_id, "train/loss") == [(0, 1.0)]
 
 
@@ -175,17 +176,30 @@ def _flaky(fn, fail_before: bool, times: int):
     return wrapped
 
 
+def _recording(fn, sent: list):
+    """Wrap log_batch: note every metric point that reaches the store."""
+
+    def wrapped(*a, metrics=(), **kw):
+        fn(*a, metrics=metrics, **kw)
+        sent.extend((m.key, m.step, m.timestamp, m.value) for m in metrics)
+
+    return wrapped
+
+
 @pytest.mark.parametrize("stored_before_failure", [False, True], ids=["request-failed", "response-lost"])
 def test_failed_requests_are_retried_without_loss_or_duplicates(store, tmp_path, monkeypatch, stored_before_failure):
     t = _tracker(store, tmp_path, "flaky")
     run_id = t.start_run("flaky", {}, {})
-    flaky = _flaky(t._client.log_batch, fail_before=not stored_before_failure, times=2)
+    sent = []
+    flaky = _flaky(_recording(t._client.log_batch, sent), fail_before=not stored_before_failure, times=2)
     monkeypatch.setattr(t._client, "log_batch", flaky)
     for s in range(20):
         t.log_metrics({"train/loss": 1.0 / (s + 1)}, step=s)
     assert t.flush(20)
     assert t.end()
     assert _history(_client(store), run_id, "train/loss") == [(s, 1.0 / (s + 1)) for s in range(20)]
+    # SQLite drops an exact repeat itself; other stores would keep it, so it must not be sent again.
+    assert sorted(s for _, s, _, _ in sent) == list(range(20))
 
 
 def test_already_logged_matches_exact_points_only(store, tmp_path):
@@ -220,6 +234,7 @@ def test_store_away_at_end_spools_then_sync_delivers(store, tmp_path, adapter_di
                  "get_metric_history"):
         monkeypatch.setattr(t._client, name, down)
     _log_everything(t, adapter_dir, range(1, 10))
+    t.log_text("# notes\n", "eval/notes.md")
     t0 = time.monotonic()
     assert t.end("FINISHED") is False
     assert time.monotonic() - t0 < 10
@@ -237,13 +252,19 @@ def test_store_away_at_end_spools_then_sync_delivers(store, tmp_path, adapter_di
     n = tracking.sync_pending(spool_root)
     assert n == len(records)
     assert not spool_root.exists()
+    from mlflow import MlflowClient
+
+    sent = []
+    monkeypatch.setattr(MlflowClient, "log_batch", _recording(MlflowClient.log_batch, sent))
     assert tracking.sync_pending(backup) == len(records)  # a second delivery adds nothing
+    assert sent == []  # the points already stored are not sent again
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
     loss = _history(c, run_id, "train/loss")
     assert loss == [(0, 1.0)] + [(s, 1.0 / (s + 1)) for s in range(1, 10)]
     assert _history(c, run_id, "val/recall_at_10") == [(s, s / 100) for s in range(1, 10)]
-    assert {"config.yaml", "adapter/adapter_model.safetensors", "plots/adapter_config.json"} <= _artifacts(c, run_id)
+    assert {"config.yaml", "eval/notes.md", "adapter/adapter_model.safetensors",
+            "plots/adapter_config.json"} <= _artifacts(c, run_id)
     assert len(run.inputs.dataset_inputs) == 2
 
 
@@ -331,6 +352,137 @@ def test_reading_commands_do_not_create_a_missing_sqlite_store(tmp_path, monkeyp
     with pytest.raises(TrackingError, match="run from the folder you trained in"):
         runs.download_adapter(f"sqlite:///{tmp_path / 'mlflow.db'}", "0" * 32, tmp_path / "dl")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("stored_before_failure", [False, True], ids=["request-failed", "response-lost"])
+def test_a_failure_at_end_is_retried_without_sending_a_point_twice(store, tmp_path, monkeypatch, stored_before_failure):
+    t = _tracker(store, tmp_path, "flaky-end", max_backoff=30.0)
+    run_id = t.start_run("flaky-end", {}, {})
+    sent = []
+    monkeypatch.setattr(t._client, "log_batch", _flaky(_recording(t._client.log_batch, sent),
+                                                       fail_before=not stored_before_failure, times=1))
+    t._next_try = time.monotonic() + 1000  # hold the background sender: end() makes the first request
+    for s in range(5):
+        t.log_metrics({"train/loss": 1.0 / (s + 1)}, step=s)
+    assert t.end()
+    # SQLite drops an exact repeat itself; other stores would keep it, so it must not be sent again.
+    assert sorted((k, s) for k, s, _, _ in sent) == [("train/loss", s) for s in range(5)]
+    assert _history(_client(store), run_id, "train/loss") == [(s, 1.0 / (s + 1)) for s in range(5)]
+
+
+def test_a_spooled_failed_run_syncs_as_failed_with_its_own_end_time(store, tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    t = _tracker(store, tmp_path, "spool-failed")
+    run_id = t.start_run("spool-failed", {}, {})
+
+    def down(*a, **kw):
+        raise MlflowException("connection refused")
+
+    for name in ("log_batch", "set_terminated", "get_metric_history"):
+        monkeypatch.setattr(t._client, name, down)
+    t.log_metrics({"train/loss": 2.0}, step=1)
+    assert t.end("FAILED") is False
+    meta = json.loads((tmp_path / "out" / ".mlflow-pending" / run_id / "spool.json").read_text())
+    assert meta["status"] == "FAILED"
+    time.sleep(0.05)
+    assert tracking.sync_pending(tmp_path / "out" / ".mlflow-pending") == 1
+    info = _client(store).get_run(run_id).info
+    assert info.status == "FAILED" and info.end_time == meta["end_time"]  # not the time of the sync
+
+
+def test_sync_keeps_a_spool_it_cannot_deliver_and_uri_overrides_the_spools_own(store, tmp_path):
+    c = _client(store)
+    run_id = c.create_run(c.create_experiment("sync-uri")).info.run_id
+    spool = tmp_path / ".mlflow-pending" / run_id
+    spool.mkdir(parents=True)
+    dead = f"http://127.0.0.1:{_free_port()}"
+    (spool / "spool.json").write_text(json.dumps({"run_id": run_id, "uri": dead, "status": "FINISHED"}))
+    (spool / "records.jsonl").write_text(json.dumps({"type": "metric", "key": "train/loss", "value": 0.5,
+                                                     "timestamp": 1, "step": 3}) + "\n")
+    with pytest.raises(TrackingError, match=r"delivered 0 records, but 1 spooled run\(s\) are still pending.*not reachable"):
+        tracking.sync_pending(tmp_path / ".mlflow-pending")
+    assert (spool / "records.jsonl").is_file()  # kept for the next try
+    assert tracking.sync_pending(tmp_path / ".mlflow-pending", uri=store) == 1
+    assert c.get_run(run_id).info.status == "FINISHED" and _history(c, run_id, "train/loss") == [(3, 0.5)]
+    assert not (tmp_path / ".mlflow-pending").exists()
+
+
+def test_params_that_cannot_be_logged_end_the_new_run_failed(store, tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    real = tracking.mlflow_client
+
+    def client_that_drops_batches(uri):
+        client = real(uri)
+
+        def down(*a, **kw):
+            raise MlflowException("connection reset by peer")
+
+        client.log_batch = down
+        return client
+
+    monkeypatch.setattr(tracking, "mlflow_client", client_that_drops_batches)
+    with pytest.raises(TrackingError, match="cannot log the params of run"):
+        _tracker(store, tmp_path, "params-fail").start_run("p", {"lora.r": 4}, {})
+    c = _client(store)
+    (run,) = c.search_runs([c.get_experiment_by_name("params-fail").experiment_id])
+    assert run.info.status == "FAILED"  # not left RUNNING
+
+
+def test_end_stale_run_closes_only_a_run_left_running(store, tmp_path):
+    c = _client(store)
+    done = _tracker(store, tmp_path, "stale")
+    finished = done.start_run("finished", {}, {})
+    assert done.end()
+    running = c.create_run(c.get_experiment_by_name("stale").experiment_id).info.run_id
+    t = _tracker(store, tmp_path, "stale")
+    t.start_run("resumed", {}, {})
+    t.end_stale_run(finished)
+    t.end_stale_run(running)
+    assert t.end()
+    assert c.get_run(finished).info.status == "FINISHED" and c.get_run(running).info.status == "KILLED"
+
+
+def test_deliver_drops_only_the_record_the_store_refuses(store, tmp_path):
+    c = _client(store)
+    run_id = c.create_run(c.create_experiment("refused")).info.run_id
+    c.log_param(run_id, "lora.r", "4")
+    records = [{"type": "metric", "key": "train/loss", "value": 1.0, "timestamp": 1, "step": 0},
+               {"type": "param", "key": "lora.r", "value": "8"},  # params cannot change: refused for good
+               {"type": "metric", "key": "train/loss", "value": 0.5, "timestamp": 2, "step": 1},
+               {"type": "tag", "key": "note", "value": "kept"}]
+    done = []
+    delivery.deliver(c, run_id, records, done.extend)
+    assert sorted(map(json.dumps, done)) == sorted(map(json.dumps, records))  # none left pending
+    run = c.get_run(run_id)
+    assert _history(c, run_id, "train/loss") == [(0, 1.0), (1, 0.5)]
+    assert run.data.params["lora.r"] == "4" and run.data.tags["note"] == "kept"
+
+
+def test_is_permanent_keeps_retryable_server_answers():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    def err(code):
+        return MlflowException("x", error_code=code)
+
+    assert delivery.is_permanent(err(codes.INVALID_PARAMETER_VALUE))  # 400: a bad value stays bad
+    assert delivery.is_permanent(FileNotFoundError("gone"))
+    for transient in (err(codes.RESOURCE_DOES_NOT_EXIST), err(codes.REQUEST_LIMIT_EXCEEDED), err(codes.INTERNAL_ERROR),
+                      err(codes.TEMPORARILY_UNAVAILABLE), ConnectionError("reset"), TimeoutError()):
+        assert not delivery.is_permanent(transient), transient
+
+
+def test_log_batch_chunks_stay_within_mlflows_limits():
+    metrics = [{"type": "metric", "key": "m", "value": 1.0, "timestamp": 1, "step": s} for s in range(1500)]
+    params = [{"type": "param", "key": f"p{i}", "value": "v"} for i in range(150)]
+    chunks = list(delivery._log_batch_chunks(metrics + params))
+    assert [c for chunk in chunks for c in chunk] == metrics + params  # nothing lost or reordered
+    assert all(len(c) <= delivery.BATCH_METRICS for c in chunks)
+    assert all(sum(r["type"] != "metric" for r in c) <= delivery.BATCH_PARAMS_TAGS for c in chunks)
+    tags = [{"type": "tag", "key": "k", "value": "a"}, {"type": "tag", "key": "k", "value": "b"}]
+    assert list(delivery._log_batch_chunks(tags)) == [[tags[0]], [tags[1]]]  # one value of a key per request
 
 
 # ---------------------------------------------------------------------------------------
