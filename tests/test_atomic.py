@@ -2,8 +2,11 @@
 
 import os
 import stat
+from pathlib import Path
 
-from embedft.atomic import replace_dir, temp_sibling
+import pytest
+
+from embedft.atomic import replace_dir, temp_sibling, write_text
 
 
 def _mode(p) -> int:
@@ -27,3 +30,51 @@ def test_replace_dir_swaps_whole_and_gives_files_the_umasks_mode(tmp_path):
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["sub", "sub/x.json", "weights.safetensors"]
     assert _mode(out / "weights.safetensors") == _mode(out / "sub" / "x.json") == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary or old folder left
+
+
+def test_temp_sibling_is_a_hidden_folder_beside_out(tmp_path):
+    out = tmp_path / "runs" / "adapter"
+    tmp = temp_sibling(out)
+    # Beside out, on its filesystem: the final rename is atomic (a temp dir elsewhere could need a copy).
+    assert tmp.is_dir() and tmp.parent == out.parent and tmp.name.startswith(".adapter.tmp-")
+    assert temp_sibling(out) != tmp
+
+
+def test_replace_dir_restores_the_old_folder_when_the_swap_fails(tmp_path, monkeypatch):
+    import embedft.atomic as A
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    tmp = temp_sibling(out)
+    (tmp / "weights").write_text("new")
+    real = os.replace
+
+    def fail_moving_tmp(src, dst):
+        if Path(src) == tmp:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(A.os, "replace", fail_moving_tmp)
+    with pytest.raises(OSError, match="No space left"):
+        replace_dir(tmp, out)
+    assert (out / "weights").read_text() == "old"  # never lost, never half replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter", tmp.name])  # tmp left to the caller
+
+
+def test_write_text_keeps_the_old_file_and_no_temporary_when_it_fails(tmp_path, monkeypatch):
+    import embedft.atomic as A
+
+    out = tmp_path / "summary.json"
+    out.write_text("old")
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(A.os, "replace", fail)
+    with pytest.raises(OSError):
+        write_text(out, "new")
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    monkeypatch.undo()
+    write_text(out, "new")
+    assert out.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
