@@ -333,3 +333,64 @@ def test_eval_with_a_model_the_adapter_was_not_trained_on_is_refused_before_the_
     monkeypatch.setattr(E, "evaluate_encoder", lambda *a, **k: pytest.fail("evaluated before the adapter check"))
     result = invoke("eval", str(experiment), "--adapter", str(tiny_bert_adapter), "-o", f"model.name={tiny_qwen3_dir}")
     assert_clean_error(result, f"adapter {tiny_bert_adapter} was trained on base model", "pass the adapter's base model")
+
+
+def test_every_eval_train_and_runs_option_reaches_the_code(experiment, tmp_path, monkeypatch):
+    import embedft.pipeline
+    import embedft.runs
+    import embedft.tracking
+
+    seen = {}
+
+    def record(name, result):
+        def fn(*a, **k):
+            seen[name] = (a, k)
+            return result
+        return fn
+
+    other = write_csv(tmp_path / "other.csv", ROWS)
+    monkeypatch.setattr(embedft.pipeline, "run_eval", record("eval", {"table": "", "report": "r"}))
+    result = invoke("eval", str(experiment), "--model", "other-model", "--data", str(other),
+                    "--index", "HNSW32", "--index", "IVF4,Flat", "--linear-probe", "--adapter", "ad", "--no-base",
+                    "--save-index", "idx", "--out", "rep")
+    assert result.exit_code == 0, result.output
+    (cfg,), k = seen["eval"]
+    assert cfg.model.name == "other-model" and str(cfg.data.train) == str(other)
+    assert list(cfg.eval.indexes) == ["HNSW32", "IVF4,Flat"] and cfg.eval.linear_probe is True
+    assert {n: k[n] for n in ("adapter", "run_id", "out", "compare_base", "base_only", "save_index")} == \
+        {"adapter": "ad", "run_id": None, "out": "rep", "compare_base": False, "base_only": False, "save_index": "idx"}
+
+    monkeypatch.setattr(embedft.pipeline, "run_train", record("train", {"table": "", "adapter": "a", "report": "r"}))
+    assert invoke("train", str(experiment), "--resume", "--no-progress", "-o", "lora.r=4").exit_code == 0
+    (cfg,), k = seen["train"]
+    assert cfg.lora.r == 4 and k == {"resume": True, "progress": False}
+    monkeypatch.setattr(embedft.pipeline, "run_sweep", record("sweep", []))
+    assert invoke("train", str(experiment), "-o", "lora.r=4", "--sweep", "train.lr=1e-4,2e-4").exit_code == 0
+    (_, path, overrides, sweeps), k = seen["sweep"]
+    assert (path, overrides, sweeps, k) == (str(experiment), ("lora.r=4",), ("train.lr=1e-4,2e-4",), {"progress": True})
+
+    monkeypatch.setattr(embedft.runs, "list_runs", record("list", []))
+    assert invoke("runs", "list", str(experiment), "--experiment", "other", "--sort", "params.lora.r",
+                  "-n", "3").exit_code == 0
+    (_, exp), k = seen["list"]
+    assert exp == "other" and k == {"sort_by": "params.lora.r", "max_results": 3}
+    monkeypatch.setattr(embedft.tracking, "sync_pending", record("sync", 0))
+    assert invoke("runs", "sync", "somewhere", "--uri", "http://mlflow:5000").exit_code == 0
+    assert seen["sync"] == (("somewhere",), {"uri": "http://mlflow:5000"})
+
+
+def test_every_export_option_reaches_the_export(tmp_path, monkeypatch):
+    import embedft.export
+
+    seen = []
+
+    def export_merged(*a, **k):
+        seen.append((a, k))
+        return {"out_dir": str(tmp_path / "o"), "parity": {"min_cosine": 1.0, "max_abs_diff": 0.0, "n_probes": 3}}
+
+    monkeypatch.setattr(embedft.export, "export_merged", export_merged)
+    result = invoke("export", "--adapter", "ad", "--out", str(tmp_path / "o"), "--model", "base-model", "--dtype",
+                    "bf16", "--overwrite", "--onnx")
+    assert result.exit_code == 0, result.output
+    assert seen == [(("ad", str(tmp_path / "o")), {"model_name": "base-model", "dtype": "bf16", "overwrite": True,
+                                                    "onnx": True, "source": None})]
