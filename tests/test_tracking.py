@@ -131,6 +131,7 @@ def test_nested_child_run_has_parent_tag(store, tmp_path):
     found = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{pid}'")
     assert sorted(r.info.run_id for r in found) == sorted(kids)
     assert all(c.get_run(k).data.params["lora.r"] in ("4", "8") for k in kids)
+    assert {r["run_id"]: r["parent_run_id"] for r in runs.list_runs(store, "sweep")} == {pid: None, **{k: pid for k in kids}}
 
 
 @pytest.mark.parametrize("error, status", [(ValueError, "FAILED"), (KeyboardInterrupt, "KILLED")])
@@ -295,19 +296,28 @@ def test_sync_pending_names_a_file_given_as_the_folder(tmp_path):
 
 
 def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
+    report_dir = tmp_path / "eval"
+    report_dir.mkdir()
+    (report_dir / "report.md").write_text("# base vs adapted\n")
     ids = {}
     for name, recall in (("low", 0.3), ("high", 0.9), ("none", None)):
         t = _tracker(store, tmp_path, "listing")
         ids[name] = t.start_run(name, {"model.name": "tiny", "lora.r": 8, "train.lr": 1e-4}, {})
         if recall is not None:
             t.log_metrics({"adapted/retrieval/recall@10": recall, "base/retrieval/recall@10": 0.2,
-                           "adapted/classification/macro_f1": 1.2 - recall}, step=5)
+                           "adapted/classification/macro_f1": 1.2 - recall, "adapted/retrieval/ndcg@10": recall / 2},
+                          step=5)
             t.log_artifacts(adapter_dir, "adapter")
+        if name == "high":
+            t.log_artifacts(report_dir, "eval")
         assert t.end()
     rows = runs.list_runs(store, "listing")
     assert [r["name"] for r in rows] == ["high", "low", "none"]
     assert rows[0]["metrics.adapted/retrieval/recall_at_10"] == 0.9 and rows[0]["params.lora.r"] == "8"
     assert rows[0]["status"] == "FINISHED" and rows[2]["metrics.adapted/retrieval/recall_at_10"] is None
+    info = _client(store).get_run(ids["high"]).info
+    assert rows[0]["duration_s"] == (info.end_time - info.start_time) / 1000 and rows[0]["parent_run_id"] is None
+    assert [r["name"] for r in runs.list_runs(store, "listing", max_results=2)] == ["high", "low"]
     table = runs.format_runs_table(rows).splitlines()
     assert table[0].split()[:4] == ["run_id", "name", "status", "start"]
     assert "0.9000" in table[2] and ids["high"] in table[2] and table[4].rstrip().endswith("-")
@@ -315,6 +325,9 @@ def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
     # Sorted by a metric outside the default columns: that metric gets a column.
     by_f1 = runs.list_runs(store, "listing", sort_by="metrics.adapted/classification/macro_f1")
     assert [r["name"] for r in by_f1] == ["low", "high", "none"]
+    assert by_f1[0]["metrics.adapted/classification/macro_f1"] == pytest.approx(0.9)  # the column has its values
+    by_ndcg = runs.list_runs(store, "listing", sort_by="metrics.adapted/retrieval/ndcg@10")  # not a main metric
+    assert [r["metrics.adapted/retrieval/ndcg_at_10"] for r in by_ndcg] == [pytest.approx(0.45), pytest.approx(0.15), None]
     header = runs.format_runs_table(by_f1, runs.runs_columns("metrics.adapted/classification/macro_f1"))
     assert header.splitlines()[0].split()[-1] == "adapted/classification/macro_f1"
     with pytest.raises(TrackingError, match=r"--sort metrics.adapted/retrieval/recal@10: no run of experiment "
@@ -333,6 +346,8 @@ def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
     got = runs.download_adapter(store, ids["high"], tmp_path / "dl")
     assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in adapter_dir.iterdir())
     assert (got / "adapter_model.safetensors").read_bytes() == (adapter_dir / "adapter_model.safetensors").read_bytes()
+    # The run's report comes along, laid out as in a run folder, for the export's model card.
+    assert (tmp_path / "dl" / "eval" / "report.md").read_text() == "# base vs adapted\n"
     with pytest.raises(TrackingError, match="no adapter/ artifact"):
         runs.download_adapter(store, ids["none"], tmp_path / "dl2")
     with pytest.raises(TrackingError, match="not found"):
@@ -672,6 +687,13 @@ def _png(path: Path):
     return img
 
 
+def test_loss_curve_smoothing_averages_the_last_window_points():
+    from embedft import plots
+
+    assert plots._moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
+    assert plots._moving_average([4.0, 0.0, 2.0], 5) == [4.0, 2.0, 2.0]  # fewer points than the window
+
+
 def test_plots_write_real_pngs(tmp_path):
     from embedft import plots
 
@@ -732,6 +754,11 @@ def test_train_over_http_then_eval_and_export_from_the_run(server, tmp_path, tin
     assert len(run.inputs.dataset_inputs) == 2
 
     # The adapter is loadable from the run: eval --run and export --run use it.
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the run's adapter is downloaded to
     env = {"MLFLOW_TRACKING_URI": server.uri}
     args = ["eval", str(repo / "experiments" / "default.yaml"), *sum((["-o", o] for o in overrides), []),
             "--run", run_id, "--out", str(tmp_path / "eval-from-run"), "--no-base"]
@@ -740,6 +767,11 @@ def test_train_over_http_then_eval_and_export_from_the_run(server, tmp_path, tin
     report = json.loads((tmp_path / "eval-from-run" / "report.json").read_text())
     assert report["adapted"]["retrieval/recall@10"] == pytest.approx(summary["metrics"]["adapted/retrieval/recall@10"],
                                                                      abs=1e-6)
+    assert not [p for p in scratch.iterdir() if p.name.startswith("embedft-adapter-")]  # the download is removed
+    (ev,) = c.search_runs([run.info.experiment_id], filter_string=f"tags.`embedft.source_run_id` = '{run_id}'")
+    assert ev.info.status == "FINISHED" and ev.data.tags["embedft.command"] == "eval"
+    assert ev.data.params["lora.r"] == "16" and not any(k.startswith("base/") for k in ev.data.metrics)  # --no-base
+    assert ev.data.metrics["adapted/retrieval/recall_at_10"] == pytest.approx(report["adapted"]["retrieval/recall@10"])
     res = CliRunner().invoke(main, ["export", "--run", run_id, "--out", str(tmp_path / "export")], env=env)
     assert res.exit_code == 0, res.output
     assert (tmp_path / "export" / "modules.json").is_file()
@@ -766,7 +798,7 @@ def test_sweep_runs_children_under_one_parent(tmp_path, tiny_bert_dir, monkeypat
     monkeypatch.chdir(tmp_path)
     shutil.copy(template_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = _tiny_train_args(repo, tiny_bert_dir, uri, "-o", "train.max_steps=2",
+    args = _tiny_train_args(repo, tiny_bert_dir, uri, "-o", "train.max_steps=2", "-o", "eval.compare_base=true",
                             "--sweep", "lora.r=2,4", "--sweep", "train.lr=1e-3")
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
@@ -779,8 +811,18 @@ def test_sweep_runs_children_under_one_parent(tmp_path, tiny_bert_dir, monkeypat
     assert sorted(r.data.params["lora.r"] for r in children) == ["2", "4"]
     assert {r.data.params["train.lr"] for r in children} == {"0.001"}
     assert all("adapted/retrieval/recall_at_10" in r.data.metrics for r in children)
-    # The sweep points got their own run folders.
-    assert (tmp_path / "runs" / "default-r2-lr1e-3" / "adapter").is_dir()
+    # The sweep points got their own run folders, each with its summary: base and adapted side by side.
+    for r in children:
+        folder = tmp_path / "runs" / r.info.run_name
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["run_id"] == r.info.run_id and summary["steps"] == 2
+        assert summary["output_dir"] == str(Path("runs") / r.info.run_name)
+        assert summary["adapter"] == str(Path(summary["output_dir"]) / "adapter") and (folder / "adapter").is_dir()
+        m = summary["metrics"]
+        adapted = {k.split("/", 1)[1] for k in m if k.startswith("adapted/")}
+        assert "retrieval/recall@10" in adapted and adapted == {k.split("/", 1)[1] for k in m if k.startswith("base/")}
+        assert all(r.data.metrics[metric_key(k)] == pytest.approx(v) for k, v in m.items())
+    assert sorted(r.info.run_name for r in children) == ["default-r2-lr1e-3", "default-r4-lr1e-3"]
 
     res = CliRunner().invoke(main, ["runs", "list", "--experiment", "default"], env={"MLFLOW_TRACKING_URI": uri})
     assert res.exit_code == 0, res.output
