@@ -822,6 +822,9 @@ def test_sweep_runs_children_under_one_parent(tmp_path, tiny_bert_dir, monkeypat
         adapted = {k.split("/", 1)[1] for k in m if k.startswith("adapted/")}
         assert "retrieval/recall@10" in adapted and adapted == {k.split("/", 1)[1] for k in m if k.startswith("base/")}
         assert all(r.data.metrics[metric_key(k)] == pytest.approx(v) for k, v in m.items())
+        # The adapter names its run (export --register links the model version to it); the config is beside it.
+        assert json.loads((folder / "adapter" / "embedft_meta.json").read_text())["mlflow_run_id"] == r.info.run_id
+        assert f"r: {r.data.params['lora.r']}" in (folder / "config.yaml").read_text()
     assert sorted(r.info.run_name for r in children) == ["default-r2-lr1e-3", "default-r4-lr1e-3"]
 
     res = CliRunner().invoke(main, ["runs", "list", "--experiment", "default"], env={"MLFLOW_TRACKING_URI": uri})
