@@ -445,6 +445,21 @@ def test_params_that_cannot_be_logged_end_the_new_run_failed(store, tmp_path, mo
     assert run.info.status == "FAILED"  # not left RUNNING
 
 
+def test_an_end_the_store_refuses_for_good_is_not_spooled(store, tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    t = _tracker(store, tmp_path, "refused-end")
+    t.start_run("refused-end", {}, {})
+
+    def refuse(*a, **kw):
+        raise MlflowException("bad status", error_code=codes.INVALID_PARAMETER_VALUE)
+
+    monkeypatch.setattr(t._client, "set_terminated", refuse)
+    assert t.end("FINISHED") is True  # a sync would be refused the same way, for ever
+    assert not (tmp_path / "out" / ".mlflow-pending").exists()
+
+
 def test_end_stale_run_closes_only_a_run_left_running(store, tmp_path):
     c = _client(store)
     done = _tracker(store, tmp_path, "stale")
