@@ -745,7 +745,8 @@ def test_train_over_http_then_eval_and_export_from_the_run(server, tmp_path, tin
     monkeypatch.chdir(tmp_path)
     overrides = [f"model.name={tiny_bert_dir}", f"data.train={repo / 'data' / 'products.csv'}",
                  f"tracking.uri={server.uri}", "tracking.experiment=http-train", "train.epochs=2",
-                 "train.max_steps=6", "train.batch_size=16", "train.log_every=1", "eval.indexes=[]"]
+                 "train.max_steps=6", "train.batch_size=16", "train.log_every=1", "eval.indexes=[]",
+                 "tracking.run_name=http-r16"]
     cfg = load_config(repo / "experiments" / "default.yaml", overrides)
     summary = run_train(cfg, progress=False)
     run_id = summary["run_id"]
@@ -753,6 +754,8 @@ def test_train_over_http_then_eval_and_export_from_the_run(server, tmp_path, tin
     c = _client(server.uri)
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == "http-r16"  # tracking.run_name names the MLflow run (the run folder keeps cfg.name)
+    assert summary["output_dir"] == str(Path("runs") / "default")
     assert run.data.params["lora.r"] == "16" and run.data.params["model.name"] == str(tiny_bert_dir)
     assert run.data.tags["embedft.family"] == "bert"
     assert [s for s, _ in _history(c, run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]  # every step, in full
