@@ -82,8 +82,7 @@ def evaluate_classification(train_emb: np.ndarray, train_labels: list[str], test
 
     if len(train_emb) == 0 or len(test_emb) == 0:
         raise EvalError("classification: the train (index) or eval (query) split is empty")
-    if k > len(train_emb):
-        raise EvalError(f"eval.knn_k={k} is larger than the {len(train_emb)} training texts in the index; lower it")
+    check_knn_k(k, len(train_emb))
     classes = sorted(set(train_labels))
     class_id = {c: i for i, c in enumerate(classes)}
     unseen = sorted(set(test_labels) - set(classes))
@@ -158,9 +157,15 @@ def check_tasks(cfg: EvalConfig, train: Examples, eval_: Examples) -> None:
         raise EvalError(f"{eval_.source}: the eval split has no retrieval query (no group with two or more items, "
                         "no query/positive row); change data.eval_fraction or data.eval, or set "
                         "-o 'eval.tasks=[classification]'")
-    if "classification" in tasks and cfg.knn_k > len(train):
-        raise EvalError(f"eval.knn_k={cfg.knn_k} is larger than the {len(train)} training texts in the kNN index; "
-                        f"lower it (-o eval.knn_k={min(10, len(train))})")
+    if "classification" in tasks:
+        check_knn_k(cfg.knn_k, len(train))
+
+
+def check_knn_k(k: int, n_train: int) -> None:
+    """kNN classification needs at least eval.knn_k texts in its index (the train split)."""
+    if k > n_train:
+        raise EvalError(f"eval.knn_k={k} is larger than the {n_train} training texts in the kNN index; "
+                        f"lower it (-o eval.knn_k={min(10, n_train)})")
 
 
 def check_indexes(cfg: EvalConfig, dim: int, train: Examples, eval_: Examples) -> None:
