@@ -13,7 +13,7 @@ RUN ?= runs/pricerunner-matching
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup lock train test bench-pricerunner bench-deploy bench-encode bench-train bench-chunking gpu-check gpu-bundle gpu-smoke-image ui clean
+.PHONY: help setup lock train test test-fast bench-pricerunner bench-deploy bench-encode bench-train bench-chunking gpu-check gpu-bundle gpu-smoke-image ui clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -34,8 +34,11 @@ lock: setup ## Write constraints.txt from .venv (after `make setup CONSTRAINTS=`
 train: setup ## Train the default experiment (or CONFIG=path)
 	$(PY) -m embedft train $(CONFIG)
 
-test: setup ## Run the test-suite
+test: setup ## Run the whole test-suite (what CI runs)
 	$(PY) -m pytest -q
+
+test-fast: setup ## The edit-test loop: the suite without the slow, benchmark and tool tests (under 2 min on 2 cores)
+	$(PY) -m pytest -q -m "not slow" --ignore=tests/benchmarks --ignore=tests/tools
 
 bench-pricerunner: setup ## Train + evaluate on real PriceRunner data (../shared/datasets), 17-27 min on 2 cores
 	$(PY) -m embedft train experiments/pricerunner-matching.yaml --no-progress
@@ -57,15 +60,15 @@ gpu-check: setup ## On a CUDA machine: tests on GPU, Qwen3-0.6B-shaped training 
 	$(PY) -m pytest -q
 	$(PY) benchmarks/gpu_check.py --profile-batch 256 --write
 
-gpu-bundle: setup ## For an offline GPU machine: wheels, data, MiniLM config into .gpu/ for benchmarks/gpu_session.py
-	$(PY) benchmarks/gpu_session.py prepare
+gpu-bundle: setup ## For an offline GPU machine: wheels, data, MiniLM config into .gpu/ for tools/gpu_session.py
+	$(PY) tools/gpu_session.py prepare
 
 GPU_IMAGE_VENV ?= .venv-gpu-image
-gpu-smoke-image: ## benchmarks/gpu_session.py run --smoke under the GPU image's library versions (benchmarks/gpu-image.txt), no mlflow
+gpu-smoke-image: ## tools/gpu_session.py run --smoke under the GPU image's library versions (tools/gpu-image.txt), no mlflow
 	test -x $(GPU_IMAGE_VENV)/bin/python || $(PYTHON) -m venv $(GPU_IMAGE_VENV)
-	$(GPU_IMAGE_VENV)/bin/python -m pip install -q "$(TORCH)" -r benchmarks/gpu-image.txt
+	$(GPU_IMAGE_VENV)/bin/python -m pip install -q "$(TORCH)" -r tools/gpu-image.txt
 	rm -rf /tmp/gpu-smoke-image && mkdir -p /tmp/gpu-smoke-image/bundle
-	PYTHONPATH=$(CURDIR) $(GPU_IMAGE_VENV)/bin/python benchmarks/gpu_session.py run --smoke --budget 900 \
+	PYTHONPATH=$(CURDIR) $(GPU_IMAGE_VENV)/bin/python tools/gpu_session.py run --smoke --budget 900 \
 		--bundle /tmp/gpu-smoke-image/bundle --out /tmp/gpu-smoke-image/out
 
 ui: setup ## MLflow UI on the local SQLite store, bound to 127.0.0.1

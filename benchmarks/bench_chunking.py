@@ -47,9 +47,9 @@ def main() -> None:
     import torch
 
     from embedft.config import LoraConfig, ModelConfig
-    from embedft.chunking import length_chunks
-    from embedft.models import load_encoder
-    from embedft.lora import apply_lora
+    from embedft.modeling.chunking import length_chunks
+    from embedft.modeling.encoder import load_encoder
+    from embedft.modeling.lora import apply_lora
 
     torch.manual_seed(args.seed)
     enc = apply_lora(load_encoder(ModelConfig(name=args.model, max_length=args.max_length)), LoraConfig(r=16, alpha=32))

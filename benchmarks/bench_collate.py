@@ -46,7 +46,7 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     from embedft.config import ModelConfig
-    from embedft.models import load_encoder
+    from embedft.modeling.encoder import load_encoder
 
     enc = load_encoder(ModelConfig(name=args.model))
     pad, left = enc.tokenizer.pad_token_id or 0, enc.spec.padding_side == "left"

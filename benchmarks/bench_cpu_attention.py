@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cpu_attention.py [--batch 64] [--lengths 16,32,64,128] [--repeats 8]
 
-Why `embedft.models.sdpa_backends` picks the math kernel for bf16 training on the CPU and
+Why `embedft.modeling.runtime.sdpa_backends` picks the math kernel for bf16 training on the CPU and
 leaves the default (flash) everywhere else. Shapes: MiniLM's heads (12 x 32) and Qwen3-0.6B's
 (16 x 128), a padding mask as embedft's batches have (a quarter of the rows half padded), the
 median of --repeats calls after two warm-up calls. Prints a table and the JSON.

@@ -24,7 +24,7 @@ anyway; on CUDA its calls now hold any number of rows up to --batch-size rows of
 text's padded tokens, so short titles share far fewer calls (`chunking.forward_chunks`). Each
 side's forward calls per encode are reported.
 
-`--deploy` also times `embedft.deploy.encode` (what `embedft index build` and `index search`
+`--deploy` also times `embedft.search.indexing.encode` (what `embedft index build` and `index search`
 embed with): the same plain SentenceTransformer model, its texts deduplicated and batched as
 embedft's encoder batches them, each batch through `SentenceTransformer.encode`.
 """
@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="auto",
                     help="embedft precisions (eval.precision) to time, comma-separated: auto, fp32, bf16")
     ap.add_argument("--deploy", action="store_true",
-                    help="also time embedft.deploy.encode (index build/search) over the same ST model")
+                    help="also time embedft.search.indexing.encode (index build/search) over the same ST model")
     ap.add_argument("--row-capped", action="store_true",
                     help="also time embedft with at most --batch-size rows per forward call (its batching before the "
                          "token bound on CUDA)")
@@ -127,8 +127,11 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from embedft import chunking, deploy
-    from embedft.models import encode_precision, load_encoder, resolve_model_path
+    from embedft.modeling import chunking
+    from embedft.modeling.encoder import load_encoder
+    from embedft.modeling.families import resolve_model_path
+    from embedft.modeling.runtime import encode_precision
+    from embedft.search import indexing as deploy
 
     texts, source = load_titles(args.limit, args.data)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -207,7 +210,7 @@ def main() -> None:
             print(f"  embedft {v:13s} {r['texts_per_s']:8.1f} texts/s  {r['ratio_over_st']:5.2f}x ST  "
                   f"max |diff| = {r['max_abs_diff']:.2e}")
     for side, label in (("row_capped", f"embedft ({first}), <= {args.batch_size} rows a call:"),
-                        ("deploy", "embedft.deploy.encode (ST model):")):
+                        ("deploy", "embedft.search.indexing.encode (ST model):")):
         if side in result:
             r = result[side]
             print(f"{label} {r['texts_per_s']:8.1f} texts/s  {r['ratio_over_st']:5.2f}x ST  "

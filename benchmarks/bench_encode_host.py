@@ -56,7 +56,8 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from embedft.config import ModelConfig
-    from embedft.models import load_encoder, resolve_model_path
+    from embedft.modeling.encoder import load_encoder
+    from embedft.modeling.families import resolve_model_path
 
     texts, source = load_titles(args.limit, args.data)
     st = SentenceTransformer(resolve_model_path(args.model), device="cpu")

@@ -42,8 +42,8 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from sentence_transformers import SentenceTransformer
 
-    from embedft.export import weights_digest, weights_stat
-    from embedft.synthetic import qwen3_from_config, save_as_sentence_transformer
+    from embedft.export.fingerprint import weights_digest, weights_stat
+    from embedft_testing.synthetic import qwen3_from_config, save_as_sentence_transformer
 
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else save_as_sentence_transformer(

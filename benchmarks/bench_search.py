@@ -4,7 +4,7 @@
 
 Random unit vectors stand in for an encoded corpus (search time does not depend on their
 values); each query is a noisy copy of one corpus row, which is its one relevant item.
-Times `embedft.evaluate.evaluate_retrieval` (faiss IndexFlatIP, on GPU when faiss-gpu is
+Times `embedft.evaluation.tasks.evaluate_retrieval` (faiss IndexFlatIP, on GPU when faiss-gpu is
 installed and a GPU is visible, else torch's `TorchFlatIP` on a GPU, else faiss-cpu; then
 recall@{1,5,10,100}, MRR@10, nDCG@10), and on a GPU the exact search alone. Prints JSON.
 """
@@ -31,7 +31,7 @@ def torch_search_seconds(corpus, queries, k: int) -> float:
     """Seconds for exact search alone by `TorchFlatIP` on the GPU (the corpus already there)."""
     import torch
 
-    from embedft.index import TorchFlatIP, search
+    from embedft.evaluation.index import TorchFlatIP, search
 
     index = TorchFlatIP(corpus, "cuda")
     torch.cuda.synchronize()
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import torch
 
-    from embedft.data import RetrievalTask
-    from embedft.evaluate import evaluate_retrieval
-    from embedft.index import _gpu_available
+    from embedft.data.examples import RetrievalTask
+    from embedft.evaluation.index import _gpu_available
+    from embedft.evaluation.tasks import evaluate_retrieval
 
     rng = np.random.default_rng(args.seed)
     corpus = unit(rng.standard_normal((args.corpus, args.dim), dtype=np.float32))

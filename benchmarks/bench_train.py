@@ -116,10 +116,10 @@ class BenchData:
     """The training pairs (in step order) and the held-out retrieval task, identical for both sides."""
 
     source: str
-    src: Any  # embedft.batches.PairSource
+    src: Any  # embedft.data.batches.PairSource
     anchors: list[str]  # steps * batch_size, batch i = rows [i*B, (i+1)*B)
     positives: list[str]
-    task: Any  # embedft.data.RetrievalTask
+    task: Any  # embedft.data.examples.RetrievalTask
     same_product_pairs_per_batch: float
 
     def digest(self) -> str:
@@ -150,7 +150,7 @@ def data_config(which: str):
 
 def planned_batches(src, batch_size: int, steps: int, seed: int) -> list:
     """The first `steps` batches embedft's train() draws: epoch_batches of epoch 0, 1, ..."""
-    from embedft.batches import epoch_batches, steps_per_epoch
+    from embedft.data.batches import epoch_batches, steps_per_epoch
 
     if steps_per_epoch(src, batch_size) == 0:
         raise ValueError(f"--batch-size {batch_size} is larger than the {src.n_anchors} training anchors")
@@ -168,8 +168,8 @@ def prepare_data(s: BenchSettings) -> BenchData:
     """Split, build the pair source, materialise the planned pairs and the held-out task."""
     import numpy as np
 
-    from embedft.batches import build_pair_source
-    from embedft.data import load_splits, retrieval_task
+    from embedft.data.batches import build_pair_source
+    from embedft.data.examples import load_splits, retrieval_task
 
     cfg = data_config(s.data)
     train_ex, eval_ex, _ = load_splits(cfg)
@@ -241,8 +241,8 @@ def _device(name: str):
 
 def recall_at_10(corpus_vecs, query_vecs, task) -> float:
     """Exact-search recall@10 of the held-out task (each query's own row excluded)."""
-    from embedft.index import exact_search
-    from embedft.metrics import recall_at_k
+    from embedft.evaluation.index import exact_search
+    from embedft.evaluation.metrics import recall_at_k
 
     k = min(K, len(task.corpus) - (1 if task.self_ids is not None else 0))
     _, ranked = exact_search(corpus_vecs, query_vecs, k, self_ids=task.self_ids)
@@ -348,10 +348,10 @@ def sequential_batch_sampler(dataset, batch_size: int, drop_last: bool, valid_la
 
 def lora_targets_for(model_type: str) -> list[str]:
     """The family's Q/K/V names, as embedft's apply_lora picks them."""
-    from embedft.models import MODEL_TYPES
+    from embedft.modeling.families import MODEL_TYPES
 
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} has no known Q/K/V layers in embedft.models.MODEL_TYPES")
+        raise ValueError(f"model_type {model_type!r} has no known Q/K/V layers in embedft.modeling.families.MODEL_TYPES")
     return list(MODEL_TYPES[model_type].targets)
 
 
@@ -361,7 +361,7 @@ def load_st_model(s: BenchSettings, device):
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from embedft.models import resolve_model_path
+    from embedft.modeling.families import resolve_model_path
 
     model = SentenceTransformer(resolve_model_path(s.model), device=str(device))
     model.max_seq_length = min(s.max_length, model.max_seq_length or s.max_length)
@@ -441,10 +441,11 @@ def run_st(s: BenchSettings, data: BenchData) -> dict[str, Any]:
 def run_embedft(s: BenchSettings, data: BenchData) -> dict[str, Any]:
     """Train with embedft's train() and measure it."""
     from embedft.config import LoraConfig, LossConfig, ModelConfig, TrainConfig
-    from embedft.batches import steps_per_epoch
-    from embedft.models import load_encoder
-    from embedft.lora import apply_lora
-    from embedft.train import base_dtype, seed_everything, train
+    from embedft.data.batches import steps_per_epoch
+    from embedft.modeling.builders import make_trainable
+    from embedft.modeling.encoder import load_encoder
+    from embedft.modeling.runtime import base_dtype, seed_everything
+    from embedft.training.loop import train
 
     device = _device(s.device)
     encoder = load_encoder(ModelConfig(name=s.model, max_length=s.max_length), device)
@@ -453,8 +454,7 @@ def run_embedft(s: BenchSettings, data: BenchData) -> dict[str, Any]:
     encoder.spec = dataclasses.replace(encoder.spec, query_template=None)
     seed_everything(s.seed)
     setting = ("bf16" if device.type == "cuda" else "fp32") if s.embedft_base_dtype == "match" else s.embedft_base_dtype
-    encoder.backbone.to(base_dtype(setting, device))  # as the pipeline applies train.base_dtype
-    apply_lora(encoder, LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout))
+    make_trainable(encoder, LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout), base_dtype(setting, device))
     m = Measurement(tokens=count_tokens(encoder.tokenizer, data.anchors + data.positives, encoder.spec.max_length),
                     trainable=sum(p.numel() for p in encoder.parameters() if p.requires_grad))
     cfg = TrainConfig(epochs=math.ceil(s.steps / steps_per_epoch(data.src, s.batch_size)), max_steps=s.steps,
@@ -567,7 +567,7 @@ def environment(s: BenchSettings) -> dict[str, Any]:
 
 
 NOTES = (
-    "batches: both sides get the first steps*batch_size pairs of embedft.batches.epoch_batches(seed) in order; "
+    "batches: both sides get the first steps*batch_size pairs of embedft.data.batches.epoch_batches(seed) in order; "
     "ST reads them with a sequential batch sampler (no shuffle, no NO_DUPLICATES), so batch i is identical",
     "adapter: peft.inject_adapter_in_model on the ST model's transformer (what ST's add_adapter runs, in place) vs "
     "embedft apply_lora (peft get_peft_model); same targets, r, alpha, dropout, seed",

@@ -43,10 +43,10 @@ def main() -> None:
 
     import numpy as np
 
-    from embedft import deploy
     from embedft.config import load_config
-    from embedft.data import load_splits
-    from embedft.metrics import classification_metrics
+    from embedft.data.examples import load_splits
+    from embedft.evaluation.metrics import classification_metrics
+    from embedft.search import indexing as deploy
 
     cfg = load_config(args.run_dir / "config.yaml")
     report = json.loads((args.run_dir / "eval" / "report.json").read_text())["adapted"]

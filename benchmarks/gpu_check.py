@@ -46,9 +46,9 @@ def synthetic_source(n_groups: int, words_per_text: int, seed: int = 0):
     """Grouped texts of about `words_per_text` tokens (one token per word with the local tokenizer)."""
     import numpy as np
 
-    from embedft.batches import build_pair_source
-    from embedft.data import Examples
-    from embedft.synthetic import WORDS
+    from embedft.data.batches import build_pair_source
+    from embedft.data.examples import Examples
+    from embedft_testing.synthetic import WORDS
 
     rng = np.random.default_rng(seed)
     texts, groups = [], []
@@ -70,12 +70,11 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
         sys.path.insert(0, str(REPO / "benchmarks"))
     from profiling import markdown
 
-    from embedft import chunking
-    from embedft.config import LossConfig, LoraConfig, ModelConfig, TrainConfig
-    from embedft.models import load_encoder
-    from embedft.lora import apply_lora
-    from embedft.synthetic import qwen3_from_config, tiny_qwen3
-    from embedft.train import train
+    from embedft.config import LoraConfig, LossConfig, ModelConfig, TrainConfig
+    from embedft.modeling import chunking
+    from embedft.modeling.builders import build_encoder
+    from embedft.training.loop import train
+    from embedft_testing.synthetic import qwen3_from_config, tiny_qwen3
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -90,7 +89,7 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
     chunking.CUDA_CALL_OVERHEAD_TOKENS = overhead  # put back below, however the runs end: the caller keeps its default
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            if model is not None:  # built beforehand (benchmarks/gpu_session.py builds it once for all its steps)
+            if model is not None:  # built beforehand (tools/gpu_session.py builds it once for all its steps)
                 path = Path(model)
             else:
                 path = tiny_qwen3(Path(tmp) / "m") if tiny else qwen3_from_config(CONFIG, Path(tmp) / "m")
@@ -98,10 +97,9 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
                 if cuda:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                enc = load_encoder(ModelConfig(name=str(path), max_length=64), device)
-                if cuda:  # frozen base weights in bf16; LoRA weights and optimizer state stay fp32
-                    enc.backbone.to(torch.bfloat16)
-                apply_lora(enc, LoraConfig(r=16, alpha=32, dropout=0.0))
+                # On CUDA frozen base weights in bf16; LoRA weights and optimizer state stay fp32.
+                enc = build_encoder(ModelConfig(name=str(path), max_length=64), device,
+                                    LoraConfig(r=16, alpha=32, dropout=0.0), torch.bfloat16 if cuda else torch.float32)
                 params = sum(p.numel() for n, p in enc.backbone.named_parameters()
                              if "embed" not in n and "lora_" not in n)
                 extra = profile_steps if bs == profile_batch else 0  # profiled after the timed steps
@@ -206,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", help="a Qwen3-shaped model folder built beforehand (default: build one from "
                     "benchmarks/qwen3-embedding-0.6b.config.json, or a tiny one with --tiny)")
     ap.add_argument("--call-overhead", type=int, default=None,
-                    help="padded tokens one more forward call is worth on CUDA (embedft.chunking."
+                    help="padded tokens one more forward call is worth on CUDA (embedft.modeling.chunking."
                          "CUDA_CALL_OVERHEAD_TOKENS; default: its value, which never splits a batch)")
     ap.add_argument("--profile-batch", type=int, default=None,
                     help="profile this batch size's extra steps (one of --batch-sizes; default: none)")

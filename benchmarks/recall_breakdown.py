@@ -29,11 +29,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from embedft.config import load_config
-    from embedft.data import load_splits, retrieval_task
-    from embedft.index import exact_search
-    from embedft.metrics import recall_at_k
-    from embedft.models import load_encoder
-    from embedft.lora import load_adapter
+    from embedft.data.examples import load_splits, retrieval_task
+    from embedft.evaluation.index import exact_search
+    from embedft.evaluation.metrics import recall_at_k
+    from embedft.modeling.encoder import load_encoder
+    from embedft.modeling.lora import load_adapter
 
     cfg = load_config(args.experiment)
     _, eval_ex, _ = load_splits(cfg.data)

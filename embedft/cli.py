@@ -41,26 +41,10 @@ class _Group(click.Group):
     """Turns the package's own input errors into one clear line and exit code 2."""
 
     def invoke(self, ctx):
-        from embedft.config import ConfigError
+        from embedft.errors import EmbedftError
 
         # FloatingPointError: the training loop's "loss became nan", whose message names train.lr.
-        known: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, FloatingPointError)
-        try:
-            from embedft.tracking import TrackingError
-
-            known += (TrackingError,)
-        except ImportError:
-            pass
-        try:
-            from embedft.data import DataError
-            from embedft.deploy import DeployError
-            from embedft.evaluate import EvalError
-            from embedft.export import ExportError
-            from embedft.models import ModelError
-
-            known += (DataError, ModelError, EvalError, ExportError, DeployError)
-        except ImportError:  # an install without torch still reports config errors cleanly
-            pass
+        known = (EmbedftError, FileNotFoundError, FloatingPointError)
         try:
             return super().invoke(ctx)
         except known as e:
@@ -86,7 +70,8 @@ def main(verbose: bool) -> None:
 @click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[str, ...], no_progress: bool) -> None:
     """Fine-tune LoRA adapters on CONFIG (an experiment YAML) and evaluate base vs adapted."""
-    from embedft.pipeline import run_sweep, run_train
+    from embedft.recipes.sweep import run_sweep
+    from embedft.recipes.train import run_train
 
     if resume and sweeps:  # a sweep trains every point afresh: its children's checkpoints would be overwritten
         raise click.UsageError("--resume continues one run, not a --sweep (which trains every point afresh): resume "
@@ -134,7 +119,7 @@ def _exit_on_sigterm(signum, frame) -> None:
 def eval_cmd(config, overrides, model, adapter, run_id, data, indexes, save_index, out, no_base, base_only,
              linear_probe) -> None:
     """Evaluate base vs adapted with FAISS: retrieval recall/MRR/nDCG and kNN classification."""
-    from embedft.pipeline import run_eval
+    from embedft.recipes.eval import run_eval
 
     if adapter and run_id:
         raise click.UsageError("pass --adapter DIR or --run RUN_ID, not both")
@@ -163,7 +148,7 @@ def eval_cmd(config, overrides, model, adapter, run_id, data, indexes, save_inde
 def check(config: str, overrides: tuple[str, ...]) -> None:
     """Validate CONFIG and its data without loading a model; print the resolved config."""
     from embedft.config import to_yaml
-    from embedft.pipeline import prepare_data
+    from embedft.recipes.common import prepare_data
 
     cfg = _load(config, overrides)
     data = prepare_data(cfg)
@@ -189,14 +174,15 @@ def export_cmd(adapter, run_id, out, model, dtype, overwrite, onnx, register_nam
     """Merge a LoRA adapter into its base and save a plain sentence-transformers model, parity-checked."""
     import tempfile
 
-    from embedft.export import export_merged
+    from embedft.export.merge import export_merged
 
     if bool(adapter) == bool(run_id):
         raise click.UsageError("pass exactly one of --adapter DIR or --run RUN_ID")
     with tempfile.TemporaryDirectory(prefix="embedft-adapter-") as tmp:
         if run_id:
-            from embedft import runs, tracking
             from embedft.config import TrackingConfig
+            from embedft.tracking import mlflow as tracking
+            from embedft.tracking import runs
 
             adapter = runs.download_adapter(tracking.resolve_uri(TrackingConfig()), run_id, tmp)
         report = export_merged(adapter, out, model_name=model, dtype=dtype, overwrite=overwrite, onnx=onnx,
@@ -211,9 +197,10 @@ def export_cmd(adapter, run_id, out, model, dtype, overwrite, onnx, register_nam
         import json
         from pathlib import Path
 
-        from embedft import runs, tracking
         from embedft.config import TrackingConfig
-        from embedft.export import EXPORT_META
+        from embedft.export.parity import EXPORT_META
+        from embedft.tracking import mlflow as tracking
+        from embedft.tracking import runs
 
         saved = json.loads((Path(report["out_dir"]) / EXPORT_META).read_text())
         source_run = ((saved.get("adapter") or {}).get("meta") or {}).get("mlflow_run_id") or run_id
@@ -228,7 +215,8 @@ def export_cmd(adapter, run_id, out, model, dtype, overwrite, onnx, register_nam
 @click.option("--max-abs-diff", type=click.FloatRange(min=0), help="Override the export's saved tolerance.")
 def verify(model_dir: str, min_cosine: float | None, max_abs_diff: float | None) -> None:
     """Re-embed an export's probe texts with plain sentence-transformers; exit 1 if they drifted."""
-    from embedft.export import ExportError, verify_export
+    from embedft.errors import ExportError
+    from embedft.export.verify import verify_export
 
     try:
         p = verify_export(model_dir, min_cosine=min_cosine, max_abs_diff=max_abs_diff)
@@ -255,7 +243,7 @@ DEVICE_HELP = "auto (CUDA when there is one, else the CPU), cpu, cuda or cuda:N.
 
 
 def _encode_kwargs(batch_size: int | None, device: str | None) -> dict:
-    """--batch-size and --device when given; else the deploy functions' own defaults."""
+    """--batch-size and --device when given; else the index functions' own defaults."""
     return {k: v for k, v in (("batch_size", batch_size), ("device", device)) if v is not None}
 
 
@@ -282,7 +270,7 @@ def index_group() -> None:
 def index_build(model_dir, corpus, text_column, id_column, label_column, no_header, factory, out, overwrite,
                 batch_size, device, no_progress) -> None:
     """Embed a corpus with an exported model and save a FAISS inner-product index."""
-    from embedft.deploy import index_corpus
+    from embedft.search.indexing import index_corpus
 
     m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
                      header=not no_header, label_column=label_column, overwrite=overwrite,
@@ -314,14 +302,15 @@ def index_build(model_dir, corpus, text_column, id_column, label_column, no_head
 def index_search(index_dir, queries, queries_file, text_column, id_column, no_header, k, model_dir, show_text,
                  classify, ef_search, nprobe, out, batch_size, device, no_progress) -> None:
     """Top-k documents of an `embedft index build` folder for each query (given as arguments or --queries)."""
-    from embedft import deploy
+    from embedft.search import indexing
+    from embedft.search.corpus import read_corpus
 
     if queries and queries_file:
         raise click.UsageError("give queries as arguments or with --queries, not both")
     if out:
-        deploy.check_results_path(out)  # before the search, not after it
+        indexing.check_results_path(out)  # before the search, not after it
     if queries_file:
-        rows = deploy.read_corpus(queries_file, text_column, id_column, header=not no_header)
+        rows = read_corpus(queries_file, text_column, id_column, header=not no_header)
         query_ids, queries = rows.ids, rows.texts
     else:
         query_ids = [str(i) for i in range(1, len(queries) + 1)]  # numbered as the output lists them
@@ -329,19 +318,19 @@ def index_search(index_dir, queries, queries_file, text_column, id_column, no_he
         if empty:
             raise click.BadParameter(f"query {', '.join(empty)} of {len(queries)} is empty (numbered from 1, as the "
                                      f"output lists queries); remove it", param_hint="QUERIES")
-    folder = deploy.open_index(index_dir)
+    folder = indexing.open_index(index_dir)
     # Read before the search, so a missing corpus or labels fail fast.
-    texts = deploy.corpus_texts(folder) if show_text else None
-    label_of = deploy.index_labels(folder) if classify else None
-    hits = deploy.search_index(folder, list(queries), k=k, model_dir=model_dir, ef_search=ef_search, nprobe=nprobe,
+    texts = indexing.corpus_texts(folder) if show_text else None
+    label_of = indexing.index_labels(folder) if classify else None
+    hits = indexing.search_index(folder, list(queries), k=k, model_dir=model_dir, ef_search=ef_search, nprobe=nprobe,
                                progress=_progress(no_progress), **_encode_kwargs(batch_size, device))
-    labels = deploy.classify(hits, label_of) if label_of is not None else None
-    records = deploy.results_records(query_ids, queries, hits, texts, labels)
+    labels = indexing.classify(hits, label_of) if label_of is not None else None
+    records = indexing.results_records(query_ids, queries, hits, texts, labels)
     if out:
-        deploy.write_results(out, records)
+        indexing.write_results(out, records)
         click.echo(f"{out}: top {k} of {len(records)} queries")
     else:
-        click.echo(deploy.format_results(records))
+        click.echo(indexing.format_results(records))
 
 
 @main.group("runs")
@@ -357,7 +346,8 @@ def runs_group() -> None:
 @click.option("-n", "--max-results", default=50, show_default=True)
 def runs_list(config, experiment, sort_by, max_results) -> None:
     """A table of an experiment's runs with their main params and metrics, best first."""
-    from embedft import runs, tracking
+    from embedft.tracking import mlflow as tracking
+    from embedft.tracking import runs
 
     cfg = _load(config, ())
     uri = tracking.resolve_uri(cfg.tracking)
@@ -372,7 +362,7 @@ def runs_list(config, experiment, sort_by, max_results) -> None:
 @click.option("--uri", help="Tracking URI; default: the one each spool was written for.")
 def runs_sync(path: str, uri: str | None) -> None:
     """Deliver records spooled while the tracking server was away (runs/<name>/.mlflow-pending)."""
-    from embedft import tracking
+    from embedft.tracking import mlflow as tracking
 
     n = tracking.sync_pending(path, uri=uri)
     click.echo(f"delivered {n} pending record(s) from {path}")

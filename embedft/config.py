@@ -2,7 +2,8 @@
 
 An experiment YAML is one of these dataclasses written down; `-o key=value` on the
 command line overrides the YAML. Everything is validated here, before any model or
-data is loaded, with messages that name the field and the fix.
+data is loaded, with messages that name the field and the fix. docs/config.md is
+generated from these classes (`make config-docs`).
 """
 
 from __future__ import annotations
@@ -17,25 +18,13 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value or key is invalid; the message names the field and the fix.
-
-    `keys`: the dotted keys the error is about, so that `load_config` can name the -o option
-    that set one of them.
-    """
-
-    def __init__(self, message: str, keys: tuple[str, ...] = ()):
-        super().__init__(message)
-        self.keys = tuple(keys)
-
+from embedft.errors import ConfigError
 
 Column = Union[str, int]
 POLICIES = ("error", "warn", "drop")
+FORMATS = ("csv", "tsv", "jsonl", "parquet", "disk", "hub")  # data.format's values: embedft.data.readers.READERS
 # train.batch_sampling values that lay whole groups in a batch (every text an anchor).
 GROUP_SAMPLINGS = ("groups", "similar_groups")
-
-
 DEVICES = "auto, cpu, cuda or cuda:N (N = 0, 1, ...)"  # what train.device and --device accept
 
 
@@ -84,8 +73,8 @@ class DataConfig:
     on_overlap: str = "error"  # identical text in train and eval
 
     def __post_init__(self) -> None:
-        _check(self.format in ("auto", "csv", "tsv", "jsonl", "parquet", "disk", "hub"), "data.format",
-               f"unknown format {self.format!r}; use auto, csv, tsv, jsonl, parquet, disk or hub")
+        _check(self.format in ("auto",) + FORMATS, "data.format",
+               f"unknown format {self.format!r}; use auto, {', '.join(FORMATS)}")
         _check(self.shape in ("labeled", "grouped", "pairs"), "data.shape",
                f"unknown shape {self.shape!r}; use labeled, grouped or pairs")
         _check(self.split in ("given", "hash", "modulo"), "data.split",
@@ -158,8 +147,9 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """InfoNCE over in-batch (and hard) negatives."""
+    """The contrastive loss: InfoNCE over in-batch (and hard) negatives by default."""
 
+    name: str = "infonce"  # a loss of embedft.training.losses.LOSSES
     temperature: float = 0.05  # a temperature: logits = cos / temperature (scale = 20)
     symmetric: bool = False  # add the positive->anchor direction
     hard_negatives: int = 0  # per anchor, from the data's negative columns (pairs) or mined (grouped/labeled)
@@ -256,6 +246,7 @@ class TrainConfig:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # eval.precision's values
+TASKS = ("retrieval", "classification")  # eval.tasks' values: the evaluators of embedft.evaluation.tasks
 
 
 @dataclass(frozen=True)
@@ -277,7 +268,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         for t in self.tasks:
-            _check(t in ("retrieval", "classification"), "eval.tasks", f"unknown task {t!r}; use retrieval, classification")
+            _check(t in TASKS, "eval.tasks", f"unknown task {t!r}; use {', '.join(TASKS)}")
         _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks", f"must be positive integers, got {self.ks}")
         _check(self.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {self.knn_k}")
         _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -351,10 +342,6 @@ class ExperimentConfig:
     def output_dir(self) -> Path:
         """The run folder, with {name} filled in."""
         return Path(self.train.output_dir.format(name=self.name))
-
-
-# ---------------------------------------------------------------------------------------
-# Building configs from dicts, YAML files and -o overrides
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

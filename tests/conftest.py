@@ -25,14 +25,14 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
-    from embedft.synthetic import tiny_bert
+    from embedft_testing.synthetic import tiny_bert
 
     return tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_dir(tmp_path_factory) -> Path:
-    from embedft.synthetic import tiny_qwen3
+    from embedft_testing.synthetic import tiny_qwen3
 
     return tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
 
@@ -41,8 +41,8 @@ def tiny_qwen3_dir(tmp_path_factory) -> Path:
 def tiny_bert_adapter(tiny_bert_dir, tmp_path_factory) -> Path:
     """A LoRA adapter on the tiny BERT whose B matrices are non-zero, so it embeds differently from the base."""
     from embedft.config import LoraConfig, ModelConfig
-    from embedft.models import load_encoder
-    from embedft.lora import apply_lora, save_adapter
+    from embedft.modeling.encoder import load_encoder
+    from embedft.modeling.lora import apply_lora, save_adapter
 
     torch.manual_seed(0)
     enc = load_encoder(ModelConfig(name=str(tiny_bert_dir)))
@@ -91,11 +91,12 @@ def device(request) -> torch.device:
 
 @pytest.fixture(scope="session")
 def benchmark_script():
-    """Load a script of benchmarks/ as a module, afresh on each call: benchmark_script("bench_encode")."""
+    """Load a script of benchmarks/ (or another folder) as a module, afresh on each call:
+    benchmark_script("bench_encode"), benchmark_script("gpu_session", "tools")."""
     loaded = []
 
-    def load(name: str):
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    def load(name: str, folder: str = "benchmarks"):
+        spec = importlib.util.spec_from_file_location(name, REPO / folder / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod  # dataclasses look their module up there
         loaded.append(name)

@@ -145,7 +145,7 @@ def test_eval_of_another_adapter_reports_beside_the_run_report(experiment, tiny_
     assert json.loads(report.read_text())["adapted"]["retrieval/recall@10"] > 0
     assert not (experiment.parent / "run" / "eval").exists()  # the run's own adapter's report slot stays free
 
-    from embedft.pipeline import _report_dir
+    from embedft.recipes.eval import _report_dir
 
     run = experiment.parent / "run"
     assert _report_dir(run, run / "adapter", None) == run / "eval"
@@ -154,7 +154,7 @@ def test_eval_of_another_adapter_reports_beside_the_run_report(experiment, tiny_
 
 
 def test_resume_mismatch_is_refused_before_any_work(experiment, tiny_bert_dir, monkeypatch):
-    import embedft.evaluate as E
+    import embedft.evaluation.tasks as E
 
     model = ("-o", f"model.name={tiny_bert_dir}", "-o", "train.max_steps=2", "-o", "eval.indexes=[]")
     assert_clean_error(invoke("train", str(experiment), *model, "--resume"), "--resume: no checkpoint in")
@@ -173,7 +173,7 @@ def test_train_output_dir_that_cannot_be_made(experiment, tmp_path):
 
 
 def test_train_loss_that_becomes_nan_is_one_line(experiment, tiny_bert_dir, monkeypatch):
-    import embedft.train as T
+    import embedft.training.losses as T
 
     real = T.batch_loss
     monkeypatch.setattr(T, "batch_loss", lambda *a, **k: real(*a, **k) * float("nan"))
@@ -195,8 +195,8 @@ def opt_model_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import OPTConfig, OPTModel
 
-    from embedft.models import MODEL_TYPES
-    from embedft.synthetic import build_bert_tokenizer
+    from embedft.modeling.families import MODEL_TYPES
+    from embedft_testing.synthetic import build_bert_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-opt")
     tok = build_bert_tokenizer(out)
@@ -218,18 +218,18 @@ def test_train_unknown_model_family(experiment, opt_model_dir):
 def test_train_unreachable_tracking_server_fails_before_training(experiment, monkeypatch):
     import socket
 
-    import embedft.models
+    import embedft.modeling.encoder
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(embedft.models, "load_encoder", lambda *a, **k: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr(embedft.modeling.encoder, "load_encoder", lambda *a, **k: pytest.fail("model loaded before the check"))
     result = invoke("train", str(experiment), "-o", "tracking.enabled=true", "-o", f"tracking.uri=http://127.0.0.1:{port}")
     assert_clean_error(result, f"127.0.0.1:{port}", "not reachable", "tracking.enabled=false")
 
 
 def test_eval_index_faiss_cannot_build_is_refused_before_any_encoding(experiment, tiny_bert_dir, monkeypatch):
-    from embedft.models import Encoder
+    from embedft.modeling.encoder import Encoder
 
     monkeypatch.setattr(Encoder, "encode", lambda *a, **k: pytest.fail("encoded before the --index check"))
     model = ("-o", f"model.name={tiny_bert_dir}")
@@ -245,14 +245,14 @@ def test_eval_index_faiss_cannot_build_is_refused_before_any_encoding(experiment
 
 def test_eval_save_index_over_an_existing_folder_is_refused_before_any_work(experiment, tmp_path, monkeypatch,
                                                                            tiny_bert_dir):
-    import embedft.models
+    import embedft.modeling.encoder
 
     fresh = invoke("eval", str(experiment), "--base-only", "-o", f"model.name={tiny_bert_dir}",
                    "--save-index", str(tmp_path / "new"))
     assert fresh.exit_code == 0 and (tmp_path / "new" / "index.faiss").is_file(), fresh.output
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "index.faiss").write_text("an earlier index")
-    monkeypatch.setattr(embedft.models, "load_encoder", lambda *a, **k: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr(embedft.modeling.encoder, "load_encoder", lambda *a, **k: pytest.fail("model loaded before the check"))
     assert_clean_error(invoke("eval", str(experiment), "--base-only", "--save-index", str(tmp_path / "idx")),
                        f"--save-index {tmp_path / 'idx'} already exists; pass a new folder")
     assert (tmp_path / "idx" / "index.faiss").read_text() == "an earlier index"
@@ -265,9 +265,11 @@ def test_eval_save_index_over_an_existing_folder_is_refused_before_any_work(expe
     (("--base-only", "--no-base"), "--base-only evaluates the base model alone: drop --no-base"),
 ])
 def test_eval_options_that_contradict_are_refused_not_ignored(experiment, monkeypatch, args, message):
-    import embedft.pipeline
+    import embedft.recipes.eval
+    import embedft.recipes.sweep
+    import embedft.recipes.train
 
-    monkeypatch.setattr(embedft.pipeline, "run_eval", lambda *a, **k: pytest.fail("evaluated with an option ignored"))
+    monkeypatch.setattr(embedft.recipes.eval, "run_eval", lambda *a, **k: pytest.fail("evaluated with an option ignored"))
     result = invoke("eval", str(experiment), *args)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
 
@@ -284,9 +286,9 @@ def test_eval_index_without_a_retrieval_task_is_reported_not_silently_ignored(ex
 
 
 def test_eval_out_over_a_file_or_a_folder_of_other_files_is_refused_before_any_work(experiment, tmp_path, monkeypatch):
-    import embedft.models
+    import embedft.modeling.encoder
 
-    monkeypatch.setattr(embedft.models, "load_encoder", lambda *a, **k: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr(embedft.modeling.encoder, "load_encoder", lambda *a, **k: pytest.fail("model loaded before the check"))
     (tmp_path / "notes.txt").write_text("keep me")
     assert_clean_error(invoke("eval", str(experiment), "--base-only", "--out", str(tmp_path / "notes.txt")),
                        f"--out {tmp_path / 'notes.txt'} is a file")
@@ -308,19 +310,23 @@ def test_train_refuses_an_evaluation_it_cannot_run_before_training(experiment, t
 
 
 def test_train_resume_with_a_sweep_is_refused_not_ignored(experiment, monkeypatch):
-    import embedft.pipeline
+    import embedft.recipes.eval
+    import embedft.recipes.sweep
+    import embedft.recipes.train
 
     # Ignored, the sweep would train every point afresh over the checkpoints --resume was meant to continue.
-    monkeypatch.setattr(embedft.pipeline, "run_sweep", lambda *a, **k: pytest.fail("swept with --resume ignored"))
+    monkeypatch.setattr(embedft.recipes.sweep, "run_sweep", lambda *a, **k: pytest.fail("swept with --resume ignored"))
     result = invoke("train", str(experiment), "--resume", "--sweep", "lora.r=4,8")
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "--resume continues one run, not a --sweep" in result.output and "-o name=<name>-r8 -o lora.r=8" in result.output
 
 
 def test_sweep_whose_points_share_one_run_folder_is_refused_before_training(experiment, monkeypatch):
-    import embedft.pipeline
+    import embedft.recipes.eval
+    import embedft.recipes.sweep
+    import embedft.recipes.train
 
-    monkeypatch.setattr(embedft.pipeline, "run_train", lambda *a, **k: pytest.fail("trained a point"))
+    monkeypatch.setattr(embedft.recipes.train, "run_train", lambda *a, **k: pytest.fail("trained a point"))
     # The fixture's train.output_dir has no {name}: the second point would have replaced the first one's adapter.
     result = invoke("train", str(experiment), "--sweep", "lora.r=4,8")
     assert_clean_error(result, "gives every --sweep point the same run folder", "put {name} in it")
@@ -328,7 +334,7 @@ def test_sweep_whose_points_share_one_run_folder_is_refused_before_training(expe
 
 def test_eval_with_a_model_the_adapter_was_not_trained_on_is_refused_before_the_base_evaluation(
         experiment, tiny_bert_adapter, tiny_qwen3_dir, monkeypatch):
-    import embedft.evaluate as E
+    import embedft.evaluation.tasks as E
 
     monkeypatch.setattr(E, "evaluate_encoder", lambda *a, **k: pytest.fail("evaluated before the adapter check"))
     result = invoke("eval", str(experiment), "--adapter", str(tiny_bert_adapter), "-o", f"model.name={tiny_qwen3_dir}")
@@ -336,9 +342,11 @@ def test_eval_with_a_model_the_adapter_was_not_trained_on_is_refused_before_the_
 
 
 def test_every_eval_train_and_runs_option_reaches_the_code(experiment, tmp_path, monkeypatch):
-    import embedft.pipeline
-    import embedft.runs
-    import embedft.tracking
+    import embedft.recipes.eval
+    import embedft.recipes.sweep
+    import embedft.recipes.train
+    import embedft.tracking.mlflow
+    import embedft.tracking.runs
 
     seen = {}
 
@@ -349,7 +357,7 @@ def test_every_eval_train_and_runs_option_reaches_the_code(experiment, tmp_path,
         return fn
 
     other = write_csv(tmp_path / "other.csv", ROWS)
-    monkeypatch.setattr(embedft.pipeline, "run_eval", record("eval", {"table": "", "report": "r"}))
+    monkeypatch.setattr(embedft.recipes.eval, "run_eval", record("eval", {"table": "", "report": "r"}))
     result = invoke("eval", str(experiment), "--model", "other-model", "--data", str(other),
                     "--index", "HNSW32", "--index", "IVF4,Flat", "--linear-probe", "--adapter", "ad", "--no-base",
                     "--save-index", "idx", "--out", "rep")
@@ -360,27 +368,27 @@ def test_every_eval_train_and_runs_option_reaches_the_code(experiment, tmp_path,
     assert {n: k[n] for n in ("adapter", "run_id", "out", "compare_base", "base_only", "save_index")} == \
         {"adapter": "ad", "run_id": None, "out": "rep", "compare_base": False, "base_only": False, "save_index": "idx"}
 
-    monkeypatch.setattr(embedft.pipeline, "run_train", record("train", {"table": "", "adapter": "a", "report": "r"}))
+    monkeypatch.setattr(embedft.recipes.train, "run_train", record("train", {"table": "", "adapter": "a", "report": "r"}))
     assert invoke("train", str(experiment), "--resume", "--no-progress", "-o", "lora.r=4").exit_code == 0
     (cfg,), k = seen["train"]
     assert cfg.lora.r == 4 and k == {"resume": True, "progress": False}
-    monkeypatch.setattr(embedft.pipeline, "run_sweep", record("sweep", []))
+    monkeypatch.setattr(embedft.recipes.sweep, "run_sweep", record("sweep", []))
     assert invoke("train", str(experiment), "-o", "lora.r=4", "--sweep", "train.lr=1e-4,2e-4").exit_code == 0
     (_, path, overrides, sweeps), k = seen["sweep"]
     assert (path, overrides, sweeps, k) == (str(experiment), ("lora.r=4",), ("train.lr=1e-4,2e-4",), {"progress": True})
 
-    monkeypatch.setattr(embedft.runs, "list_runs", record("list", []))
+    monkeypatch.setattr(embedft.tracking.runs, "list_runs", record("list", []))
     assert invoke("runs", "list", str(experiment), "--experiment", "other", "--sort", "params.lora.r",
                   "-n", "3").exit_code == 0
     (_, exp), k = seen["list"]
     assert exp == "other" and k == {"sort_by": "params.lora.r", "max_results": 3}
-    monkeypatch.setattr(embedft.tracking, "sync_pending", record("sync", 0))
+    monkeypatch.setattr(embedft.tracking.mlflow, "sync_pending", record("sync", 0))
     assert invoke("runs", "sync", "somewhere", "--uri", "http://mlflow:5000").exit_code == 0
     assert seen["sync"] == (("somewhere",), {"uri": "http://mlflow:5000"})
 
 
 def test_every_export_option_reaches_the_export(tmp_path, monkeypatch):
-    import embedft.export
+    import embedft.export.merge
 
     seen = []
 
@@ -388,7 +396,7 @@ def test_every_export_option_reaches_the_export(tmp_path, monkeypatch):
         seen.append((a, k))
         return {"out_dir": str(tmp_path / "o"), "parity": {"min_cosine": 1.0, "max_abs_diff": 0.0, "n_probes": 3}}
 
-    monkeypatch.setattr(embedft.export, "export_merged", export_merged)
+    monkeypatch.setattr(embedft.export.merge, "export_merged", export_merged)
     result = invoke("export", "--adapter", "ad", "--out", str(tmp_path / "o"), "--model", "base-model", "--dtype",
                     "bf16", "--overwrite", "--onnx")
     assert result.exit_code == 0, result.output

@@ -6,8 +6,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from embedft.config import (ConfigError, DataConfig, ExperimentConfig, LoraConfig, TrainConfig, config_from_dict,
-                            load_config, parse_override, to_yaml)
+from embedft.config import (
+    DataConfig,
+    ExperimentConfig,
+    LoraConfig,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+    parse_override,
+    to_yaml,
+)
+from embedft.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))

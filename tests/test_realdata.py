@@ -1,7 +1,6 @@
 """The PriceRunner benchmark split (../shared/datasets/pricerunner): skipped where that folder is absent."""
 
 import pytest
-
 from conftest import REPO, SHARED_DATASETS
 
 PRICERUNNER = SHARED_DATASETS / "pricerunner" / "pricerunner_aggregate.csv"
@@ -18,7 +17,7 @@ def test_untuned_minilm_reproduces_the_reference_figures(tmp_path):
     if not PRICERUNNER.is_file():
         pytest.skip(f"{PRICERUNNER} is absent (real data lives outside the repo)")
     from embedft.config import load_config
-    from embedft.pipeline import run_eval
+    from embedft.recipes.eval import run_eval
 
     cfg = load_config(REPO / "experiments" / "pricerunner-matching.yaml",
                       [f"data.train={PRICERUNNER}", "tracking.enabled=false", "eval.indexes=[]"])

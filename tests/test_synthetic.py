@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from embedft.config import ModelConfig
-from embedft.models import _st_pooling, load_encoder
-from embedft.synthetic import random_like, save_as_sentence_transformer, tiny_qwen3
+from embedft.modeling.encoder import _st_pooling, load_encoder
+from embedft_testing.synthetic import random_like, save_as_sentence_transformer, tiny_qwen3
 
 TEXTS = ["samsung galaxy phone 128 gb", "bosch dishwasher", "a", "intel core cpu 3 ghz processor with 8 cores"]
 

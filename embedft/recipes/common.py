@@ -1,0 +1,77 @@
+"""What every recipe does first: read and check the data, open the tracker, end its run."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from embedft.config import ExperimentConfig, TrackingConfig
+from embedft.data.batches import PairSource, build_pair_source, check_schedule
+from embedft.data.examples import Examples, load_splits
+from embedft.errors import ConfigError
+from embedft.evaluation.tasks import check_tasks
+from embedft.tracking.base import NullTracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    train: Examples
+    eval: Examples
+    source: PairSource
+    report: Any
+
+
+def prepare_data(cfg: ExperimentConfig) -> PreparedData:
+    """Read and validate everything a run needs before any model is loaded."""
+    from embedft.training.losses import build_loss
+
+    _check_extras(cfg)
+    build_loss(cfg.loss)  # an unknown loss.name fails now
+    train_ex, eval_ex, report = load_splits(cfg.data)
+    src = build_pair_source(train_ex)
+    if cfg.loss.label_weight > 0 and (src.batch_labels is None or src.positives is not None):
+        raise ConfigError(f"loss.label_weight={cfg.loss.label_weight} needs grouped data with a label column "
+                          f"(data.shape=grouped, data.label_column set; {cfg.data.train} has shape "
+                          f"{cfg.data.shape!r}, label column {cfg.data.label_column!r}); set -o loss.label_weight=0")
+    check_schedule(src, cfg.train, str(cfg.data.train))
+    check_tasks(cfg.eval, train_ex, eval_ex)  # an evaluation that cannot run fails now, not after training
+    return PreparedData(train_ex, eval_ex, src, report)
+
+
+def _check_extras(cfg: ExperimentConfig) -> None:
+    """Optional packages the config asks for, checked now rather than after training."""
+    import importlib.util
+
+    if cfg.eval.linear_probe and importlib.util.find_spec("sklearn") is None:
+        raise ConfigError("eval.linear_probe=true needs scikit-learn (not installed): pip install scikit-learn, "
+                          "or set -o eval.linear_probe=false")
+
+
+def open_tracker(tcfg: TrackingConfig, experiment: str, out_dir: Path):
+    """An MLflow tracker (server checked now, before training) or a no-op one."""
+    from embedft.tracking import mlflow as tracking
+
+    if not tcfg.enabled:
+        return NullTracker()
+    uri = tracking.resolve_uri(tcfg)
+    tracking.check_reachable(uri)
+    return tracking.MlflowTracker(uri, tcfg.experiment or experiment, spool_dir=out_dir / ".mlflow-pending")
+
+
+@contextlib.contextmanager
+def ending(tracker):
+    """End the tracker's run as FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED, however the block ends."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)

@@ -1,0 +1,129 @@
+"""The eval recipe: base vs a trained adapter on an experiment's eval split; report to disk and MLflow."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from embedft.config import ExperimentConfig, flatten, to_dict, to_yaml
+from embedft.data.examples import Examples, load_splits, retrieval_task
+from embedft.evaluation.tasks import check_tasks
+from embedft.recipes.common import _check_extras, ending, open_tracker
+from embedft.recipes.train import _run_tags
+
+log = logging.getLogger(__name__)
+
+
+def _report_dir(output_dir: Path, adapter_dir: Path | None, run_id: str | None) -> Path:
+    # Without --out: the run folder's eval/ is its own adapter's report; any other model's report
+    # (the base alone, an MLflow run's adapter, another folder's) goes beside it, never over it.
+    if adapter_dir is None:
+        return output_dir / "eval-base"
+    if run_id:
+        return output_dir / f"eval-run-{run_id[:8]}"
+    if adapter_dir.resolve() != (output_dir / "adapter").resolve():
+        return output_dir / f"eval-{adapter_dir.resolve().parent.name}"
+    return output_dir / "eval"
+
+
+def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | None = None, out: str | None = None,
+             compare_base: bool = True, base_only: bool = False, save_index: str | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate base vs adapted on the experiment's eval split; report to disk and MLflow."""
+    import tempfile
+
+    from embedft.errors import ModelError
+    from embedft.evaluation.report import check_report_dir, compare, format_table, write_report
+    from embedft.evaluation.tasks import check_indexes, evaluate_encoder
+    from embedft.modeling.encoder import load_encoder
+    from embedft.modeling.lora import check_adapter_base, load_adapter, read_adapter_meta
+    from embedft.modeling.runtime import resolve_device
+
+    _check_extras(cfg)
+    if save_index:
+        _check_save_index(Path(save_index))
+    if out:
+        check_report_dir(Path(out))
+    train_ex, eval_ex, _ = load_splits(cfg.data)
+    check_tasks(cfg.eval, train_ex, eval_ex)
+    adapter_dir: Path | None = None
+    tmp_download = None
+    if not base_only:
+        if run_id:
+            from embedft.tracking import mlflow as tracking
+            from embedft.tracking import runs
+
+            tmp_download = tempfile.mkdtemp(prefix="embedft-adapter-")
+            adapter_dir = runs.download_adapter(tracking.resolve_uri(cfg.tracking), run_id, tmp_download)
+        else:
+            adapter_dir = Path(adapter) if adapter else cfg.output_dir / "adapter"
+            if not adapter_dir.exists():
+                raise ModelError(f"no adapter at {adapter_dir}; train first (embedft train {cfg.name}.yaml), pass "
+                                 "--adapter DIR or --run RUN_ID, or use --base-only")
+        read_adapter_meta(adapter_dir)  # clear error for incomplete folders before loading a model
+    device = resolve_device(cfg.train.device)
+    tracker = open_tracker(cfg.tracking, cfg.tracking.experiment or cfg.name, cfg.output_dir)
+    encoder = load_encoder(cfg.model, device)
+    if adapter_dir is not None:  # a --model the adapter was not trained on is refused before the base evaluation
+        check_adapter_base(encoder, adapter_dir)
+    check_indexes(cfg.eval, encoder.spec.hidden_size, train_ex, eval_ex)
+    base_eval = evaluate_encoder(encoder, train_ex, eval_ex, cfg.eval, device, progress) \
+        if (compare_base or base_only) else None
+    adapted_eval = None
+    if not base_only:
+        load_adapter(encoder, adapter_dir)
+        adapted_eval = evaluate_encoder(encoder, train_ex, eval_ex, cfg.eval, device, progress)
+    report_dir = write_report(Path(out) if out else _report_dir(cfg.output_dir, adapter_dir, run_id), base_eval,
+                              adapted_eval,
+                              {"name": cfg.name, "model": cfg.model.name,
+                               # a --run adapter's download folder is deleted below: name the run's artifact
+                               "adapter": f"runs:/{run_id}/adapter" if run_id else str(adapter_dir),
+                               "eval_data": eval_ex.source, "source_run_id": run_id})
+    if save_index:
+        _save_retrieval_index(encoder, eval_ex, cfg, save_index, str(adapter_dir) if adapter_dir else None)
+    metrics = {f"adapted/{k}": v for k, v in adapted_eval.metrics.items()} if adapted_eval else {}
+    if base_eval is not None:
+        metrics.update({f"base/{k}": v for k, v in base_eval.metrics.items()})
+    tags = _run_tags(cfg, encoder.spec, device)
+    tags["embedft.command"] = "eval"
+    if run_id:
+        tags["embedft.source_run_id"] = run_id
+    tracker.start_run(run_name=f"eval-{cfg.name}", params=flatten(to_dict(cfg)), tags=tags)
+    try:
+        with ending(tracker):
+            tracker.log_text(to_yaml(cfg), "config.yaml")
+            tracker.log_input(name=f"{cfg.name}-eval", digest=eval_ex.digest(), n_rows=len(eval_ex),
+                              source=eval_ex.source, context="evaluation")
+            tracker.log_metrics(metrics, step=0)
+            tracker.log_artifacts(str(report_dir), "eval")
+    finally:
+        if tmp_download:
+            shutil.rmtree(tmp_download, ignore_errors=True)
+    return {"report": str(report_dir), "metrics": metrics,
+            "table": format_table(compare(base_eval.metrics if base_eval else None,
+                                          adapted_eval.metrics if adapted_eval else None))}
+
+
+def _check_save_index(out: Path) -> None:
+    # save_index never replaces a folder; refused now rather than after the whole evaluation.
+    from embedft.errors import EvalError
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EvalError(f"--save-index {out} already exists; pass a new folder (eval does not replace an index)")
+
+
+def _save_retrieval_index(encoder, eval_ex: Examples, cfg: ExperimentConfig, out_dir: str, adapter: str | None) -> Path:
+    """The adapted model's index over the eval corpus, with a manifest the search team can check."""
+    from embedft.evaluation.index import build_index, save_index
+
+    corpus = retrieval_task(eval_ex).corpus
+    vectors = encoder.encode(corpus, batch_size=cfg.eval.batch_size)
+    factory = cfg.eval.indexes[0] if cfg.eval.indexes else "Flat"
+    index = build_index(vectors, factory)
+    manifest = {"model": encoder.spec.fingerprint if adapter is None else f"{encoder.spec.fingerprint}+{Path(adapter).name}",
+                "base_model": cfg.model.name, "adapter": adapter, "dim": int(vectors.shape[1]),
+                "metric": "inner_product", "normalized": encoder.spec.normalize, "factory": factory,
+                "count": len(corpus), "pooling": encoder.spec.pooling, "query_template": encoder.spec.query_template}
+    return save_index(out_dir, index, corpus, manifest, overwrite=False)

@@ -1,0 +1,173 @@
+"""The train recipe: config -> data -> model + LoRA -> loop -> evaluation (base vs adapted) -> tracking."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from embedft.atomic import replace_dir, temp_sibling
+from embedft.config import ExperimentConfig, flatten, to_dict, to_yaml
+from embedft.errors import ConfigError
+from embedft.recipes.common import ending, open_tracker, prepare_data
+from embedft.training.validation import build_val_set
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = ".mlflow-run-id"  # in the run folder: the MLflow run a --resume continues from
+
+
+def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
+              parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train one experiment end to end; returns the run summary (paths and metrics)."""
+    import torch
+
+    from embedft.evaluation.report import compare, format_table, write_report
+    from embedft.evaluation.tasks import check_indexes, evaluate_encoder
+    from embedft.modeling.builders import make_trainable
+    from embedft.modeling.encoder import load_encoder
+    from embedft.modeling.lora import load_adapter, lora_settings, save_adapter
+    from embedft.modeling.runtime import base_dtype, resolve_device, seed_everything
+    from embedft.training.checkpoint import check_resumable, require_checkpoint, run_identity
+    from embedft.training.loop import train
+
+    data = prepare_data(cfg)
+    out = cfg.output_dir
+    if resume:  # nothing to resume: refused before the run folder is made or a model loaded
+        require_checkpoint(out / "checkpoint")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder should be, no permission, read-only disk
+        raise ConfigError(f"train.output_dir: cannot make the run folder {out} ({e.strerror}: {e.filename}); "
+                          "set -o train.output_dir to a folder you can write") from None
+    tracker = open_tracker(cfg.tracking, cfg.name, out)
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    encoder = load_encoder(cfg.model, device, cfg.lora)
+    log.info("model %s: family=%s pooling=%s on %s", cfg.model.name, encoder.spec.family, encoder.spec.pooling, device)
+    check_indexes(cfg.eval, encoder.spec.hidden_size, data.train, data.eval)
+    if resume:  # refused now, not after the base model's evaluation
+        check_resumable(out / "checkpoint", run_identity(encoder.spec, lora_settings(encoder, cfg.lora), data.source,
+                                                         cfg.train, cfg.loss))
+
+    base_eval = evaluate_encoder(encoder, data.train, data.eval, cfg.eval, device, progress) \
+        if cfg.eval.compare_base else None
+    seed_everything(cfg.train.seed)  # LoRA init does not depend on whether the base was evaluated
+    dtype = base_dtype(cfg.train.base_dtype, device)
+    if dtype != torch.float32:
+        log.info("frozen base weights in %s (train.base_dtype=%s)", dtype, cfg.train.base_dtype)
+    make_trainable(encoder, cfg.lora, dtype)
+    val = build_val_set(encoder, data.eval, cfg.train.val_max_queries, cfg.train.seed)
+
+    tags = _run_tags(cfg, encoder.spec, device)
+    previous = (out / RUN_ID_FILE).read_text().strip() if resume and (out / RUN_ID_FILE).is_file() else None
+    if previous:
+        tags["embedft.resumed_from"] = previous
+    run_id = tracker.start_run(run_name=cfg.tracking.run_name or cfg.name, params=flatten(to_dict(cfg)),
+                               tags=tags, parent_run_id=parent_run_id)
+    if previous:
+        tracker.end_stale_run(previous)  # a run killed without warning (SIGKILL) stays RUNNING otherwise
+    if run_id:
+        (out / RUN_ID_FILE).write_text(run_id)
+    with ending(tracker):
+        tracker.log_text(to_yaml(cfg), "config.yaml")
+        for role, ex in (("train", data.train), ("eval", data.eval)):
+            tracker.log_input(name=f"{cfg.name}-{role}", digest=ex.digest(), n_rows=len(ex), source=ex.source,
+                              context="training" if role == "train" else "evaluation")
+        tracker.log_metrics({f"data/{k}": float(v) for k, v in data.report.counts.items()}, step=0)
+
+        result = train(encoder, data.source, cfg.train, cfg.loss, out, val=val, sink=tracker, resume=resume,
+                       progress=progress)
+
+        adapter_dir = out / "adapter"
+        tmp = temp_sibling(adapter_dir)
+        save_adapter(encoder, tmp, {"experiment": cfg.name, "config": to_dict(cfg),
+                                    "data": {"train_digest": data.train.digest(), "eval_digest": data.eval.digest(),
+                                             "train_rows": len(data.train), "eval_rows": len(data.eval)},
+                                    "mlflow_run_id": run_id})
+        replace_dir(tmp, adapter_dir)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+
+        if dtype != torch.float32:
+            # Report what `embedft eval` and the export load: the saved adapter on the fp32 base.
+            encoder = load_adapter(load_encoder(cfg.model, device, cfg.lora), adapter_dir)
+        adapted_eval = evaluate_encoder(encoder, data.train, data.eval, cfg.eval, device, progress)
+        report_dir = write_report(out / "eval", base_eval, adapted_eval,
+                                  {"name": cfg.name, "model": cfg.model.name, "adapter": str(adapter_dir),
+                                   "eval_data": data.eval.source, "train_steps": result.steps})
+        final = {f"adapted/{k}": v for k, v in adapted_eval.metrics.items()}
+        if base_eval is not None:
+            final.update({f"base/{k}": v for k, v in base_eval.metrics.items()})
+        final.update({"train/total_seconds": result.train_seconds, "train/avg_samples_per_s": result.samples_per_s,
+                      "train/avg_tokens_per_s": result.tokens_per_s})
+        tracker.log_metrics(final, step=result.steps)
+        plots = _make_plots(out / "plots", result, base_eval, adapted_eval)
+        tracker.log_artifacts(str(adapter_dir), "adapter")
+        tracker.log_artifacts(str(report_dir), "eval")
+        for p in plots:
+            tracker.log_artifact(str(p), "plots")
+        summary = {"run_id": run_id, "output_dir": str(out), "adapter": str(adapter_dir), "report": str(report_dir),
+                   "steps": result.steps, "train_seconds": result.train_seconds,
+                   "samples_per_s": result.samples_per_s, "metrics": final,
+                   "table": format_table(compare(base_eval.metrics if base_eval else None, adapted_eval.metrics))}
+        (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2))
+        return summary
+
+
+def _run_tags(cfg: ExperimentConfig, spec, device) -> dict[str, str]:
+    import platform
+
+    import torch
+
+    tags = {"embedft.family": spec.family, "embedft.model": cfg.model.name, "embedft.pooling": spec.pooling,
+            "embedft.device": str(device), "embedft.torch": torch.__version__, "embedft.python": platform.python_version()}
+    try:
+        import peft
+        import sentence_transformers
+        import transformers
+
+        tags.update({"embedft.transformers": transformers.__version__, "embedft.peft": peft.__version__,
+                     "embedft.sentence_transformers": sentence_transformers.__version__})
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        tags["embedft.gpu"] = torch.cuda.get_device_name(device)
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              check=True).stdout.strip() or None
+    except Exception:  # not a git checkout: the commit is simply unknown
+        return None
+
+
+def _make_plots(out: Path, result, base_eval, adapted_eval) -> list[Path]:
+    """Loss curve, recall@k base vs adapted, confusion matrix (when those exist)."""
+    from embedft.evaluation import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    if result.history:
+        made.append(plots.plot_loss_curve([h["step"] for h in result.history], [h["train/loss"] for h in result.history],
+                                          out / "loss.png",
+                                          val_epochs=[v["step"] for v in result.val_history] or None,
+                                          val_recall=[v.get("val/recall@10") for v in result.val_history] or None))
+    if "retrieval" in adapted_eval.details:
+        base_curve = base_eval.details["retrieval"]["recall_curve"] if base_eval else {}
+        made.append(plots.plot_recall_curve(sorted(adapted_eval.details["retrieval"]["recall_curve"]), base_curve,
+                                            adapted_eval.details["retrieval"]["recall_curve"], out / "recall_at_k.png"))
+    if "classification" in adapted_eval.details:
+        d = adapted_eval.details["classification"]
+        made.append(plots.plot_confusion_matrix(d["report"]["confusion_matrix"], d["class_names"],
+                                                out / "confusion_matrix.png", "adapted kNN confusion matrix"))
+    return made

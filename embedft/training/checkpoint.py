@@ -1,0 +1,130 @@
+"""Checkpoints that resume a killed run exactly, and the check that they fit the run resuming them.
+
+A checkpoint folder holds state.pt (LoRA weights, optimizer, scheduler, RNG states, epochs done,
+step, and the batches done of the epoch in progress when it was written mid-epoch) and progress.json (loss history and the run's identity: model, LoRA, data digest, loss and
+training settings). It is written beside the old one and swapped in whole.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+
+from embedft.atomic import replace_dir
+from embedft.config import LossConfig, TrainConfig
+from embedft.data.batches import PairSource
+from embedft.errors import ConfigError
+from embedft.modeling.encoder import Encoder, EncoderSpec
+
+if TYPE_CHECKING:
+    from embedft.training.result import TrainResult
+
+
+def _adapter_state(encoder: Encoder) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in encoder.named_parameters() if v.requires_grad}
+
+
+# Settings a resumed run may change: they do not alter what is trained or in which order.
+RESUMABLE_CHANGES = ("train.threads", "train.log_every", "train.device", "train.output_dir",
+                     "train.eval_every_epoch", "train.val_max_queries", "train.compile", "train.checkpoint_every")
+
+
+# EncoderSpec fields that change what a text embeds to, so what is trained (next to the weights' fingerprint).
+EMBEDDING_SETTINGS = ("pooling", "normalize", "query_template", "max_length")
+
+
+def run_identity(spec: EncoderSpec, lora: dict[str, Any] | None, src: PairSource, cfg: TrainConfig,
+                 loss_cfg: LossConfig) -> dict[str, Any]:
+    """What a checkpoint must be resumed with: base model and how it embeds, LoRA
+    (`lora.lora_settings`), the training data, loss and training settings, as JSON values."""
+    ident: dict[str, Any] = {"model": spec.fingerprint, **{f"model.{k}": getattr(spec, k) for k in EMBEDDING_SETTINGS},
+                             **{f"lora.{k}": v for k, v in (lora or {}).items()}, "training data digest": src.digest()}
+    ident.update({f"train.{k}": v for k, v in asdict(cfg).items()})
+    ident.update({f"loss.{k}": v for k, v in asdict(loss_cfg).items()})
+    return json.loads(json.dumps({k: v for k, v in ident.items() if k not in RESUMABLE_CHANGES}, default=str))
+
+
+RESUME_FIX = "resume with the same config and -o options as that run, or start fresh without --resume"
+
+
+def require_checkpoint(path: Path) -> None:
+    """A clear error when there is no checkpoint at `path` to resume (checked before any model is loaded)."""
+    if not (path / "state.pt").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {path}; run without --resume to start fresh")
+
+
+def check_resumable(path: Path, identity: dict[str, Any]) -> None:
+    """A clear error when there is no checkpoint at `path`, or it was written with other settings
+    (another LoRA rank, lr, batch size, data order, ...): resuming it would train something else."""
+    require_checkpoint(path)
+    saved = _read_checkpoint(path, lambda: json.loads((path / "progress.json").read_text())).get("identity")
+    if saved is None:  # written before embedft recorded settings: load_checkpoint checks the shapes
+        return
+    # Keys a checkpoint lacks were not recorded by the embedft that wrote it: not checked.
+    diff = [f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in sorted(saved)
+            if saved.get(k) != identity.get(k)]
+    if diff:
+        raise ConfigError(f"--resume: the checkpoint in {path} was written with other settings "
+                          f"({'; '.join(diff)}); {RESUME_FIX}")
+
+
+def _read_checkpoint(path: Path, read: Callable[[], Any]) -> Any:
+    # The checkpoint is swapped in whole, so a file that does not read was damaged after it was written.
+    try:
+        return read()
+    except (OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        raise ConfigError(f"--resume: the checkpoint in {path} is damaged ({type(e).__name__}: {e}); "
+                          f"start fresh without --resume") from e
+
+
+def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: int, result: TrainResult,
+                    identity: dict[str, Any] | None = None, batches_done: int = 0) -> None:
+    """Everything to continue exactly: adapter, optimizer, scheduler, RNG, counters. Atomic.
+
+    epoch: epochs done; batches_done: batches done of the next one (0 at an epoch's end).
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"adapter": _adapter_state(encoder), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "epoch": epoch, "step": step, "batches_done": batches_done}, tmp / "state.pt")
+    (tmp / "progress.json").write_text(json.dumps({"epoch": epoch, "step": step, "batches_done": batches_done,
+                                                   "history": result.history,
+                                                   "val_history": result.val_history, "identity": identity}))
+    replace_dir(tmp, path)  # the previous checkpoint is kept until the new one is in place
+
+
+def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResult) -> tuple[int, int, int]:
+    """Restore state saved by save_checkpoint (after check_resumable); returns (epochs done, step,
+    batches done of the next epoch)."""
+    progress = _read_checkpoint(path, lambda: json.loads((path / "progress.json").read_text()))
+    state = _read_checkpoint(path, lambda: torch.load(path / "state.pt", map_location="cpu", weights_only=False))
+    params = dict(encoder.named_parameters())
+    bad = [f"{k} is not in this model" for k in state["adapter"] if k not in params]
+    bad += [f"{k} has shape {tuple(v.shape)} there, {tuple(params[k].shape)} now" for k, v in state["adapter"].items()
+            if k in params and params[k].shape != v.shape]
+    if bad:
+        raise ConfigError(f"--resume: the checkpoint in {path} does not fit this model or LoRA config "
+                          f"({bad[0]}); {RESUME_FIX}")
+    with torch.no_grad():
+        for k, v in state["adapter"].items():
+            params[k].copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    result.history, result.val_history = progress["history"], progress["val_history"]
+    return state["epoch"], state["step"], state.get("batches_done", 0)  # 0: written before mid-epoch checkpoints

@@ -1,0 +1,206 @@
+"""The training loop: LoRA parameters only, a named contrastive loss, warmup + decay, checkpoints.
+
+Read `train()` top to bottom: setup, (resume), epoch loop -> step -> log (-> checkpoint every
+train.checkpoint_every steps), validate, checkpoint. The batch order is a pure function of
+(seed, epoch), and the checkpoint holds the optimizer, scheduler and RNG state, so a killed
+run resumes exactly, mid-epoch too (`embedft.training.checkpoint`). The loop does not know
+which loss it runs: it calls the one `loss.name` names (`embedft.training.losses`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from embedft.config import LossConfig, TrainConfig
+from embedft.data.batches import PairSource, check_schedule, epoch_batches
+from embedft.modeling.encoder import Encoder, compile_layers
+from embedft.modeling.lora import lora_settings
+from embedft.modeling.runtime import lora_input_casts, seed_everything, uses_amp
+from embedft.training.checkpoint import check_resumable, load_checkpoint, run_identity, save_checkpoint
+from embedft.training.losses import build_loss
+from embedft.training.mining import group_neighbours, mine_hard_negatives
+from embedft.training.result import TrainResult
+from embedft.training.step import embed, train_step_cached
+from embedft.training.tokens import TokenCache, batch_sequences
+from embedft.training.validation import ValSet, validate
+
+log = logging.getLogger(__name__)
+
+
+class MetricSink(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+
+class _NoSink:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def base_dropout(encoder: Encoder, enabled: bool):
+    """With enabled=False, the base model's dropout layers drop nothing while the block runs (p=0,
+    which also lets attention take its fused kernel: Hugging Face passes the attention dropout
+    layer's p to SDPA); the LoRA layers' own dropout stays. Each layer's p is put back afterwards."""
+    layers = [] if enabled else [m for name, m in encoder.named_modules()
+                                 if isinstance(m, torch.nn.Dropout) and "lora_" not in name and m.p > 0]
+    saved = [m.p for m in layers]
+    try:
+        for m in layers:
+            m.p = 0.0
+        yield len(layers)
+    finally:
+        for m, p in zip(layers, saved):
+            m.p = p
+
+
+def make_optimizer(encoder: Encoder, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable (LoRA) parameters only."""
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("no trainable parameters: LoRA was not applied")
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def lr_lambda(total: int, warmup: int, kind: str):
+    """Warmup then linear/cosine decay (or constant), as a multiplier of the peak lr."""
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return f
+
+
+def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossConfig, out_dir: str | Path, *,
+          val: ValSet | None = None, sink: MetricSink | None = None, resume: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Train the encoder's LoRA parameters on src; checkpoints go to out_dir/checkpoint."""
+    sink = sink or _NoSink()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(encoder.parameters()).device
+    amp = uses_amp(encoder, device)
+    seed_everything(cfg.seed)  # train.threads is the caller's: a process setting, set before the model loads
+
+    n_total = check_schedule(src, cfg)
+    ckpt = out / "checkpoint"
+    loss_fn = build_loss(loss_cfg)
+    identity = run_identity(encoder.spec, lora_settings(encoder), src, cfg, loss_cfg)
+    if resume:
+        check_resumable(ckpt, identity)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * n_total)
+    if cfg.compile:
+        log.info("compiling %d layers (torch.compile)", compile_layers(encoder))
+    opt = make_optimizer(encoder, cfg, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n_total, warmup, cfg.scheduler))
+    cache = TokenCache(encoder, src.texts)
+    val_cache = None
+    if val is not None and val.loss_source is not None:
+        val_cache = (val.loss_source, TokenCache(encoder, val.loss_source.texts))
+
+    # Mined before any resume, from the starting weights, so a resumed run sees the same negatives.
+    mined = None
+    if loss_cfg.hard_negatives > 0 and src.negatives is None:
+        log.info("mining %d hard negatives per anchor with the starting encoder", loss_cfg.hard_negatives)
+        state = torch.get_rng_state()
+        mined = mine_hard_negatives(encoder, src, cache, loss_cfg.hard_negatives, device)
+        torch.set_rng_state(state)
+    neighbours = None
+    if cfg.batch_sampling == "similar_groups":
+        log.info("finding each group's nearest groups with the starting encoder")
+        state = torch.get_rng_state()
+        neighbours = group_neighbours(encoder, src, cache, device)
+        torch.set_rng_state(state)
+
+    result = TrainResult(steps=0, epochs_done=0)
+    start_epoch, step, skip = 0, 0, 0
+    if resume:
+        start_epoch, step, skip = load_checkpoint(ckpt, encoder, opt, sched, result)
+        result.epochs_done = start_epoch
+        log.info("resumed from %s at step %d (epoch %d, after %d of its batches)", ckpt, step, start_epoch + 1, skip)
+
+    encoder.train()
+    seen, tokens, t_train = 0, 0, 0.0
+    # The bar is closed however the loop ends (a NaN loss, Ctrl-C), so the error line starts on a
+    # line of its own; the base model's dropout is put back however it ends, too.
+    with tqdm(total=n_total, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not progress) as bar, \
+            base_dropout(encoder, cfg.base_dropout) as n_off:
+        if n_off:
+            log.info("train.base_dropout=false: %d dropout layers of the base model off (LoRA dropout stays)", n_off)
+        for epoch in range(start_epoch, cfg.epochs):
+            if step >= n_total:
+                break
+            batches = epoch_batches(src, cfg.batch_size, cfg.seed, epoch, cfg.batch_sampling,
+                                    loss_cfg.hard_negatives, mined, cfg.group_size, neighbours)
+            # An epoch's batches are a pure function of (seed, epoch): a run resumed from a
+            # mid-epoch checkpoint skips the ones done and goes on with the same next batch.
+            skip = skip if epoch == start_epoch else 0
+            for i, batch in enumerate(itertools.islice(batches, skip, None), start=skip):
+                if step >= n_total:
+                    break
+                t0 = time.perf_counter()
+                seqs, gather = batch_sequences(batch, cache)
+                loss_of = lambda emb: loss_fn(emb, batch, gather, src.text_keys)  # noqa: E731
+                with lora_input_casts(encoder, enabled=not amp):  # forward and backward alike
+                    if cfg.mini_batch_size:
+                        loss = train_step_cached(encoder, seqs, loss_of, device, cfg.mini_batch_size, amp)
+                    else:
+                        emb = embed(encoder, seqs, device, amp=amp)
+                        loss_t = loss_of(emb)
+                        loss_t.backward()
+                        loss = float(loss_t.detach())
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in encoder.parameters() if p.requires_grad],
+                                                           cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                dt = time.perf_counter() - t0
+                t_train += dt
+                seen += len(batch.anchors)
+                tokens += sum(len(s) for s in seqs)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {step}; lower train.lr "
+                                             f"(now {cfg.lr}) or raise loss.temperature")
+                if progress:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
+                                    sps=f"{seen / max(t_train, 1e-9):.1f}")
+                if step % cfg.log_every == 0 or step == n_total:
+                    rec = {"train/loss": loss, "train/lr": float(sched.get_last_lr()[0]),
+                           "train/samples_per_s": len(batch.anchors) / dt, "train/grad_norm": float(grad_norm)}
+                    result.history.append({"step": step, **rec})
+                    sink.log_metrics(rec, step=step)
+                    if not progress:
+                        log.info("step %d/%d loss=%.4f lr=%.2e samples/s=%.1f", step, n_total, loss,
+                                 rec["train/lr"], seen / max(t_train, 1e-9))
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < n_total:
+                    save_checkpoint(ckpt, encoder, opt, sched, epoch, step, result, identity, batches_done=i + 1)
+            epoch_done = epoch + 1
+            if val is not None and cfg.eval_every_epoch:
+                metrics = validate(encoder, val, val_cache, loss_fn, cfg.batch_size, device, cfg.seed,
+                                   sampling=cfg.batch_sampling, group_size=cfg.group_size)
+                result.val_history.append({"epoch": epoch_done, "step": step, **metrics})
+                sink.log_metrics({**metrics, "epoch": float(epoch_done)}, step=step)
+                log.info("epoch %d: %s", epoch_done, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            save_checkpoint(ckpt, encoder, opt, sched, epoch_done, step, result, identity)
+            result.epochs_done = epoch_done
+    result.steps = step
+    result.train_seconds = t_train
+    result.samples_per_s = seen / t_train if t_train else 0.0
+    result.tokens_per_s = tokens / t_train if t_train else 0.0
+    return result

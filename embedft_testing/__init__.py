@@ -1,0 +1,1 @@
+"""Test support, outside the runtime package: tiny models and tokenizers built locally, offline."""

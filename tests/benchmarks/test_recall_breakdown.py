@@ -1,0 +1,44 @@
+"""benchmarks/recall_breakdown.py on the sample data with a tiny random BERT: the buckets cover
+every query, and --compare reports the other model's recall and the queries that changed."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def breakdown(benchmark_script):
+    return benchmark_script("recall_breakdown")
+
+
+def _run(breakdown, monkeypatch, capsys, *argv) -> dict:
+    monkeypatch.setattr(sys, "argv", ["recall_breakdown.py", *map(str, argv)])
+    breakdown.main()
+    out = capsys.readouterr().out
+    overall = [float(x) for x in re.findall(r"recall@10 ([0-9.]+)", out)]
+    rows = [line.split() for line in out.splitlines() if re.match(r"^\s+(\d+|\d+-\d+|>=\d+)\s+\d+\s", line)]
+    return {"overall": overall, "rows": rows, "queries": int(re.search(r"over (\d+) queries", out).group(1))}
+
+
+def test_buckets_cover_every_query_and_compare_counts_changes(breakdown, tiny_bert_experiment, tiny_bert_adapter,
+                                                               monkeypatch, capsys):
+    experiment, adapter = tiny_bert_experiment, tiny_bert_adapter
+    base = _run(breakdown, monkeypatch, capsys, experiment, "--samples", 1)
+    tuned = _run(breakdown, monkeypatch, capsys, experiment, "--adapter", adapter, "--compare", "base", "--samples", 1)
+
+    assert 0 < len(base["rows"]) == len(tuned["rows"]) <= len(breakdown.BUCKETS)
+    # The buckets hold every query once, and their shares of the lost recall add up to 100%.
+    assert sum(int(r[1]) for r in tuned["rows"]) == tuned["queries"] == base["queries"] > 0
+    assert sum(float(r[4].rstrip("%")) for r in tuned["rows"]) == pytest.approx(100, abs=0.3)
+    # --compare base: the compared column is the base model's own breakdown.
+    assert tuned["overall"][1] == pytest.approx(base["overall"][0])
+    assert [r[5] for r in tuned["rows"]] == [r[3] for r in base["rows"]]
+    assert tuned["overall"][0] != pytest.approx(base["overall"][0])
+    assert sum(int(r[6]) for r in tuned["rows"]) > 0
+
+    same = _run(breakdown, monkeypatch, capsys, experiment, "--adapter", adapter, "--compare", adapter, "--samples", 0)
+    assert [int(r[6]) for r in same["rows"]] == [0] * len(base["rows"])
