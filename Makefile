@@ -13,7 +13,7 @@ RUN ?= runs/pricerunner-matching
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup lock train test test-fast bench-pricerunner bench-deploy bench-encode bench-train bench-chunking gpu-check gpu-bundle gpu-smoke-image ui clean
+.PHONY: help setup lock train test test-fast config-docs bench-pricerunner bench-deploy bench-encode bench-train bench-chunking gpu-check gpu-bundle gpu-smoke-image ui clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ test: setup ## Run the whole test-suite (what CI runs)
 
 test-fast: setup ## The edit-test loop: the suite without the slow, benchmark and tool tests (under 2 min on 2 cores)
 	$(PY) -m pytest -q -m "not slow" --ignore=tests/benchmarks --ignore=tests/tools
+
+config-docs: setup ## Write docs/config.md from the dataclasses in embedft/config.py (tests/test_docs.py checks it)
+	$(PY) tools/config_docs.py
 
 bench-pricerunner: setup ## Train + evaluate on real PriceRunner data (../shared/datasets), 17-27 min on 2 cores
 	$(PY) -m embedft train experiments/pricerunner-matching.yaml --no-progress

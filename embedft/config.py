@@ -53,19 +53,19 @@ class DataConfig:
     hub_split: str = "train"  # for format=hub
     # labeled: (text, label); grouped: (text, group[, label]); pairs: (query, positive[, negatives])
     shape: str = "labeled"
-    text_column: Column = "text"
-    label_column: Column | None = "label"
-    group_column: Column | None = "group"
-    query_column: Column = "query"
-    positive_column: Column = "positive"
-    negative_columns: tuple[Column, ...] = ()
+    text_column: Column = "text"  # labeled/grouped: the text to embed
+    label_column: Column | None = "label"  # class label (labeled: positives share it; kNN classification)
+    group_column: Column | None = "group"  # grouped: positives share it (e.g. the product of an offer)
+    query_column: Column = "query"  # pairs: the query
+    positive_column: Column = "positive"  # pairs: its positive document
+    negative_columns: tuple[Column, ...] = ()  # pairs: hard negative documents, one column each
     # given: `eval` file; hash: deterministic by label/group; modulo: eval when int(group) % split_modulo == 0
     split: str = "hash"
-    eval_fraction: float = 0.2
-    split_modulo: int = 5
-    split_seed: int = 13
+    eval_fraction: float = 0.2  # split=hash: share of labels/groups that go to eval
+    split_modulo: int = 5  # split=modulo: the divisor
+    split_seed: int = 13  # seed of the hash split and of the subsampling
     max_train_rows: int | None = None  # subsample (deterministic) for quick runs
-    max_eval_rows: int | None = None
+    max_eval_rows: int | None = None  # as max_train_rows, for the eval split
     # Validation policy per problem: error (default, names rows and this option), warn, drop.
     on_empty_text: str = "error"
     on_singleton: str = "error"  # label/group with a single example in train
@@ -108,13 +108,13 @@ class ModelConfig:
     name: str = "minilm"  # hub id, local folder, or alias (minilm)
     family: str = "auto"  # auto|bert|decoder: decides pooling, padding side, prompts and LoRA targets
     pooling: str = "auto"  # auto (the model's own sentence-transformers config)|mean|cls|lasttoken
-    max_length: int = 128
-    normalize: bool = True
+    max_length: int = 128  # tokens per text; longer texts are truncated
+    normalize: bool = True  # L2-normalise embeddings (inner product = cosine)
     # Decoder embedders (Qwen3-Embedding): instruction applied to queries only.
     query_instruction: str | None = None  # e.g. "Instruct: {task}\nQuery:{text}"; null = family default
-    task: str = "Given a query, retrieve relevant passages that answer the query"
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
+    task: str = "Given a query, retrieve relevant passages that answer the query"  # fills {task}
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, slower
+    trust_remote_code: bool = False  # let transformers run the model repository's own code
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must be set (hub id, local folder or 'minilm')")
@@ -132,9 +132,9 @@ class ModelConfig:
 class LoraConfig:
     """LoRA adapters; by default on the attention Q, K and V projections of the family."""
 
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
+    r: int = 16  # rank of the low-rank update
+    alpha: float = 32.0  # scale: the update is multiplied by alpha / r
+    dropout: float = 0.05  # dropout on the LoRA layers' input
     target_modules: tuple[str, ...] | None = None  # null = the family's Q/K/V
 
     def __post_init__(self) -> None:
@@ -172,16 +172,16 @@ class LossConfig:
 class TrainConfig:
     """The training loop."""
 
-    epochs: int = 1
+    epochs: int = 1  # passes over the training data
     max_steps: int | None = None  # stop early after this many optimizer steps
     batch_size: int = 64  # anchors per step (each brings a positive)
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
+    lr: float = 2e-4  # peak learning rate (AdamW over the LoRA parameters only)
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup_ratio: float = 0.1  # share of the steps spent warming the learning rate up
     warmup_steps: int | None = None  # overrides warmup_ratio when set
     scheduler: str = "linear"  # linear|cosine|constant
-    max_grad_norm: float = 1.0
-    seed: int = 42
+    max_grad_norm: float = 1.0  # gradient clipping
+    seed: int = 42  # batch order, LoRA initialisation, dropout
     device: str = "auto"  # auto|cpu|cuda
     # random: anchors shuffled, each with a positive drawn from its group/label;
     # by_label: each batch drawn from one label (harder in-batch negatives);
@@ -192,12 +192,12 @@ class TrainConfig:
     batch_sampling: str = "random"
     group_size: int = 4  # groups/similar_groups: at most this many texts of a group per epoch
     mini_batch_size: int | None = None  # cached negatives (GradCache): embed in chunks of this size
-    output_dir: str = "runs/{name}"
+    output_dir: str = "runs/{name}"  # the run folder; {name} = the experiment's name
     # A checkpoint every this many steps as well as at each epoch's end, so --resume loses at
     # most that many steps of a long epoch (null: at epoch ends only).
     checkpoint_every: int | None = 500
-    log_every: int = 10
-    eval_every_epoch: bool = True
+    log_every: int = 10  # log train loss, lr and samples/s every this many steps
+    eval_every_epoch: bool = True  # validation loss and recall@10 after each epoch
     val_max_queries: int = 1000  # per-epoch validation recall@10 on at most this many queries
     threads: int | None = None  # torch CPU threads; null = torch's default
     # Frozen base weights (LoRA weights and optimizer state stay fp32): auto = bf16 on CUDA and on
@@ -253,17 +253,17 @@ TASKS = ("retrieval", "classification")  # eval.tasks' values: the evaluators of
 class EvalConfig:
     """Evaluation with FAISS: retrieval and kNN classification, base vs adapted."""
 
-    tasks: tuple[str, ...] = ("retrieval", "classification")
-    ks: tuple[int, ...] = (1, 5, 10, 100)
-    knn_k: int = 10
-    knn_weighted: bool = True
+    tasks: tuple[str, ...] = ("retrieval", "classification")  # those the data supports are run
+    ks: tuple[int, ...] = (1, 5, 10, 100)  # recall@k for each k (MRR and nDCG are @10)
+    knn_k: int = 10  # neighbours that vote in kNN classification (index = the train split)
+    knn_weighted: bool = True  # weight each vote by its similarity
     indexes: tuple[str, ...] = ()  # FAISS factory strings next to exact search, e.g. HNSW32, IVF256,Flat
-    linear_probe: bool = False
-    batch_size: int = 256
+    linear_probe: bool = False  # also a logistic-regression probe (--linear-probe)
+    batch_size: int = 256  # encoding: a forward call holds at most this many rows of the longest text in padded tokens
     # Encoding precision: auto = bf16 autocast on CUDA, fp32 on CPU; fp32 everywhere; or bf16 =
     # a bf16 copy of the weights (about 2x faster on a CPU with native bf16, docs/benchmarks.md).
     precision: str = "auto"
-    compare_base: bool = True
+    compare_base: bool = True  # also evaluate the untuned base model, side by side
     output_dir: str | None = None  # default: the run's output_dir / eval
 
     def __post_init__(self) -> None:
@@ -280,10 +280,10 @@ class EvalConfig:
 class TrackingConfig:
     """MLflow tracking. Default store: SQLite file in the working directory."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: no MLflow run
     uri: str | None = None  # null = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str | None = None  # null = the experiment's name
-    run_name: str | None = None
+    run_name: str | None = None  # the MLflow run's name; null = the experiment's name
 
 
 @dataclass(frozen=True)
@@ -292,7 +292,7 @@ class ExportConfig:
 
     n_probe: int = 64  # probe texts saved with the export for parity checks
     min_cosine: float = 0.99999  # fp32 parity tolerances; bf16/fp16 exports use looser ones
-    max_abs_diff: float = 1e-5
+    max_abs_diff: float = 1e-5  # fp32 parity: largest allowed coordinate difference
 
     def __post_init__(self) -> None:
         _check(self.n_probe >= 1, "export.n_probe", f"must be >= 1, got {self.n_probe}")
@@ -306,7 +306,7 @@ class ExportConfig:
 class ExperimentConfig:
     """One experiment: every stage's section."""
 
-    name: str = "default"
+    name: str = "default"  # the experiment: names the run folder and, by default, the MLflow experiment
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -1,0 +1,64 @@
+"""Docs that are generated or that the CI reads: docs/config.md is current, the README states `make test`.
+
+Every experiment YAML's keys are checked by tests/test_config.py (test_every_experiment_loads_and_round_trips:
+load_config refuses unknown keys), so that is not repeated here.
+"""
+
+import importlib.util
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config_docs():
+    spec = importlib.util.spec_from_file_location("config_docs", REPO / "tools" / "config_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_config_reference_is_current():
+    text = _config_docs().render()
+    current = (REPO / "docs" / "config.md").read_text(encoding="utf-8") if (REPO / "docs" / "config.md").is_file() else ""
+    assert current == text, "docs/config.md is stale (embedft/config.py changed): run `make config-docs` and commit it"
+
+
+def test_config_reference_names_every_field_with_its_comment():
+    import dataclasses
+
+    from embedft import config
+
+    docs = _config_docs()
+    text = docs.render()
+    comments = docs.field_comments((REPO / "embedft" / "config.py").read_text(encoding="utf-8"))
+    for section in dataclasses.fields(config.ExperimentConfig):
+        cls = section.default_factory if dataclasses.is_dataclass(section.default_factory) else None
+        if cls is None:
+            continue
+        assert f"## {section.name}\n" in text and cls.__doc__.split("\n")[0] in text
+        for f in dataclasses.fields(cls):
+            assert f"| `{section.name}.{f.name}` |" in text, f"{section.name}.{f.name}"
+    # A comment above a field and one at its end are both kept, in that order.
+    note = comments["ModelConfig"]["query_instruction"]
+    assert note.startswith("Decoder embedders") and note.endswith("null = family default")
+    assert "| `train.lr` | `float` | `0.0002` |" in text
+
+
+def test_readme_states_the_test_command_ci_runs():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert re.search(r"^make test$", ci, re.M), ".ci/run no longer calls `make test`: update this test"
+    assert re.search(r"\bmake test\b(?!-)", readme), "README.md must state the test command CI runs: make test"
+
+
+def test_docs_links_resolve():
+    # Relative links between the docs (README.md, docs/*.md) point at files that exist, except the
+    # pages other changes add (listed in the README's "More").
+    coming = {"docs/serving.md", "docs/mlflow-ui.md"}
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if "://" in target:
+                continue
+            path = (page.parent / target).resolve()
+            assert path.exists() or str(path.relative_to(REPO)) in coming, f"{page.name}: broken link {target}"
