@@ -4,27 +4,25 @@ Every experiment YAML's keys are checked by tests/test_config.py (test_every_exp
 load_config refuses unknown keys), so that is not repeated here.
 """
 
-import importlib.util
 import re
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
 
-
-def _config_docs():
-    spec = importlib.util.spec_from_file_location("config_docs", REPO / "tools" / "config_docs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import REPO
 
 
-def test_config_reference_is_current():
+@pytest.fixture
+def _config_docs(benchmark_script):
+    return lambda: benchmark_script("config_docs", "tools")
+
+
+def test_config_reference_is_current(_config_docs):
     text = _config_docs().render()
     current = (REPO / "docs" / "config.md").read_text(encoding="utf-8") if (REPO / "docs" / "config.md").is_file() else ""
     assert current == text, "docs/config.md is stale (embedft/config.py changed): run `make config-docs` and commit it"
 
 
-def test_config_reference_names_every_field_with_its_comment():
+def test_config_reference_names_every_field_with_its_comment(_config_docs):
     import dataclasses
 
     from embedft import config

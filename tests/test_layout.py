@@ -1,29 +1,19 @@
 """The package's shape: no import cycles, and each extension point held to its contract."""
 
-import importlib.util
 import inspect
 
 import pytest
 
-from conftest import REPO
 
-
-def _import_graph():
-    spec = importlib.util.spec_from_file_location("import_graph", REPO / "tools" / "import_graph.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_the_package_has_no_import_cycles():
-    g = _import_graph()
+def test_the_package_has_no_import_cycles(benchmark_script):
+    g = benchmark_script("import_graph", "tools")
     graph = g.import_graph()
     assert "embedft.training.loop" in graph and "embedft.modeling.encoder" in graph["embedft.training.loop"]
     assert g.cycles(graph) == []
 
 
-def test_the_cycle_finder_finds_a_cycle():
-    g = _import_graph()
+def test_the_cycle_finder_finds_a_cycle(benchmark_script):
+    g = benchmark_script("import_graph", "tools")
     assert g.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 

@@ -2,16 +2,19 @@
 
 Each chunk is padded only to its own longest sequence; where the cuts go trades the padding
 saved against each call's fixed cost, which differs by device (a CPU pays in arithmetic, a GPU
-in kernel launches). Used by every encode (`models.Encoder.encode_ids`, `deploy.encode`) and by
-the training steps (`train.embed`, cached negatives).
+in kernel launches). Used by every encode (`modeling.encoder.Encoder.encode_ids`,
+`search.indexing.encode`), which first embed each distinct text once (`distinct`), and by the
+training steps (`training.step.embed`, cached negatives).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Hashable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
+
+H = TypeVar("H", bound=Hashable)
 
 # A forward call costs about this many padded tokens of work on top of its tokens (measured on
 # CPU with MiniLM, see docs/benchmarks.md); it keeps the chunking below from splitting too finely.
@@ -72,3 +75,11 @@ def forward_chunks(lengths: Sequence[int], batch_size: int, device: torch.device
     cuda = torch.device(device).type == "cuda"
     return length_chunks(lengths, len(lengths) if cuda else batch_size, call_overhead(device),
                          max_tokens=batch_size * max(lengths))[::-1]
+
+
+def distinct(items: Iterable[H]) -> tuple[list[H], np.ndarray]:
+    """The distinct items in first-seen order, and where each item is among them:
+    `[unique[i] for i in inverse] == list(items)`. Encodes embed each distinct text once."""
+    first: dict[H, int] = {}
+    inverse = np.fromiter((first.setdefault(x, len(first)) for x in items), dtype=np.int64)
+    return list(first), inverse

@@ -161,9 +161,8 @@ class Encoder(nn.Module):
         autocast (None: on CUDA only).
         """
         # Identical token sequences (repeated titles) are embedded once.
-        first: dict[tuple[int, ...], int] = {}
-        inverse = np.array([first.setdefault(tuple(x), len(first)) for x in ids], dtype=np.int64)
-        unique: Sequence[Sequence[int]] = list(first) if len(first) < len(ids) else ids
+        keys, inverse = chunking.distinct(map(tuple, ids))
+        unique: Sequence[Sequence[int]] = keys if len(keys) < len(ids) else ids
         chunks = chunking.forward_chunks([len(x) for x in unique], batch_size, device)
         out = np.empty((len(unique), self.spec.hidden_size), dtype=np.float32)
         use_amp = torch.device(device).type == "cuda" if amp is None else amp

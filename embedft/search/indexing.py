@@ -55,9 +55,7 @@ def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size:
     dim = _dimension(st)
     if not texts:
         return np.empty((0, dim), dtype=np.float32)
-    first: dict[str, int] = {}
-    inverse = np.array([first.setdefault(t, len(first)) for t in texts], dtype=np.int64)
-    unique = list(first)
+    unique, inverse = chunking.distinct(texts)
     prompt = st.prompts.get(prompt_name, "") if prompt_name else ""
     lengths = [len(x) for x in st.tokenizer([prompt + t for t in unique], truncation=True,
                                              max_length=st.max_seq_length)["input_ids"]]

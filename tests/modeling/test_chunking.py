@@ -70,3 +70,14 @@ def test_gpu_chunking_takes_fewest_calls():
     assert [len(c) for c in length_chunks(lengths, 8, call_overhead("cpu"))] == [4, 4]  # splits short/long
     assert [len(c) for c in length_chunks(lengths, 8, call_overhead("cuda"))] == [8]
     assert [len(c) for c in length_chunks(lengths, 3, call_overhead("cuda"))] == [3, 2, 3]  # 3 calls, least padding
+
+
+def test_distinct_keeps_first_seen_order_and_maps_back():
+    from embedft.modeling.chunking import distinct
+
+    items = ["b", "a", "b", "c", "a", "b"]
+    unique, inverse = distinct(items)
+    assert unique == ["b", "a", "c"] and inverse.tolist() == [0, 1, 0, 2, 1, 0]
+    assert [unique[i] for i in inverse] == items
+    unique, inverse = distinct([])
+    assert unique == [] and inverse.shape == (0,)
