@@ -382,6 +382,13 @@ def ann_report(
     return metrics, ann_ids
 
 
+def index_manifest(model: str, index: faiss.Index, factory: str, normalized: bool, **source: Any) -> dict[str, Any]:
+    """What every index folder's manifest.json says: the model that embedded it (an export's weights
+    digest, or a base fingerprint with its adapter), the index's shape, and where its rows came from."""
+    return {"model": model, "dim": int(index.d), "metric": "inner_product", "normalized": normalized,
+            "factory": factory, "count": int(index.ntotal), **source}
+
+
 def save_index(
     out_dir: str | os.PathLike,
     index: faiss.Index,

@@ -116,14 +116,13 @@ def _check_save_index(out: Path) -> None:
 
 def _save_retrieval_index(encoder, eval_ex: Examples, cfg: ExperimentConfig, out_dir: str, adapter: str | None) -> Path:
     """The adapted model's index over the eval corpus, with a manifest the search team can check."""
-    from embedft.evaluation.index import build_index, save_index
+    from embedft.evaluation.index import build_index, index_manifest, save_index
 
     corpus = retrieval_task(eval_ex).corpus
     vectors = encoder.encode(corpus, batch_size=cfg.eval.batch_size)
     factory = cfg.eval.indexes[0] if cfg.eval.indexes else "Flat"
     index = build_index(vectors, factory)
-    manifest = {"model": encoder.spec.fingerprint if adapter is None else f"{encoder.spec.fingerprint}+{Path(adapter).name}",
-                "base_model": cfg.model.name, "adapter": adapter, "dim": int(vectors.shape[1]),
-                "metric": "inner_product", "normalized": encoder.spec.normalize, "factory": factory,
-                "count": len(corpus), "pooling": encoder.spec.pooling, "query_template": encoder.spec.query_template}
+    model = encoder.spec.fingerprint if adapter is None else f"{encoder.spec.fingerprint}+{Path(adapter).name}"
+    manifest = index_manifest(model, index, factory, encoder.spec.normalize, base_model=cfg.model.name,
+                              adapter=adapter, pooling=encoder.spec.pooling, query_template=encoder.spec.query_template)
     return save_index(out_dir, index, corpus, manifest, overwrite=False)

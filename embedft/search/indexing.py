@@ -80,7 +80,7 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
     """
     from sentence_transformers import SentenceTransformer
 
-    from embedft.evaluation.index import build_index, new_index, save_index
+    from embedft.evaluation.index import build_index, index_manifest, new_index, save_index
     from embedft.modeling.runtime import resolve_device
 
     dev = str(resolve_device(device, "--device"))  # a bad --device fails before anything is read
@@ -104,10 +104,9 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
         index = build_index(vectors, factory)
     except ValueError as e:  # training can still fail (a PQ with too few vectors per code)
         raise SearchError(f"--index {factory}: {e}") from e
-    manifest = {"model": digest, "model_files": files, "model_dir": str(d.resolve()), "dim": int(index.d),
-                "metric": "inner_product", "normalized": True, "factory": factory, "count": len(rows.ids),
-                "corpus": str(Path(corpus).resolve()), "text_column": text_column, "id_column": rows.id_column,
-                "header": header, "label_column": label_column}
+    manifest = index_manifest(digest, index, factory, True, model_files=files, model_dir=str(d.resolve()),
+                              corpus=str(Path(corpus).resolve()), text_column=text_column, id_column=rows.id_column,
+                              header=header, label_column=label_column)
     try:
         save_index(out_dir, index, rows.ids, manifest, labels=rows.labels, overwrite=overwrite)
     except FileExistsError as e:  # checked above, but another `index build --out` wrote it while this one ran
