@@ -80,9 +80,28 @@ def _read_checkpoint(path: Path, read: Callable[[], Any]) -> Any:
     # The checkpoint is swapped in whole, so a file that does not read was damaged after it was written.
     try:
         return read()
-    except (OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e):  # pickled objects beyond tensors and numbers: older embedft, or not ours
+            raise ConfigError(f"--resume: the checkpoint in {path} holds objects a safe load refuses (written by an "
+                              "embedft before 0.1 checkpoints were weights-only, or not by embedft); start fresh "
+                              "without --resume") from None
         raise ConfigError(f"--resume: the checkpoint in {path} is damaged ({type(e).__name__}: {e}); "
                           f"start fresh without --resume") from e
+    except (OSError, ValueError, EOFError, RuntimeError) as e:
+        raise ConfigError(f"--resume: the checkpoint in {path} is damaged ({type(e).__name__}: {e}); "
+                          f"start fresh without --resume") from e
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    # numpy's legacy state as tensors and numbers, which torch.load(weights_only=True) reads (an ndarray is refused).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                         state["cached_gaussian"]))
 
 
 def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: int, result: TrainResult,
@@ -95,7 +114,7 @@ def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save({"adapter": _adapter_state(encoder), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                 "epoch": epoch, "step": step, "batches_done": batches_done}, tmp / "state.pt")
     (tmp / "progress.json").write_text(json.dumps({"epoch": epoch, "step": step, "batches_done": batches_done,
@@ -108,7 +127,8 @@ def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResul
     """Restore state saved by save_checkpoint (after check_resumable); returns (epochs done, step,
     batches done of the next epoch)."""
     progress = _read_checkpoint(path, lambda: json.loads((path / "progress.json").read_text()))
-    state = _read_checkpoint(path, lambda: torch.load(path / "state.pt", map_location="cpu", weights_only=False))
+    # weights_only: tensors, numbers, strings and containers only; a checkpoint cannot run code when loaded.
+    state = _read_checkpoint(path, lambda: torch.load(path / "state.pt", map_location="cpu", weights_only=True))
     params = dict(encoder.named_parameters())
     bad = [f"{k} is not in this model" for k in state["adapter"] if k not in params]
     bad += [f"{k} has shape {tuple(v.shape)} there, {tuple(params[k].shape)} now" for k, v in state["adapter"].items()
@@ -123,7 +143,7 @@ def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResul
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
+    _set_numpy_rng_state(state["rng"]["numpy"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     result.history, result.val_history = progress["history"], progress["val_history"]

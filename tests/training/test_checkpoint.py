@@ -64,3 +64,23 @@ def test_check_resumable_names_each_changed_setting(tmp_path):
     (tmp_path / "progress.json").write_text(json.dumps({"identity": {k: v for k, v in saved.items()
                                                                       if k != "train.lr"}}))
     check_resumable(tmp_path, _ident(cfg=TrainConfig(lr=1e-3)))
+
+
+def test_a_checkpoint_loads_weights_only_and_one_with_pickled_objects_is_refused(tmp_path):
+    import pickle
+
+    import torch
+
+    from embedft.training.checkpoint import _numpy_rng_state, _read_checkpoint, _set_numpy_rng_state
+
+    np.random.seed(7)
+    state = _numpy_rng_state()
+    want = np.random.rand(3)
+    torch.save({"numpy": state}, tmp_path / "ok.pt")
+    loaded = torch.load(tmp_path / "ok.pt", weights_only=True)["numpy"]  # no ndarray, no arbitrary object
+    _set_numpy_rng_state(loaded)
+    assert np.array_equal(np.random.rand(3), want)
+
+    (tmp_path / "old.pt").write_bytes(pickle.dumps({"numpy": np.random.get_state()}))  # an ndarray inside
+    with pytest.raises(ConfigError, match="holds objects a safe load refuses"):
+        _read_checkpoint(tmp_path, lambda: torch.load(tmp_path / "old.pt", weights_only=True))
