@@ -25,6 +25,24 @@ POLICIES = ("error", "warn", "drop")
 FORMATS = ("csv", "tsv", "jsonl", "parquet", "disk", "hub")  # data.format's values: embedft.data.readers.READERS
 # train.batch_sampling values that lay whole groups in a batch (every text an anchor).
 GROUP_SAMPLINGS = ("groups", "similar_groups")
+# MLflow's stores by URI scheme (a path without one is a local folder store); a database scheme may
+# name its driver (postgresql+psycopg2://...).
+TRACKING_SCHEMES = ("file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
+                    "uc")
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why MLflow cannot use `uri` as a tracking store, judged by its scheme alone; None when it may."""
+    if "://" not in uri:
+        return None if uri.strip() else "empty; give a store URI or a folder"
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme in TRACKING_SCHEMES:
+        return None
+    return (f"MLflow cannot track to a {scheme}:// store; use http(s)://HOST:PORT (a tracking server), "
+            "sqlite:///PATH.db, a folder, or a database URI (postgresql://, mysql://, mssql://), "
+            "or -o tracking.enabled=false")
+
+
 DEVICES = "auto, cpu, cuda or cuda:N (N = 0, 1, ...)"  # what train.device and --device accept
 
 
@@ -73,6 +91,7 @@ class DataConfig:
     on_overlap: str = "error"  # identical text in train and eval
 
     def __post_init__(self) -> None:
+        _check(self.split_seed >= 0, "data.split_seed", f"must be >= 0, got {self.split_seed}")
         _check(self.format in ("auto",) + FORMATS, "data.format",
                f"unknown format {self.format!r}; use auto, {', '.join(FORMATS)}")
         _check(self.shape in ("labeled", "grouped", "pairs"), "data.shape",
@@ -243,6 +262,7 @@ class TrainConfig:
         _check(self.base_dtype in ("auto", "fp32", "bf16"), "train.base_dtype",
                f"unknown base_dtype {self.base_dtype!r}; use auto, fp32 or bf16")
         _check(self.val_max_queries >= 1, "train.val_max_queries", f"must be >= 1, got {self.val_max_queries}")
+        _check(0 <= self.seed < 2**32, "train.seed", f"must be in [0, 2**32) (numpy's seeds), got {self.seed}")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # eval.precision's values
@@ -284,6 +304,11 @@ class TrackingConfig:
     uri: str | None = None  # null = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str | None = None  # null = the experiment's name
     run_name: str | None = None  # the MLflow run's name; null = the experiment's name
+
+    def __post_init__(self) -> None:
+        if self.uri is not None:
+            problem = tracking_uri_problem(self.uri)
+            _check(problem is None, "tracking.uri", f"{self.uri!r}: {problem}")
 
 
 @dataclass(frozen=True)

@@ -402,3 +402,43 @@ def test_every_export_option_reaches_the_export(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert seen == [(("ad", str(tmp_path / "o")), {"model_name": "base-model", "dtype": "bf16", "overwrite": True,
                                                     "onnx": True, "source": None})]
+
+
+# -- settings that can be checked without a model are refused before one loads (issue 35) ---------
+
+
+@pytest.mark.parametrize("command", ["check", "train"])
+@pytest.mark.parametrize("override, needles", [
+    ("train.seed=-1", ("train.seed", "must be in [0, 2**32)")),
+    ("data.split_seed=-3", ("data.split_seed", "must be >= 0")),
+    ("tracking.uri=ftp://x", ("tracking.uri", "cannot track to a ftp:// store", "tracking.enabled=false")),
+    ("eval.indexes=[HNSW3x2]", ("eval.indexes (--index)", "could not parse index string HNSW3x2", "HNSW32")),
+    ("model.name=nobody/no-such-model-0.6B", ("model.name='nobody/no-such-model-0.6B'", "not in the Hugging Face cache",
+                                            "HF_HUB_OFFLINE")),
+])
+def test_a_setting_that_cannot_work_is_refused_before_any_model_loads(command, override, needles, experiment,
+                                                                     monkeypatch):
+    import embedft.modeling.encoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(embedft.modeling.encoder, "load_encoder", lambda *a, **k: pytest.fail("model loaded first"))
+    result = invoke(command, str(experiment), "-o", override, "-o", "tracking.enabled=false")
+    assert_clean_error(result, *needles)
+    assert not (experiment.parent / "run").exists()  # no run folder left behind
+
+
+def test_a_bad_tracking_uri_from_the_environment_is_refused_before_training(experiment, monkeypatch):
+    import embedft.modeling.encoder
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "ftp://x")
+    monkeypatch.setattr(embedft.modeling.encoder, "load_encoder", lambda *a, **k: pytest.fail("model loaded first"))
+    result = invoke("train", str(experiment), "-o", "tracking.enabled=true")
+    assert_clean_error(result, "tracking store 'ftp://x'", "cannot track to a ftp:// store")
+
+
+def test_a_hub_id_whose_name_has_a_dot_is_a_hub_id(monkeypatch):
+    from embedft.modeling.families import resolve_model_path
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert resolve_model_path("Qwen/Qwen3-Embedding-0.6B") == "Qwen/Qwen3-Embedding-0.6B"

@@ -171,6 +171,20 @@ def tune_search(index: faiss.Index, ef_search: int | None = None, nprobe: int | 
         _set_knob(index, "nprobe", nprobe)
 
 
+def check_factory(factory: str) -> None:
+    """Refuse a factory string faiss cannot parse for any common dimension, before the model's
+    dimension is known (a factory that fits only some dimensions is checked by `new_index` later)."""
+    errors = []
+    for dim in (384, 768, 1024):
+        try:
+            faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+            return
+        except RuntimeError as exc:
+            errors.append(str(exc).strip().splitlines()[-1].rsplit(": ", 1)[-1])
+    raise ValueError(f"faiss cannot parse index factory {factory!r} ({errors[0]}){_case_hint(384, factory)}; "
+                     "examples: Flat, HNSW32, IVF256,Flat, IVF256,PQ32")
+
+
 def new_index(dim: int, factory: str, n: int) -> faiss.Index:
     """An empty inner-product index for `n` vectors of `dim`, from a faiss factory string.
 

@@ -163,6 +163,13 @@ def evaluate_encoder(encoder, train: Examples, eval_: Examples, cfg: EvalConfig,
 def check_tasks(cfg: EvalConfig, train: Examples, eval_: Examples) -> None:
     """Refuse, before any model is loaded (or any training), an evaluation the splits cannot run:
     no configured task fits the data, retrieval without a query, or eval.knn_k past the train split."""
+    from embedft.evaluation.index import check_factory
+
+    for factory in cfg.indexes:  # before any model: its dimension is not needed to refuse a typo
+        try:
+            check_factory(factory)
+        except ValueError as e:
+            raise EvalError(f"eval.indexes (--index): {e}") from None
     tasks = tasks_for(cfg, train, eval_)
     if "retrieval" in tasks and len(retrieval_task(eval_)) == 0:
         raise EvalError(f"{eval_.source}: the eval split has no retrieval query (no group with two or more items, "

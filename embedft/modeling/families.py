@@ -11,6 +11,7 @@ A new architecture is one line in `MODEL_TYPES`.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,10 +62,26 @@ def resolve_model_path(name: str) -> str:
     p = Path(name).expanduser()
     if p.is_dir():
         return str(p.resolve())
-    if name.startswith((".", "/", "~")) or p.suffix or name.count("/") > 1:
+    # A file name ("model.bin") or a path; a hub id is org/name, whose name may hold a dot (Qwen3-Embedding-0.6B).
+    if name.startswith((".", "/", "~")) or (p.suffix and "/" not in name) or name.count("/") > 1:
         raise ModelError(f"model.name={name!r}: no such folder; give an existing model folder, a hub id "
                          f"(org/name) or the alias 'minilm'")
+    if _hub_offline() and not _in_hub_cache(name):  # would fail anyway, after minutes of retries
+        raise ModelError(f"model.name={name!r} is not a folder, not the alias 'minilm', and not in the Hugging Face "
+                         "cache, and the hub is offline (HF_HUB_OFFLINE=1, as `make` sets it); give a local model "
+                         "folder or the alias 'minilm', or unset HF_HUB_OFFLINE where there is internet")
     return name  # hub id: needs internet (or a populated HF cache)
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

@@ -28,10 +28,12 @@ class PreparedData:
 
 def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     """Read and validate everything a run needs before any model is loaded."""
+    from embedft.modeling.families import resolve_model_path
     from embedft.training.losses import build_loss
 
     _check_extras(cfg)
     build_loss(cfg.loss)  # an unknown loss.name fails now
+    resolve_model_path(cfg.model.name)  # a missing folder or an offline hub id fails now, not at the model load
     train_ex, eval_ex, report = load_splits(cfg.data)
     src = build_pair_source(train_ex)
     if cfg.loss.label_weight > 0 and (src.batch_labels is None or src.positives is not None):

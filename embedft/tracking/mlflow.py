@@ -70,6 +70,11 @@ def _sqlite_path(uri: str) -> Path | None:
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, before any training, when the tracking store cannot be used."""
+    from embedft.config import tracking_uri_problem
+
+    problem = tracking_uri_problem(uri)
+    if problem:  # the config's uri is checked when it loads; this one may come from $MLFLOW_TRACKING_URI
+        raise TrackingError(f"tracking store {uri!r}: {problem}")
     if uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request
