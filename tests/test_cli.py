@@ -412,7 +412,8 @@ def test_every_export_option_reaches_the_export(tmp_path, monkeypatch):
     ("train.seed=-1", ("train.seed", "must be in [0, 2**32)")),
     ("data.split_seed=-3", ("data.split_seed", "must be >= 0")),
     ("tracking.uri=ftp://x", ("tracking.uri", "cannot track to a ftp:// store", "tracking.enabled=false")),
-    ("eval.indexes=[HNSW3x2]", ("eval.indexes (--index)", "could not parse index string HNSW3x2", "HNSW32")),
+    ("eval.indexes=[HNSW3x2]", ("eval.indexes (--index) 'HNSW3x2'", "could not parse index string HNSW3x2",
+                                "HNSW32")),
     ("model.name=nobody/no-such-model-0.6B", ("model.name='nobody/no-such-model-0.6B'", "not in the Hugging Face cache",
                                             "HF_HUB_OFFLINE")),
 ])

@@ -8,8 +8,10 @@ Training batches are drawn from these examples by `embedft.data.batches`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -74,6 +76,17 @@ class DataReport:
         self.counts[key] = self.counts.get(key, 0) + n
 
 
+_DEFAULT_LABEL_COLUMN = next(f.default for f in dataclasses.fields(DataConfig) if f.name == "label_column")
+
+
+def _warn_numbers(texts: list[str], path: str, what: str) -> None:
+    # A column of numbers trains on digit strings: usually an id column taken for the text.
+    numbers = [t for t in texts if t.strip()]
+    if numbers and all(re.fullmatch(r"[-+]?\d+(\.\d+)?", t.strip()) for t in numbers):
+        log.warning("%s: %s holds only numbers (%r, ...); embedft trains on them as text. If that is an id "
+                    "column, point the option at the column that holds the text", path, what, numbers[0])
+
+
 def load_examples(path: str, cfg: DataConfig) -> Examples:
     """Read one split into Examples of the configured shape (not yet validated)."""
     fmt = detect_format(path, cfg.format)
@@ -85,6 +98,7 @@ def load_examples(path: str, cfg: DataConfig) -> Examples:
 
     if cfg.shape == "pairs":
         texts = column(cfg.query_column, "data.query_column")
+        _warn_numbers(texts, path, f"data.query_column={cfg.query_column!r}")
         positives = column(cfg.positive_column, "data.positive_column")
         negatives = None
         if cfg.negative_columns:
@@ -92,8 +106,12 @@ def load_examples(path: str, cfg: DataConfig) -> Examples:
             negatives = [[c[i] for c in cols] for i in range(len(df))]
         return Examples("pairs", path, rows, texts, positives=positives, negatives=negatives)
     texts = column(cfg.text_column, "data.text_column")
+    _warn_numbers(texts, path, f"data.text_column={cfg.text_column!r}")
     labels = None
-    if cfg.label_column is not None and (cfg.shape == "labeled" or _has_column(df, cfg.label_column)):
+    # Grouped data may go without labels, but a label column the user named must be there (a typo is a
+    # missing column, not a setting of the label term or a silently dropped classification).
+    named = cfg.label_column != _DEFAULT_LABEL_COLUMN
+    if cfg.label_column is not None and (cfg.shape == "labeled" or named or _has_column(df, cfg.label_column)):
         labels = column(cfg.label_column, "data.label_column")
     if cfg.shape == "labeled":
         return Examples("labeled", path, rows, texts, groups=labels, labels=labels)

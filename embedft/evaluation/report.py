@@ -71,6 +71,7 @@ def write_report(out_dir: str | Path, base: EvalOutput | None, adapted: EvalOutp
     md = [f"# Evaluation: {meta.get('name', '')}", "", f"- model: `{meta.get('model')}`",
           f"- adapter: `{meta.get('adapter')}`", f"- eval data: `{meta.get('eval_data')}`", "",
           format_table(rows, markdown=True), ""]
+    md += [f"Not evaluated: {task}, which {why}." for task, why in (meta.get("dropped_tasks") or {}).items()]
     (tmp / "report.md").write_text("\n".join(md))
     replace_dir(tmp, out)
     return out

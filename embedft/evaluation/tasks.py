@@ -169,8 +169,10 @@ def check_tasks(cfg: EvalConfig, train: Examples, eval_: Examples) -> None:
         try:
             check_factory(factory)
         except ValueError as e:
-            raise EvalError(f"eval.indexes (--index): {e}") from None
+            raise EvalError(f"eval.indexes (--index) {factory!r}: {e}") from None
     tasks = tasks_for(cfg, train, eval_)
+    for task, why in dropped_tasks(cfg, train, eval_).items():
+        log.warning("eval.tasks: %s is not evaluated: it %s", task, why)
     if "retrieval" in tasks and len(retrieval_task(eval_)) == 0:
         raise EvalError(f"{eval_.source}: the eval split has no retrieval query (no group with two or more items, "
                         "no query/positive row); change data.eval_fraction or data.eval, or set "
@@ -207,15 +209,31 @@ def check_indexes(cfg: EvalConfig, dim: int, train: Examples, eval_: Examples) -
             raise EvalError(f"eval.indexes (--index) {factory!r}: {e}") from e
 
 
+def _task_problem(task: str, train: Examples, eval_: Examples) -> str | None:
+    """Why `task` cannot give a meaningful figure on these splits; None when it can."""
+    if task == "retrieval" and eval_.shape not in ("grouped", "pairs"):
+        return f"needs grouped or pairs data ({eval_.source} is {eval_.shape} data)"
+    if task == "classification":
+        if train.labels is None or eval_.labels is None:
+            return "needs a label column in both splits (data.label_column)"
+        classes = sorted(set(train.labels))
+        if len(classes) < 2:  # every prediction is that class: accuracy and macro-F1 1.0 whatever the model
+            return (f"needs two or more classes, and the train split has one ({classes[0]!r} in data.label_column): "
+                    "its accuracy and macro-F1 would be 1.0 whatever the model")
+    return None
+
+
+def dropped_tasks(cfg: EvalConfig, train: Examples, eval_: Examples) -> dict[str, str]:
+    """The configured tasks these splits cannot run, each with the reason (stated in the output and the report)."""
+    return {t: problem for t in cfg.tasks if (problem := _task_problem(t, train, eval_))}
+
+
 def tasks_for(cfg: EvalConfig, train: Examples, eval_: Examples) -> list[str]:
-    """The configured tasks that the data supports (retrieval needs groups/pairs, classification labels)."""
-    out = []
-    for t in cfg.tasks:
-        if t == "retrieval" and eval_.shape in ("grouped", "pairs"):
-            out.append(t)
-        if t == "classification" and train.labels is not None and eval_.labels is not None:
-            out.append(t)
+    """The configured tasks that the data supports (retrieval needs groups/pairs, classification labels of two
+    or more classes); none at all is an EvalError naming each task's reason."""
+    dropped = dropped_tasks(cfg, train, eval_)
+    out = [t for t in cfg.tasks if t not in dropped]
     if not out:
-        raise EvalError(f"none of eval.tasks={list(cfg.tasks)} fits {eval_.shape} data: retrieval needs grouped or "
-                        "pairs data, classification needs a label column in both splits")
+        raise EvalError(f"none of eval.tasks={list(cfg.tasks)} fits {eval_.shape} data: "
+                        + "; ".join(f"{t} {why}" for t, why in dropped.items()))
     return out

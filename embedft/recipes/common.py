@@ -39,7 +39,9 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     if cfg.loss.label_weight > 0 and (src.batch_labels is None or src.positives is not None):
         raise ConfigError(f"loss.label_weight={cfg.loss.label_weight} needs grouped data with a label column "
                           f"(data.shape=grouped, data.label_column set; {cfg.data.train} has shape "
-                          f"{cfg.data.shape!r}, label column {cfg.data.label_column!r}); set -o loss.label_weight=0")
+                          f"{cfg.data.shape!r}, label column {cfg.data.label_column!r}, which it does not have); set "
+                          "data.label_column to the column that holds the categories, or -o loss.label_weight=0 "
+                          "(without labels there is no classification in the report either)")
     check_schedule(src, cfg.train, str(cfg.data.train))
     check_tasks(cfg.eval, train_ex, eval_ex)  # an evaluation that cannot run fails now, not after training
     return PreparedData(train_ex, eval_ex, src, report)

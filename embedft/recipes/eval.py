@@ -36,7 +36,7 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
 
     from embedft.errors import ModelError
     from embedft.evaluation.report import check_report_dir, compare, format_table, write_report
-    from embedft.evaluation.tasks import check_indexes, evaluate_encoder
+    from embedft.evaluation.tasks import check_indexes, dropped_tasks, evaluate_encoder
     from embedft.modeling.encoder import load_encoder
     from embedft.modeling.lora import check_adapter_base, load_adapter, read_adapter_meta
     from embedft.modeling.runtime import resolve_device
@@ -78,6 +78,7 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     report_dir = write_report(Path(out) if out else _report_dir(cfg.output_dir, adapter_dir, run_id), base_eval,
                               adapted_eval,
                               {"name": cfg.name, "model": cfg.model.name,
+                               "dropped_tasks": dropped_tasks(cfg.eval, train_ex, eval_ex),
                                # a --run adapter's download folder is deleted below: name the run's artifact
                                "adapter": f"runs:/{run_id}/adapter" if run_id else str(adapter_dir),
                                "eval_data": eval_ex.source, "source_run_id": run_id})

@@ -24,7 +24,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     import torch
 
     from embedft.evaluation.report import compare, format_table, write_report
-    from embedft.evaluation.tasks import check_indexes, evaluate_encoder
+    from embedft.evaluation.tasks import check_indexes, dropped_tasks, evaluate_encoder
     from embedft.modeling.builders import make_trainable
     from embedft.modeling.encoder import load_encoder
     from embedft.modeling.lora import load_adapter, lora_settings, save_adapter
@@ -97,7 +97,8 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
         adapted_eval = evaluate_encoder(encoder, data.train, data.eval, cfg.eval, device, progress)
         report_dir = write_report(out / "eval", base_eval, adapted_eval,
                                   {"name": cfg.name, "model": cfg.model.name, "adapter": str(adapter_dir),
-                                   "eval_data": data.eval.source, "train_steps": result.steps})
+                                   "eval_data": data.eval.source, "train_steps": result.steps,
+                                   "dropped_tasks": dropped_tasks(cfg.eval, data.train, data.eval)})
         final = {f"adapted/{k}": v for k, v in adapted_eval.metrics.items()}
         if base_eval is not None:
             final.update({f"base/{k}": v for k, v in base_eval.metrics.items()})

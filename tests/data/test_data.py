@@ -603,3 +603,28 @@ def test_max_train_and_eval_rows_cap_each_split(tmp_path):
     assert len(train) == N and len(eval_) == 2 and set(eval_.texts) < {f"other {i}" for i in range(6)}
     train, eval_, _ = load_splits(given(p, ev, shape="grouped", max_train_rows=10, on_singleton="drop"))
     assert len(eval_) == 6 and 0 < len(train) <= 10
+
+
+# -- degenerate or mistyped input is named, not misreported or silently scored (issue 35) ----------
+
+
+def test_a_named_label_column_that_is_missing_is_a_missing_column(tmp_path):
+    p = write_csv(tmp_path / "g.csv", ROWS)
+    with pytest.raises(DataError, match=r"missing column 'categroy' for data.label_column; columns are: "):
+        load_examples(str(p), DataConfig(text_column="text", group_column="group", label_column="categroy",
+                                         shape="grouped"))
+    p = write_csv(tmp_path / "nolabel.csv", [r[:2] for r in ROWS], header=("text", "group"))
+    ex = load_examples(str(p), DataConfig(text_column="text", group_column="group", shape="grouped"))
+    assert ex.labels is None  # the default label column may be absent from grouped data
+
+
+def test_a_text_column_of_numbers_is_warned_about(tmp_path, caplog):
+    p = tmp_path / "n.csv"
+    p.write_text("id,text,group\n" + "".join(f"{100 + i},t{i},{i // 2}\n" for i in range(8)))
+    with caplog.at_level("WARNING"):
+        load_examples(str(p), DataConfig(text_column="id", group_column="group", shape="grouped"))
+    assert "data.text_column='id' holds only numbers ('100', ...)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_examples(str(p), DataConfig(text_column="text", group_column="group", shape="grouped"))
+    assert "holds only numbers" not in caplog.text

@@ -184,3 +184,25 @@ def test_compare_leaves_out_timings_and_counts():
          "retrieval/HNSW32/build_s": 0.2, "retrieval/n_queries": 40.0, "classification/unseen_label_queries": 1.0,
          "classification/seconds": 3.0, "classification/macro_f1": 0.7}
     assert [r[0] for r in compare(m, m)] == ["retrieval/recall@10", "classification/macro_f1"]
+
+
+def test_a_task_the_splits_cannot_score_is_dropped_with_its_reason_in_the_log_and_the_report(tmp_path, caplog):
+    from embedft.evaluation.tasks import dropped_tasks, tasks_for
+
+    one_class = Examples("grouped", "t.csv", np.arange(4) + 2, ["a1", "a2", "b1", "b2"], groups=["a", "a", "b", "b"],
+                         labels=["x", "x", "x", "x"])
+    eval_ = Examples("grouped", "e.csv", np.arange(2) + 2, ["c1", "c2"], groups=["c", "c"], labels=["x", "x"])
+    cfg = EvalConfig(knn_k=2)
+    assert tasks_for(cfg, one_class, eval_) == ["retrieval"]
+    why = dropped_tasks(cfg, one_class, eval_)["classification"]
+    assert "train split has one ('x' in data.label_column)" in why and "1.0 whatever the model" in why
+    with caplog.at_level("WARNING"):
+        check_tasks(cfg, one_class, eval_)
+    assert "eval.tasks: classification is not evaluated: it needs two or more classes" in caplog.text
+    with pytest.raises(EvalError, match=r"none of eval.tasks=\['classification'\] fits grouped data: "
+                                        r"classification needs two or more classes"):
+        tasks_for(EvalConfig(knn_k=2, tasks=("classification",)), one_class, eval_)
+    report = write_report(tmp_path / "r", None, EvalOutput({"retrieval/recall@1": 1.0}, {}),
+                          {"dropped_tasks": dropped_tasks(cfg, one_class, eval_)})
+    assert "Not evaluated: classification, which needs two or more classes" in (report / "report.md").read_text()
+    assert json.loads((report / "report.json").read_text())["meta"]["dropped_tasks"] == {"classification": why}
