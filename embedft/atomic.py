@@ -1,4 +1,9 @@
-"""Artifacts appear whole or not at all: write into a temporary sibling, then swap it in."""
+"""Artifacts appear whole or not at all: write into a temporary sibling, then swap it in.
+
+Every file embedft writes itself goes through `write_bytes` (artifacts are serialised in memory
+first), so a failing disk is one `WriteError` naming the path, the cause and the fix, and a fault
+injected there (tests/faults) reaches every writer.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+
+from embedft.errors import WriteError
 
 
 def temp_sibling(out: Path) -> Path:
@@ -79,13 +86,44 @@ def place_new_dir(tmp: Path, out: Path) -> None:
         raise
 
 
-def write_text(out: Path, text: str) -> None:
-    """Write a file whole or not at all: a hidden temporary sibling renamed over `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+# errno -> what the user reads; each is a state of the disk, not a bug.
+_CAUSES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+           errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+           errno.EROFS: "the file system is read-only"}
+
+
+def write_error(path: Path, e: OSError, fix: str = "") -> WriteError:
+    """A WriteError for an OSError raised while writing `path`: the path, the cause, and the fix."""
+    cause = _CAUSES.get(e.errno or 0, e.strerror or str(e))
+    fix = fix or ("free space there or write elsewhere" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                  else "write to a folder you can write")
+    err = WriteError(f"cannot write {path}: {cause}; {fix}")
+    err.errno = e.errno
+    return err
+
+
+def _write(f, data: bytes) -> None:
+    # The one call that puts embedft's bytes on disk (a test makes it fail after N bytes).
+    f.write(data)
+
+
+def write_bytes(out: Path, data: bytes, fix: str = "") -> None:
+    """Write `out` whole or not at all (a hidden temporary sibling renamed over it); a failing disk is a
+    WriteError naming `out` and `fix`, and nothing of the new file stays."""
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.write_text(text, encoding="utf-8")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            _write(f, data)
         os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(out, e, fix) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(out: Path, text: str, fix: str = "") -> None:
+    """Write a text file whole or not at all (UTF-8; `write_bytes`)."""
+    write_bytes(out, text.encode("utf-8"), fix)

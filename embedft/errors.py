@@ -49,3 +49,8 @@ class EvalError(EmbedftError, ValueError):
 
 class ModelError(EmbedftError, ValueError):
     """A model cannot be resolved, recognised or matched; the message says what to set."""
+
+
+class WriteError(EmbedftError, OSError):
+    """An artifact could not be written (no space, no permission, a read-only disk): the message names
+    the path and the fix, and what was kept (nothing half-written stays)."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from embedft.atomic import replace_dir, temp_sibling
+from embedft.atomic import replace_dir, temp_sibling, write_text
 from embedft.errors import EvalError
 from embedft.evaluation.tasks import EvalOutput
 
@@ -67,13 +68,19 @@ def write_report(out_dir: str | Path, base: EvalOutput | None, adapted: EvalOutp
     rows = compare(base.metrics if base else None, adapted.metrics if adapted else None)
     payload = {"meta": meta, "base": base.metrics if base else None, "adapted": adapted.metrics if adapted else None,
                "base_details": base.details if base else None, "adapted_details": adapted.details if adapted else None}
-    (tmp / "report.json").write_text(json.dumps(payload, indent=2, default=_json_default))
+    report_json = json.dumps(payload, indent=2, default=_json_default)
     md = [f"# Evaluation: {meta.get('name', '')}", "", f"- model: `{meta.get('model')}`",
           f"- adapter: `{meta.get('adapter')}`", f"- eval data: `{meta.get('eval_data')}`", "",
           format_table(rows, markdown=True), ""]
     md += [f"Not evaluated: {task}, which {why}." for task, why in (meta.get("dropped_tasks") or {}).items()]
-    (tmp / "report.md").write_text("\n".join(md))
-    replace_dir(tmp, out)
+    fix = "free space there or write the report elsewhere (--out); the earlier report, if any, is kept"
+    try:
+        write_text(tmp / "report.json", report_json, fix)
+        write_text(tmp / "report.md", "\n".join(md), fix)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

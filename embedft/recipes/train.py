@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from embedft.atomic import replace_dir, temp_sibling
+from embedft.atomic import replace_dir, temp_sibling, write_text
 from embedft.config import ExperimentConfig, flatten, to_dict, to_yaml
 from embedft.errors import ConfigError
 from embedft.recipes.common import ending, open_tracker, prepare_data
@@ -15,6 +15,7 @@ from embedft.training.validation import build_val_set
 
 log = logging.getLogger(__name__)
 
+OUT_FIX = "free space there or set -o train.output_dir to another disk"
 RUN_ID_FILE = ".mlflow-run-id"  # in the run folder: the MLflow run a --resume continues from
 
 
@@ -71,7 +72,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     if previous:
         tracker.end_stale_run(previous)  # a run killed without warning (SIGKILL) stays RUNNING otherwise
     if run_id:
-        (out / RUN_ID_FILE).write_text(run_id)
+        write_text(out / RUN_ID_FILE, run_id, OUT_FIX)
     with ending(tracker):
         tracker.log_text(to_yaml(cfg), "config.yaml")
         for role, ex in (("train", data.train), ("eval", data.eval)):
@@ -89,7 +90,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
                                              "train_rows": len(data.train), "eval_rows": len(data.eval)},
                                     "mlflow_run_id": run_id})
         replace_dir(tmp, adapter_dir)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        write_text(out / "config.yaml", to_yaml(cfg), OUT_FIX)
 
         if dtype != torch.float32:
             # Report what `embedft eval` and the export load: the saved adapter on the fp32 base.
@@ -114,7 +115,8 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
                    "steps": result.steps, "train_seconds": result.train_seconds,
                    "samples_per_s": result.samples_per_s, "metrics": final,
                    "table": format_table(compare(base_eval.metrics if base_eval else None, adapted_eval.metrics))}
-        (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2))
+        write_text(out / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2),
+                   OUT_FIX)
         return summary
 
 

@@ -7,6 +7,7 @@ training settings). It is written beside the old one and swapped in whole.
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import random
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from embedft.atomic import replace_dir
+from embedft.atomic import replace_dir, write_bytes, write_error
 from embedft.config import LossConfig, TrainConfig
 from embedft.data.batches import PairSource
 from embedft.errors import ConfigError
@@ -112,14 +113,25 @@ def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: 
     """
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    state = io.BytesIO()  # serialised in memory, then written by atomic.write_bytes (one clear error per disk fault)
     torch.save({"adapter": _adapter_state(encoder), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                "epoch": epoch, "step": step, "batches_done": batches_done}, tmp / "state.pt")
-    (tmp / "progress.json").write_text(json.dumps({"epoch": epoch, "step": step, "batches_done": batches_done,
-                                                   "history": result.history,
-                                                   "val_history": result.val_history, "identity": identity}))
+                "epoch": epoch, "step": step, "batches_done": batches_done}, state)
+    progress = json.dumps({"epoch": epoch, "step": step, "batches_done": batches_done, "history": result.history,
+                           "val_history": result.val_history, "identity": identity})
+    fix = "free space there or set -o train.output_dir to another disk" + (
+        "; the last checkpoint is kept: run again with --resume" if (path / "state.pt").is_file() else "")
+    try:
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise write_error(tmp, e, fix) from e
+        write_bytes(tmp / "state.pt", state.getbuffer().tobytes(), fix)
+        write_bytes(tmp / "progress.json", progress.encode("utf-8"), fix)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint stays beside the last good one
+        raise
     replace_dir(tmp, path)  # the previous checkpoint is kept until the new one is in place
 
 
