@@ -20,7 +20,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from embedft.atomic import place_new_dir, replace_dir, temp_sibling
+from embedft.atomic import place_new_dir, replace_dir, temp_sibling, write_text
+from embedft.errors import WriteError
 
 __all__ = [
     "normalize",
@@ -42,6 +43,7 @@ IDS_FILE = "ids.json"
 LABELS_FILE = "labels.json"  # optional: one label per indexed row, for kNN classification
 MANIFEST_FILE = "manifest.json"
 _REBUILD_HINT = "rebuild the index with `embedft index build`"
+INDEX_WRITE_FIX = "check free space and permissions there, or write the index elsewhere (--out); an earlier index is kept"
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -443,12 +445,16 @@ def save_index(
 
     tmp_dir = temp_sibling(out_dir)
     try:
-        faiss.write_index(index, str(tmp_dir / INDEX_FILE))
-        (tmp_dir / IDS_FILE).write_text(json.dumps(ids_list, default=_json_default), encoding="utf-8")
+        try:
+            faiss.write_index(index, str(tmp_dir / INDEX_FILE))  # streamed by faiss: no copy of a large index
+        except RuntimeError as e:  # faiss's fwrite failures carry no errno: say what to check
+            raise WriteError(f"cannot write {out_dir / INDEX_FILE}: faiss could not write it "
+                             f"({str(e).strip().splitlines()[-1][-200:]}); {INDEX_WRITE_FIX}") from e
+        write_text(tmp_dir / IDS_FILE, json.dumps(ids_list, default=_json_default), INDEX_WRITE_FIX)
         if labels is not None:
-            (tmp_dir / LABELS_FILE).write_text(json.dumps(list(labels), default=_json_default), encoding="utf-8")
+            write_text(tmp_dir / LABELS_FILE, json.dumps(list(labels), default=_json_default), INDEX_WRITE_FIX)
         manifest_text = json.dumps(full_manifest, indent=2, sort_keys=True, default=_json_default) + "\n"
-        (tmp_dir / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
+        write_text(tmp_dir / MANIFEST_FILE, manifest_text, INDEX_WRITE_FIX)
         if overwrite:
             replace_dir(tmp_dir, out_dir)
         else:  # rename() refuses a folder another process filled since the check above

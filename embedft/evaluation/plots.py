@@ -6,8 +6,11 @@ canvas (no pyplot, no global backend switch), so plotting is safe in threads and
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
+
+from embedft.atomic import write_bytes
 
 DPI = 120
 
@@ -23,9 +26,10 @@ def _figure(width: float, height: float):
 
 def _save(fig, out_path: str | Path) -> Path:
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, format="png")
+    png = io.BytesIO()  # drawn in memory, written whole by atomic.write_bytes
+    fig.savefig(png, format="png")
+    write_bytes(out, png.getvalue())
     return out
 
 

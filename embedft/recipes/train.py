@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +86,15 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
 
         adapter_dir = out / "adapter"
         tmp = temp_sibling(adapter_dir)
-        save_adapter(encoder, tmp, {"experiment": cfg.name, "config": to_dict(cfg),
-                                    "data": {"train_digest": data.train.digest(), "eval_digest": data.eval.digest(),
-                                             "train_rows": len(data.train), "eval_rows": len(data.eval)},
-                                    "mlflow_run_id": run_id})
-        replace_dir(tmp, adapter_dir)
+        try:
+            save_adapter(encoder, tmp, {"experiment": cfg.name, "config": to_dict(cfg),
+                                        "data": {"train_digest": data.train.digest(), "eval_digest": data.eval.digest(),
+                                                 "train_rows": len(data.train), "eval_rows": len(data.eval)},
+                                        "mlflow_run_id": run_id})
+            replace_dir(tmp, adapter_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # an earlier adapter stays whole; the checkpoint has this one
+            raise
         write_text(out / "config.yaml", to_yaml(cfg), OUT_FIX)
 
         if dtype != torch.float32:

@@ -124,3 +124,44 @@ def test_a_train_whose_checkpoint_fails_stops_on_one_line_and_resumes(tiny_bert_
     res = CliRunner().invoke(main, args + ["--resume"])
     assert res.exit_code == 0, res.output
     assert json.loads((run / "summary.json").read_text())["steps"] == 4 and _leftovers(run) == []
+
+
+@pytest.mark.parametrize("after", OFFSETS)
+def test_an_adapter_a_plot_or_an_index_that_cannot_be_written_leaves_nothing(tmp_path, trainable, fail_writes, after):
+    import faiss
+    import numpy as np
+
+    from embedft.evaluation.index import save_index
+    from embedft.evaluation.plots import plot_loss_curve
+    from embedft.modeling.lora import save_adapter
+
+    enc, _, _ = trainable
+    fail_writes(after)
+    with pytest.raises(WriteError, match=r"cannot write .*embedft_meta\.json: no space left on the device"):
+        save_adapter(enc, tmp_path / "adapter")
+    with pytest.raises(WriteError, match=r"cannot write .*loss\.png: no space left on the device"):
+        plot_loss_curve([1, 2, 3], [1.0, 0.5, 0.2], tmp_path / "plots" / "loss.png")
+    index = faiss.IndexFlatIP(4)
+    index.add(np.eye(4, dtype=np.float32))
+    with pytest.raises(WriteError, match=r"cannot write .*ids\.json: no space left on the device; check free space"):
+        save_index(tmp_path / "idx", index, ["a", "b", "c", "d"], {"model": "m"})
+    assert not (tmp_path / "idx").exists() and not (tmp_path / "plots" / "loss.png").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_faiss_write_failure_names_the_index_file(tmp_path, monkeypatch):
+    import faiss
+    import numpy as np
+
+    from embedft.evaluation.index import save_index
+
+    def full(index, path):
+        raise RuntimeError("Error in faiss::FileIOWriter: write failed")
+
+    monkeypatch.setattr(faiss, "write_index", full)
+    index = faiss.IndexFlatIP(4)
+    index.add(np.eye(4, dtype=np.float32))
+    with pytest.raises(WriteError, match=r"cannot write .*idx/index\.faiss: faiss could not write it \(Error in "
+                                         r"faiss::FileIOWriter: write failed\); check free space"):
+        save_index(tmp_path / "idx", index, ["a", "b", "c", "d"], {"model": "m"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

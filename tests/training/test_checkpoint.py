@@ -81,6 +81,6 @@ def test_a_checkpoint_loads_weights_only_and_one_with_pickled_objects_is_refused
     _set_numpy_rng_state(loaded)
     assert np.array_equal(np.random.rand(3), want)
 
-    (tmp_path / "old.pt").write_bytes(pickle.dumps({"numpy": np.random.get_state()}))  # an ndarray inside
+    (tmp_path / "old.pt").write_bytes(pickle.dumps({"numpy": np.random.get_state()}, protocol=2))  # an ndarray inside
     with pytest.raises(ConfigError, match="holds objects a safe load refuses"):
         _read_checkpoint(tmp_path, lambda: torch.load(tmp_path / "old.pt", weights_only=True))
