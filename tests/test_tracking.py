@@ -134,6 +134,79 @@ def test_nested_child_run_has_parent_tag(store, tmp_path):
     assert {r["run_id"]: r["parent_run_id"] for r in runs.list_runs(store, "sweep")} == {pid: None, **{k: pid for k in kids}}
 
 
+def test_run_names_are_unique_within_an_experiment(store, tmp_path):
+    """Two trains of one experiment were both called `default`: the runs table could not tell them apart."""
+    names = []
+    for _ in range(3):
+        with _tracker(store, tmp_path, "names") as t:
+            t.start_run("default", {}, {})
+            names.append(t.run_name)
+    assert names == ["default", "default-2", "default-3"]
+    c = _client(store)
+    assert sorted(r.info.run_name for r in c.search_runs([t.experiment_id])) == names
+    c.delete_run(c.search_runs([t.experiment_id], filter_string="attributes.run_name = 'default-3'")[0].info.run_id)
+    # A deleted run keeps its name (it can be restored); a name with quotes and LIKE wildcards is matched exactly.
+    for wanted, expected in (("default", "default-4"), ("it's 100%_done", "it's 100%_done"),
+                             ("it's 100%_done", "it's 100%_done-2"), ("defaul", "defaul")):
+        with _tracker(store, tmp_path, "names") as t:
+            t.start_run(wanted, {}, {})
+            assert t.run_name == expected
+    with _tracker(store, tmp_path, "other-names") as t:  # another experiment has its own names
+        t.start_run("default", {}, {})
+        assert t.run_name == "default"
+
+
+def test_experiments_are_declared_model_training_with_the_key_figures_view(store, tmp_path):
+    """The MLflow UI opened embedft's experiments on the GenAI overview and showed no metric column."""
+    from embedft import mlflow_ui
+
+    c = _client(store)
+    c.create_experiment("made-before")  # as an older embedft (or anyone) made it: no tags
+    c.create_experiment("chosen-kind", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("made-now", "made-before", "chosen-kind"):
+        with _tracker(store, tmp_path, name) as t:
+            t.start_run("r", {}, {})
+    tags = {name: c.get_experiment_by_name(name).tags for name in ("made-now", "made-before", "chosen-kind")}
+    assert tags["made-now"]["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["made-before"]["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["chosen-kind"]["mlflow.experimentKind"] == "genai_development"  # a kind someone chose is kept
+    for name in tags:  # the saved view the runs page lists under "Views", as MLflow's UI reads it
+        envelope = json.loads(tags[name]["mlflow.sharedViewState.embedft-key-figures"])
+        assert envelope["name"] == "embedft: key figures" and isinstance(envelope["createdAt"], int)
+        state = json.loads(envelope["state"])
+        assert state["selectedColumns"][:4] == ["metrics.`_key/recall_at_10`", "metrics.`_key/recall_at_10_gain`",
+                                                "metrics.`_key/macro_f1`", "metrics.`_key/macro_f1_gain`"]
+    url = mlflow_ui.runs_url("http://127.0.0.1:5000", "7")
+    assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+                   "&viewStateShareKey=embedft-key-figures")
+
+
+def test_final_metrics_add_gains_and_key_figures_and_best_picks_the_primary_one():
+    from embedft import mlflow_ui
+
+    adapted = {"retrieval/recall@10": 0.75, "retrieval/mrr@10": 0.5, "retrieval/seconds": 2.0,
+               "classification/macro_f1": 0.9, "classification/unseen_label_queries": 1.0}
+    base = {"retrieval/recall@10": 0.5, "retrieval/mrr@10": 0.25, "retrieval/seconds": 1.0,
+            "classification/macro_f1": 0.8, "classification/unseen_label_queries": 1.0}
+    m = mlflow_ui.final_metrics(adapted, base)
+    assert {k: v for k, v in m.items() if k.startswith("gain/")} == pytest.approx(
+        {"gain/retrieval/recall@10": 0.25, "gain/retrieval/mrr@10": 0.25, "gain/classification/macro_f1": 0.1})
+    assert {k: v for k, v in m.items() if k.startswith("_key/")} == pytest.approx(
+        {"_key/recall@10": 0.75, "_key/recall@10_gain": 0.25, "_key/macro_f1": 0.9, "_key/macro_f1_gain": 0.1})
+    assert m["adapted/retrieval/seconds"] == 2.0 and m["base/retrieval/seconds"] == 1.0
+    assert mlflow_ui.final_metrics(adapted, None) == {**{f"adapted/{k}": v for k, v in adapted.items()},
+                                                      "_key/recall@10": 0.75, "_key/macro_f1": 0.9}
+    assert mlflow_ui.final_metrics(None, base) == {f"base/{k}": v for k, v in base.items()}  # --base-only
+    # `_key/` sorts before every lower-case section name, so the MLflow UI shows it first.
+    assert sorted(["adapted", "base", "data", "gain", "train", "val", "_key"])[0] == "_key"
+    runs = [{"name": "a", "metrics": {"_key/recall@10": 0.5, "_key/macro_f1": 0.99}},
+            {"name": "b", "metrics": {"_key/recall@10": 0.7, "_key/macro_f1": 0.1}},
+            {"name": "c", "metrics": {"_key/recall@10": 0.7}}, {"name": "failed", "metrics": {}}]
+    assert mlflow_ui.best(runs)["name"] == "b"  # recall@10 first; the first of a tie
+    assert mlflow_ui.best([{"name": "x", "metrics": {"_key/macro_f1": 0.3}}, runs[1]])["name"] == "x"
+    assert mlflow_ui.best(runs[3:]) is None
+
+
 @pytest.mark.parametrize("error, status", [(ValueError, "FAILED"), (KeyboardInterrupt, "KILLED")])
 def test_context_manager_ends_failed_on_exception(store, tmp_path, error, status):
     with pytest.raises(error):
