@@ -15,6 +15,7 @@ from embedft.config import ConfigError, ExperimentConfig, TrackingConfig, flatte
 from embedft.batches import PairSource, build_pair_source, check_schedule
 from embedft.data import DataError, Examples, load_splits, retrieval_task
 from embedft.evaluate import check_tasks
+from embedft import mlflow_ui
 
 log = logging.getLogger(__name__)
 
@@ -172,18 +173,17 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
         report_dir = write_report(out / "eval", base_eval, adapted_eval,
                                   {"name": cfg.name, "model": cfg.model.name, "adapter": str(adapter_dir),
                                    "eval_data": data.eval.source, "train_steps": result.steps})
-        final = {f"adapted/{k}": v for k, v in adapted_eval.metrics.items()}
-        if base_eval is not None:
-            final.update({f"base/{k}": v for k, v in base_eval.metrics.items()})
+        final = mlflow_ui.final_metrics(adapted_eval.metrics, base_eval.metrics if base_eval else None)
         final.update({"train/total_seconds": result.train_seconds, "train/avg_samples_per_s": result.samples_per_s,
                       "train/avg_tokens_per_s": result.tokens_per_s})
-        tracker.log_metrics(final, step=result.steps)
+        tracker.log_metrics(final, step=0)  # one value per run: at step 0 the MLflow UI draws it as a bar, not a line
         plots = _make_plots(out / "plots", result, base_eval, adapted_eval)
         tracker.log_artifacts(str(adapter_dir), "adapter")
         tracker.log_artifacts(str(report_dir), "eval")
         for p in plots:
             tracker.log_artifact(str(p), "plots")
-        summary = {"run_id": run_id, "output_dir": str(out), "adapter": str(adapter_dir), "report": str(report_dir),
+        summary = {"run_id": run_id, **_ui_links(tracker), "output_dir": str(out), "adapter": str(adapter_dir),
+                   "report": str(report_dir),
                    "steps": result.steps, "train_seconds": result.train_seconds,
                    "samples_per_s": result.samples_per_s, "metrics": final,
                    "table": format_table(compare(base_eval.metrics if base_eval else None, adapted_eval.metrics))}
@@ -191,12 +191,22 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
         return summary
 
 
+def _ui_links(tracker) -> dict[str, str]:
+    """The run's name and the links that open it and its experiment's runs in the MLflow UI (when tracked)."""
+    if not tracker.run_id:
+        return {}
+    address = mlflow_ui.ui_address(tracker.uri)
+    return {"run_name": tracker.run_name, "run_url": mlflow_ui.runs_url(address, tracker.experiment_id, tracker.run_id),
+            "experiment_url": mlflow_ui.runs_url(address, tracker.experiment_id)}
+
+
 def _run_tags(cfg: ExperimentConfig, spec, device) -> dict[str, str]:
     import platform
 
     import torch
 
-    tags = {"embedft.family": spec.family, "embedft.model": cfg.model.name, "embedft.pooling": spec.pooling,
+    # The run's name says what differs (a sweep point, a counter); the experiment's name stays here.
+    tags = {"embedft.experiment": cfg.tracking.experiment or cfg.name, "embedft.family": spec.family, "embedft.model": cfg.model.name, "embedft.pooling": spec.pooling,
             "embedft.device": str(device), "embedft.torch": torch.__version__, "embedft.python": platform.python_version()}
     try:
         import peft
@@ -312,9 +322,8 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
                                "eval_data": eval_ex.source, "source_run_id": run_id})
     if save_index:
         _save_retrieval_index(encoder, eval_ex, cfg, save_index, str(adapter_dir) if adapter_dir else None)
-    metrics = {f"adapted/{k}": v for k, v in adapted_eval.metrics.items()} if adapted_eval else {}
-    if base_eval is not None:
-        metrics.update({f"base/{k}": v for k, v in base_eval.metrics.items()})
+    metrics = mlflow_ui.final_metrics(adapted_eval.metrics if adapted_eval else None,
+                                      base_eval.metrics if base_eval else None)
     tags = _run_tags(cfg, encoder.spec, device)
     tags["embedft.command"] = "eval"
     if run_id:
@@ -403,4 +412,15 @@ def run_sweep(cfg: ExperimentConfig, config_path: str, overrides: tuple[str, ...
         for child in points:
             s = run_train(child, progress=progress, parent_run_id=parent)
             out.append({"name": child.name, **s})
+        _log_best_child(tracker, out)
     return out
+
+
+def _log_best_child(tracker, children: list[dict[str, Any]]) -> None:
+    """The sweep parent carries its best child's evaluation (by its primary key figure) and names that child."""
+    top = mlflow_ui.best(children)
+    if top is None:
+        return
+    tracker.log_metrics({k: v for k, v in top["metrics"].items() if k.startswith(mlflow_ui.EVALUATION_PREFIXES)},
+                        step=0)
+    tracker.set_tags({"embedft.best_run_id": top.get("run_id") or "", "embedft.best_run": top.get("run_name") or top["name"]})

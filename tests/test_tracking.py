@@ -862,6 +862,7 @@ def test_train_over_http_then_eval_and_export_from_the_run(server, tmp_path, tin
     (ev,) = c.search_runs([run.info.experiment_id], filter_string=f"tags.`embedft.source_run_id` = '{run_id}'")
     assert ev.info.status == "FINISHED" and ev.data.tags["embedft.command"] == "eval"
     assert ev.data.params["lora.r"] == "16" and not any(k.startswith("base/") for k in ev.data.metrics)  # --no-base
+    assert not any(k.startswith("gain/") for k in ev.data.metrics) and "_key/recall_at_10" in ev.data.metrics
     assert ev.data.metrics["adapted/retrieval/recall_at_10"] == pytest.approx(report["adapted"]["retrieval/recall@10"])
     res = CliRunner().invoke(main, ["export", "--run", run_id, "--out", str(tmp_path / "export")], env=env)
     assert res.exit_code == 0, res.output
@@ -917,6 +918,24 @@ def test_sweep_runs_children_under_one_parent(tmp_path, tiny_bert_dir, monkeypat
         assert json.loads((folder / "adapter" / "embedft_meta.json").read_text())["mlflow_run_id"] == r.info.run_id
         assert f"r: {r.data.params['lora.r']}" in (folder / "config.yaml").read_text()
     assert sorted(r.info.run_name for r in children) == ["default-r2-lr1e-3", "default-r4-lr1e-3"]
+    assert {r.data.tags["embedft.experiment"] for r in children} == {"default"}  # the names say what differs
+    # Final figures are one value at step 0 (the UI's chart view draws bars for them), with the gain over the base.
+    for r in children:
+        assert _history(c, r.info.run_id, "adapted/retrieval/recall_at_10") == [
+            (0, r.data.metrics["adapted/retrieval/recall_at_10"])]
+        assert r.data.metrics["gain/retrieval/recall_at_10"] == pytest.approx(
+            r.data.metrics["adapted/retrieval/recall_at_10"] - r.data.metrics["base/retrieval/recall_at_10"])
+        assert r.data.metrics["_key/macro_f1"] == r.data.metrics["adapted/classification/macro_f1"]
+    # The parent carries its best child's figures, and names that child.
+    top = max(children, key=lambda r: r.data.metrics["_key/recall_at_10"])
+    parent = c.get_run(parents[0].info.run_id)
+    assert parent.data.tags["embedft.best_run_id"] == top.info.run_id
+    assert parent.data.tags["embedft.best_run"] == top.info.run_name
+    evaluation = {k: v for k, v in top.data.metrics.items() if k.startswith(("adapted/", "base/", "gain/", "_key/"))}
+    assert {k: v for k, v in parent.data.metrics.items()} == evaluation
+    # The command ends with the link that opens the runs as model training, with the key figures as columns.
+    assert (f"mlflow ui:  http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+            "&viewStateShareKey=embedft-key-figures (after `make ui`)") in res.output
 
     res = CliRunner().invoke(main, ["runs", "list", "--experiment", "default"], env={"MLFLOW_TRACKING_URI": uri})
     assert res.exit_code == 0, res.output
@@ -956,6 +975,8 @@ def test_interrupted_run_is_killed_and_resume_links_it(tmp_path, tiny_bert_dir, 
     assert c.get_run(first).info.status == "KILLED"
     run = c.get_run(second)
     assert run.info.status == "FINISHED" and run.data.tags["embedft.resumed_from"] == first
+    assert (c.get_run(first).info.run_name, run.info.run_name) == ("default", "default-2")  # told apart
+    assert f"mlflow run: default-2 ({second})" in res.output
 
 
 def test_sigterm_ends_the_mlflow_run_as_killed(tmp_path, tiny_bert_dir, template_db):
