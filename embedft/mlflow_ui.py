@@ -97,8 +97,7 @@ def key_figures_view(created_ms: int | None = None) -> str:
                for _, short in HEADLINE for suffix in ("", "_gain")]
     columns += [_column("attributes", "Dataset")]
     created = int(time.time() * 1000) if created_ms is None else created_ms
-    state = {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False,
-             "columnWidths": {c: 190 for c in columns if c.startswith("metrics.")}}  # the whole name in view
+    state = {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
     return json.dumps({"name": "embedft: key figures", "createdAt": created, "updatedAt": created,
                        "state": json.dumps(state)})
 

@@ -222,7 +222,8 @@ def chart_card(page, title: str):
 
 
 def compare_url(address: str, experiment_id: str, run_ids: list[str]) -> str:
-    return f"{address}/#/compare-runs?runs={json.dumps(run_ids)}&experiments={json.dumps([experiment_id])}"
+    return (f"{address}/#/compare-runs?runs={json.dumps(run_ids)}&experiments={json.dumps([experiment_id])}"
+            "&workflowType=machine_learning")
 
 
 def compare_metrics(page, url: str) -> dict[str, list[str]]:

@@ -42,8 +42,8 @@ def take(store: ui.Store, address: str, out: Path) -> list[Path]:
 
         pair = [store.run_ids[n] for n in store.sweep_children[:2]]
         ui.compare_metrics(page, ui.compare_url(address, store.experiment_id, pair))
-        page.locator("a[title='Plot chart']").first.scroll_into_view_if_needed()
-        page.mouse.wheel(0, -200)  # the Metrics heading and its "Show diff only" switch in view too
+        for section in ("Visualizations", "Parameters"):  # folded: the run names and the metrics in one picture
+            page.get_by_text(section, exact=True).first.click()
         page.wait_for_timeout(500)
         page.screenshot(path=str(compare))
     return [runs, charts, compare]
