@@ -13,7 +13,7 @@ RUN ?= runs/pricerunner-matching
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup lock train test test-fast config-docs bench-pricerunner bench-deploy bench-encode bench-train bench-chunking gpu-check gpu-bundle gpu-smoke-image ui clean
+.PHONY: help setup lock train test test-fast config-docs bench-pricerunner bench-deploy bench-encode bench-train bench-chunking gpu-check gpu-bundle gpu-smoke-image ui ui-check ui-screenshots clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -80,7 +80,14 @@ gpu-smoke-image: ## tools/gpu_session.py run --smoke under the GPU image's libra
 		--bundle /tmp/gpu-smoke-image/bundle --out /tmp/gpu-smoke-image/out
 
 ui: setup ## MLflow UI on the local SQLite store, bound to 127.0.0.1
+	@echo "Open the link 'embedft train' prints (mlflow ui: ...), or pick 'Model training' in the sidebar once; see docs/mlflow-ui.md"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+ui-check: setup ## The MLflow UI of a tiny embedft sweep in headless Chromium (apt-get install chromium): runs, names, key figures
+	EMBEDFT_REQUIRE_BROWSER=1 $(PY) -m pytest -q -m browser tests/test_ui_browser.py
+
+ui-screenshots: setup ## Rewrite docs/mlflow-ui-*.png (runs table, chart view of a sweep, compare page); needs chromium
+	$(PY) tools/ui_screenshots.py --out docs
 
 clean: ## Remove runs, the MLflow store and caches (not .venv)
 	rm -rf runs mlflow.db mlartifacts .pytest_cache

@@ -83,8 +83,10 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if sweeps:
-            for s in run_sweep(cfg, config, overrides, sweeps, progress=progress):
+            children = run_sweep(cfg, config, overrides, sweeps, progress=progress)
+            for s in children:
                 click.echo(f"{s['name']}: {s['output_dir']}")
+            _echo_ui_link(children[-1] if children else {})
             return
         summary = run_train(cfg, resume=resume, progress=progress)
     finally:
@@ -92,7 +94,17 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
     click.echo(summary["table"])
     click.echo(f"\nadapter: {summary['adapter']}\nreport:  {summary['report']}/report.md")
     if summary.get("run_id"):
-        click.echo(f"mlflow run: {summary['run_id']}")
+        click.echo(f"mlflow run: {summary.get('run_name')} ({summary['run_id']})")
+    _echo_ui_link(summary)
+
+
+def _echo_ui_link(summary: dict) -> None:
+    # The link opens the runs as model training, with the key figures as columns (docs/mlflow-ui.md).
+    if summary.get("experiment_url"):
+        from embedft.tracking.ui import UI_ADDRESS
+
+        after = " (after `make ui`)" if summary["experiment_url"].startswith(UI_ADDRESS) else ""
+        click.echo(f"mlflow ui:  {summary['experiment_url']}{after}")
 
 
 def _exit_on_sigterm(signum, frame) -> None:

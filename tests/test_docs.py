@@ -7,7 +7,6 @@ load_config refuses unknown keys), so that is not repeated here.
 import re
 
 import pytest
-
 from conftest import REPO
 
 

@@ -12,6 +12,7 @@ from embedft.data.examples import Examples, load_splits, retrieval_task
 from embedft.evaluation.tasks import check_tasks
 from embedft.recipes.common import _check_extras, ending, open_tracker
 from embedft.recipes.train import _run_tags
+from embedft.tracking import ui as mlflow_ui
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,8 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
                                "eval_data": eval_ex.source, "source_run_id": run_id})
     if save_index:
         _save_retrieval_index(encoder, eval_ex, cfg, save_index, str(adapter_dir) if adapter_dir else None)
-    metrics = {f"adapted/{k}": v for k, v in adapted_eval.metrics.items()} if adapted_eval else {}
-    if base_eval is not None:
-        metrics.update({f"base/{k}": v for k, v in base_eval.metrics.items()})
+    metrics = mlflow_ui.final_metrics(adapted_eval.metrics if adapted_eval else None,
+                                      base_eval.metrics if base_eval else None)
     tags = _run_tags(cfg, encoder.spec, device)
     tags["embedft.command"] = "eval"
     if run_id:

@@ -9,6 +9,7 @@ from embedft.config import ExperimentConfig
 from embedft.errors import ConfigError
 from embedft.recipes.common import ending, open_tracker
 from embedft.recipes.train import run_train
+from embedft.tracking import ui as mlflow_ui
 
 log = logging.getLogger(__name__)
 
@@ -58,4 +59,15 @@ def run_sweep(cfg: ExperimentConfig, config_path: str, overrides: tuple[str, ...
         for child in points:
             s = run_train(child, progress=progress, parent_run_id=parent)
             out.append({"name": child.name, **s})
+        _log_best_child(tracker, out)
     return out
+
+
+def _log_best_child(tracker, children: list[dict[str, Any]]) -> None:
+    """The sweep parent carries its best child's evaluation (by its primary key figure) and names that child."""
+    top = mlflow_ui.best(children)
+    if top is None:
+        return
+    tracker.log_metrics({k: v for k, v in top["metrics"].items() if k.startswith(mlflow_ui.EVALUATION_PREFIXES)},
+                        step=0)
+    tracker.set_tags({"embedft.best_run_id": top.get("run_id") or "", "embedft.best_run": top.get("run_name") or top["name"]})

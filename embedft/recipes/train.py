@@ -12,6 +12,7 @@ from embedft.atomic import replace_dir, temp_sibling, write_text
 from embedft.config import ExperimentConfig, flatten, to_dict, to_yaml
 from embedft.errors import ConfigError
 from embedft.recipes.common import ending, open_tracker, prepare_data
+from embedft.tracking import ui as mlflow_ui
 from embedft.training.validation import build_val_set
 
 log = logging.getLogger(__name__)
@@ -105,18 +106,17 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
                                   {"name": cfg.name, "model": cfg.model.name, "adapter": str(adapter_dir),
                                    "eval_data": data.eval.source, "train_steps": result.steps,
                                    "dropped_tasks": dropped_tasks(cfg.eval, data.train, data.eval)})
-        final = {f"adapted/{k}": v for k, v in adapted_eval.metrics.items()}
-        if base_eval is not None:
-            final.update({f"base/{k}": v for k, v in base_eval.metrics.items()})
+        final = mlflow_ui.final_metrics(adapted_eval.metrics, base_eval.metrics if base_eval else None)
         final.update({"train/total_seconds": result.train_seconds, "train/avg_samples_per_s": result.samples_per_s,
                       "train/avg_tokens_per_s": result.tokens_per_s})
-        tracker.log_metrics(final, step=result.steps)
+        tracker.log_metrics(final, step=0)  # one value per run: at step 0 the MLflow UI draws it as a bar, not a line
         plots = _make_plots(out / "plots", result, base_eval, adapted_eval)
         tracker.log_artifacts(str(adapter_dir), "adapter")
         tracker.log_artifacts(str(report_dir), "eval")
         for p in plots:
             tracker.log_artifact(str(p), "plots")
-        summary = {"run_id": run_id, "output_dir": str(out), "adapter": str(adapter_dir), "report": str(report_dir),
+        summary = {"run_id": run_id, **_ui_links(tracker), "output_dir": str(out), "adapter": str(adapter_dir),
+                   "report": str(report_dir),
                    "steps": result.steps, "train_seconds": result.train_seconds,
                    "samples_per_s": result.samples_per_s, "metrics": final,
                    "table": format_table(compare(base_eval.metrics if base_eval else None, adapted_eval.metrics))}
@@ -125,12 +125,23 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
         return summary
 
 
+def _ui_links(tracker) -> dict[str, str]:
+    """The run's name and the links that open it and its experiment's runs in the MLflow UI (when tracked)."""
+    if not tracker.run_id:
+        return {}
+    address = mlflow_ui.ui_address(tracker.uri)
+    return {"run_name": tracker.run_name, "run_url": mlflow_ui.runs_url(address, tracker.experiment_id, tracker.run_id),
+            "experiment_url": mlflow_ui.runs_url(address, tracker.experiment_id)}
+
+
 def _run_tags(cfg: ExperimentConfig, spec, device) -> dict[str, str]:
     import platform
 
     import torch
 
-    tags = {"embedft.family": spec.family, "embedft.model": cfg.model.name, "embedft.pooling": spec.pooling,
+    # The run's name says what differs (a sweep point, a counter); the experiment's name stays here.
+    tags = {"embedft.experiment": cfg.tracking.experiment or cfg.name, "embedft.family": spec.family,
+            "embedft.model": cfg.model.name, "embedft.pooling": spec.pooling,
             "embedft.device": str(device), "embedft.torch": torch.__version__, "embedft.python": platform.python_version()}
     try:
         import peft

@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from embedft.errors import TrackingError
+from embedft.tracking import ui as mlflow_ui
 from embedft.tracking.delivery import SPOOL_META, deliver, is_permanent, read_spool, write_spool
+from embedft.tracking.ui import metric_key
 
 log = logging.getLogger(__name__)
 
 # mlflow.utils.validation limits, restated so importing this module stays cheap.
-MAX_KEY_LEN = 250
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 8000
 MAX_DIGEST_LEN = 36
@@ -113,16 +114,6 @@ def require_store(uri: str) -> None:
                             "in, or point tracking.uri / MLFLOW_TRACKING_URI at the store")
 
 
-_BAD_KEY_CHARS = re.compile(r"[^\w.\- /]")
-
-
-def metric_key(name: str) -> str:
-    """The key MLflow accepts for a metric/param/tag name: `recall@10` -> `recall_at_10`."""
-    k = _BAD_KEY_CHARS.sub("_", str(name).replace("@", "_at_"))
-    k = "/".join(p for p in k.split("/") if p not in ("", ".", ".."))
-    return k[:MAX_KEY_LEN] or "_"
-
-
 def _value_str(value: Any, limit: int, what: str) -> str:
     s = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
     if len(s) > limit:
@@ -160,6 +151,8 @@ class MlflowTracker:
         self.max_backoff = max_backoff
         self.end_timeout = end_timeout  # how long end() keeps trying before spooling
         self.run_id: str | None = None
+        self.run_name: str | None = None
+        self.experiment_id: str | None = None
         self.delivered = 0
         self._client = None
         self._pending: dict[int, dict] = {}
@@ -187,7 +180,10 @@ class MlflowTracker:
 
     def start_run(self, run_name: str | None, params: dict[str, Any], tags: dict[str, str],
                   parent_run_id: str | None = None) -> str:
-        """Create the run and log its params now (a clear TrackingError if the store is unusable)."""
+        """Create the run and log its params now (a clear TrackingError if the store is unusable).
+
+        The run is named run_name, or run_name-2, -3, ... when a run of the experiment has that name already.
+        """
         if self.run_id is not None and self._result is None:
             raise TrackingError(f"run {self.run_id} is still active; end() it before starting another")
         check_reachable(self.uri)
@@ -202,6 +198,8 @@ class MlflowTracker:
         clean_tags = {metric_key(k): _value_str(v, MAX_TAG_LEN, f"tag {k}") for k, v in all_tags.items()}
         try:
             exp_id = self._experiment_id()
+            if run_name:
+                run_name = unique_run_name(self._client, exp_id, run_name)
             run = self._client.create_run(exp_id, run_name=run_name, tags=clean_tags)
         except MlflowException as e:
             raise TrackingError(f"MLflow at {self.uri}: cannot start a run in experiment {self.experiment!r}: "
@@ -216,13 +214,13 @@ class MlflowTracker:
             except MlflowException:
                 pass
             raise TrackingError(f"MLflow at {self.uri}: cannot log the params of run {run_id}: {e}; {FIX_HINT}") from e
-        self.run_id = run_id
+        self.run_id, self.run_name, self.experiment_id = run_id, run.info.run_name, exp_id
         self._pending, self.delivered, self._failures, self._uncertain = {}, 0, 0, False
         self._stopping = self._closed = False
         self._result = None
         self._thread = threading.Thread(target=self._worker, name=f"embedft-mlflow-{run_id[:8]}", daemon=True)
         self._thread.start()
-        log.info("MLflow run %s in experiment %r at %s", run_id, self.experiment, self.uri)
+        log.info("MLflow run %s (%s) in experiment %r at %s", self.run_name, run_id, self.experiment, self.uri)
         return run_id
 
     def end_stale_run(self, run_id: str, status: str = "KILLED") -> None:
@@ -357,7 +355,8 @@ class MlflowTracker:
         exp = self._client.get_experiment_by_name(self.experiment)
         if exp is None:
             try:
-                return self._client.create_experiment(self.experiment, artifact_location=self._artifact_location())
+                return self._client.create_experiment(self.experiment, artifact_location=self._artifact_location(),
+                                                      tags=mlflow_ui.experiment_tags())
             except MlflowException:  # created meanwhile by another process (sweep, second shell)
                 exp = self._client.get_experiment_by_name(self.experiment)
                 if exp is None:
@@ -366,6 +365,7 @@ class MlflowTracker:
             raise TrackingError(f"MLflow experiment {self.experiment!r} at {self.uri} is deleted; restore it "
                                 f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or set "
                                 "tracking.experiment to another name")
+        declare_experiment(self._client, exp)
         return exp.experiment_id
 
     def _artifact_location(self) -> str | None:
@@ -440,6 +440,44 @@ class MlflowTracker:
         return write_spool(self.spool_dir / str(self.run_id), records, {
             "run_id": self.run_id, "uri": self.uri, "experiment": self.experiment, "status": status,
             "end_time": _now_ms(), "spooled_at": _dt.datetime.now().isoformat(timespec="seconds")})
+
+
+def declare_experiment(client, exp) -> None:
+    """Give an existing experiment the UI tags of embedft's own (`mlflow_ui.experiment_tags`) that it lacks.
+
+    A tag already there is left alone (the user may have chosen another kind); a store that refuses
+    the tag is logged, not raised: the run is tracked all the same.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for key, value in mlflow_ui.experiment_tags().items():
+        if key in exp.tags:
+            continue
+        try:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+        except MlflowException as e:
+            log.warning("could not tag MLflow experiment %r with %s: %s", exp.name, key, e)
+
+
+def unique_run_name(client, experiment_id: str, wanted: str) -> str:
+    """wanted, or wanted-2, wanted-3, ...: the first name no run of the experiment has (deleted runs included)."""
+    from mlflow.entities import ViewType
+
+    # LIKE narrows the search (its wildcards only widen it); a quote would end the filter's string.
+    prefix = re.split(r"['\"\\]", wanted, maxsplit=1)[0]
+    taken, token = set(), None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=f"attributes.run_name LIKE '{prefix}%'",
+                                  run_view_type=ViewType.ALL, max_results=1000, page_token=token)
+        taken.update(r.info.run_name for r in page)
+        token = page.token
+        if not token:
+            break
+    name, n = wanted, 1
+    while name in taken:
+        n += 1
+        name = f"{wanted}-{n}"
+    return name
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:

@@ -138,6 +138,79 @@ def test_nested_child_run_has_parent_tag(store, tmp_path):
     assert {r["run_id"]: r["parent_run_id"] for r in runs.list_runs(store, "sweep")} == {pid: None, **{k: pid for k in kids}}
 
 
+def test_run_names_are_unique_within_an_experiment(store, tmp_path):
+    """Two trains of one experiment were both called `default`: the runs table could not tell them apart."""
+    names = []
+    for _ in range(3):
+        with _tracker(store, tmp_path, "names") as t:
+            t.start_run("default", {}, {})
+            names.append(t.run_name)
+    assert names == ["default", "default-2", "default-3"]
+    c = _client(store)
+    assert sorted(r.info.run_name for r in c.search_runs([t.experiment_id])) == names
+    c.delete_run(c.search_runs([t.experiment_id], filter_string="attributes.run_name = 'default-3'")[0].info.run_id)
+    # A deleted run keeps its name (it can be restored); a name with quotes and LIKE wildcards is matched exactly.
+    for wanted, expected in (("default", "default-4"), ("it's 100%_done", "it's 100%_done"),
+                             ("it's 100%_done", "it's 100%_done-2"), ("defaul", "defaul")):
+        with _tracker(store, tmp_path, "names") as t:
+            t.start_run(wanted, {}, {})
+            assert t.run_name == expected
+    with _tracker(store, tmp_path, "other-names") as t:  # another experiment has its own names
+        t.start_run("default", {}, {})
+        assert t.run_name == "default"
+
+
+def test_experiments_are_declared_model_training_with_the_key_figures_view(store, tmp_path):
+    """The MLflow UI opened embedft's experiments on the GenAI overview and showed no metric column."""
+    from embedft.tracking import ui as mlflow_ui
+
+    c = _client(store)
+    c.create_experiment("made-before")  # as an older embedft (or anyone) made it: no tags
+    c.create_experiment("chosen-kind", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("made-now", "made-before", "chosen-kind"):
+        with _tracker(store, tmp_path, name) as t:
+            t.start_run("r", {}, {})
+    tags = {name: c.get_experiment_by_name(name).tags for name in ("made-now", "made-before", "chosen-kind")}
+    assert tags["made-now"]["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["made-before"]["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["chosen-kind"]["mlflow.experimentKind"] == "genai_development"  # a kind someone chose is kept
+    for name in tags:  # the saved view the runs page lists under "Views", as MLflow's UI reads it
+        envelope = json.loads(tags[name]["mlflow.sharedViewState.embedft-key-figures"])
+        assert envelope["name"] == "embedft: key figures" and isinstance(envelope["createdAt"], int)
+        state = json.loads(envelope["state"])
+        assert state["selectedColumns"][:4] == ["metrics.`_key/recall_at_10`", "metrics.`_key/recall_at_10_gain`",
+                                                "metrics.`_key/macro_f1`", "metrics.`_key/macro_f1_gain`"]
+    url = mlflow_ui.runs_url("http://127.0.0.1:5000", "7")
+    assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+                   "&viewStateShareKey=embedft-key-figures")
+
+
+def test_final_metrics_add_gains_and_key_figures_and_best_picks_the_primary_one():
+    from embedft.tracking import ui as mlflow_ui
+
+    adapted = {"retrieval/recall@10": 0.75, "retrieval/mrr@10": 0.5, "retrieval/seconds": 2.0,
+               "classification/macro_f1": 0.9, "classification/unseen_label_queries": 1.0}
+    base = {"retrieval/recall@10": 0.5, "retrieval/mrr@10": 0.25, "retrieval/seconds": 1.0,
+            "classification/macro_f1": 0.8, "classification/unseen_label_queries": 1.0}
+    m = mlflow_ui.final_metrics(adapted, base)
+    assert {k: v for k, v in m.items() if k.startswith("gain/")} == pytest.approx(
+        {"gain/retrieval/recall@10": 0.25, "gain/retrieval/mrr@10": 0.25, "gain/classification/macro_f1": 0.1})
+    assert {k: v for k, v in m.items() if k.startswith("_key/")} == pytest.approx(
+        {"_key/recall@10": 0.75, "_key/recall@10_gain": 0.25, "_key/macro_f1": 0.9, "_key/macro_f1_gain": 0.1})
+    assert m["adapted/retrieval/seconds"] == 2.0 and m["base/retrieval/seconds"] == 1.0
+    assert mlflow_ui.final_metrics(adapted, None) == {**{f"adapted/{k}": v for k, v in adapted.items()},
+                                                      "_key/recall@10": 0.75, "_key/macro_f1": 0.9}
+    assert mlflow_ui.final_metrics(None, base) == {f"base/{k}": v for k, v in base.items()}  # --base-only
+    # `_key/` sorts before every lower-case section name, so the MLflow UI shows it first.
+    assert sorted(["adapted", "base", "data", "gain", "train", "val", "_key"])[0] == "_key"
+    runs = [{"name": "a", "metrics": {"_key/recall@10": 0.5, "_key/macro_f1": 0.99}},
+            {"name": "b", "metrics": {"_key/recall@10": 0.7, "_key/macro_f1": 0.1}},
+            {"name": "c", "metrics": {"_key/recall@10": 0.7}}, {"name": "failed", "metrics": {}}]
+    assert mlflow_ui.best(runs)["name"] == "b"  # recall@10 first; the first of a tie
+    assert mlflow_ui.best([{"name": "x", "metrics": {"_key/macro_f1": 0.3}}, runs[1]])["name"] == "x"
+    assert mlflow_ui.best(runs[3:]) is None
+
+
 @pytest.mark.parametrize("error, status", [(ValueError, "FAILED"), (KeyboardInterrupt, "KILLED")])
 def test_context_manager_ends_failed_on_exception(store, tmp_path, error, status):
     with pytest.raises(error):
@@ -793,6 +866,7 @@ def test_train_over_http_then_eval_and_export_from_the_run(server, tmp_path, tin
     (ev,) = c.search_runs([run.info.experiment_id], filter_string=f"tags.`embedft.source_run_id` = '{run_id}'")
     assert ev.info.status == "FINISHED" and ev.data.tags["embedft.command"] == "eval"
     assert ev.data.params["lora.r"] == "16" and not any(k.startswith("base/") for k in ev.data.metrics)  # --no-base
+    assert not any(k.startswith("gain/") for k in ev.data.metrics) and "_key/recall_at_10" in ev.data.metrics
     assert ev.data.metrics["adapted/retrieval/recall_at_10"] == pytest.approx(report["adapted"]["retrieval/recall@10"])
     res = CliRunner().invoke(main, ["export", "--run", run_id, "--out", str(tmp_path / "export")], env=env)
     assert res.exit_code == 0, res.output
@@ -848,6 +922,24 @@ def test_sweep_runs_children_under_one_parent(tmp_path, tiny_bert_dir, monkeypat
         assert json.loads((folder / "adapter" / "embedft_meta.json").read_text())["mlflow_run_id"] == r.info.run_id
         assert f"r: {r.data.params['lora.r']}" in (folder / "config.yaml").read_text()
     assert sorted(r.info.run_name for r in children) == ["default-r2-lr1e-3", "default-r4-lr1e-3"]
+    assert {r.data.tags["embedft.experiment"] for r in children} == {"default"}  # the names say what differs
+    # Final figures are one value at step 0 (the UI's chart view draws bars for them), with the gain over the base.
+    for r in children:
+        assert _history(c, r.info.run_id, "adapted/retrieval/recall_at_10") == [
+            (0, r.data.metrics["adapted/retrieval/recall_at_10"])]
+        assert r.data.metrics["gain/retrieval/recall_at_10"] == pytest.approx(
+            r.data.metrics["adapted/retrieval/recall_at_10"] - r.data.metrics["base/retrieval/recall_at_10"])
+        assert r.data.metrics["_key/macro_f1"] == r.data.metrics["adapted/classification/macro_f1"]
+    # The parent carries its best child's figures, and names that child.
+    top = max(children, key=lambda r: r.data.metrics["_key/recall_at_10"])
+    parent = c.get_run(parents[0].info.run_id)
+    assert parent.data.tags["embedft.best_run_id"] == top.info.run_id
+    assert parent.data.tags["embedft.best_run"] == top.info.run_name
+    evaluation = {k: v for k, v in top.data.metrics.items() if k.startswith(("adapted/", "base/", "gain/", "_key/"))}
+    assert {k: v for k, v in parent.data.metrics.items()} == evaluation
+    # The command ends with the link that opens the runs as model training, with the key figures as columns.
+    assert (f"mlflow ui:  http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+            "&viewStateShareKey=embedft-key-figures (after `make ui`)") in res.output
 
     res = CliRunner().invoke(main, ["runs", "list", "--experiment", "default"], env={"MLFLOW_TRACKING_URI": uri})
     assert res.exit_code == 0, res.output
@@ -887,6 +979,8 @@ def test_interrupted_run_is_killed_and_resume_links_it(tmp_path, tiny_bert_dir, 
     assert c.get_run(first).info.status == "KILLED"
     run = c.get_run(second)
     assert run.info.status == "FINISHED" and run.data.tags["embedft.resumed_from"] == first
+    assert (c.get_run(first).info.run_name, run.info.run_name) == ("default", "default-2")  # told apart
+    assert f"mlflow run: default-2 ({second})" in res.output
 
 
 def test_sigterm_ends_the_mlflow_run_as_killed(tmp_path, tiny_bert_dir, template_db):
