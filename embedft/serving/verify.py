@@ -1,0 +1,91 @@
+"""`embedft verify EXPORT --server URL --served-model NAME`: does a running server give the export's vectors?
+
+The export's probe texts are sent to the server's /v1/embeddings as documents and as queries
+(`input_type: "query"`), and compared with the reference vectors saved in the export under the
+export's own tolerances, as `embedft verify` compares a plain sentence-transformers load.
+Only the standard library talks HTTP here, so any embedft install can check a server.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from embedft.config import ExportConfig
+from embedft.export import EXPORT_META, PROBE_EMB_FILE, PROBES_FILE, ExportError, parity_figures, parity_summary
+
+CHUNK = 32  # probes per request: under any sensible --max-inputs
+
+
+def verify_server(export_dir: str | Path, url: str, model: str, api_key: str | None = None,
+                  min_cosine: float | None = None, max_abs_diff: float | None = None, timeout: float = 120.0) -> dict:
+    """Parity figures of the server's vectors for `model` against the export's probes; ExportError when they differ."""
+    probes, ref, tol = read_probes(export_dir)
+    if min_cosine is not None:
+        tol["min_cosine"] = min_cosine
+    if max_abs_diff is not None:
+        tol["max_abs_diff"] = max_abs_diff
+    docs = embed_remote(url, model, probes, "document", api_key, timeout)
+    queries = embed_remote(url, model, probes, "query", api_key, timeout)
+    parity = parity_figures(ref, docs, queries, tol)
+    if not parity["ok"]:
+        raise ExportError(f"the server at {url} (model {model!r}) does not give the vectors of {export_dir}: "
+                          f"{parity_summary(parity)}; is {model!r} the adapter this export was made from?")
+    return parity
+
+
+def read_probes(export_dir: str | Path) -> tuple[list[str], np.ndarray, dict[str, float]]:
+    """An export's probe texts, their (2, N, D) reference vectors and its saved tolerances."""
+    d = Path(export_dir)
+    for f in (PROBES_FILE, PROBE_EMB_FILE):
+        if not (d / f).is_file():
+            raise ExportError(f"{d}: missing {f}, so there is nothing to verify against; pass the folder "
+                              "`embedft export --out` wrote")
+    try:
+        probes = json.loads((d / PROBES_FILE).read_text(encoding="utf-8"))
+        ref = np.load(d / PROBE_EMB_FILE)
+        saved = json.loads((d / EXPORT_META).read_text()) if (d / EXPORT_META).is_file() else {}
+    except (ValueError, OSError, EOFError) as e:
+        raise ExportError(f"{d}: its probe files cannot be read ({type(e).__name__}: {e}); the export is damaged: "
+                          "copy it again or re-export") from e
+    if ref.ndim != 3 or ref.shape[0] != 2 or ref.shape[1] != len(probes):
+        raise ExportError(f"{d / PROBE_EMB_FILE}: shape {ref.shape} does not match {len(probes)} probes; re-export")
+    tol = dict(saved.get("tolerances") or {"min_cosine": ExportConfig.min_cosine,
+                                           "max_abs_diff": ExportConfig.max_abs_diff})
+    return probes, ref, tol
+
+
+def embed_remote(url: str, model: str, texts: list[str], input_type: str = "document", api_key: str | None = None,
+                 timeout: float = 120.0) -> np.ndarray:
+    """(N, D) float32 vectors of `texts` from an `embedft serve` (or any OpenAI-compatible) server."""
+    endpoint = url.rstrip("/") + ("/embeddings" if url.rstrip("/").endswith("/v1") else "/v1/embeddings")
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    out = []
+    for i in range(0, len(texts), CHUNK):
+        body = json.dumps({"model": model, "input": texts[i:i + CHUNK], "encoding_format": "base64",
+                           "input_type": input_type}).encode()
+        request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                data = json.loads(resp.read())["data"]
+        except urllib.error.HTTPError as e:
+            raise ExportError(f"the server at {url} refused the probes ({e.code}): {_message(e)}") from e
+        except (urllib.error.URLError, OSError) as e:
+            raise ExportError(f"cannot reach a server at {url} ({e}); start it with `embedft serve` or fix --server")
+        rows = sorted(data, key=lambda r: r["index"])
+        out += [np.frombuffer(base64.b64decode(r["embedding"]), dtype="<f4") for r in rows]
+    return np.stack(out).astype(np.float32)
+
+
+def _message(e: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(e.read())["error"]["message"]
+    except Exception:  # not an OpenAI-shaped error body: show it raw
+        return str(e.reason)
