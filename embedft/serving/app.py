@@ -29,6 +29,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
 from embedft.serving.adapters import is_mlflow_source, resolve_source
 from embedft.serving.config import ServeConfig
 from embedft.serving.engine import Engine
@@ -52,11 +57,6 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None,
 
     `resolve(source, workdir)`: a SOURCE of POST /v1/adapters -> a local adapter folder.
     """
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-
     cfg = cfg or engine.cfg
     metrics = engine.metrics
     metrics.counter("http_requests_total", "HTTP requests answered, by route and status code.")
@@ -280,7 +280,7 @@ def serve(model: str, adapters: Sequence[tuple[str, str]], cfg: ServeConfig, bas
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info", access_log=False,
                                            timeout_graceful_shutdown=cfg.shutdown_timeout_s, lifespan="on"))
     names = ", ".join(c["id"] for c in engine.models())
-    log.info("serving %s on http://%s:%d (POST /v1/embeddings)", names, cfg.host, cfg.port)
+    log.info("serving %s; POST /v1/embeddings at the address uvicorn names below", names)
     # uvicorn re-raises the signal it stopped on once it has shut down; with Python's default
     # handlers a SIGTERM'd server would die by that signal instead of exiting 0 after its drain.
     previous = {s: signal.signal(s, _stopped) for s in (signal.SIGTERM, signal.SIGINT)}
