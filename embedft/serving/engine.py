@@ -326,10 +326,12 @@ class Engine:
                     ids[i] = x
         return ids
 
-    def _release(self, m: ServedModel, n: int) -> None:
+    def _release(self, m: ServedModel, n: int, queued: bool = True) -> None:
+        """n rows of m will not be embedded after all (`queued`: still counted in the queue)."""
         with self._cond:
             m.pending -= n
-            self._queued_rows -= n
+            if queued:
+                self._queued_rows -= n
             retire = m.retired and m.pending == 0
         if retire:
             self._detach(m.slot)
@@ -340,7 +342,15 @@ class Engine:
             rows = self._next_batch()
             if rows is None:
                 return
-            self._embed_batch(rows)
+            if not rows:
+                continue
+            try:
+                self._embed_batch(rows)
+            except Exception as e:  # a bug past the forward pass: fail these requests, keep the worker
+                log.exception("batch of %d rows failed", len(rows))
+                for req, _ in rows:
+                    if not req.future.done():
+                        req.future.set_exception(EngineFailure(f"internal error: {type(e).__name__}: {e}"))
 
     def _next_batch(self) -> list[tuple[_Request, int]] | None:
         """Wait for rows, then up to max_wait_ms for the token budget to fill; take a batch (FIFO)."""
@@ -357,9 +367,17 @@ class Engine:
                     break
                 self._cond.wait(left)
             rows: list[tuple[_Request, int]] = []
+            dropped: list[_Request] = []
             longest = 0
             while self._queue:
                 req = self._queue[0]
+                # From here on the caller cannot cancel; one that already did (its client went away) is dropped.
+                if req.next == 0 and not req.future.set_running_or_notify_cancel():
+                    self._queue.popleft()
+                    dropped.append(req)
+                    self._queued_rows -= len(req.ids)
+                    self._queued_tokens -= req.n_tokens
+                    continue
                 while req.next < len(req.ids):
                     n = len(req.ids[req.next])
                     if rows and (len(rows) + 1) * max(longest, n) > budget:
@@ -372,7 +390,10 @@ class Engine:
                 self._queue.popleft()
             self._queued_rows -= len(rows)
             self._queued_tokens -= sum(len(r.ids[i]) for r, i in rows)
-            return rows
+        for req in dropped:
+            self.metrics.inc("rejected_total", reason="cancelled")
+            self._release(req.model, len(req.ids), queued=False)
+        return rows
 
     def _embed_batch(self, rows: list[tuple[_Request, int]]) -> None:
         t0 = time.perf_counter()
@@ -447,8 +468,7 @@ class Engine:
         m.histogram("forward_seconds", "Time of one forward pass, pooling included.", LATENCY_BUCKETS)
         m.gauge("queue_rows", "Rows accepted and waiting for a forward pass.", lambda: self._queued_rows)
         m.gauge("queue_requests", "Requests with rows still waiting.", lambda: len(self._queue))
-        m.gauge("adapters_loaded", "Adapters served (the base model not counted).",
-                lambda: sum(1 for x in self._models.values() if x.slot != BASE_SLOT))
+        m.gauge("adapters_loaded", "Adapters served (the base model not counted).", lambda: len(self._models) - 1)
 
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:/@")

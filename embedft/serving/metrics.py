@@ -67,6 +67,7 @@ class Metrics:
     def render(self) -> str:
         """The text format Prometheus scrapes."""
         lines: list[str] = []
+        gauges = {name: read() for name, read in self._gauges.items()}  # read outside the lock: they take their own
         with self._lock:
             for name, (kind, help, buckets) in self._meta.items():
                 full = self.prefix + name
@@ -75,7 +76,7 @@ class Metrics:
                     for key, v in sorted(self._values[name].items()):
                         lines.append(f"{full}{_labels(key)} {_num(v)}")
                 elif kind == "gauge":
-                    lines.append(f"{full} {_num(self._gauges[name]())}")
+                    lines.append(f"{full} {_num(gauges[name])}")
                 else:
                     for key, h in sorted(self._hist[name].items()):
                         for le, n in zip(buckets, h):

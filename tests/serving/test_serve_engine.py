@@ -220,3 +220,17 @@ def test_the_last_adapter_unloaded_leaves_the_base_served(family_models, tmp_pat
         engine.add_adapter("a2", make_adapter(fm["base"], tmp_path / "again", seed=2, r=8,
                                               targets=("q_proj", "v_proj")))
         assert_close(engine.embed("a2", TEXTS, timeout=60).vectors, fm["refs"]["a2"]["document"])
+
+
+def test_a_request_whose_caller_gave_up_is_dropped_and_frees_its_unloaded_adapter(family_models):
+    fm = family_models["bert"]
+    engine = engine_for(fm, adapters=("a1", "a2"))
+    gone = engine.submit("a1", TEXTS)  # its client disconnects before the batch is taken
+    kept = engine.submit("a2", TEXTS)
+    engine.remove_adapter("a1")
+    assert gone.cancel() and len(engine.slots) == 2
+    with engine:
+        assert_close(kept.result(60).vectors, fm["refs"]["a2"]["document"])
+    assert gone.cancelled() and engine.metrics.value("rejected_total", reason="cancelled") == 1
+    assert engine.metrics.value("batch_rows", sum=True) == len(TEXTS)  # its rows were never embedded
+    assert engine.slots == [engine._models["a2"].slot] and engine.queue_rows == 0
