@@ -224,6 +224,7 @@ def run(args) -> dict:
         "merged-4x4": (merged, [(x.url, "base") for x in merged]),
     }
     rounds: dict[str, list[dict]] = {name: [] for name in scenarios}
+    load_before = os.getloadavg()  # the machine may be shared: say how busy it was
     try:
         for i in range(args.rounds):
             for name, (servers, targets) in scenarios.items():
@@ -251,6 +252,8 @@ def run(args) -> dict:
         "multi4_vs_merged4x4_peak_rss": round(results["multi-4"]["peak_rss_mb"]
                                               / results["merged-4x4"]["peak_rss_mb"], 3),
         "server_exit_codes": codes,
+        "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+        "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
     }
     return {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "args": vars(args),
             "results": results, "summary": summary}
