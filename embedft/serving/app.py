@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException
 from embedft.serving.adapters import is_mlflow_source, resolve_source
 from embedft.serving.config import ServeConfig
 from embedft.serving.engine import Engine
-from embedft.serving.errors import BadRequest, NotFound, RequestError, TooLarge, Unauthorized
+from embedft.serving.errors import BadRequest, NotFound, RequestError, TooLarge
 from embedft.serving.metrics import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)

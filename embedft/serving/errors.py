@@ -25,10 +25,6 @@ class BadRequest(RequestError):
     status = 400
 
 
-class Unauthorized(RequestError):
-    status = 401
-
-
 class NotFound(RequestError):
     status = 404
     type = "not_found_error"

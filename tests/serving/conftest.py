@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from serve_helpers import make_adapter, reference
+from serving.serve_helpers import make_adapter, reference
 
 
 @pytest.fixture(scope="session")

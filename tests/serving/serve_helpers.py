@@ -3,6 +3,8 @@ each one gives alone (`load_adapter` + `Encoder.encode`), the reference a server
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +48,44 @@ def assert_close(got: np.ndarray, want: np.ndarray, atol: float = 1e-5) -> None:
     assert got.shape == want.shape
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+
+
+def engine_for(fm: dict, adapters=("a1", "a2", "a3"), **cfg):
+    """An engine (not started) serving the family's base as 'base' and the named adapters."""
+    from embedft.config import ModelConfig
+    from embedft.models import load_encoder
+    from embedft.serving.config import ServeConfig
+    from embedft.serving.engine import Engine
+
+    engine = Engine(load_encoder(ModelConfig(name=str(fm["base"]))), "base", ServeConfig(**cfg))
+    for name in adapters:
+        engine.add_adapter(name, fm["adapters"][name])
+    return engine
+
+
+class LiveServer:
+    """create_app(engine) under uvicorn in a thread, bound to 127.0.0.1 on a free port."""
+
+    def __init__(self, engine):
+        import openai
+        import uvicorn
+
+        from embedft.serving.app import create_app
+
+        self.engine = engine
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(600):  # up to a minute on a loaded machine
+            if self.server.started:
+                break
+            time.sleep(0.1)
+        assert self.server.started, "uvicorn did not start"
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)

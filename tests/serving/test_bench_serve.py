@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from serve_helpers import TEXTS
-from test_serve_engine import engine_for
-from test_serve_http import LiveServer
+from serving.serve_helpers import TEXTS, LiveServer, engine_for
 
 
 def test_load_sends_every_request_round_robin_and_batch_stats_read_the_passes(benchmark_script, family_models):

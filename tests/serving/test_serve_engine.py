@@ -7,21 +7,10 @@ import time
 
 import numpy as np
 import pytest
-from serve_helpers import FAMILIES, TEXTS, assert_close, make_adapter
+from serving.serve_helpers import FAMILIES, TEXTS, assert_close, engine_for, make_adapter
 
-from embedft.config import ModelConfig
-from embedft.models import ModelError, load_encoder
-from embedft.serving.config import ServeConfig
-from embedft.serving.engine import Engine
+from embedft.models import ModelError
 from embedft.serving.errors import BadRequest, Conflict, NotFound, Overloaded, TooLarge
-
-
-def engine_for(fm: dict, adapters=("a1", "a2", "a3"), **cfg) -> Engine:
-    """An engine (not started) serving the family's base as 'base' and the named adapters."""
-    engine = Engine(load_encoder(ModelConfig(name=str(fm["base"]))), "base", ServeConfig(**cfg))
-    for name in adapters:
-        engine.add_adapter(name, fm["adapters"][name])
-    return engine
 
 
 @pytest.mark.parametrize("fam", FAMILIES)

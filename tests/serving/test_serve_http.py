@@ -5,44 +5,17 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx2 as httpx
 import numpy as np
 import openai
 import pytest
 from click.testing import CliRunner
-from serve_helpers import FAMILIES, TEXTS, assert_close
 from starlette.testclient import TestClient
 
 from embedft.cli import main
 from embedft.serving.app import create_app
-from test_serve_engine import engine_for
-
-
-class LiveServer:
-    """create_app(engine) under uvicorn in a thread, bound to 127.0.0.1 on a free port."""
-
-    def __init__(self, engine, **cfg):
-        import uvicorn
-
-        self.engine = engine
-        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        for _ in range(600):  # up to a minute on a loaded machine
-            if self.server.started:
-                break
-            time.sleep(0.1)
-        assert self.server.started, "uvicorn did not start"
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
+from serving.serve_helpers import FAMILIES, TEXTS, LiveServer, assert_close, engine_for
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

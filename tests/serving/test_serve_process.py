@@ -16,9 +16,8 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
-from serve_helpers import TEXTS, assert_close
+from serving.serve_helpers import TEXTS, assert_close
 
 from embedft.cli import main
 
