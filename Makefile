@@ -13,7 +13,7 @@ RUN ?= runs/pricerunner-matching
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup lock train test test-fast config-docs bench-pricerunner bench-deploy bench-encode bench-train bench-chunking gpu-check gpu-bundle gpu-smoke-image ui ui-check ui-screenshots clean
+.PHONY: help setup lock train test test-fast config-docs bench-pricerunner bench-deploy bench-encode bench-train bench-chunking bench-serve gpu-check gpu-bundle gpu-smoke-image ui ui-check ui-screenshots clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ bench-train: setup ## Training throughput and quality, embedft vs the sentence-t
 
 bench-chunking: setup ## Forward+backward time per step: random padding vs length-sorted chunks (embedft's)
 	$(PY) benchmarks/bench_chunking.py
+
+bench-serve: setup ## HTTP serving: one base + 4 adapters vs merged exports (throughput, p50/p99, RSS), loopback only
+	$(PY) benchmarks/bench_serve.py
 
 gpu-check: setup ## On a CUDA machine: tests on GPU, Qwen3-0.6B-shaped training at batch 64/256/1024 (batch 256 profiled), figures to docs/benchmarks.md
 	$(PY) -m pytest -q

@@ -225,12 +225,29 @@ def export_cmd(adapter, run_id, out, model, dtype, overwrite, onnx, register_nam
 @click.argument("model_dir", type=click.Path())
 @click.option("--min-cosine", type=click.FloatRange(0, 1, min_open=True), help="Override the export's saved tolerance.")
 @click.option("--max-abs-diff", type=click.FloatRange(min=0), help="Override the export's saved tolerance.")
-def verify(model_dir: str, min_cosine: float | None, max_abs_diff: float | None) -> None:
-    """Re-embed an export's probe texts with plain sentence-transformers; exit 1 if they drifted."""
+@click.option("--server", metavar="URL", help="Instead, check a running `embedft serve` (e.g. http://127.0.0.1:8080): "
+              "the probes embedded by --served-model must match the export's reference vectors.")
+@click.option("--served-model", metavar="NAME", help="With --server: the served model (adapter) the export was made from.")
+@click.option("--api-key", envvar="EMBEDFT_API_KEY", help="With --server: its bearer token (or set EMBEDFT_API_KEY).")
+def verify(model_dir: str, min_cosine: float | None, max_abs_diff: float | None, server: str | None,
+           served_model: str | None, api_key: str | None) -> None:
+    """Re-embed an export's probe texts with plain sentence-transformers (or a running server, --server);
+    exit 1 if they drifted."""
     from embedft.errors import ExportError
     from embedft.export.verify import verify_export
 
+    if bool(server) != bool(served_model):
+        raise click.UsageError("--server URL and --served-model NAME go together")
     try:
+        if server:
+            from embedft.serving.verify import verify_server
+
+            p = verify_server(model_dir, server, served_model, api_key=api_key, min_cosine=min_cosine,
+                              max_abs_diff=max_abs_diff)
+            click.echo(f"OK: {server} model {served_model}: min cosine {p['min_cosine']:.7f} "
+                       f"(>= {p['tolerances']['min_cosine']}), max abs diff {p['max_abs_diff']:.3g} "
+                       f"(<= {p['tolerances']['max_abs_diff']:.3g}) over {p['n_probes']} probes as documents and queries")
+            return
         p = verify_export(model_dir, min_cosine=min_cosine, max_abs_diff=max_abs_diff)
     except ExportError as e:
         click.echo(f"FAIL: {e}", err=True)
@@ -244,6 +261,44 @@ def verify(model_dir: str, min_cosine: float | None, max_abs_diff: float | None)
         click.echo(f"OK: onnx/model.onnx (onnxruntime): min cosine {o['min_cosine']:.7f} "
                    f"(>= {o['tolerances']['min_cosine']}), max abs diff {o['max_abs_diff']:.3g} "
                    f"(<= {o['tolerances']['max_abs_diff']:.3g})")
+
+
+@main.command("serve")
+@click.option("--model", required=True, help="Base model (hub id, folder or alias, e.g. minilm); served under its own "
+              "name (--base-name).")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=SOURCE",
+              help="Serve an adapter as NAME (repeatable). SOURCE: an adapter or run folder, runs:/RUN_ID or "
+                   "models:/NAME/VERSION (MLflow store: $MLFLOW_TRACKING_URI, else ./mlflow.db).")
+@click.option("--base-name", help="The name the base model is served under. Default: the --model value.")
+@click.option("--host", help="Address to bind. Default: 127.0.0.1 (this machine only).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Default: 8080; 0 takes a free port (the log names it).")
+@click.option("--api-key", envvar="EMBEDFT_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on every endpoint but /health (or set EMBEDFT_API_KEY).")
+@click.option("--device", help="auto, cpu, cuda or cuda:N. Default: cpu.")
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), help="Padded tokens per forward pass. Default: 8192.")
+@click.option("--max-wait-ms", type=click.FloatRange(0, 10000),
+              help="How long the oldest queued text waits for others to share its forward pass. Default: 5.")
+@click.option("--max-queue", "max_queue_rows", type=click.IntRange(min=1),
+              help="Texts waiting at most; beyond, 503 with Retry-After. Default: 2048.")
+@click.option("--max-inputs", type=click.IntRange(min=1), help="Texts per request at most. Default: 256.")
+@click.option("--no-truncate", is_flag=True, help="Answer 413 to a text past the model's max_length instead of cutting it.")
+def serve_cmd(model, adapters, base_name, host, port, api_key, device, max_batch_tokens, max_wait_ms, max_queue_rows,
+              max_inputs, no_truncate) -> None:
+    """Serve a base model and its LoRA adapters over an OpenAI-compatible HTTP embeddings API (docs/serving.md).
+
+    Requests for different adapters share one forward pass; adapters can be added and removed
+    while serving (POST /v1/adapters, DELETE /v1/adapters/NAME). SIGTERM finishes the requests in
+    flight, then exits 0.
+    """
+    from embedft.serving.adapters import parse_adapter_option
+    from embedft.serving.app import serve
+    from embedft.serving.config import ServeConfig
+
+    given = {"host": host, "port": port, "api_key": api_key, "device": device, "max_batch_tokens": max_batch_tokens,
+             "max_wait_ms": max_wait_ms, "max_queue_rows": max_queue_rows, "max_inputs": max_inputs,
+             "truncate": False if no_truncate else None}
+    cfg = ServeConfig(**{k: v for k, v in given.items() if v is not None})
+    serve(model, [parse_adapter_option(a) for a in adapters], cfg, base_name=base_name)
 
 
 NO_HEADER_HELP = "A CSV/TSV without a header row: name columns by 0-based position (--text-column 1)."

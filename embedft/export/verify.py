@@ -16,9 +16,9 @@ from embedft.errors import ExportError
 from embedft.export.parity import EXPORT_META, PROBE_EMB_FILE, PROBES_FILE, _looser, parity_figures, parity_summary
 
 
-def verify_export(model_dir: str | Path, min_cosine: float | None = None, max_abs_diff: float | None = None,
-                  device: str = "cpu") -> dict:
-    """Reload an export with plain sentence-transformers and compare the probes with the saved reference vectors."""
+def read_probes(model_dir: str | Path) -> tuple[list[str], np.ndarray, dict[str, float]]:
+    """An export's probe texts, their (2, N, D) reference vectors ([0] documents, [1] queries) and its
+    saved tolerances; a folder that is not a whole export is an ExportError naming the fix."""
     d = Path(model_dir)
     if not d.is_dir():
         what = "is a file, not an export folder" if d.exists() else "does not exist"
@@ -34,6 +34,14 @@ def verify_export(model_dir: str | Path, min_cosine: float | None = None, max_ab
                           f"(expected (2, {len(probes)}, dim)); re-export")
     saved = _saved(d / EXPORT_META, lambda f: json.loads(f.read_text())) if (d / EXPORT_META).is_file() else {}
     tol = dict(saved.get("tolerances") or {"min_cosine": ExportConfig.min_cosine, "max_abs_diff": ExportConfig.max_abs_diff})
+    return probes, ref, tol
+
+
+def verify_export(model_dir: str | Path, min_cosine: float | None = None, max_abs_diff: float | None = None,
+                  device: str = "cpu") -> dict:
+    """Reload an export with plain sentence-transformers and compare the probes with the saved reference vectors."""
+    d = Path(model_dir)
+    probes, ref, tol = read_probes(d)
     if min_cosine is not None:
         tol["min_cosine"] = min_cosine
     if max_abs_diff is not None:

@@ -44,14 +44,14 @@ def apply_lora(encoder: Encoder, lora: LoraConfig) -> Encoder:
                          f"its linear layers are: {', '.join(sorted(present))}. Set lora.target_modules")
     pcfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=list(targets), bias="none")
-    with _peft_quiet():
+    with peft_quiet():
         peft_model = get_peft_model(encoder.backbone, pcfg)
     encoder.backbone = peft_model
     return encoder
 
 
 @contextlib.contextmanager
-def _peft_quiet():
+def peft_quiet():
     # peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning on every
     # train, eval and export that the user can do nothing about.
     with warnings.catch_warnings():
@@ -133,7 +133,7 @@ def load_adapter(encoder: Encoder, adapter_dir: str | Path) -> Encoder:
 
     check_adapter_base(encoder, adapter_dir)
     try:
-        with _peft_quiet():
+        with peft_quiet():
             encoder.backbone = PeftModel.from_pretrained(encoder.backbone, str(adapter_dir), is_trainable=False)
     except Exception as e:  # corrupted safetensors, shape mismatch
         raise ModelError(f"could not load adapter {adapter_dir}: {e}") from e

@@ -273,3 +273,40 @@ def _save_flavor(model_dir: Path, dst: Path) -> None:
     for f in _EXPORT_EXTRAS:
         if (model_dir / f).is_file():
             shutil.copy2(model_dir / f, data / f)
+
+
+def registered_version_run(uri: str, source: str) -> str:
+    """The id of the training run a registered model version (models:/NAME/VERSION, @ALIAS or /latest) links to."""
+    ref = source[len("models:/"):].strip("/")
+    if "@" in ref:
+        name, _, alias = ref.partition("@")
+        version = None
+    else:
+        name, _, version = ref.rpartition("/")
+        alias = None
+    if not name or not (alias or version):
+        raise TrackingError(f"adapter source {source!r}: write models:/NAME/VERSION, models:/NAME/latest or "
+                         "models:/NAME@ALIAS")
+    check_reachable(uri)
+    require_store(uri)
+    client = mlflow_client(uri)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if alias:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif version == "latest":
+            found = client.search_model_versions(f"name = '{name}'")
+            if not found:
+                raise TrackingError(f"{source}: no registered model {name!r} at {uri} (`embedft export --register "
+                                 f"{name}` registers one)")
+            mv = max(found, key=lambda v: int(v.version))
+        else:
+            mv = client.get_model_version(name, version)
+    except MlflowException as e:
+        raise TrackingError(f"{source}: not found in the model registry at {uri} ({e.message}); check the name and "
+                         "version, and MLFLOW_TRACKING_URI") from e
+    if not mv.run_id:
+        raise TrackingError(f"{source} links to no MLflow run, so its adapter cannot be found; serve the adapter "
+                         "folder instead")
+    return mv.run_id
