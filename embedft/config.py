@@ -254,7 +254,7 @@ class EvalConfig:
     """Evaluation with FAISS: retrieval and kNN classification, base vs adapted."""
 
     tasks: tuple[str, ...] = ("retrieval", "classification")  # those the data supports are run
-    ks: tuple[int, ...] = (1, 5, 10, 100)  # recall@k for each k (MRR and nDCG are @10)
+    ks: tuple[int, ...] = (1, 5, 10, 100)  # recall@k and r_cap@k for each k (MRR and nDCG are @10)
     knn_k: int = 10  # neighbours that vote in kNN classification (index = the train split)
     knn_weighted: bool = True  # weight each vote by its similarity
     indexes: tuple[str, ...] = ()  # FAISS factory strings next to exact search, e.g. HNSW32, IVF256,Flat
