@@ -263,8 +263,11 @@ class EvalConfig:
     # Encoding precision: auto = bf16 autocast on CUDA, fp32 on CPU; fp32 everywhere; or bf16 =
     # a bf16 copy of the weights (about 2x faster on a CPU with native bf16, docs/benchmarks.md).
     precision: str = "auto"
-    compare_base: bool = True  # also evaluate the untuned base model, side by side
-    output_dir: str | None = None  # default: the run's output_dir / eval
+    compare_base: bool = True  # also evaluate the untuned base model, side by side (false: as `eval --no-base`)
+    # `embedft eval`'s report folder when --out is not given ({name} = the experiment's name); null: in the
+    # run folder, eval/ for its own adapter, else beside it (eval-base, eval-run-<id>, eval-<folder>).
+    # `embedft train` always writes its report to the run folder's eval/ (what export's model card reads).
+    output_dir: str | None = None
 
     def __post_init__(self) -> None:
         for t in self.tasks:
@@ -326,6 +329,15 @@ class ExperimentConfig:
             raise ConfigError(f"train.output_dir: {self.train.output_dir!r} cannot be filled in ({type(e).__name__}: "
                               f"{e}); the only placeholder is {{name}}, e.g. runs/{{name}}",
                               ("train.output_dir",)) from None
+        if self.eval.output_dir is not None:
+            try:
+                self.eval.output_dir.format(name=self.name)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ConfigError(f"eval.output_dir: {self.eval.output_dir!r} cannot be filled in "
+                                  f"({type(e).__name__}: {e}); the only placeholder is {{name}}, e.g. reports/{{name}}",
+                                  ("eval.output_dir",)) from None
+            _check(bool(self.eval.output_dir.strip()), "eval.output_dir",
+                   "must be a folder path or null (the run folder's eval/), got an empty string")
         sampling = self.train.batch_sampling
         if sampling in GROUP_SAMPLINGS and self.loss.hard_negatives > 0:
             raise ConfigError(f"loss.hard_negatives={self.loss.hard_negatives} is not used with train.batch_sampling="
@@ -342,6 +354,11 @@ class ExperimentConfig:
     def output_dir(self) -> Path:
         """The run folder, with {name} filled in."""
         return Path(self.train.output_dir.format(name=self.name))
+
+    @property
+    def eval_output_dir(self) -> Path | None:
+        """`embedft eval`'s report folder (eval.output_dir with {name} filled in), or None: chosen per model."""
+        return None if self.eval.output_dir is None else Path(self.eval.output_dir.format(name=self.name))
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
