@@ -86,10 +86,12 @@ def _read_checkpoint(path: Path, read: Callable[[], Any]) -> Any:
 
 
 def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: int, result: TrainResult,
-                    identity: dict[str, Any] | None = None, batches_done: int = 0) -> None:
+                    identity: dict[str, Any] | None = None, batches_done: int = 0,
+                    arrays: dict[str, np.ndarray] | None = None) -> None:
     """Everything to continue exactly: adapter, optimizer, scheduler, RNG, counters. Atomic.
 
-    epoch: epochs done; batches_done: batches done of the next one (0 at an epoch's end).
+    epoch: epochs done; batches_done: batches done of the next one (0 at an epoch's end);
+    arrays: run state that is not weights (mined negatives: `mining.Miner.state`), in arrays.npz.
     """
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -98,6 +100,8 @@ def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: 
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                 "epoch": epoch, "step": step, "batches_done": batches_done}, tmp / "state.pt")
+    if arrays:
+        np.savez(tmp / "arrays.npz", **arrays)
     (tmp / "progress.json").write_text(json.dumps({"epoch": epoch, "step": step, "batches_done": batches_done,
                                                    "history": result.history,
                                                    "val_history": result.val_history, "identity": identity}))
@@ -128,3 +132,16 @@ def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResul
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     result.history, result.val_history = progress["history"], progress["val_history"]
     return state["epoch"], state["step"], state.get("batches_done", 0)  # 0: written before mid-epoch checkpoints
+
+
+def load_checkpoint_arrays(path: Path) -> dict[str, np.ndarray] | None:
+    """The `arrays` a checkpoint was saved with, or None (none, or written before embedft saved them)."""
+    f = Path(path) / "arrays.npz"
+    if not f.is_file():
+        return None
+
+    def read() -> dict[str, np.ndarray]:
+        with np.load(f) as z:
+            return {k: z[k] for k in z.files}
+
+    return _read_checkpoint(path, read)
