@@ -35,7 +35,7 @@ truncated at max_length, counted once with the model's tokenizer), step-only tim
 on_step_begin -> on_step_end, which excludes its per-batch tokenisation; embedft: its own sum of
 step times, which includes padding and tokenising the batch's new texts), peak RSS (process, and sampled during training only), on
 CUDA the peak allocated memory, the final training loss (mean of the last 10 steps), and
-validation recall@10 by exact search on up to --limit-queries held-out queries against all
+validation recall@10 and R_cap@10 by exact search on up to --limit-queries held-out queries against all
 held-out offers minus the query itself, both embedded with the model's pooling and L2-normalised.
 
 Known differences that stay: embedft never uses a text of the anchor's own product as an
@@ -239,14 +239,14 @@ def _device(name: str):
     return torch.device(name)
 
 
-def recall_at_10(corpus_vecs, query_vecs, task) -> float:
-    """Exact-search recall@10 of the held-out task (each query's own row excluded)."""
+def recall_at_10(corpus_vecs, query_vecs, task) -> tuple[float, float]:
+    """Exact-search (recall@10, R_cap@10) of the held-out task (each query's own row excluded)."""
     from embedft.evaluation.index import exact_search
-    from embedft.evaluation.metrics import recall_at_k
+    from embedft.evaluation.metrics import r_cap_at_k, recall_at_k
 
     k = min(K, len(task.corpus) - (1 if task.self_ids is not None else 0))
     _, ranked = exact_search(corpus_vecs, query_vecs, k, self_ids=task.self_ids)
-    return recall_at_k(ranked, task.positives, k)
+    return recall_at_k(ranked, task.positives, k), r_cap_at_k(ranked, task.positives, k)
 
 
 @dataclass
@@ -264,6 +264,7 @@ class Measurement:
     peak_rss_mb: float = 0.0  # process high-water mark at the end of training (before evaluation)
     cuda_peak_mb: float | None = None
     recall: float = float("nan")
+    r_cap: float = float("nan")
 
 
 @contextlib.contextmanager
@@ -295,7 +296,7 @@ def report(side: str, s: BenchSettings, data: BenchData, device, m: Measurement)
         "later_step_samples_per_s": (n - s.batch_size) / (m.step_s - m.first_step_s) if m.step_s > m.first_step_s else 0.0,
         "peak_rss_mb": m.peak_rss_mb, "train_peak_rss_mb": m.train_peak_rss_mb,
         "train_rss_increase_mb": m.train_peak_rss_mb - m.rss_before_mb, "cuda_peak_mb": m.cuda_peak_mb,
-        "first_loss": m.losses[0], "final_loss": sum(last) / len(last), "recall@10": m.recall,
+        "first_loss": m.losses[0], "final_loss": sum(last) / len(last), "recall@10": m.recall, "r_cap@10": m.r_cap,
         "queries": len(data.task), "corpus": len(data.task.corpus),
         "same_product_pairs_per_batch": data.same_product_pairs_per_batch,
     }
@@ -430,7 +431,7 @@ def run_st(s: BenchSettings, data: BenchData) -> dict[str, Any]:
     kw = dict(batch_size=128, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     corpus = model.encode(data.task.corpus, **kw)
     queries = corpus[data.task.self_ids] if data.task.self_ids is not None else model.encode(data.task.queries, **kw)
-    m.recall = recall_at_10(corpus, queries, data.task)
+    m.recall, m.r_cap = recall_at_10(corpus, queries, data.task)
     return report("st", s, data, device, m)
 
 
@@ -474,7 +475,7 @@ def run_embedft(s: BenchSettings, data: BenchData) -> dict[str, Any]:
         queries = corpus[data.task.self_ids]
     else:
         queries = encoder.encode(data.task.queries, is_query=True, batch_size=128)
-    m.recall = recall_at_10(corpus, queries, data.task)
+    m.recall, m.r_cap = recall_at_10(corpus, queries, data.task)
     return report("embedft", s, data, device, m)
 
 
@@ -527,6 +528,7 @@ ROWS = (  # key, label, format, ratio embedft/ST shown
     ("first_loss", "loss, first step", "{:.4f}", False),
     ("final_loss", f"loss, mean of last {LOSS_WINDOW} steps", "{:.4f}", False),
     ("recall@10", "held-out recall@10 (exact)", "{:.4f}", False),
+    ("r_cap@10", "held-out R_cap@10 (exact; recall@10 before issue 29)", "{:.4f}", False),
 )
 
 

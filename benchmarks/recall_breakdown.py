@@ -1,14 +1,15 @@
 """Where retrieval recall@10 is lost: by the number of positives a query has, plus sample failures.
 
     python benchmarks/recall_breakdown.py experiments/pricerunner-matching.yaml [--adapter DIR] [--samples 10]
-                                          [--compare DIR]
+                                          [--compare DIR] [--metric recall|r_cap]
 
 Embeds the experiment's eval split (document form, as `embedft eval` does for grouped data),
 searches exactly, and prints recall@10 per bucket of positives with each bucket's share of
 the queries and of the lost recall, then a few queries with recall < 0.5 and their top hits
 (+ = a positive). Without --adapter it reports the base model. `--compare DIR` (an adapter
 folder, or `base`) adds that model's recall@10 per bucket and how many of the bucket's queries
-changed recall between the two.
+changed recall between the two. `--metric r_cap` breaks down R_cap@10 (hits / min(|positives|, 10),
+what embedft called recall@10 before issue 29) instead of standard recall@10 (hits / |positives|).
 """
 
 from __future__ import annotations
@@ -26,27 +27,31 @@ def main() -> None:
     ap.add_argument("--adapter", help="adapter folder (default: the base model)")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--compare", help="a second adapter folder, or 'base', to compare per bucket")
+    ap.add_argument("--metric", choices=("recall", "r_cap"), default="recall",
+                    help="standard recall@10 (default) or R_cap@10 (the figures in docs/benchmarks.md before issue 29)")
     args = ap.parse_args()
 
     from embedft.config import load_config
     from embedft.data.examples import load_splits, retrieval_task
     from embedft.evaluation.index import exact_search
-    from embedft.evaluation.metrics import recall_at_k
+    from embedft.evaluation.metrics import r_cap_at_k, recall_at_k
     from embedft.modeling.encoder import load_encoder
     from embedft.modeling.lora import load_adapter
 
     cfg = load_config(args.experiment)
     _, eval_ex, _ = load_splits(cfg.data)
     task = retrieval_task(eval_ex)
+    metric = recall_at_k if args.metric == "recall" else r_cap_at_k
+    name = f"{args.metric}@10"
 
     def per_query_recall(adapter: str | None) -> tuple[np.ndarray, np.ndarray]:
-        """(ranked top-10 ids, recall@10 of each query) of the base model with `adapter`."""
+        """(ranked top-10 ids, the metric @10 of each query) of the base model with `adapter`."""
         encoder = load_encoder(cfg.model)
         if adapter:
             load_adapter(encoder, adapter)
         corpus = encoder.encode_ids(encoder.tokenize(task.corpus, is_query=False))
         _, ranked = exact_search(corpus, corpus[task.self_ids], 10, self_ids=task.self_ids)
-        return ranked, np.array([recall_at_k(ranked[i:i + 1], [p], 10) for i, p in enumerate(task.positives)])
+        return ranked, np.array([metric(ranked[i:i + 1], [p], 10) for i, p in enumerate(task.positives)])
 
     ranked, per_query = per_query_recall(args.adapter)
     other = None
@@ -54,11 +59,11 @@ def main() -> None:
         _, other = per_query_recall(None if args.compare == "base" else args.compare)
     lost = (1 - per_query).sum()
     n_pos = np.array([len(p) for p in task.positives])
-    print(f"{args.adapter or cfg.model.name}: recall@10 {per_query.mean():.4f} over {len(per_query)} queries")
+    print(f"{args.adapter or cfg.model.name}: {name} {per_query.mean():.4f} over {len(per_query)} queries")
     if other is not None:
-        print(f"{args.compare}: recall@10 {other.mean():.4f}")
-    print("positives  queries  share  recall@10  share of lost recall"
-          + ("  compared recall@10  queries changed" if other is not None else ""))
+        print(f"{args.compare}: {name} {other.mean():.4f}")
+    print(f"positives  queries  share  {name:>9}  share of lost recall"
+          + (f"  compared {name:>9}  queries changed" if other is not None else ""))
     for lo, hi in BUCKETS:
         m = (n_pos >= lo) & (n_pos <= hi)
         if not m.any():

@@ -122,10 +122,10 @@ def _exit_on_sigterm(signum, frame) -> None:
 @click.option("--data", help="Data file; default: the config's data.train (split as configured).")
 @click.option("--index", "indexes", multiple=True, help="FAISS factory string next to exact search, e.g. HNSW32.")
 @click.option("--save-index", type=click.Path(), help="Write the adapted model's retrieval index here.")
-@click.option("--out", type=click.Path(), help="Report folder; default: <run folder>/eval for the run's own adapter, else beside it: "
+@click.option("--out", type=click.Path(), help="Report folder; default: eval.output_dir if set, else <run folder>/eval for the run's own adapter, else beside it: "
               "eval-base (--base-only), eval-run-<id> (--run), eval-<adapter's folder> (--adapter). An earlier report there "
               "is replaced; a folder holding anything else is refused.")
-@click.option("--no-base", is_flag=True, help="Skip the base model (no side-by-side).")
+@click.option("--no-base", is_flag=True, help="Skip the base model (no side-by-side); as eval.compare_base=false.")
 @click.option("--base-only", is_flag=True, help="Evaluate only the base model (no adapter).")
 @click.option("--linear-probe", is_flag=True, help="Also a logistic-regression probe (MTEB-style classification).")
 def eval_cmd(config, overrides, model, adapter, run_id, data, indexes, save_index, out, no_base, base_only,

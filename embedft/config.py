@@ -171,7 +171,17 @@ class LossConfig:
     name: str = "infonce"  # a loss of embedft.training.losses.LOSSES
     temperature: float = 0.05  # a temperature: logits = cos / temperature (scale = 20)
     symmetric: bool = False  # add the positive->anchor direction
-    hard_negatives: int = 0  # per anchor, from the data's negative columns (pairs) or mined (grouped/labeled)
+    hard_negatives: int = 0  # per anchor, from the data's negative columns (pairs), else mined (every batch kind)
+    # Mining (hard_negatives > 0 without negative columns; similar_groups' neighbouring groups):
+    # null = once, with the starting encoder; N = again with the current encoder after every N steps;
+    # epoch = at each epoch's start. Refreshes happen at fixed steps and are checkpointed: --resume stays exact.
+    mine_every: int | str | None = None
+    # Positive-aware false-negative filter (NV-Retriever; sentence-transformers' mine_hard_negatives
+    # names): drop a candidate scoring above p - |p| * relative_margin, p = the anchor's best positive
+    # score. 0.05 keeps negatives below 95% of the positive's score; null = off.
+    mine_relative_margin: float | None = 0.05
+    mine_absolute_margin: float | None = None  # also drop candidates scoring above p - absolute_margin; null = off
+    mine_range_min: int = 0  # skip this many nearest eligible candidates (sentence-transformers' range_min)
     # Grouped data with a label column (offers of products, with categories): weight of a supervised
     # contrastive term that keeps items of one label together (what kNN classification needs) next
     # to the matching InfoNCE. 0 = off.
@@ -181,6 +191,15 @@ class LossConfig:
     def __post_init__(self) -> None:
         _check(0.0 < self.temperature <= 1.0, "loss.temperature", f"must be in (0, 1], got {self.temperature}")
         _check(self.hard_negatives >= 0, "loss.hard_negatives", f"must be >= 0, got {self.hard_negatives}")
+        _check(self.mine_every is None or self.mine_every == "epoch"
+               or (isinstance(self.mine_every, int) and self.mine_every >= 1), "loss.mine_every",
+               f"must be null (mine once), a number of steps >= 1, or epoch; got {self.mine_every!r}")
+        _check(self.mine_relative_margin is None or 0.0 <= self.mine_relative_margin < 1.0, "loss.mine_relative_margin",
+               f"must be in [0, 1) or null (no filter), got {self.mine_relative_margin}; 0.05 drops candidates "
+               "above 95% of the positive's score")
+        _check(self.mine_absolute_margin is None or 0.0 <= self.mine_absolute_margin < math.inf,
+               "loss.mine_absolute_margin", f"must be a finite number >= 0 or null, got {self.mine_absolute_margin}")
+        _check(self.mine_range_min >= 0, "loss.mine_range_min", f"must be >= 0, got {self.mine_range_min}")
         _check(self.label_weight >= 0.0 and math.isfinite(self.label_weight), "loss.label_weight",
                f"must be >= 0, got {self.label_weight}")
         _check(0.0 < self.label_temperature <= 1.0, "loss.label_temperature",
@@ -274,7 +293,7 @@ class EvalConfig:
     """Evaluation with FAISS: retrieval and kNN classification, base vs adapted."""
 
     tasks: tuple[str, ...] = ("retrieval", "classification")  # those the data supports are run
-    ks: tuple[int, ...] = (1, 5, 10, 100)  # recall@k for each k (MRR and nDCG are @10)
+    ks: tuple[int, ...] = (1, 5, 10, 100)  # recall@k and r_cap@k for each k (MRR and nDCG are @10)
     knn_k: int = 10  # neighbours that vote in kNN classification (index = the train split)
     knn_weighted: bool = True  # weight each vote by its similarity
     indexes: tuple[str, ...] = ()  # FAISS factory strings next to exact search, e.g. HNSW32, IVF256,Flat
@@ -283,8 +302,11 @@ class EvalConfig:
     # Encoding precision: auto = bf16 autocast on CUDA, fp32 on CPU; fp32 everywhere; or bf16 =
     # a bf16 copy of the weights (about 2x faster on a CPU with native bf16, docs/benchmarks.md).
     precision: str = "auto"
-    compare_base: bool = True  # also evaluate the untuned base model, side by side
-    output_dir: str | None = None  # default: the run's output_dir / eval
+    compare_base: bool = True  # also evaluate the untuned base model, side by side (false: as `eval --no-base`)
+    # `embedft eval`'s report folder when --out is not given ({name} = the experiment's name); null: in the
+    # run folder, eval/ for its own adapter, else beside it (eval-base, eval-run-<id>, eval-<folder>).
+    # `embedft train` always writes its report to the run folder's eval/ (what export's model card reads).
+    output_dir: str | None = None
 
     def __post_init__(self) -> None:
         for t in self.tasks:
@@ -351,12 +373,21 @@ class ExperimentConfig:
             raise ConfigError(f"train.output_dir: {self.train.output_dir!r} cannot be filled in ({type(e).__name__}: "
                               f"{e}); the only placeholder is {{name}}, e.g. runs/{{name}}",
                               ("train.output_dir",)) from None
+        if self.eval.output_dir is not None:
+            try:
+                self.eval.output_dir.format(name=self.name)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ConfigError(f"eval.output_dir: {self.eval.output_dir!r} cannot be filled in "
+                                  f"({type(e).__name__}: {e}); the only placeholder is {{name}}, e.g. reports/{{name}}",
+                                  ("eval.output_dir",)) from None
+            _check(bool(self.eval.output_dir.strip()), "eval.output_dir",
+                   "must be a folder path or null (the run folder's eval/), got an empty string")
         sampling = self.train.batch_sampling
-        if sampling in GROUP_SAMPLINGS and self.loss.hard_negatives > 0:
-            raise ConfigError(f"loss.hard_negatives={self.loss.hard_negatives} is not used with train.batch_sampling="
-                              f"{sampling} (group batches have no per-anchor negatives); set "
-                              "-o loss.hard_negatives=0, and use similar_groups for hard in-batch negatives",
-                              ("loss.hard_negatives", "train.batch_sampling"))
+        if self.loss.mine_every is not None and self.loss.hard_negatives == 0 and sampling != "similar_groups":
+            raise ConfigError(f"loss.mine_every={self.loss.mine_every!r} has nothing to mine: loss.hard_negatives is 0 "
+                              f"and train.batch_sampling={sampling} finds no neighbouring groups; set "
+                              "-o loss.hard_negatives=N (N >= 1), or remove loss.mine_every",
+                              ("loss.mine_every", "loss.hard_negatives"))
         if sampling in GROUP_SAMPLINGS and self.loss.symmetric:
             raise ConfigError(f"loss.symmetric=true is not used with train.batch_sampling={sampling} "
                               "(every text of a group batch is already an anchor against all the others, so there "
@@ -367,6 +398,11 @@ class ExperimentConfig:
     def output_dir(self) -> Path:
         """The run folder, with {name} filled in."""
         return Path(self.train.output_dir.format(name=self.name))
+
+    @property
+    def eval_output_dir(self) -> Path | None:
+        """`embedft eval`'s report folder (eval.output_dir with {name} filled in), or None: chosen per model."""
+        return None if self.eval.output_dir is None else Path(self.eval.output_dir.format(name=self.name))
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -153,6 +153,51 @@ def test_eval_of_another_adapter_reports_beside_the_run_report(experiment, tiny_
     assert _report_dir(run, Path("/tmp/dl/adapter"), "0123456789abcdef") == run / "eval-run-01234567"
 
 
+def test_eval_compare_base_false_skips_the_base_model_as_no_base(experiment, tiny_bert_dir, tiny_bert_adapter):
+    import json
+
+    out = experiment.parent / "rep"
+    result = invoke("eval", str(experiment), "--adapter", str(tiny_bert_adapter), "--out", str(out),
+                    "-o", f"model.name={tiny_bert_dir}", "-o", "eval.compare_base=false")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["base"] is None and report["adapted"]["retrieval/recall@10"] > 0
+    # --base-only still evaluates the base model: it is the only one asked for.
+    result = invoke("eval", str(experiment), "--base-only", "--out", str(out), "-o", f"model.name={tiny_bert_dir}",
+                    "-o", "eval.compare_base=false")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["adapted"] is None and report["base"]["retrieval/recall@10"] > 0
+
+
+def test_eval_output_dir_is_where_eval_writes_without_out(experiment, tiny_bert_dir, monkeypatch):
+    import json
+
+    import embedft.modeling.encoder as E
+
+    model = ("-o", f"model.name={tiny_bert_dir}")
+    where = experiment.parent / "reports" / "{name}"
+    result = invoke("eval", str(experiment), "--base-only", *model, "-o", f"eval.output_dir={where}")
+    assert result.exit_code == 0, result.output
+    report = experiment.parent / "reports" / "clitest" / "report.json"  # {name} is the experiment's name
+    assert json.loads(report.read_text())["base"]["retrieval/recall@10"] > 0
+    assert str(report.parent) in result.output
+    assert not (experiment.parent / "run" / "eval-base").exists()
+    # --out still wins over eval.output_dir.
+    out = experiment.parent / "explicit"
+    result = invoke("eval", str(experiment), "--base-only", *model, "-o", f"eval.output_dir={where}", "--out", str(out))
+    assert result.exit_code == 0 and (out / "report.json").is_file(), result.output
+    # A folder that holds more than a report is refused before any model loads, naming the option.
+    busy = experiment.parent / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    monkeypatch.setattr(E, "load_encoder", None)
+    assert_clean_error(invoke("eval", str(experiment), "--base-only", *model, "-o", f"eval.output_dir={busy}"),
+                       f"eval.output_dir {busy} holds files that are not an embedft report (notes.txt)")
+    assert_clean_error(invoke("eval", str(experiment), "--base-only", "-o", "eval.output_dir=reports/{nme}"),
+                       "eval.output_dir", "the only placeholder is {name}")
+
+
 def test_resume_mismatch_is_refused_before_any_work(experiment, tiny_bert_dir, monkeypatch):
     import embedft.evaluation.tasks as E
 

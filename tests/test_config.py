@@ -201,10 +201,10 @@ def test_a_bad_override_is_named_in_the_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^config \(-o train\.foo\.bar=1\): train\.foo: unknown key"):
         load_config(None, ["train.foo.bar=1"])
     # An error about two keys names the options that set either, the last of each (the one in force).
-    with pytest.raises(ConfigError, match=r"^config \(-o train\.batch_sampling=groups, -o loss\.hard_negatives=3\): "
-                                          r"loss\.hard_negatives=3 is not used with train\.batch_sampling=groups"):
+    with pytest.raises(ConfigError, match=r"^config \(-o train\.batch_sampling=groups, -o loss\.symmetric=true\): "
+                                          r"loss\.symmetric=true is not used with train\.batch_sampling=groups"):
         load_config(None, ["train.batch_sampling=random", "train.batch_sampling=groups", "train.lr=1e-4",
-                           "loss.hard_negatives=3"])
+                           "loss.symmetric=true"])
     p.write_text("train:\n  lr: abc\n")  # set by the file, not by an option: the file alone is named
     with pytest.raises(ConfigError, match=r"exp\.yaml: train\.lr: expected a number"):
         load_config(p, ["train.epochs=2"])
@@ -283,3 +283,20 @@ def test_error_in_file_names_the_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert str(e.value).startswith(f"{p}: lora.r:")
+
+
+def test_mining_settings_are_checked_with_the_option_and_the_fix():
+    assert load_config(None, ["loss.hard_negatives=2", "loss.mine_every=epoch"]).loss.mine_every == "epoch"
+    assert load_config(None, ["loss.hard_negatives=2", "loss.mine_every=50"]).loss.mine_every == 50
+    # Mined negatives now go with group batches too (extra candidates of each text).
+    assert load_config(None, ["train.batch_sampling=groups", "loss.hard_negatives=2"]).loss.hard_negatives == 2
+    assert load_config(None, ["train.batch_sampling=similar_groups", "loss.mine_every=epoch"]).loss.hard_negatives == 0
+    for opt, needle in (("loss.mine_every=0", "loss.mine_every: must be null (mine once), a number of steps >= 1, or epoch"),
+                        ("loss.mine_every=weekly", "loss.mine_every: must be null"),
+                        ("loss.mine_relative_margin=1.5", "loss.mine_relative_margin: must be in [0, 1) or null"),
+                        ("loss.mine_absolute_margin=-0.1", "loss.mine_absolute_margin: must be a finite number >= 0"),
+                        ("loss.mine_range_min=-1", "loss.mine_range_min: must be >= 0")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config(None, ["loss.hard_negatives=2", opt])
+    with pytest.raises(ConfigError, match=r"loss.mine_every=10 has nothing to mine: .*set -o loss.hard_negatives=N"):
+        load_config(None, ["loss.mine_every=10"])

@@ -17,6 +17,7 @@ import numpy as np
 
 __all__ = [
     "recall_at_k",
+    "r_cap_at_k",
     "mrr_at_k",
     "ndcg_at_k",
     "knn_vote",
@@ -76,7 +77,14 @@ def _hits(ranked: np.ndarray, positives: Positives, k: int) -> tuple[np.ndarray,
 
 
 def recall_at_k(ranked: np.ndarray, positives: Positives, k: int) -> float:
-    """Mean over queries of |top-k ∩ positives| / min(|positives|, k)."""
+    """Mean over queries of |top-k ∩ positives| / |positives| (standard recall, as trec_eval, ranx and MTEB)."""
+    hits, n_pos = _hits(ranked, positives, k)
+    return float(np.mean(hits.sum(axis=1) / n_pos))
+
+
+def r_cap_at_k(ranked: np.ndarray, positives: Positives, k: int) -> float:
+    """Mean over queries of |top-k ∩ positives| / min(|positives|, k): BEIR's R_cap@k, which a query
+    with more than k positives can still bring to 1.0 (embedft called this recall@k before issue 29)."""
     hits, n_pos = _hits(ranked, positives, k)
     return float(np.mean(hits.sum(axis=1) / np.minimum(n_pos, k)))
 
@@ -104,10 +112,12 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 5, 10, 100),
     prefix: str = "",
 ) -> dict[str, float]:
-    """Flat dict of recall@k for each k, mrr@10, ndcg@10 and n_queries, keys prefixed."""
+    """Flat dict of recall@k and r_cap@k for each k, mrr@10, ndcg@10 and n_queries, keys prefixed."""
     out: dict[str, float] = {}
     for k in ks:
         out[f"{prefix}recall@{k}"] = recall_at_k(ranked, positives, k)
+    for k in ks:
+        out[f"{prefix}r_cap@{k}"] = r_cap_at_k(ranked, positives, k)
     out[f"{prefix}mrr@10"] = mrr_at_k(ranked, positives, 10)
     out[f"{prefix}ndcg@10"] = ndcg_at_k(ranked, positives, 10)
     out[f"{prefix}n_queries"] = float(len(positives))

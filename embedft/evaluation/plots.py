@@ -82,7 +82,7 @@ def _at(curve: dict, k: int) -> float | None:
 
 def plot_recall_curve(ks: Sequence[int], base: dict[int, float], adapted: dict[int, float],
                       out_path: str | Path) -> Path:
-    """recall@k for each k, base vs adapted (base may be empty when it was not evaluated)."""
+    """Standard recall@k for each k, base vs adapted (base may be empty when it was not evaluated)."""
     fig = _figure(6, 4)
     ax = fig.add_subplot(1, 1, 1)
     ks = sorted(int(k) for k in ks)
@@ -101,7 +101,7 @@ def plot_recall_curve(ks: Sequence[int], base: dict[int, float], adapted: dict[i
     ax.set_ylabel("recall@k")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    ax.set_title("retrieval recall@k (exact search)")
+    ax.set_title("retrieval recall@k = |top k ∩ positives| / |positives| (exact search)", fontsize=9)
     return _save(fig, out_path)
 
 

@@ -48,15 +48,16 @@ def format_table(rows, markdown: bool = False) -> str:
 REPORT_FILES = ("report.json", "report.md")
 
 
-def check_report_dir(out: Path) -> None:
+def check_report_dir(out: Path, option: str = "--out") -> None:
     """Refuse a report folder whose replacement would lose something: a file, or a folder holding
-    more than an earlier report (`eval --out .` would otherwise replace the working directory)."""
+    more than an earlier report (`eval --out .` would otherwise replace the working directory).
+    `option` names where the folder came from (--out, eval.output_dir) in the message."""
     if out.exists() and not out.is_dir():
-        raise EvalError(f"--out {out} is a file; pass a folder for the report")
+        raise EvalError(f"{option} {out} is a file; pass a folder for the report")
     other = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES) if out.is_dir() else []
     if other:
         shown = ", ".join(other[:5]) + (f" ... ({len(other)} entries)" if len(other) > 5 else "")
-        raise EvalError(f"--out {out} holds files that are not an embedft report ({shown}), which writing the report "
+        raise EvalError(f"{option} {out} holds files that are not an embedft report ({shown}), which writing the report "
                         "there would delete; pass a new or empty folder (an earlier report folder is replaced)")
 
 

@@ -2,8 +2,9 @@
 
 Exact inner-product search is always the reference; any FAISS factory string in
 `eval.indexes` is reported next to it with its recall of the exact top-k and its QPS.
-Every figure comes back in a flat dict with stable keys (`retrieval/recall@10`,
-`classification/macro_f1`, `retrieval/HNSW32/recall@10`, ...).
+Every figure comes back in a flat dict with stable keys (`retrieval/recall@10`, `retrieval/r_cap@10`,
+`classification/macro_f1`, `retrieval/HNSW32/recall@10`, ...). recall@k is standard recall
+(|top k ∩ positives| / |positives|); r_cap@k is BEIR's R_cap@k (divided by min(|positives|, k)).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class EvalOutput:
 
 def evaluate_retrieval(q: np.ndarray, c: np.ndarray, task: RetrievalTask, ks: tuple[int, ...],
                        indexes: tuple[str, ...] = ()) -> EvalOutput:
-    """Recall@k, MRR@10, nDCG@10 by exact search, and the same for each ANN index."""
+    """Recall@k, R_cap@k, MRR@10, nDCG@10 by exact search, and the same for each ANN index."""
     from embedft.evaluation.index import ann_report, exact_search
     from embedft.evaluation.metrics import retrieval_metrics
 
@@ -50,6 +51,7 @@ def evaluate_retrieval(q: np.ndarray, c: np.ndarray, task: RetrievalTask, ks: tu
     metrics = retrieval_metrics(ranked, task.positives, ks=ks, prefix="retrieval/")
     metrics["retrieval/exact/qps"] = len(q) / max(exact_s, 1e-9)
     curve = {int(k): metrics[f"retrieval/recall@{k}"] for k in ks}
+    r_cap_curve = {int(k): metrics[f"retrieval/r_cap@{k}"] for k in ks}
     for factory in indexes:
         try:
             ann, ann_ranked = ann_report(c, q, depth, factory, self_ids=task.self_ids)
@@ -57,7 +59,8 @@ def evaluate_retrieval(q: np.ndarray, c: np.ndarray, task: RetrievalTask, ks: tu
             raise EvalError(f"eval.indexes (--index) {factory!r}: {e}") from e
         metrics.update({f"retrieval/{k}": v for k, v in ann.items()})
         metrics.update(retrieval_metrics(_pad(ann_ranked, want), task.positives, ks=ks, prefix=f"retrieval/{factory}/"))
-    return EvalOutput(metrics, {"recall_curve": curve, "n_queries": len(task), "n_corpus": len(task.corpus)})
+    return EvalOutput(metrics, {"recall_curve": curve, "r_cap_curve": r_cap_curve, "n_queries": len(task),
+                                "n_corpus": len(task.corpus)})
 
 
 def _pad(ranked: np.ndarray, width: int) -> np.ndarray:

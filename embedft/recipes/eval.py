@@ -32,7 +32,10 @@ def _report_dir(output_dir: Path, adapter_dir: Path | None, run_id: str | None) 
 def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | None = None, out: str | None = None,
              compare_base: bool = True, base_only: bool = False, save_index: str | None = None,
              progress: bool = True) -> dict[str, Any]:
-    """Evaluate base vs adapted on the experiment's eval split; report to disk and MLflow."""
+    """Evaluate base vs adapted on the experiment's eval split; report to disk and MLflow.
+
+    The base model is evaluated when `compare_base` and eval.compare_base both say so (or `base_only`);
+    the report goes to `out`, else eval.output_dir, else a folder in the run folder (`_report_dir`)."""
     import tempfile
 
     from embedft.errors import ModelError
@@ -47,6 +50,9 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
         _check_save_index(Path(save_index))
     if out:
         check_report_dir(Path(out))
+    elif cfg.eval_output_dir is not None:
+        check_report_dir(cfg.eval_output_dir, "eval.output_dir")
+    compare_base = compare_base and cfg.eval.compare_base
     train_ex, eval_ex, _ = load_splits(cfg.data)
     check_tasks(cfg.eval, train_ex, eval_ex)
     adapter_dir: Path | None = None
@@ -76,8 +82,8 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     if not base_only:
         load_adapter(encoder, adapter_dir)
         adapted_eval = evaluate_encoder(encoder, train_ex, eval_ex, cfg.eval, device, progress)
-    report_dir = write_report(Path(out) if out else _report_dir(cfg.output_dir, adapter_dir, run_id), base_eval,
-                              adapted_eval,
+    report_at = Path(out) if out else cfg.eval_output_dir or _report_dir(cfg.output_dir, adapter_dir, run_id)
+    report_dir = write_report(report_at, base_eval, adapted_eval,
                               {"name": cfg.name, "model": cfg.model.name,
                                "dropped_tasks": dropped_tasks(cfg.eval, train_ex, eval_ex),
                                # a --run adapter's download folder is deleted below: name the run's artifact

@@ -25,12 +25,15 @@ from embedft.tracking.mlflow import (
 
 log = logging.getLogger(__name__)
 MAIN_PARAMS = ("model.name", "lora.r", "train.lr", "train.epochs", "train.batch_size", "loss.temperature")
-MAIN_METRICS = ("adapted/retrieval/recall@10", "base/retrieval/recall@10", "adapted/retrieval/mrr@10",
-                "adapted/classification/macro_f1", "train/total_seconds")
+# recall@10 is standard recall (|top 10 ∩ positives| / |positives|); r_cap@10 divides by min(|positives|, 10).
+# Runs logged before issue 29 hold R_cap under recall@10 and have no r_cap@10: an empty r_cap column marks them.
+MAIN_METRICS = ("adapted/retrieval/recall@10", "base/retrieval/recall@10", "adapted/retrieval/r_cap@10",
+                "adapted/retrieval/mrr@10", "adapted/classification/macro_f1", "train/total_seconds")
 
 
 DEFAULT_COLUMNS = ("run_id", "name", "status", "start", "params.model.name", "params.lora.r", "params.train.lr",
-                   "metrics.adapted/retrieval/recall_at_10", "metrics.base/retrieval/recall_at_10")
+                   "metrics.adapted/retrieval/recall_at_10", "metrics.base/retrieval/recall_at_10",
+                   "metrics.adapted/retrieval/r_cap_at_10")
 
 
 def _order_by(sort_by: str) -> str:

@@ -106,10 +106,12 @@ def _set_numpy_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: int, result: TrainResult,
-                    identity: dict[str, Any] | None = None, batches_done: int = 0) -> None:
+                    identity: dict[str, Any] | None = None, batches_done: int = 0,
+                    arrays: dict[str, np.ndarray] | None = None) -> None:
     """Everything to continue exactly: adapter, optimizer, scheduler, RNG, counters. Atomic.
 
-    epoch: epochs done; batches_done: batches done of the next one (0 at an epoch's end).
+    epoch: epochs done; batches_done: batches done of the next one (0 at an epoch's end);
+    arrays: run state that is not weights (mined negatives: `mining.Miner.state`), in arrays.npz.
     """
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -128,6 +130,10 @@ def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: 
         except OSError as e:
             raise write_error(tmp, e, fix) from e
         write_bytes(tmp / "state.pt", state.getbuffer().tobytes(), fix)
+        if arrays:
+            npz = io.BytesIO()
+            np.savez(npz, **arrays)
+            write_bytes(tmp / "arrays.npz", npz.getvalue(), fix)
         write_bytes(tmp / "progress.json", progress.encode("utf-8"), fix)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint stays beside the last good one
@@ -160,3 +166,16 @@ def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResul
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     result.history, result.val_history = progress["history"], progress["val_history"]
     return state["epoch"], state["step"], state.get("batches_done", 0)  # 0: written before mid-epoch checkpoints
+
+
+def load_checkpoint_arrays(path: Path) -> dict[str, np.ndarray] | None:
+    """The `arrays` a checkpoint was saved with, or None (none, or written before embedft saved them)."""
+    f = Path(path) / "arrays.npz"
+    if not f.is_file():
+        return None
+
+    def read() -> dict[str, np.ndarray]:
+        with np.load(f) as z:
+            return {k: z[k] for k in z.files}
+
+    return _read_checkpoint(path, read)

@@ -25,9 +25,15 @@ from embedft.data.batches import PairSource, check_schedule, epoch_batches
 from embedft.modeling.encoder import Encoder, compile_layers
 from embedft.modeling.lora import lora_settings
 from embedft.modeling.runtime import lora_input_casts, seed_everything, uses_amp
-from embedft.training.checkpoint import check_resumable, load_checkpoint, run_identity, save_checkpoint
+from embedft.training.checkpoint import (
+    check_resumable,
+    load_checkpoint,
+    load_checkpoint_arrays,
+    run_identity,
+    save_checkpoint,
+)
 from embedft.training.losses import build_loss
-from embedft.training.mining import group_neighbours, mine_hard_negatives
+from embedft.training.mining import Miner
 from embedft.training.result import TrainResult
 from embedft.training.step import embed, train_step_cached
 from embedft.training.tokens import TokenCache, batch_sequences
@@ -112,19 +118,10 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
     if val is not None and val.loss_source is not None:
         val_cache = (val.loss_source, TokenCache(encoder, val.loss_source.texts))
 
-    # Mined before any resume, from the starting weights, so a resumed run sees the same negatives.
-    mined = None
-    if loss_cfg.hard_negatives > 0 and src.negatives is None:
-        log.info("mining %d hard negatives per anchor with the starting encoder", loss_cfg.hard_negatives)
-        state = torch.get_rng_state()
-        mined = mine_hard_negatives(encoder, src, cache, loss_cfg.hard_negatives, device)
-        torch.set_rng_state(state)
-    neighbours = None
-    if cfg.batch_sampling == "similar_groups":
-        log.info("finding each group's nearest groups with the starting encoder")
-        state = torch.get_rng_state()
-        neighbours = group_neighbours(encoder, src, cache, device)
-        torch.set_rng_state(state)
+    # Mined negatives / neighbouring groups: a resumed run takes those its checkpoint holds, else they
+    # are mined before any resume, from the starting weights (as the uninterrupted run did).
+    miner = Miner(encoder, src, cache, loss_cfg, cfg.batch_sampling, device)
+    miner.start(load_checkpoint_arrays(ckpt) if resume else None)
 
     result = TrainResult(steps=0, epochs_done=0)
     start_epoch, step, skip = 0, 0, 0
@@ -144,8 +141,9 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
         for epoch in range(start_epoch, cfg.epochs):
             if step >= n_total:
                 break
+            miner.at_epoch_start(step, mid_epoch_resume=epoch == start_epoch and skip > 0)
             batches = epoch_batches(src, cfg.batch_size, cfg.seed, epoch, cfg.batch_sampling,
-                                    loss_cfg.hard_negatives, mined, cfg.group_size, neighbours)
+                                    loss_cfg.hard_negatives, None, cfg.group_size, miner.neighbours)
             # An epoch's batches are a pure function of (seed, epoch): a run resumed from a
             # mid-epoch checkpoint skips the ones done and goes on with the same next batch.
             skip = skip if epoch == start_epoch else 0
@@ -153,6 +151,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                 if step >= n_total:
                     break
                 t0 = time.perf_counter()
+                batch = miner.attach(batch)
                 seqs, gather = batch_sequences(batch, cache)
                 loss_of = lambda emb: loss_fn(emb, batch, gather, src.text_keys)  # noqa: E731
                 with lora_input_casts(encoder, enabled=not amp):  # forward and backward alike
@@ -188,8 +187,10 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                     if not progress:
                         log.info("step %d/%d loss=%.4f lr=%.2e samples/s=%.1f", step, n_total, loss,
                                  rec["train/lr"], seen / max(t_train, 1e-9))
+                miner.after_step(step, n_total)  # before the checkpoint, which keeps what it mined
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < n_total:
-                    save_checkpoint(ckpt, encoder, opt, sched, epoch, step, result, identity, batches_done=i + 1)
+                    save_checkpoint(ckpt, encoder, opt, sched, epoch, step, result, identity, batches_done=i + 1,
+                                    arrays=miner.state())
             epoch_done = epoch + 1
             if val is not None and cfg.eval_every_epoch:
                 metrics = validate(encoder, val, val_cache, loss_fn, cfg.batch_size, device, cfg.seed,
@@ -197,7 +198,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                 result.val_history.append({"epoch": epoch_done, "step": step, **metrics})
                 sink.log_metrics({**metrics, "epoch": float(epoch_done)}, step=step)
                 log.info("epoch %d: %s", epoch_done, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            save_checkpoint(ckpt, encoder, opt, sched, epoch_done, step, result, identity)
+            save_checkpoint(ckpt, encoder, opt, sched, epoch_done, step, result, identity, arrays=miner.state())
             result.epochs_done = epoch_done
     result.steps = step
     result.train_seconds = t_train

@@ -63,7 +63,8 @@ def _mask(logits: torch.Tensor, exclude: torch.Tensor | None, target: torch.Tens
 
 
 def group_info_nce(anchors: torch.Tensor, cands: torch.Tensor, keys: torch.Tensor, same_text: torch.Tensor, *,
-                   temperature: float = 0.05) -> torch.Tensor:
+                   temperature: float = 0.05, extra: torch.Tensor | None = None,
+                   extra_ok: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE over a batch of groups: every (anchor, positive) pair of one key, against the
     anchor's negatives (other keys); other positives of the anchor are masked out, never negatives.
 
@@ -71,13 +72,19 @@ def group_info_nce(anchors: torch.Tensor, cands: torch.Tensor, keys: torch.Tenso
     tensor when they coincide), keys (N,) their group, same_text (N, N) True where i and j are
     one text (never a pair, never a negative). For a pair (i, p):
     loss = -log(exp(s_ip) / (exp(s_ip) + sum_neg exp(s_in))), averaged over i's pairs, then
-    over the anchors that have a pair; 0 when none has.
+    over the anchors that have a pair; 0 when none has. `extra` (M, D) are further negative
+    candidates (mined hard negatives, document form), `extra_ok` (N, M) True where candidate m may
+    be a negative of anchor i; they join every anchor's negatives, never its pairs.
     """
     logits = anchors @ cands.T / temperature  # (N, N)
     same_key = keys[:, None] == keys[None, :]  # (N, N)
     pos = same_key & ~same_text
     neg = ~same_key & ~same_text
-    lse_neg = torch.logsumexp(logits.masked_fill(~neg, float("-inf")), dim=1, keepdim=True)  # (N, 1)
+    neg_logits = logits.masked_fill(~neg, float("-inf"))  # (N, N)
+    if extra is not None and extra.shape[0] > 0:
+        extra_logits = (anchors @ extra.T / temperature).masked_fill(~extra_ok, float("-inf"))  # (N, M)
+        neg_logits = torch.cat([neg_logits, extra_logits], dim=1)  # (N, N + M)
+    lse_neg = torch.logsumexp(neg_logits, dim=1, keepdim=True)  # (N, 1)
     pair_loss = torch.logaddexp(logits, lse_neg) - logits  # (N, N): -log p(pair) for every (i, j)
     n_pos = pos.sum(1)  # (N,)
     has = n_pos > 0
@@ -112,7 +119,7 @@ def batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], text_key
     """InfoNCE for a batch given the embeddings of its unique sequences (N, D)."""
     dev = emb.device
     if batch.positives is None:
-        return _group_batch_loss(emb, batch, gather, loss_cfg)
+        return _group_batch_loss(emb, batch, gather, text_keys, loss_cfg)
     q = emb[: gather["n_q"]][torch.as_tensor(gather["q_inv"], device=dev)]  # (B, D)
     d_all = emb[gather["n_q"]:][torch.as_tensor(gather["d_inv"], device=dev)]  # (valid docs, D)
     B = len(batch.anchors)
@@ -139,15 +146,23 @@ def batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], text_key
     return loss
 
 
-def _group_batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], loss_cfg: LossConfig) -> torch.Tensor:
+def _group_batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], text_keys: np.ndarray,
+                      loss_cfg: LossConfig) -> torch.Tensor:
     dev = emb.device
     inv = torch.as_tensor(gather["q_inv"], device=dev)
     n = gather["n_q"]
     q = emb[:n][inv]  # (B, D)
-    d = emb[n:][inv] if gather["two_forms"] else q
+    d = emb[n:2 * n][inv] if gather["two_forms"] else q
     ids = torch.as_tensor(batch.anchors, device=dev)
     keys = torch.as_tensor(batch.anchor_keys, device=dev)
-    loss = group_info_nce(q, d, keys, ids[:, None] == ids[None, :], temperature=loss_cfg.temperature)
+    extra = extra_ok = None
+    if "neg_ids" in gather:  # mined negatives (`mining.Miner`): never of the anchor's group, never the anchor
+        neg_ids = gather["neg_ids"]
+        extra = emb[gather["neg_start"]:gather["neg_start"] + len(neg_ids)]  # (M, D)
+        extra_ok = ~false_negative_mask(keys, torch.as_tensor(text_keys[neg_ids], device=dev), ids,
+                                        torch.as_tensor(neg_ids, device=dev))  # (B, M)
+    loss = group_info_nce(q, d, keys, ids[:, None] == ids[None, :], temperature=loss_cfg.temperature,
+                          extra=extra, extra_ok=extra_ok)
     if loss_cfg.label_weight > 0 and batch.anchor_labels is not None:
         loss = loss + loss_cfg.label_weight * label_contrastive(d, torch.as_tensor(batch.anchor_labels, device=dev),
                                                                 temperature=loss_cfg.label_temperature)

@@ -1,37 +1,107 @@
-"""Hard negatives and neighbouring groups, found with the current encoder by exact search."""
+"""Hard negatives and neighbouring groups, found with the current encoder by exact search.
+
+`mine_hard_negatives` returns each anchor text's nearest texts of another key, minus the
+candidates that score too close to the anchor's positive (likely unlabelled positives: NV-Retriever's
+positive-aware filter, with sentence-transformers' `relative_margin` / `absolute_margin` names).
+`Miner` is what the training loop holds: it mines at the start, refreshes on `loss.mine_every`,
+attaches the negatives to each batch (pairs and group batches alike) and keeps them in the
+checkpoint, so a resumed run trains on the very negatives the uninterrupted one did.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Any
 
 import numpy as np
 import torch
 
-from embedft.data.batches import PairSource, group_keys
+from embedft.config import LossConfig
+from embedft.data.batches import Batch, PairSource, group_keys
 from embedft.modeling.encoder import Encoder
 from embedft.training.tokens import TokenCache
 
 log = logging.getLogger(__name__)
 
 
+def positive_scores(q: np.ndarray, docs: np.ndarray, src: PairSource) -> np.ndarray:
+    """(T,) per anchor text, its best score against any of its positives (-inf for texts that are
+    no anchor); q (T, D) query vectors and docs (T, D) document vectors by text id."""
+    best = np.full(len(docs), -np.inf, dtype=np.float32)
+    if src.positives is not None:  # pairs: the row's positive; a query of several rows keeps its best
+        s = np.einsum("nd,nd->n", q[src.anchors], docs[src.positives])
+        np.maximum.at(best, src.anchors, s.astype(np.float32))
+        return best
+    for members in src.members.values():  # grouped/labeled: every other member of the group is a positive
+        if len(members) < 2:
+            continue
+        s = q[members] @ docs[members].T  # (n_k, n_k)
+        np.fill_diagonal(s, -np.inf)
+        best[members] = np.maximum(best[members], s.max(axis=1))
+    return best
+
+
+def _candidate_pool(src: PairSource) -> np.ndarray:
+    """Text ids a negative may be: documents for pairs (positives and given negatives), any text otherwise."""
+    if src.positives is None:
+        return np.arange(len(src.texts))
+    docs = src.positives if src.negatives is None else np.concatenate([src.positives, src.negatives.reshape(-1)])
+    return np.unique(docs[docs >= 0])
+
+
 @torch.no_grad()
 def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n: int, device: torch.device,
-                        skip_top: int = 0) -> np.ndarray:
-    """(N_anchors, n) text ids of the nearest texts with a different key, by the current encoder."""
+                        range_min: int = 0, relative_margin: float | None = None,
+                        absolute_margin: float | None = None) -> np.ndarray:
+    """(T, n) per text id: the anchor text's n nearest candidates of another key, nearest first,
+    -1 padded (rows of texts that are no anchor stay -1), by the current encoder.
+
+    The `range_min` nearest eligible candidates are skipped. A candidate scoring above the anchor's
+    positive score p minus |p| * relative_margin, or above p - absolute_margin, is dropped as a
+    likely false negative (sentence-transformers' `mine_hard_negatives` semantics; relative_margin
+    0.05 is NV-Retriever's "95% of the positive's score").
+    """
     from embedft.evaluation.index import exact_search
 
-    docs = encoder.encode_ids(cache.docs(range(len(src.texts))), device=device)
-    if not cache.two_forms:  # no query instruction: an anchor's query vector is its doc vector
-        queries = docs[src.anchors]
-    else:
-        queries = encoder.encode_ids(cache.queries(src.anchors), device=device)
-    depth = min(len(docs), n + skip_top + 32)
-    _, ranked = exact_search(docs, queries, depth)
-    out = np.full((src.n_anchors, n), -1, dtype=np.int64)
-    for i in range(src.n_anchors):
-        cand = ranked[i][(ranked[i] >= 0)]
-        cand = cand[(src.text_keys[cand] != src.anchor_keys[i]) & (cand != src.anchors[i])][skip_top:skip_top + n]
-        out[i, : len(cand)] = cand
+    anchors = np.unique(src.anchors)
+    docs = encoder.encode_ids(cache.docs(range(len(src.texts))), device=device)  # (T, D)
+    if cache.two_forms:
+        q = np.zeros_like(docs)
+        q[anchors] = encoder.encode_ids(cache.queries(anchors), device=device)
+    else:  # no query instruction: an anchor's query vector is its doc vector
+        q = docs
+    pos = positive_scores(q, docs, src)  # (T,)
+    pool = _candidate_pool(src)
+    # As sentence-transformers sizes its range when margins filter: room for ~10x the wanted negatives.
+    depth = min(len(pool), range_min + 10 * n + 32)
+    scores, ranked = exact_search(docs[pool], q[anchors], depth)  # (A, depth) positions into pool
+    anchor_key = np.full(len(src.texts), -2, dtype=np.int64)
+    anchor_key[src.anchors] = src.anchor_keys
+    out = np.full((len(src.texts), n), -1, dtype=np.int64)
+    n_margin = n_short = 0
+    for row, a in enumerate(anchors.tolist()):
+        ok = ranked[row] >= 0
+        cand, s = pool[ranked[row][ok]], scores[row][ok]
+        eligible = (src.text_keys[cand] != anchor_key[a]) | (src.text_keys[cand] < 0)
+        eligible &= cand != a
+        cand, s = cand[eligible][range_min:], s[eligible][range_min:]
+        keep = np.ones(len(cand), dtype=bool)
+        if np.isfinite(pos[a]):
+            if relative_margin is not None:
+                keep &= s <= pos[a] - abs(pos[a]) * relative_margin
+            if absolute_margin is not None:
+                keep &= s + absolute_margin <= pos[a]
+        n_margin += int((~keep).sum())
+        cand = cand[keep][:n]
+        out[a, : len(cand)] = cand
+        n_short += len(cand) < n
+    if n_margin:
+        log.info("mining: %d candidates dropped as likely false negatives (scoring within the margin of the "
+                 "anchor's positive: loss.mine_relative_margin / loss.mine_absolute_margin)", n_margin)
+    if n_short:
+        log.warning("mining: %d of %d anchors got fewer than %d negatives (padded); lower loss.mine_range_min or "
+                    "the margins, or loss.hard_negatives", n_short, len(anchors), n)
     return out
 
 
@@ -55,3 +125,88 @@ def group_neighbours(encoder: Encoder, src: PairSource, cache: TokenCache, devic
         _, ranked = exact_search(cent, cent, depth, self_ids=np.arange(len(keys)))
         out[:, :depth] = ranked
     return out
+
+
+def attach_negatives(batch: Batch, mined: np.ndarray, n: int) -> Batch:
+    """The batch with each anchor's first n mined negatives ((B, n) text ids, -1 padded)."""
+    return dataclasses.replace(batch, negatives=mined[batch.anchors, :n])
+
+
+def mining_due(mine_every: int | str | None, step: int, epoch_start: bool) -> bool:
+    """Whether `loss.mine_every` asks for fresh negatives now: after every N-th step, or at an epoch's start."""
+    if mine_every == "epoch":
+        return epoch_start
+    return isinstance(mine_every, int) and not epoch_start and step > 0 and step % mine_every == 0
+
+
+class Miner:
+    """Mined negatives (and similar_groups' neighbours) over a run: mined at the start, refreshed on
+    `loss.mine_every` with the encoder as it is then, checkpointed with the run.
+
+    Refreshes happen at fixed steps, and what was mined last is saved in every checkpoint, so a
+    resumed run uses (and later re-mines at the same steps) exactly what the uninterrupted run did.
+    """
+
+    def __init__(self, encoder: Encoder, src: PairSource, cache: TokenCache, loss_cfg: LossConfig,
+                 batch_sampling: str, device: torch.device):
+        self.encoder, self.src, self.cache, self.cfg, self.device = encoder, src, cache, loss_cfg, device
+        self.mines_negatives = loss_cfg.hard_negatives > 0 and src.negatives is None
+        self.mines_neighbours = batch_sampling == "similar_groups"
+        self.negatives: np.ndarray | None = None  # (T, H) by text id
+        self.neighbours: np.ndarray | None = None  # (n_groups, m)
+        self.mined_at: int | None = None  # the step whose weights mined them
+
+    def start(self, saved: dict[str, np.ndarray] | None = None) -> None:
+        """Take what a resumed run's checkpoint holds (`state()`), else mine with the encoder as it is
+        (the starting one)."""
+        if saved is not None and "mined_at" in saved:
+            self.negatives, self.neighbours = saved.get("negatives"), saved.get("neighbours")
+            self.mined_at = int(saved["mined_at"])
+            return
+        self._refresh(0, self.mines_negatives, self.mines_neighbours, "the starting encoder")
+
+    def _refresh(self, step: int, negatives: bool, neighbours: bool, what: str = "the current encoder") -> None:
+        # The RNG is left as it was, so the batches (and dropout) stay those of a run without refreshes.
+        if not (negatives or neighbours):
+            return
+        state = torch.get_rng_state()
+        if negatives:
+            log.info("step %d: mining %d hard negatives per anchor with %s", step, self.cfg.hard_negatives, what)
+            self.negatives = mine_hard_negatives(self.encoder, self.src, self.cache, self.cfg.hard_negatives,
+                                                 self.device, self.cfg.mine_range_min, self.cfg.mine_relative_margin,
+                                                 self.cfg.mine_absolute_margin)
+        if neighbours:
+            log.info("step %d: finding each group's nearest groups with %s", step, what)
+            self.neighbours = group_neighbours(self.encoder, self.src, self.cache, self.device)
+        torch.set_rng_state(state)
+        self.mined_at = step
+
+    def at_epoch_start(self, step: int, mid_epoch_resume: bool = False) -> None:
+        """With `loss.mine_every` set, similar_groups' neighbours are found again at each epoch's start
+        (where an epoch lays out its groups), and with `mine_every: epoch` the negatives too. Not when
+        a run resumes inside the epoch: its checkpoint holds what that epoch used."""
+        if self.cfg.mine_every is None or step == 0 or mid_epoch_resume:
+            return
+        self._refresh(step, self.mines_negatives and mining_due(self.cfg.mine_every, step, True),
+                      self.mines_neighbours)
+
+    def after_step(self, step: int, n_total: int) -> None:
+        """With `loss.mine_every: N`, the negatives are mined again after every N-th step (not after the last)."""
+        if step < n_total and mining_due(self.cfg.mine_every, step, False):
+            self._refresh(step, self.mines_negatives, False)
+
+    def attach(self, batch: Batch) -> Batch:
+        """The batch with its anchors' mined negatives (unchanged when nothing is mined)."""
+        return batch if self.negatives is None else attach_negatives(batch, self.negatives, self.cfg.hard_negatives)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What a checkpoint keeps (`checkpoint.save_checkpoint(arrays=...)`): the arrays in use and the
+        step whose weights mined the latest of them."""
+        if self.mined_at is None:
+            return {}
+        out = {"mined_at": np.int64(self.mined_at)}
+        if self.negatives is not None:
+            out["negatives"] = self.negatives
+        if self.neighbours is not None:
+            out["neighbours"] = self.neighbours
+        return out

@@ -52,7 +52,13 @@ def batch_sequences(batch: Batch, cache: TokenCache) -> tuple[list[list[int]], d
     if batch.positives is None:
         u, inv = np.unique(batch.anchors, return_inverse=True)
         seqs = cache.queries(u) + (cache.docs(u) if cache.two_forms else [])
-        return seqs, {"q_inv": inv, "n_q": len(u), "two_forms": cache.two_forms}
+        gather = {"q_inv": inv, "n_q": len(u), "two_forms": cache.two_forms}
+        if batch.negatives is not None:  # mined negatives: extra candidates, document form, after the texts
+            neg = batch.negatives.reshape(-1)
+            n_unique = np.unique(neg[neg >= 0])
+            gather.update({"neg_start": len(seqs), "neg_ids": n_unique})
+            seqs = seqs + cache.docs(n_unique)
+        return seqs, gather
     q_unique, q_inv = np.unique(batch.anchors, return_inverse=True)
     docs = batch.positives if batch.negatives is None else np.concatenate(
         [batch.positives, batch.negatives.reshape(-1)])

@@ -37,7 +37,7 @@ class ValSet:
 def validate(encoder: Encoder, val: ValSet, text_keys_cache: tuple[PairSource, TokenCache] | None,
              loss_fn: BatchLoss, batch_size: int, device: torch.device, seed: int, k: int = 10,
              sampling: str = "random", group_size: int = 4) -> dict[str, float]:
-    """Validation recall@k by exact search, and validation loss on fixed batches (drawn as the
+    """Validation recall@k (standard: over all positives) by exact search, and validation loss on fixed batches (drawn as the
     training batches are, random groups standing in for similar ones)."""
     from embedft.evaluation.index import exact_search
     from embedft.evaluation.metrics import recall_at_k

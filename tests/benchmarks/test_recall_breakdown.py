@@ -19,7 +19,7 @@ def _run(breakdown, monkeypatch, capsys, *argv) -> dict:
     monkeypatch.setattr(sys, "argv", ["recall_breakdown.py", *map(str, argv)])
     breakdown.main()
     out = capsys.readouterr().out
-    overall = [float(x) for x in re.findall(r"recall@10 ([0-9.]+)", out)]
+    overall = [float(x) for x in re.findall(r"(?:recall|r_cap)@10 ([0-9.]+)", out)]
     rows = [line.split() for line in out.splitlines() if re.match(r"^\s+(\d+|\d+-\d+|>=\d+)\s+\d+\s", line)]
     return {"overall": overall, "rows": rows, "queries": int(re.search(r"over (\d+) queries", out).group(1))}
 
@@ -39,6 +39,10 @@ def test_buckets_cover_every_query_and_compare_counts_changes(breakdown, tiny_be
     assert [r[5] for r in tuned["rows"]] == [r[3] for r in base["rows"]]
     assert tuned["overall"][0] != pytest.approx(base["overall"][0])
     assert sum(int(r[6]) for r in tuned["rows"]) > 0
+
+    # R_cap divides by min(|positives|, 10) <= |positives|: never below standard recall.
+    capped = _run(breakdown, monkeypatch, capsys, experiment, "--metric", "r_cap", "--samples", 0)
+    assert capped["overall"][0] >= base["overall"][0] and capped["queries"] == base["queries"]
 
     same = _run(breakdown, monkeypatch, capsys, experiment, "--adapter", adapter, "--compare", adapter, "--samples", 0)
     assert [int(r[6]) for r in same["rows"]] == [0] * len(base["rows"])

@@ -558,7 +558,7 @@ def test_grouped_batches_carry_each_anchors_label_for_the_label_term(tmp_path):
         prepare_data(no_label)
 
 
-def test_group_sampling_with_hard_negatives_or_symmetric_is_a_config_error(tmp_path):
+def test_group_sampling_with_symmetric_is_a_config_error(tmp_path):
     from embedft.config import LossConfig
     from embedft.errors import ConfigError
     from embedft.recipes.common import prepare_data
@@ -567,8 +567,7 @@ def test_group_sampling_with_hard_negatives_or_symmetric_is_a_config_error(tmp_p
     cfg = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped"),
                            train=TrainConfig(batch_size=4, batch_sampling="similar_groups"))
     # Rejected when the config is built (load_config, -o, `embedft check`), before any data is read.
-    with pytest.raises(ConfigError, match=r"loss.hard_negatives=1 is not used with train.batch_sampling=similar_groups"):
-        replace(cfg, loss=LossConfig(hard_negatives=1))
+    assert replace(cfg, loss=LossConfig(hard_negatives=1)).loss.hard_negatives == 1  # mined: extra candidates
     with pytest.raises(ConfigError, match=r"loss.symmetric=true is not used with train.batch_sampling=similar_groups"):
         replace(cfg, loss=LossConfig(symmetric=True))
     assert prepare_data(cfg).source.n_anchors == len(ROWS)

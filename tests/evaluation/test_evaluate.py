@@ -160,10 +160,11 @@ def test_ann_figures_are_the_ann_rankings_own():
     # The ANN's figures come from its own ranking, each query's own row excluded as for exact search.
     _, ann_ids = search_excluding_self(index, c[task.self_ids], 10, task.self_ids)
     want = retrieval_metrics(ann_ids, task.positives, ks=(1, 10))
-    for key in ("recall@1", "recall@10", "mrr@10", "ndcg@10"):
+    for key in ("recall@1", "recall@10", "r_cap@1", "r_cap@10", "mrr@10", "ndcg@10"):
         assert m[f"retrieval/IVF64,Flat/{key}"] == pytest.approx(want[key]), key
     assert m["retrieval/IVF64,Flat/recall@10"] != m["retrieval/recall@10"]  # the ANN does miss some
     assert out.details["recall_curve"] == {1: m["retrieval/recall@1"], 10: m["retrieval/recall@10"]}
+    assert out.details["r_cap_curve"] == {1: m["retrieval/r_cap@1"], 10: m["retrieval/r_cap@10"]}
 
 
 def test_knn_classification_follows_the_weighted_setting():

@@ -16,6 +16,7 @@ from embedft.evaluation.metrics import (
     mrr_at_k,
     ndcg_at_k,
     per_class_prf,
+    r_cap_at_k,
     recall_at_k,
     retrieval_metrics,
 )
@@ -33,9 +34,9 @@ def test_import_stays_light():
 @pytest.mark.parametrize(
     "k, expected",
     [
-        # q0 top1 {3}: 0/min(2,1); q1 top1 {0}: 0/min(1,1)  -> 0
+        # q0 top1 {3}: 0/2; q1 top1 {0}: 0/1  -> 0
         (1, 0.0),
-        # q0 {3,1}: 1/min(2,2)=0.5; q1 {0,2}: 0/1=0  -> 0.25
+        # q0 {3,1}: 1/2=0.5; q1 {0,2}: 0/1=0  -> 0.25
         (2, 0.25),
         # q0 {3,1,7}: 1/2=0.5; q1 {0,2,4,5}: 1/1=1  -> 0.75
         (4, 0.75),
@@ -45,14 +46,20 @@ def test_recall_at_k_by_hand(k, expected):
     assert recall_at_k(RANKED, POSITIVES, k) == pytest.approx(expected)
 
 
-def test_recall_denominator_is_min_of_positives_and_k():
-    # 3 positives, k=2, both retrieved: 2 / min(3, 2) = 1.0 (not 2/3)
-    assert recall_at_k(np.array([[4, 5, 6]]), [{4, 5, 6}], 2) == pytest.approx(1.0)
+def test_recall_denominator_is_all_positives_and_r_cap_caps_it_at_k():
+    # 3 positives, k=2, both retrieved: recall 2/3 (standard); R_cap 2 / min(3, 2) = 1.0
+    assert recall_at_k(np.array([[4, 5, 6]]), [{4, 5, 6}], 2) == pytest.approx(2 / 3)
+    assert r_cap_at_k(np.array([[4, 5, 6]]), [{4, 5, 6}], 2) == pytest.approx(1.0)
+    # with no more positives than k the two agree: q0 1/2, q1 1/1
+    assert r_cap_at_k(RANKED, POSITIVES, 4) == pytest.approx(recall_at_k(RANKED, POSITIVES, 4)) == pytest.approx(0.75)
+    # k=1: q0 has 2 positives, none at rank 1 -> 0/min(2,1); q1 0/1
+    assert r_cap_at_k(RANKED, POSITIVES, 1) == pytest.approx(0.0)
 
 
 def test_recall_counts_a_repeated_id_once():
-    # top2 = {1, 1} ∩ {1, 2} = {1}: 1 / min(2, 2) = 0.5
+    # top2 = {1, 1} ∩ {1, 2} = {1}: 1 / 2 = 0.5 (and R_cap 1 / min(2, 2))
     assert recall_at_k(np.array([[1, 1]]), [{1, 2}], 2) == pytest.approx(0.5)
+    assert r_cap_at_k(np.array([[1, 1]]), [{1, 2}], 2) == pytest.approx(0.5)
 
 
 def test_mrr_at_k_by_hand():
@@ -94,9 +101,11 @@ def test_retrieval_metrics_keys_and_values():
     ranked = np.tile(np.arange(10), (2, 1))
     # q0 positive at rank 1, q1 positive at rank 3
     out = retrieval_metrics(ranked, [{0}, {2}], ks=(1, 5), prefix="val/")
-    assert list(out) == ["val/recall@1", "val/recall@5", "val/mrr@10", "val/ndcg@10", "val/n_queries"]
+    assert list(out) == ["val/recall@1", "val/recall@5", "val/r_cap@1", "val/r_cap@5", "val/mrr@10", "val/ndcg@10",
+                         "val/n_queries"]
     assert out["val/recall@1"] == pytest.approx(0.5)  # (1 + 0) / 2
     assert out["val/recall@5"] == pytest.approx(1.0)
+    assert out["val/r_cap@1"] == pytest.approx(0.5)  # one positive each: R_cap equals recall
     assert out["val/mrr@10"] == pytest.approx((1 + 1 / 3) / 2)
     assert out["val/ndcg@10"] == pytest.approx((1 + 1 / math.log2(4)) / 2)  # (1 + 0.5) / 2
     assert out["val/n_queries"] == 2.0
@@ -181,6 +190,53 @@ def test_classification_metrics_and_report():
     json.dumps(report)  # must be JSON-serialisable as is
     assert report["per_class"]["b"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
     assert report["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def _trec_eval(ranked: np.ndarray, positives, measures: set[str]) -> dict[str, dict[str, float]]:
+    """Per query, pytrec_eval's measures over `ranked` (best first, -1 padding left out)."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    qrels = {f"q{i}": {f"d{d}": 1 for d in pos} for i, pos in enumerate(positives)}
+    # Strictly decreasing scores, so trec_eval's own tie-breaking never reorders the ranking.
+    run = {f"q{i}": {f"d{d}": float(len(row) - j) for j, d in enumerate(row.tolist()) if d >= 0}
+           for i, row in enumerate(ranked)}
+    return pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+
+
+def test_retrieval_metrics_agree_with_pytrec_eval():
+    """recall@k, R_cap@k, MRR@10 and nDCG@10 against trec_eval on random rankings with 1-15 positives
+    per query (many queries with more positives than k, where recall and R_cap differ), some padded."""
+    rng = np.random.default_rng(29)
+    n_queries, n_corpus, depth = 200, 60, 20
+    ranked = np.stack([rng.permutation(n_corpus)[:depth] for _ in range(n_queries)])
+    # FAISS pads a short result list at its end (a small corpus): some rows stop after 3-19 results.
+    for i in rng.choice(n_queries, 20, replace=False):
+        ranked[i, int(rng.integers(3, depth)):] = -1
+    # Positives drawn partly from each ranking, so hits land at every rank.
+    positives = []
+    for row in ranked:
+        n = int(rng.integers(1, 16))
+        pool = np.unique(np.concatenate([row[row >= 0][rng.random(int((row >= 0).sum())) < 0.3],
+                                         rng.integers(0, n_corpus, 8)]))
+        positives.append(set(rng.choice(pool, size=min(n, len(pool)), replace=False).tolist()))
+    ks = (1, 5, 10, 20)
+    per_q = _trec_eval(ranked, positives, {"recall." + ",".join(map(str, ks)), "P." + ",".join(map(str, ks)),
+                                           "ndcg_cut.10"})
+    top10 = _trec_eval(ranked[:, :10], positives, {"recip_rank"})  # MRR@10: trec_eval's MRR over the top 10
+    assert len(per_q) == n_queries
+    n_pos = np.array([len(p) for p in positives])
+    assert (n_pos > 10).sum() > 20  # the case where the two recalls part
+    out = retrieval_metrics(ranked, positives, ks=ks)
+    for k in ks:
+        theirs = [per_q[f"q{i}"][f"recall_{k}"] for i in range(n_queries)]
+        assert out[f"recall@{k}"] == pytest.approx(np.mean(theirs), abs=1e-9)
+        # R_cap@k is recall@k for a query with at most k positives, else precision@k (hits / k).
+        cap = [per_q[f"q{i}"][f"recall_{k}"] if n_pos[i] <= k else per_q[f"q{i}"][f"P_{k}"] for i in range(n_queries)]
+        assert out[f"r_cap@{k}"] == pytest.approx(np.mean(cap), abs=1e-9)
+    assert out["ndcg@10"] == pytest.approx(np.mean([per_q[f"q{i}"]["ndcg_cut_10"] for i in range(n_queries)]),
+                                           abs=1e-9)
+    assert out["mrr@10"] == pytest.approx(np.mean([top10[f"q{i}"]["recip_rank"] for i in range(n_queries)]),
+                                          abs=1e-9)
+    assert out["recall@10"] < out["r_cap@10"]
 
 
 def test_mismatched_lengths_are_an_error():

@@ -382,6 +382,7 @@ def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
         ids[name] = t.start_run(name, {"model.name": "tiny", "lora.r": 8, "train.lr": 1e-4}, {})
         if recall is not None:
             t.log_metrics({"adapted/retrieval/recall@10": recall, "base/retrieval/recall@10": 0.2,
+                           "adapted/retrieval/r_cap@10": recall + 0.05,
                            "adapted/classification/macro_f1": 1.2 - recall, "adapted/retrieval/ndcg@10": recall / 2},
                           step=5)
             t.log_artifacts(adapter_dir, "adapter")
@@ -391,6 +392,7 @@ def test_list_runs_table_and_download_adapter(store, tmp_path, adapter_dir):
     rows = runs.list_runs(store, "listing")
     assert [r["name"] for r in rows] == ["high", "low", "none"]
     assert rows[0]["metrics.adapted/retrieval/recall_at_10"] == 0.9 and rows[0]["params.lora.r"] == "8"
+    assert rows[0]["metrics.adapted/retrieval/r_cap_at_10"] == pytest.approx(0.95)  # both recalls in the table
     assert rows[0]["status"] == "FINISHED" and rows[2]["metrics.adapted/retrieval/recall_at_10"] is None
     info = _client(store).get_run(ids["high"]).info
     assert rows[0]["duration_s"] == (info.end_time - info.start_time) / 1000 and rows[0]["parent_run_id"] is None

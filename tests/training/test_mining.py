@@ -1,0 +1,237 @@
+"""Hard-negative mining: planted hard negatives are found, planted false negatives (near duplicates
+of the positive) are filtered, negatives reach group batches, refreshes use the current weights,
+and a resumed run mines exactly what the uninterrupted one did."""
+
+import contextlib
+import json
+import math
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from embedft.config import LossConfig, TrainConfig
+from embedft.data.batches import Batch, PairSource, build_pair_source
+from embedft.data.examples import Examples
+from embedft.training.loop import train
+from embedft.training.losses import batch_loss, group_info_nce
+from embedft.training.mining import mine_hard_negatives, mining_due
+from embedft.training.tokens import TokenCache, batch_sequences
+from test_train import _adapter, _encoder, toy_examples  # the tiny-model helpers of the loop's tests
+
+CPU = torch.device("cpu")
+
+
+class VectorEncoder:
+    """A test double for the encoder: each text embeds to a given unit vector, so the scores are planted."""
+
+    def __init__(self, vectors: dict[str, list[float]]):
+        self.spec = SimpleNamespace(query_template=None)
+        self.index = {t: i for i, t in enumerate(vectors)}
+        v = np.array(list(vectors.values()), dtype=np.float32)
+        self.vectors = v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    def tokenize(self, texts, is_query=False):
+        return [[self.index[t]] for t in texts]
+
+    def encode_ids(self, ids, device=None, **kw):
+        return self.vectors[[i[0] for i in ids]]
+
+
+def _unit(cos_e0: float, axis: int, dim: int = 8) -> list[float]:
+    """A unit vector with cosine `cos_e0` to e0, the rest along e_axis."""
+    v = [0.0] * dim
+    v[0], v[axis] = cos_e0, math.sqrt(1 - cos_e0 ** 2)
+    return v
+
+
+# Anchor a1's positive a2 scores 0.80; dup (another group: a mislabelled near duplicate of a2) 0.85,
+# above 95% of the positive (0.76): a false negative. hard (0.70) is the true hard negative, easy 0.10;
+# b2, c2, d2 are orthogonal to a1 (score 0).
+GROUPED = {
+    "a1": _unit(1.0, 1), "a2": _unit(0.8, 1), "dup": _unit(0.85, 1), "b2": _unit(0.0, 4),
+    "hard": _unit(0.7, 2), "c2": _unit(0.0, 5), "easy": _unit(0.1, 3), "d2": _unit(0.0, 6),
+}
+GROUP_OF = {"a1": "A", "a2": "A", "dup": "B", "b2": "B", "hard": "C", "c2": "C", "easy": "D", "d2": "D"}
+
+
+def _grouped_source():
+    texts = list(GROUPED)
+    ex = Examples("grouped", "planted", np.arange(len(texts)) + 1, texts, groups=[GROUP_OF[t] for t in texts],
+                  labels=None)
+    src = build_pair_source(ex)
+    enc = VectorEncoder({t: GROUPED[t] for t in src.texts})
+    return src, enc, TokenCache(enc, src.texts)
+
+
+def _mined_for(src, mined, text, **kw):
+    return [src.texts[i] if i >= 0 else None for i in mined[src.texts.index(text)]]
+
+
+def test_mining_finds_the_planted_hard_negative_and_filters_the_near_duplicate_of_the_positive():
+    src, enc, cache = _grouped_source()
+    mine = lambda **kw: mine_hard_negatives(enc, src, cache, 2, CPU, **kw)  # noqa: E731
+    # Without the filter the near duplicate of the positive comes first: a false negative.
+    assert _mined_for(src, mine(), "a1") == ["dup", "hard"]
+    # relative_margin 0.05 (the default): drop above 0.80 - 0.04 = 0.76, so dup goes and hard stays.
+    assert _mined_for(src, mine(relative_margin=0.05), "a1") == ["hard", "easy"]
+    # absolute_margin 0.2: drop above 0.60, which removes hard as well.
+    assert _mined_for(src, mine(absolute_margin=0.2), "a1")[0] == "easy"
+    # range_min skips the nearest eligible candidate (sentence-transformers' range_min).
+    assert _mined_for(src, mine(range_min=1), "a1") == ["hard", "easy"]
+    # Never the anchor's own group, never the anchor itself, for any anchor.
+    mined = mine(relative_margin=0.05)
+    for t in src.texts:
+        got = [m for m in mined[src.texts.index(t)] if m >= 0]
+        assert got and all(GROUP_OF[src.texts[m]] != GROUP_OF[t] for m in got), t
+
+
+def test_mining_pairs_uses_each_rows_positive_and_only_documents_as_candidates():
+    # q1's positive p1 scores 0.80; dup (q3's positive) 0.85: filtered; p2 0.50 is the hard negative;
+    # q2 scores 0.90 but is a query, never a document: not a candidate.
+    vec = {"q1": _unit(1.0, 1), "p1": _unit(0.8, 1), "q2": _unit(0.9, 2), "p2": _unit(0.5, 3),
+           "q3": _unit(0.0, 4), "dup": _unit(0.85, 1)}
+    texts = list(vec)
+    src = PairSource(texts, anchors=np.array([0, 2, 4]), anchor_keys=np.array([0, 1, 2]),
+                     text_keys=np.array([0, 0, 1, 1, 2, 2]), members=None, positives=np.array([1, 3, 5]),
+                     negatives=None, batch_labels=None)
+    enc = VectorEncoder(vec)
+    cache = TokenCache(enc, texts)
+    assert _mined_for(src, mine_hard_negatives(enc, src, cache, 1, CPU, relative_margin=None), "q1") == ["dup"]
+    assert _mined_for(src, mine_hard_negatives(enc, src, cache, 1, CPU, relative_margin=0.05), "q1") == ["p2"]
+    assert (mine_hard_negatives(enc, src, cache, 1, CPU)[[1, 3, 5]] == -1).all()  # no row for non-anchors
+
+
+def test_group_loss_takes_mined_negatives_as_extra_candidates():
+    # Two groups of two texts, one extra candidate: by hand, for pair (0, 1) of anchor 0.
+    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.3], [0.0, 1.0], [0.2, 1.0]]), dim=1)
+    extra = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1]]), dim=1)
+    keys = torch.tensor([0, 0, 1, 1])
+    same = torch.eye(4, dtype=torch.bool)
+    t = 0.1
+    base = group_info_nce(emb, emb, keys, same, temperature=t)
+    ok = torch.ones(4, 1, dtype=torch.bool)
+    with_extra = group_info_nce(emb, emb, keys, same, temperature=t, extra=extra, extra_ok=ok)
+    masked = group_info_nce(emb, emb, keys, same, temperature=t, extra=extra, extra_ok=~ok)
+    assert masked == pytest.approx(float(base))
+    s = emb @ torch.cat([emb, extra]).T / t  # (4, 5)
+    per_anchor = []
+    for i, p in ((0, 1), (1, 0), (2, 3), (3, 2)):
+        negs = [j for j in range(5) if j < 4 and keys[j] != keys[i]] + [4]
+        per_anchor.append(-(s[i, p] - torch.logsumexp(torch.stack([s[i, p], *s[i, negs]]), 0)))
+    assert float(with_extra) == pytest.approx(float(torch.stack(per_anchor).mean()), rel=1e-5)
+    assert float(with_extra) > float(base)
+
+    # Through batch_sequences and batch_loss: a group batch with negatives embeds them (document form)
+    # and a negative of the anchor's own group is masked, never a negative.
+    src, enc, cache = _grouped_source()
+    ids = np.array([src.texts.index(t) for t in ("a1", "a2", "easy", "d2")])
+    keys_np = src.text_keys[ids]
+    own = src.texts.index("dup"), src.texts.index("a2")  # dup: a negative; a2: own group for a1/a2
+    batch = Batch(ids, None, np.array([[own[0]], [own[1]], [-1], [-1]]), keys_np)
+    seqs, gather = batch_sequences(batch, cache)
+    assert len(seqs) == 4 + 2 and list(gather["neg_ids"]) == sorted(own)
+    emb_b = torch.as_tensor(enc.encode_ids(seqs))
+    loss = batch_loss(emb_b, batch, gather, src.text_keys, LossConfig(temperature=t))
+    plain = batch_loss(emb_b[:4], replace(batch, negatives=None), batch_sequences(replace(batch, negatives=None),
+                                                                                  cache)[1], src.text_keys,
+                       LossConfig(temperature=t))
+    assert float(loss) > float(plain)  # dup entered a1's and a2's denominators
+
+
+def test_mining_due_by_steps_or_epochs():
+    assert [s for s in range(1, 9) if mining_due(3, s, False)] == [3, 6]
+    assert not mining_due(3, 3, True) and not mining_due(None, 4, False) and not mining_due(None, 4, True)
+    assert mining_due("epoch", 8, True) and not mining_due("epoch", 8, False)
+
+
+@contextlib.contextmanager
+def _killed_after_checkpoint(monkeypatch):
+    """The run dies right after writing its first checkpoint."""
+    import embedft.training.loop as T
+
+    real_save = T.save_checkpoint
+
+    def save_then_die(path, *a, **k):
+        real_save(path, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(T, "save_checkpoint", real_save)
+
+
+def _spy_mining(monkeypatch):
+    """Record, per mining call, a fingerprint of the LoRA weights it mined with."""
+    import embedft.training.mining as M
+
+    calls, real = [], M.mine_hard_negatives
+
+    def spy(encoder, *a, **k):
+        calls.append(sum(float(v.double().sum()) for v in _adapter(encoder).values()))
+        return real(encoder, *a, **k)
+
+    monkeypatch.setattr(M, "mine_hard_negatives", spy)
+    return calls
+
+
+@pytest.mark.parametrize("sampling, mine_every, n_mined", [("groups", 2, 5), ("random", 4, 3),
+                                                         ("similar_groups", "epoch", 3)])
+def test_refreshed_negatives_use_the_current_weights_and_resume_exactly(tiny_bert_dir, tmp_path, monkeypatch,
+                                                                        sampling, mine_every, n_mined):
+    from embedft.training.checkpoint import load_checkpoint_arrays
+
+    src = build_pair_source(toy_examples())  # 12 groups x 4 texts
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=3e-2, warmup_ratio=0.0, log_every=1, batch_sampling=sampling)
+    loss_cfg = LossConfig(temperature=0.1, hard_negatives=2, mine_every=mine_every)
+    calls = _spy_mining(monkeypatch)
+    full = _encoder(tiny_bert_dir, dropout=0.1)
+    res = train(full, src, cfg, loss_cfg, tmp_path / "full", progress=False)
+    assert res.steps == 9  # 48 anchors / 16 = 3 steps an epoch
+    # Mined at the start and at each refresh (every 2 steps / 4 steps / each later epoch), each time
+    # with the weights as they were then (the weights change between refreshes).
+    assert len(calls) == n_mined and len(set(calls)) == n_mined
+    arrays = load_checkpoint_arrays(tmp_path / "full" / "checkpoint")
+    neg = arrays["negatives"]
+    rows = np.unique(src.anchors)
+    assert neg.shape == (len(src.texts), 2) and (neg[rows] >= 0).all()
+    assert (src.text_keys[neg[rows]] != src.text_keys[rows][:, None]).all()  # never of the anchor's group
+    assert ("neighbours" in arrays) == (sampling == "similar_groups")
+
+    killed = _encoder(tiny_bert_dir, dropout=0.1)
+    with _killed_after_checkpoint(monkeypatch), pytest.raises(KeyboardInterrupt):
+        train(killed, src, replace(cfg, checkpoint_every=2), loss_cfg, tmp_path / "resumed", progress=False)
+    progress = json.loads((tmp_path / "resumed" / "checkpoint" / "progress.json").read_text())
+    assert (progress["step"], progress["batches_done"]) == (2, 2)  # mid-epoch, after step 2's refresh if any
+
+    resumed = _encoder(tiny_bert_dir, dropout=0.1)  # a fresh process: fresh weights, state from disk
+    res = train(resumed, src, cfg, loss_cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert [h["step"] for h in res.history] == list(range(1, 10))
+    a, b = _adapter(full), _adapter(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    again = load_checkpoint_arrays(tmp_path / "resumed" / "checkpoint")
+    assert again.keys() == arrays.keys() and all(np.array_equal(again[k], arrays[k]) for k in arrays)
+
+
+def test_a_checkpoint_without_mining_state_mines_from_the_starting_weights(tiny_bert_dir, tmp_path, monkeypatch):
+    """Checkpoints written before mining was saved: the run mines from the starting weights, as it then did."""
+    src = build_pair_source(toy_examples())
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-2, warmup_ratio=0.0, log_every=1)
+    loss_cfg = LossConfig(temperature=0.1, hard_negatives=1)
+    full = _encoder(tiny_bert_dir)
+    train(full, src, cfg, loss_cfg, tmp_path / "full", progress=False)
+    killed = _encoder(tiny_bert_dir)
+    with _killed_after_checkpoint(monkeypatch), pytest.raises(KeyboardInterrupt):
+        train(killed, src, cfg, loss_cfg, tmp_path / "old", progress=False)  # at the end of epoch 1
+    (tmp_path / "old" / "checkpoint" / "arrays.npz").unlink()
+    calls = _spy_mining(monkeypatch)
+    resumed = _encoder(tiny_bert_dir)
+    train(resumed, src, cfg, loss_cfg, tmp_path / "old", resume=True, progress=False)
+    assert len(calls) == 1
+    a, b = _adapter(full), _adapter(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
