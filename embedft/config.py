@@ -190,7 +190,9 @@ class TrainConfig:
     # similar_groups: groups, laid in runs of neighbouring groups by the starting encoder, so
     #   in-batch negatives are hard ones at no extra cost
     batch_sampling: str = "random"
-    group_size: int = 4  # groups/similar_groups: at most this many texts of a group per epoch
+    # groups/similar_groups: a group's texts lie in a batch in pieces of group_size to 2 x group_size - 1
+    # (every text once per epoch): with group_size 4, a text has 3+ positives in its batch.
+    group_size: int = 4
     mini_batch_size: int | None = None  # cached negatives (GradCache): embed in chunks of this size
     output_dir: str = "runs/{name}"
     # A checkpoint every this many steps as well as at each epoch's end, so --resume loses at
@@ -327,6 +329,14 @@ class ExperimentConfig:
                               f"{e}); the only placeholder is {{name}}, e.g. runs/{{name}}",
                               ("train.output_dir",)) from None
         sampling = self.train.batch_sampling
+        if sampling == "by_label" and self.data.shape == "labeled" and self.loss.hard_negatives == 0:
+            # Labeled data's positives are its labels: in a one-label batch every other text is the
+            # anchor's positive, none is a negative, and the contrastive loss is 0 at every step.
+            raise ConfigError("train.batch_sampling=by_label on labeled data (data.shape=labeled) puts one label in "
+                              "each batch, so no in-batch text is a negative and the loss is 0 (nothing is "
+                              "learned); use -o train.batch_sampling=groups (several texts of each of many labels "
+                              "per batch), or add mined negatives from other labels with -o loss.hard_negatives=1",
+                              ("train.batch_sampling", "loss.hard_negatives"))
         if sampling in GROUP_SAMPLINGS and self.loss.hard_negatives > 0:
             raise ConfigError(f"loss.hard_negatives={self.loss.hard_negatives} is not used with train.batch_sampling="
                               f"{sampling} (group batches have no per-anchor negatives); set "

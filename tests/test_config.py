@@ -283,3 +283,31 @@ def test_error_in_file_names_the_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert str(e.value).startswith(f"{p}: lora.r:")
+
+
+def test_by_label_batches_of_labeled_data_are_refused_without_negatives():
+    # Labeled data: one label per batch makes every in-batch candidate the anchor's positive.
+    with pytest.raises(ConfigError, match=r"train\.batch_sampling=by_label on labeled data .* the loss is 0 .*"
+                                          r"train\.batch_sampling=groups.*loss\.hard_negatives=1") as e:
+        config_from_dict({"data": {"shape": "labeled"}, "train": {"batch_sampling": "by_label"}})
+    assert e.value.keys == ("train.batch_sampling", "loss.hard_negatives")
+    # With mined negatives from other labels it trains; grouped data has other groups of the label as negatives.
+    config_from_dict({"data": {"shape": "labeled"}, "train": {"batch_sampling": "by_label"},
+                      "loss": {"hard_negatives": 1}})
+    config_from_dict({"data": {"shape": "grouped"}, "train": {"batch_sampling": "by_label"}})
+
+
+def test_why_by_label_cannot_train_labeled_data():
+    # The loss the refusal above spares the user: every candidate but the anchor's own positive shares
+    # its key, so it is masked and the softmax has one finite logit: exactly 0 whatever the weights.
+    import torch
+
+    from embedft.training.losses import false_negative_mask, info_nce
+
+    torch.manual_seed(0)
+    a, p = (torch.nn.functional.normalize(torch.randn(6, 8), dim=1) for _ in range(2))
+    keys, ids = torch.zeros(6, dtype=torch.long), torch.arange(6)
+    same = false_negative_mask(keys, keys, ids, ids + 6)
+    assert float(info_nce(a, p, exclude=same)) == 0.0
+    other = false_negative_mask(keys, torch.cat([keys, torch.ones(6, dtype=torch.long)]), ids, torch.arange(6, 18))
+    assert float(info_nce(a, p, torch.nn.functional.normalize(torch.randn(6, 8), dim=1), exclude=other)) > 0.1
