@@ -59,8 +59,12 @@ class DataConfig:
     query_column: Column = "query"
     positive_column: Column = "positive"
     negative_columns: tuple[Column, ...] = ()
-    # given: `eval` file; hash: deterministic by label/group; modulo: eval when int(group) % split_modulo == 0
+    # given: `eval` file; hash: deterministic by text (labeled), group (grouped) or query (pairs);
+    # modulo: eval when int(group) % split_modulo == 0
     split: str = "hash"
+    # hash/modulo (and train.val_fraction) keep each value of this column on one side instead: e.g. the
+    # product of labeled offers, so no product is on both sides. null = as above.
+    split_column: Column | None = None
     eval_fraction: float = 0.2
     split_modulo: int = 5
     split_seed: int = 13
@@ -200,7 +204,16 @@ class TrainConfig:
     checkpoint_every: int | None = 500
     log_every: int = 10
     eval_every_epoch: bool = True
-    val_max_queries: int = 1000  # per-epoch validation recall@10 on at most this many queries
+    # Model selection without the eval split: a validation split carved out of the training data
+    # (`data.examples.carve_validation`: labeled data by text, every label keeping its share; grouped
+    # by group; pairs by query), scored each epoch on the task's own metric: kNN macro-F1 against
+    # the training texts for labeled data, recall@10 for grouped and pairs data. 0: no validation
+    # (then set select_best=false and patience=null too).
+    val_fraction: float = 0.1
+    select_best: bool = True  # end with the best epoch's adapter (saved, and evaluated), not the last one's
+    patience: int | None = 2  # stop after this many epochs without a better validation metric; null: never
+    val_max_queries: int = 1000  # per-epoch validation on at most this many validation texts/queries
+    val_max_index: int = 10000  # labeled data: the kNN index holds at most this many training texts
     threads: int | None = None  # torch CPU threads; null = torch's default
     # Frozen base weights (LoRA weights and optimizer state stay fp32): auto = bf16 on CUDA and on
     # CPUs with native bf16 (AVX512-BF16, AMX), fp32 on other CPUs.
@@ -245,6 +258,16 @@ class TrainConfig:
         _check(self.base_dtype in ("auto", "fp32", "bf16"), "train.base_dtype",
                f"unknown base_dtype {self.base_dtype!r}; use auto, fp32 or bf16")
         _check(self.val_max_queries >= 1, "train.val_max_queries", f"must be >= 1, got {self.val_max_queries}")
+        _check(self.val_max_index >= 1, "train.val_max_index", f"must be >= 1, got {self.val_max_index}")
+        _check(0.0 <= self.val_fraction < 1.0, "train.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _check(self.patience is None or self.patience >= 1, "train.patience",
+               f"must be >= 1 or null (never stop early), got {self.patience}")
+        if self.val_fraction == 0:
+            # Without a validation split there is nothing to select or stop on: say so rather than ignore them.
+            _check(not self.select_best, "train.select_best", "needs a validation split, and train.val_fraction=0 "
+                   "has none; set -o train.val_fraction=0.1, or -o train.select_best=false to keep the last epoch")
+            _check(self.patience is None, "train.patience", "needs a validation split, and train.val_fraction=0 "
+                   "has none; set -o train.val_fraction=0.1, or -o train.patience=null to train every epoch")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # eval.precision's values

@@ -311,3 +311,16 @@ def test_why_by_label_cannot_train_labeled_data():
     assert float(info_nce(a, p, exclude=same)) == 0.0
     other = false_negative_mask(keys, torch.cat([keys, torch.ones(6, dtype=torch.long)]), ids, torch.arange(6, 18))
     assert float(info_nce(a, p, torch.nn.functional.normalize(torch.randn(6, 8), dim=1), exclude=other)) > 0.1
+
+
+def test_selection_without_a_validation_split_is_refused_naming_the_fix():
+    with pytest.raises(ConfigError, match=r"train.select_best: needs a validation split, and train.val_fraction=0 has "
+                                          r"none; set -o train.val_fraction=0.1, or -o train.select_best=false"):
+        TrainConfig(val_fraction=0.0)
+    with pytest.raises(ConfigError, match=r"train.patience: needs a validation split.*-o train.patience=null"):
+        TrainConfig(val_fraction=0.0, select_best=False)
+    TrainConfig(val_fraction=0.0, select_best=False, patience=None)
+    with pytest.raises(ConfigError, match=r"train.val_fraction: must be in \[0, 1\), got 1.0"):
+        TrainConfig(val_fraction=1.0)
+    with pytest.raises(ConfigError, match=r"train.patience: must be >= 1 or null"):
+        TrainConfig(patience=0)

@@ -17,7 +17,7 @@ SPEC = EncoderSpec(base_model="tiny", model_path="/m", model_type="bert", family
                    normalize=True, padding_side="right", query_template=None, max_length=128, hidden_size=32,
                    fingerprint="abc123")
 # The settings a resumed run may change (they do not alter what is trained or in which order).
-MAY_CHANGE = {"threads", "log_every", "device", "output_dir", "eval_every_epoch", "val_max_queries", "compile",
+MAY_CHANGE = {"threads", "log_every", "device", "output_dir", "compile",
               "checkpoint_every"}
 
 
