@@ -28,6 +28,15 @@ GROUP_SAMPLINGS = ("groups", "similar_groups")
 DEVICES = "auto, cpu, cuda or cuda:N (N = 0, 1, ...)"  # what train.device and --device accept
 
 
+def resolve_batch_sampling(sampling: str, shape: str) -> str:
+    """What train.batch_sampling=auto means for data of this shape: `groups` for labeled data (batches
+    with several texts of each of many labels: every same-label text a positive, every other one a
+    negative, the supervised contrastive setting), `random` pairs for grouped and pairs data."""
+    if sampling != "auto":
+        return sampling
+    return "groups" if shape == "labeled" else "random"
+
+
 def is_device(name: str) -> bool:
     """Whether `name` is one of DEVICES (auto: CUDA when there is one, else the CPU)."""
     return name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name) is not None
@@ -187,13 +196,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     device: str = "auto"  # auto|cpu|cuda
+    # auto: groups for labeled data, random for grouped and pairs data (`resolve_batch_sampling`);
     # random: anchors shuffled, each with a positive drawn from its group/label;
     # by_label: each batch drawn from one label (harder in-batch negatives);
     # groups (grouped/labeled data): batches of whole groups, every text an anchor whose positives
     #   are the other texts of its group in the batch (one forward pass per text, not two);
     # similar_groups: groups, laid in runs of neighbouring groups by the starting encoder, so
     #   in-batch negatives are hard ones at no extra cost
-    batch_sampling: str = "random"
+    batch_sampling: str = "auto"
     # groups/similar_groups: a group's texts lie in a batch in pieces of group_size to 2 x group_size - 1
     # (every text once per epoch): with group_size 4, a text has 3+ positives in its batch.
     group_size: int = 4
@@ -245,8 +255,8 @@ class TrainConfig:
                f"unknown scheduler {self.scheduler!r}; use linear, cosine or constant")
         _check(self.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         _check(is_device(self.device), "train.device", f"unknown device {self.device!r}; use {DEVICES}")
-        _check(self.batch_sampling in ("random", "by_label", "groups", "similar_groups"), "train.batch_sampling",
-               f"unknown batch_sampling {self.batch_sampling!r}; use random, by_label, groups or similar_groups")
+        _check(self.batch_sampling in ("auto", "random", "by_label", "groups", "similar_groups"), "train.batch_sampling",
+               f"unknown batch_sampling {self.batch_sampling!r}; use auto, random, by_label, groups or similar_groups")
         _check(self.group_size >= 2, "train.group_size", f"must be >= 2 (a text and its positive), got {self.group_size}")
         if self.mini_batch_size is not None:
             _check(1 <= self.mini_batch_size, "train.mini_batch_size", f"must be >= 1, got {self.mini_batch_size}")
@@ -351,7 +361,9 @@ class ExperimentConfig:
             raise ConfigError(f"train.output_dir: {self.train.output_dir!r} cannot be filled in ({type(e).__name__}: "
                               f"{e}); the only placeholder is {{name}}, e.g. runs/{{name}}",
                               ("train.output_dir",)) from None
-        sampling = self.train.batch_sampling
+        sampling = resolve_batch_sampling(self.train.batch_sampling, self.data.shape)
+        auto = f" (train.batch_sampling=auto means {sampling} for {self.data.shape} data)" \
+            if self.train.batch_sampling == "auto" else ""
         if sampling == "by_label" and self.data.shape == "labeled" and self.loss.hard_negatives == 0:
             # Labeled data's positives are its labels: in a one-label batch every other text is the
             # anchor's positive, none is a negative, and the contrastive loss is 0 at every step.
@@ -362,13 +374,15 @@ class ExperimentConfig:
                               ("train.batch_sampling", "loss.hard_negatives"))
         if sampling in GROUP_SAMPLINGS and self.loss.hard_negatives > 0:
             raise ConfigError(f"loss.hard_negatives={self.loss.hard_negatives} is not used with train.batch_sampling="
-                              f"{sampling} (group batches have no per-anchor negatives); set "
-                              "-o loss.hard_negatives=0, and use similar_groups for hard in-batch negatives",
+                              f"{sampling}{auto} (group batches have no per-anchor negatives); set "
+                              "-o loss.hard_negatives=0, and use similar_groups for hard in-batch negatives, "
+                              "or -o train.batch_sampling=random for pairs with mined negatives",
                               ("loss.hard_negatives", "train.batch_sampling"))
         if sampling in GROUP_SAMPLINGS and self.loss.symmetric:
-            raise ConfigError(f"loss.symmetric=true is not used with train.batch_sampling={sampling} "
+            raise ConfigError(f"loss.symmetric=true is not used with train.batch_sampling={sampling}{auto} "
                               "(every text of a group batch is already an anchor against all the others, so there "
-                              "is no positive->anchor direction to add); set -o loss.symmetric=false",
+                              "is no positive->anchor direction to add); set -o loss.symmetric=false, or "
+                              "-o train.batch_sampling=random",
                               ("loss.symmetric", "train.batch_sampling"))
 
     @property

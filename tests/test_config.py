@@ -94,7 +94,7 @@ def test_unknown_key_typo_suggests_close_name():
     ({"train": {"max_steps": 5, "warmup_steps": 10}}, "train.warmup_steps", "longer than training"),
     ({"train": {"batch_size": 1}}, "train.batch_size", "must be >= 2"),
     ({"train": {"scheduler": "exponential"}}, "train.scheduler", "linear, cosine or constant"),
-    ({"train": {"batch_sampling": "hard"}}, "train.batch_sampling", "random, by_label, groups or similar_groups"),
+    ({"train": {"batch_sampling": "hard"}}, "train.batch_sampling", "auto, random, by_label, groups or similar_groups"),
     ({"train": {"group_size": 1}}, "train.group_size", "must be >= 2"),
     ({"train": {"epochs": "two"}}, "train.epochs", "expected an integer, got 'two'"),
     ({"train": {"epochs": 1.5}}, "train.epochs", "expected an integer"),
@@ -324,3 +324,18 @@ def test_selection_without_a_validation_split_is_refused_naming_the_fix():
         TrainConfig(val_fraction=1.0)
     with pytest.raises(ConfigError, match=r"train.patience: must be >= 1 or null"):
         TrainConfig(patience=0)
+
+
+def test_batch_sampling_auto_means_groups_for_labeled_data_only():
+    from embedft.config import resolve_batch_sampling
+
+    assert TrainConfig().batch_sampling == "auto"
+    assert [resolve_batch_sampling("auto", s) for s in ("labeled", "grouped", "pairs")] == ["groups", "random", "random"]
+    assert resolve_batch_sampling("random", "labeled") == "random"  # a setting given is kept
+    # What group batches cannot take is refused for auto too, naming what auto meant and the way out.
+    with pytest.raises(ConfigError, match=r"loss.hard_negatives=2 is not used with train.batch_sampling=groups "
+                                          r"\(train.batch_sampling=auto means groups for labeled data\).*"
+                                          r"-o train.batch_sampling=random"):
+        config_from_dict({"data": {"shape": "labeled"}, "loss": {"hard_negatives": 2}})
+    config_from_dict({"data": {"shape": "grouped"}, "loss": {"hard_negatives": 2}})  # auto: random pairs
+    config_from_dict({"data": {"shape": "labeled"}, "loss": {"hard_negatives": 2}, "train": {"batch_sampling": "random"}})

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from embedft.config import GROUP_SAMPLINGS, TrainConfig
+from embedft.config import GROUP_SAMPLINGS, TrainConfig, resolve_batch_sampling
 from embedft.data.examples import Examples
 from embedft.errors import ConfigError, DataError
 
@@ -34,6 +34,7 @@ class PairSource:
     positives: np.ndarray | None  # (N,) text ids (pairs)
     negatives: np.ndarray | None  # (N, H) text ids (pairs), -1 padded
     batch_labels: np.ndarray | None  # (N,) int, for by_label sampling
+    shape: str = "grouped"  # of the examples: labeled, grouped or pairs (train.batch_sampling=auto follows it)
 
     @property
     def n_anchors(self) -> int:
@@ -88,7 +89,7 @@ def build_pair_source(ex: Examples) -> PairSource:
         text_keys[anchors] = anchor_keys
         if negatives is None:
             _check_contrast(ex, anchor_keys, "every query and positive is linked to every other through shared texts")
-        return PairSource(list(table), anchors, anchor_keys, text_keys, None, positives, negatives, None)
+        return PairSource(list(table), anchors, anchor_keys, text_keys, None, positives, negatives, None, "pairs")
 
     key_of: dict[str, int] = {}
     anchors = np.array([tid(t) for t in ex.texts])
@@ -110,7 +111,8 @@ def build_pair_source(ex: Examples) -> PairSource:
     what = "label" if ex.shape == "labeled" else "group"
     _check_contrast(ex, anchor_keys[keep], f"every training text with a positive has the same {what} "
                                            f"({ex.groups[int(np.flatnonzero(keep)[0])]!r})")
-    return PairSource(list(table), anchors[keep], anchor_keys[keep], text_keys, members_np, None, None, batch_labels)
+    return PairSource(list(table), anchors[keep], anchor_keys[keep], text_keys, members_np, None, None, batch_labels,
+                      ex.shape)
 
 
 def _check_contrast(ex: Examples, anchor_keys: np.ndarray, why: str) -> None:
@@ -147,7 +149,7 @@ def anchors_per_epoch(src: PairSource, sampling: str = "random", group_size: int
 def check_schedule(src: PairSource, cfg: TrainConfig, source: str = "training data") -> int:
     """The run's optimizer steps; a clear error, naming `source`, when one epoch has fewer anchors
     than a batch or the warmup is longer than the whole run."""
-    n = anchors_per_epoch(src, cfg.batch_sampling, cfg.group_size)
+    n = anchors_per_epoch(src, resolve_batch_sampling(cfg.batch_sampling, src.shape), cfg.group_size)
     if n < cfg.batch_size:
         raise DataError(f"{source}: train.batch_size={cfg.batch_size} is larger than the {n} training anchors per "
                         f"epoch (texts with a positive); lower train.batch_size to at most {n}")

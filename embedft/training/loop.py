@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from embedft.config import LossConfig, TrainConfig
+from embedft.config import LossConfig, TrainConfig, resolve_batch_sampling
 from embedft.data.batches import PairSource, check_schedule, epoch_batches
 from embedft.modeling.encoder import Encoder, compile_layers
 from embedft.modeling.lora import lora_settings
@@ -122,7 +122,8 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
         mined = mine_hard_negatives(encoder, src, cache, loss_cfg.hard_negatives, device)
         torch.set_rng_state(state)
     neighbours = None
-    if cfg.batch_sampling == "similar_groups":
+    sampling = resolve_batch_sampling(cfg.batch_sampling, src.shape)  # auto: by the data's shape
+    if sampling == "similar_groups":
         log.info("finding each group's nearest groups with the starting encoder")
         state = torch.get_rng_state()
         neighbours = group_neighbours(encoder, src, cache, device)
@@ -147,7 +148,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
         for epoch in range(start_epoch, cfg.epochs):
             if step >= n_total or (selection is not None and selection.should_stop):
                 break
-            batches = epoch_batches(src, cfg.batch_size, cfg.seed, epoch, cfg.batch_sampling,
+            batches = epoch_batches(src, cfg.batch_size, cfg.seed, epoch, sampling,
                                     loss_cfg.hard_negatives, mined, cfg.group_size, neighbours)
             # An epoch's batches are a pure function of (seed, epoch): a run resumed from a
             # mid-epoch checkpoint skips the ones done and goes on with the same next batch.
@@ -197,7 +198,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
             epoch_done = epoch + 1
             if val is not None and cfg.eval_every_epoch:
                 metrics = validate(encoder, val, val_cache, loss_fn, cfg.batch_size, device, cfg.seed,
-                                   sampling=cfg.batch_sampling, group_size=cfg.group_size)
+                                   sampling=sampling, group_size=cfg.group_size)
                 result.val_history.append({"epoch": epoch_done, "step": step, **metrics})
                 sink.log_metrics({**metrics, "epoch": float(epoch_done)}, step=step)
                 log.info("epoch %d: %s", epoch_done, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -280,3 +280,12 @@ def test_check_schedule_boundaries():
         check_schedule(src, TrainConfig(batch_size=37))
     with pytest.raises(ConfigError, match="train.warmup_steps=3 is longer than the 2 training steps"):
         check_schedule(src, TrainConfig(batch_size=36, epochs=2, warmup_steps=3))
+
+
+def test_pair_sources_know_the_shape_auto_sampling_follows():
+    rows = [(f"q{lab}-{j}", f"l{lab}") for lab in range(3) for j in range(10)]
+    ex = Examples("labeled", "mem", np.arange(30) + 2, [r[0] for r in rows], groups=[r[1] for r in rows],
+                  labels=[r[1] for r in rows])
+    assert build_pair_source(ex).shape == "labeled"
+    assert build_pair_source(_grouped_examples()).shape == "grouped"
+    assert build_pair_source(_pairs([(f"q{i}", f"p{i}") for i in range(4)])).shape == "pairs"

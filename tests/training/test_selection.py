@@ -171,3 +171,22 @@ def test_the_eval_split_is_read_only_by_the_evaluations(tiny_bert_dir, tmp_path,
     report = json.loads((tmp_path / "run" / "checkpoint" / "progress.json").read_text())
     assert [set(v) >= {"val/macro_f1", "val/accuracy"} for v in report["val_history"]] == [True] * 3
     assert summary["best_epoch"] in (1, 2, 3) and summary["metrics"]["train/best_epoch"] == summary["best_epoch"]
+
+
+@pytest.mark.parametrize("shape, want", [("labeled", "groups"), ("grouped", "random")])
+def test_the_loop_draws_group_batches_for_labeled_data_by_default(tiny_bert_dir, tmp_path, monkeypatch, shape, want):
+    from embedft.data.examples import Examples
+
+    ex = toy_examples()
+    if shape == "labeled":
+        ex = Examples("labeled", "toy", ex.rows, ex.texts, groups=ex.groups, labels=ex.groups)
+    drawn = []
+
+    def record(src, batch_size, seed, epoch, sampling, *a, **k):
+        drawn.append(sampling)
+        raise KeyboardInterrupt  # the sampling is all this test needs
+
+    monkeypatch.setattr(loop_mod, "epoch_batches", record)
+    with pytest.raises(KeyboardInterrupt):
+        train(_encoder(tiny_bert_dir), build_pair_source(ex), TrainConfig(batch_size=8), LOSS, tmp_path, progress=False)
+    assert TrainConfig().batch_sampling == "auto" and drawn == [want]
