@@ -28,15 +28,18 @@ class Selection:
     patience: int | None = None  # stop after this many epochs without improvement; None: never
     keep_weights: bool = True  # train.select_best: keep the best epoch's weights to put back at the end
     best_value: float = float("-inf")
+    best_loss: float = float("inf")  # val/loss of the best epoch: breaks ties of a saturated metric
     best_epoch: int = 0
     bad_epochs: int = 0
     weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def update(self, metrics: dict[str, float], epoch: int, encoder: Encoder) -> bool:
-        """Record one epoch's validation metrics; True when it is the best so far (ties keep the earlier)."""
+        """Record one epoch's validation metrics; True when it is the best so far. A tie on the metric
+        (recall@10 at 1.0 on easy data, say) goes to the lower validation loss, else to the earlier epoch."""
         value = float(metrics[self.metric])
-        if value > self.best_value:
-            self.best_value, self.best_epoch, self.bad_epochs = value, epoch, 0
+        loss = float(metrics.get("val/loss", float("inf")))
+        if value > self.best_value or (value == self.best_value and loss < self.best_loss):
+            self.best_value, self.best_loss, self.best_epoch, self.bad_epochs = value, loss, epoch, 0
             if self.keep_weights:
                 self.weights = _trainable(encoder)
             return True
@@ -60,10 +63,12 @@ class Selection:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of it."""
-        return {"metric": self.metric, "best_value": self.best_value, "best_epoch": self.best_epoch,
+        return {"metric": self.metric, "best_value": self.best_value, "best_loss": self.best_loss,
+                "best_epoch": self.best_epoch,
                 "bad_epochs": self.bad_epochs, "weights": self.weights}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` gave (from a checkpoint of the same run)."""
         self.best_value, self.best_epoch = float(state["best_value"]), int(state["best_epoch"])
+        self.best_loss = float(state.get("best_loss", float("inf")))
         self.bad_epochs, self.weights = int(state["bad_epochs"]), state["weights"]

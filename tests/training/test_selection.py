@@ -46,9 +46,14 @@ def test_selection_by_hand():
     assert sel.bad_epochs == 1 and not sel.should_stop
     assert not sel.update({"val/macro_f1": 0.4}, 3, enc) and sel.should_stop
     assert sel.restore(enc) and torch.equal(enc.weight, sel.weights["weight"])
+    # A saturated metric: the tie goes to the lower validation loss.
+    tie = Selection("val/recall@10")
+    tie.update({"val/recall@10": 1.0, "val/loss": 0.4}, 1, enc)
+    assert tie.update({"val/recall@10": 1.0, "val/loss": 0.3}, 2, enc) and tie.best_epoch == 2
+    assert not tie.update({"val/recall@10": 1.0, "val/loss": 0.35}, 3, enc) and tie.best_epoch == 2
     again = Selection("val/macro_f1", patience=2)
     again.load_state_dict(sel.state_dict())
-    assert (again.best_value, again.best_epoch, again.bad_epochs) == (0.5, 1, 2)
+    assert (again.best_value, again.best_epoch, again.bad_epochs, again.best_loss) == (0.5, 1, 2, float("inf"))
     assert not Selection("m", keep_weights=False).restore(enc)
 
 
