@@ -185,10 +185,13 @@ class LossConfig:
 class TrainConfig:
     """The training loop."""
 
-    epochs: int = 1
+    # 3 epochs at lr 1e-3 (LoRA wants about 10x a full fine-tune's rate) with select_best and patience
+    # below: labeled proxies peaked at epochs 2-4 (docs/benchmarks.md, "Labeled data"); grouped data
+    # gained from 5e-4 -> 1e-3 -> 2e-3 in the PriceRunner runs 2-4.
+    epochs: int = 3
     max_steps: int | None = None  # stop early after this many optimizer steps
     batch_size: int = 64  # anchors per step (each brings a positive)
-    lr: float = 2e-4
+    lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     warmup_steps: int | None = None  # overrides warmup_ratio when set

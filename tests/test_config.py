@@ -25,7 +25,7 @@ EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 def test_defaults_construct_and_load_config_none_gives_them():
     cfg = load_config(None)
     assert cfg == ExperimentConfig()
-    assert cfg.train.lr == 2e-4 and cfg.lora.r == 16 and cfg.data.shape == "labeled"
+    assert cfg.train.lr == 1e-3 and cfg.train.epochs == 3 and cfg.lora.r == 16 and cfg.data.shape == "labeled"
     assert cfg.output_dir == Path("runs/default")
 
 
