@@ -297,14 +297,17 @@ def carve_validation(train: Examples, fraction: float, seed: int) -> tuple[Examp
     Whole units go to one side, as the eval split does: a value of data.split_column (a product,
     say), else a group (grouped data), a query (pairs), a text (labeled data). Every label keeps
     its share: a label keeps at least two texts to train on, and gives none to validation otherwise. Units go to validation when a hash of
-    them with `seed` falls below `fraction`, so the split does not depend on row order and a
-    resumed run gets the same one. None when fraction is 0.
+    them with `seed` falls below `fraction` (on small data, at least the lowest-hash unit), so the
+    split does not depend on row order and a resumed run gets the same one. None when fraction is 0.
     """
     if fraction <= 0:
         return train, None
     keys = _unit_keys(train)
     # Not the eval split's hash: with data.split=hash its train side is where that hash is high.
-    is_val = np.array([_stable_hash(k, f"val{seed}") < fraction for k in keys], dtype=bool)
+    h = np.array([_stable_hash(k, f"val{seed}") for k in keys])
+    is_val = h < fraction
+    if not is_val.any():  # small data: at least the unit with the lowest hash
+        is_val = h == h.min()
     if train.shape == "labeled":
         labels = np.array(train.labels, dtype=object)
         for lab in np.unique(labels):

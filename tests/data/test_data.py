@@ -657,11 +657,13 @@ def test_validation_split_keeps_groups_and_split_column_values_whole():
     assert set(fit.split_keys).isdisjoint(val.split_keys) and len(val) % 4 == 0 and len(val) > 0
 
 
-def test_validation_split_that_carves_nothing_says_how_to_fix_it():
+def test_validation_split_of_small_data_takes_one_unit_or_says_how_to_fix_it():
     from embedft.data.examples import carve_validation
 
-    with pytest.raises(DataError, match=r"train.val_fraction=0.001 carves no text .*raise it.*train.val_fraction=0"):
-        carve_validation(_labeled(n_labels=2, per=5), 0.001, seed=13)
+    fit, val = carve_validation(_labeled(n_labels=2, per=5), 0.001, seed=13)  # 0.1% of 10 texts: still one
+    assert len(val) == 1 and len(fit) == 9
+    with pytest.raises(DataError, match=r"train.val_fraction=0.5 carves no text .*raise it.*train.val_fraction=0"):
+        carve_validation(_labeled(n_labels=3, per=2), 0.5, seed=13)  # every label needs both texts to train on
 
 
 def test_split_column_splits_labeled_data_by_product(tmp_path):
