@@ -13,7 +13,7 @@ RUN ?= runs/pricerunner-matching
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup lock train test test-fast config-docs bench-pricerunner bench-deploy bench-encode bench-train bench-chunking bench-serve gpu-check gpu-bundle gpu-smoke-image ui ui-check ui-screenshots clean
+.PHONY: help setup lock train test test-fast config-docs bench-pricerunner bench-labeled bench-deploy bench-encode bench-train bench-chunking bench-serve gpu-check gpu-bundle gpu-smoke-image ui ui-check ui-screenshots clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ config-docs: setup ## Write docs/config.md from the dataclasses in embedft/confi
 
 bench-pricerunner: setup ## Train + evaluate on real PriceRunner data (../shared/datasets), 17-27 min on 2 cores
 	$(PY) -m embedft train experiments/pricerunner-matching.yaml --no-progress
+
+bench-labeled: setup ## Labeled data (classification): base vs adapted on PriceRunner proxies, 2 seeds, table (about 1 h on 2 cores)
+	$(PY) benchmarks/bench_labeled.py --seeds 0,1 --threads 1
 
 bench-deploy: setup ## After bench-pricerunner: export its adapter, index build + search --classify vs its evaluation (RUN=...)
 	$(PY) -m embedft export --adapter $(RUN)/adapter --out $(RUN)/export --overwrite

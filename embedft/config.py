@@ -46,6 +46,15 @@ def tracking_uri_problem(uri: str) -> str | None:
 DEVICES = "auto, cpu, cuda or cuda:N (N = 0, 1, ...)"  # what train.device and --device accept
 
 
+def resolve_batch_sampling(sampling: str, shape: str) -> str:
+    """What train.batch_sampling=auto means for data of this shape: `groups` for labeled data (batches
+    with several texts of each of many labels: every same-label text a positive, every other one a
+    negative, the supervised contrastive setting), `random` pairs for grouped and pairs data."""
+    if sampling != "auto":
+        return sampling
+    return "groups" if shape == "labeled" else "random"
+
+
 def is_device(name: str) -> bool:
     """Whether `name` is one of DEVICES (auto: CUDA when there is one, else the CPU)."""
     return name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name) is not None
@@ -77,8 +86,12 @@ class DataConfig:
     query_column: Column = "query"  # pairs: the query
     positive_column: Column = "positive"  # pairs: its positive document
     negative_columns: tuple[Column, ...] = ()  # pairs: hard negative documents, one column each
-    # given: `eval` file; hash: deterministic by label/group; modulo: eval when int(group) % split_modulo == 0
+    # given: `eval` file; hash: deterministic by text (labeled), group (grouped) or query (pairs);
+    # modulo: eval when int(group) % split_modulo == 0
     split: str = "hash"
+    # hash/modulo (and train.val_fraction) keep each value of this column on one side instead: e.g. the
+    # product of labeled offers, so no product is on both sides. null = as above.
+    split_column: Column | None = None
     eval_fraction: float = 0.2  # split=hash: share of labels/groups that go to eval
     split_modulo: int = 5  # split=modulo: the divisor
     split_seed: int = 13  # seed of the hash split and of the subsampling
@@ -210,10 +223,13 @@ class LossConfig:
 class TrainConfig:
     """The training loop."""
 
-    epochs: int = 1  # passes over the training data
+    # 3 epochs at lr 1e-3 (LoRA wants about 10x a full fine-tune's rate) with select_best and patience
+    # below: labeled proxies peaked at epochs 2-4 (docs/benchmarks.md, "Labeled data"); grouped data
+    # gained from 5e-4 -> 1e-3 -> 2e-3 in the PriceRunner runs 2-4.
+    epochs: int = 3  # passes over the training data
     max_steps: int | None = None  # stop early after this many optimizer steps
     batch_size: int = 64  # anchors per step (each brings a positive)
-    lr: float = 2e-4  # peak learning rate (AdamW over the LoRA parameters only)
+    lr: float = 1e-3  # peak learning rate (AdamW over the LoRA parameters only)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_ratio: float = 0.1  # share of the steps spent warming the learning rate up
     warmup_steps: int | None = None  # overrides warmup_ratio when set
@@ -221,22 +237,34 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping
     seed: int = 42  # batch order, LoRA initialisation, dropout
     device: str = "auto"  # auto|cpu|cuda
+    # auto: groups for labeled data, random for grouped and pairs data (`resolve_batch_sampling`);
     # random: anchors shuffled, each with a positive drawn from its group/label;
     # by_label: each batch drawn from one label (harder in-batch negatives);
     # groups (grouped/labeled data): batches of whole groups, every text an anchor whose positives
     #   are the other texts of its group in the batch (one forward pass per text, not two);
     # similar_groups: groups, laid in runs of neighbouring groups by the starting encoder, so
     #   in-batch negatives are hard ones at no extra cost
-    batch_sampling: str = "random"
-    group_size: int = 4  # groups/similar_groups: at most this many texts of a group per epoch
+    batch_sampling: str = "auto"
+    # groups/similar_groups: a group's texts lie in a batch in pieces of group_size to 2 x group_size - 1
+    # (every text once per epoch): with group_size 4, a text has 3+ positives in its batch.
+    group_size: int = 4
     mini_batch_size: int | None = None  # cached negatives (GradCache): embed in chunks of this size
     output_dir: str = "runs/{name}"  # the run folder; {name} = the experiment's name
     # A checkpoint every this many steps as well as at each epoch's end, so --resume loses at
     # most that many steps of a long epoch (null: at epoch ends only).
     checkpoint_every: int | None = 500
     log_every: int = 10  # log train loss, lr and samples/s every this many steps
-    eval_every_epoch: bool = True  # validation loss and recall@10 after each epoch
-    val_max_queries: int = 1000  # per-epoch validation recall@10 on at most this many queries
+    eval_every_epoch: bool = True  # validation after each epoch (the metric below and the loss)
+    # Model selection without the eval split: a validation split carved out of the training data
+    # (`data.examples.carve_validation`: labeled data by text, every label keeping its share; grouped
+    # by group; pairs by query), scored each epoch on the task's own metric: kNN macro-F1 against
+    # the training texts for labeled data, recall@10 for grouped and pairs data. 0: no validation
+    # (then set select_best=false and patience=null too).
+    val_fraction: float = 0.1
+    select_best: bool = True  # end with the best epoch's adapter (saved, and evaluated), not the last one's
+    patience: int | None = 2  # stop after this many epochs without a better validation metric; null: never
+    val_max_queries: int = 1000  # per-epoch validation on at most this many validation texts/queries
+    val_max_index: int = 10000  # labeled data: the kNN index holds at most this many training texts
     threads: int | None = None  # torch CPU threads; null = torch's default
     # Frozen base weights (LoRA weights and optimizer state stay fp32): auto = bf16 on CUDA and on
     # CPUs with native bf16 (AVX512-BF16, AMX), fp32 on other CPUs.
@@ -268,8 +296,8 @@ class TrainConfig:
                f"unknown scheduler {self.scheduler!r}; use linear, cosine or constant")
         _check(self.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         _check(is_device(self.device), "train.device", f"unknown device {self.device!r}; use {DEVICES}")
-        _check(self.batch_sampling in ("random", "by_label", "groups", "similar_groups"), "train.batch_sampling",
-               f"unknown batch_sampling {self.batch_sampling!r}; use random, by_label, groups or similar_groups")
+        _check(self.batch_sampling in ("auto", "random", "by_label", "groups", "similar_groups"), "train.batch_sampling",
+               f"unknown batch_sampling {self.batch_sampling!r}; use auto, random, by_label, groups or similar_groups")
         _check(self.group_size >= 2, "train.group_size", f"must be >= 2 (a text and its positive), got {self.group_size}")
         if self.mini_batch_size is not None:
             _check(1 <= self.mini_batch_size, "train.mini_batch_size", f"must be >= 1, got {self.mini_batch_size}")
@@ -282,6 +310,16 @@ class TrainConfig:
                f"unknown base_dtype {self.base_dtype!r}; use auto, fp32 or bf16")
         _check(self.val_max_queries >= 1, "train.val_max_queries", f"must be >= 1, got {self.val_max_queries}")
         _check(0 <= self.seed < 2**32, "train.seed", f"must be in [0, 2**32) (numpy's seeds), got {self.seed}")
+        _check(self.val_max_index >= 1, "train.val_max_index", f"must be >= 1, got {self.val_max_index}")
+        _check(0.0 <= self.val_fraction < 1.0, "train.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _check(self.patience is None or self.patience >= 1, "train.patience",
+               f"must be >= 1 or null (never stop early), got {self.patience}")
+        if self.val_fraction == 0:
+            # Without a validation split there is nothing to select or stop on: say so rather than ignore them.
+            _check(not self.select_best, "train.select_best", "needs a validation split, and train.val_fraction=0 "
+                   "has none; set -o train.val_fraction=0.1, or -o train.select_best=false to keep the last epoch")
+            _check(self.patience is None, "train.patience", "needs a validation split, and train.val_fraction=0 "
+                   "has none; set -o train.val_fraction=0.1, or -o train.patience=null to train every epoch")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # eval.precision's values
@@ -382,16 +420,27 @@ class ExperimentConfig:
                                   ("eval.output_dir",)) from None
             _check(bool(self.eval.output_dir.strip()), "eval.output_dir",
                    "must be a folder path or null (the run folder's eval/), got an empty string")
-        sampling = self.train.batch_sampling
+        sampling = resolve_batch_sampling(self.train.batch_sampling, self.data.shape)
+        auto = f" (train.batch_sampling=auto means {sampling} for {self.data.shape} data)" \
+            if self.train.batch_sampling == "auto" else ""
+        if sampling == "by_label" and self.data.shape == "labeled" and self.loss.hard_negatives == 0:
+            # Labeled data's positives are its labels: in a one-label batch every other text is the
+            # anchor's positive, none is a negative, and the contrastive loss is 0 at every step.
+            raise ConfigError("train.batch_sampling=by_label on labeled data (data.shape=labeled) puts one label in "
+                              "each batch, so no in-batch text is a negative and the loss is 0 (nothing is "
+                              "learned); use -o train.batch_sampling=groups (several texts of each of many labels "
+                              "per batch), or add mined negatives from other labels with -o loss.hard_negatives=1",
+                              ("train.batch_sampling", "loss.hard_negatives"))
         if self.loss.mine_every is not None and self.loss.hard_negatives == 0 and sampling != "similar_groups":
             raise ConfigError(f"loss.mine_every={self.loss.mine_every!r} has nothing to mine: loss.hard_negatives is 0 "
                               f"and train.batch_sampling={sampling} finds no neighbouring groups; set "
                               "-o loss.hard_negatives=N (N >= 1), or remove loss.mine_every",
                               ("loss.mine_every", "loss.hard_negatives"))
         if sampling in GROUP_SAMPLINGS and self.loss.symmetric:
-            raise ConfigError(f"loss.symmetric=true is not used with train.batch_sampling={sampling} "
+            raise ConfigError(f"loss.symmetric=true is not used with train.batch_sampling={sampling}{auto} "
                               "(every text of a group batch is already an anchor against all the others, so there "
-                              "is no positive->anchor direction to add); set -o loss.symmetric=false",
+                              "is no positive->anchor direction to add); set -o loss.symmetric=false, or "
+                              "-o train.batch_sampling=random",
                               ("loss.symmetric", "train.batch_sampling"))
 
     @property

@@ -71,8 +71,9 @@ def test_check_default_experiment_prints_rows(monkeypatch):
 def test_check_our_experiment(experiment):
     result = invoke("check", str(experiment), "-o", "data.split=modulo", "-o", "data.split_modulo=4")
     assert result.exit_code == 0, result.output
-    # groups 0, 4, 8 (3 texts each) are eval; the other 9 groups are train.
-    assert "training anchors: 27" in result.stdout
+    # groups 0, 4, 8 (3 texts each) are eval; the other 9 groups are train, one of them carved out
+    # as the validation split (train.val_fraction: at least one group).
+    assert "training anchors: 24" in result.stdout and "val_rows: 3" in result.stdout
     assert "  train_rows: 27" in result.stdout and "  eval_rows: 9" in result.stdout
 
 

@@ -25,7 +25,7 @@ EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 def test_defaults_construct_and_load_config_none_gives_them():
     cfg = load_config(None)
     assert cfg == ExperimentConfig()
-    assert cfg.train.lr == 2e-4 and cfg.lora.r == 16 and cfg.data.shape == "labeled"
+    assert cfg.train.lr == 1e-3 and cfg.train.epochs == 3 and cfg.lora.r == 16 and cfg.data.shape == "labeled"
     assert cfg.output_dir == Path("runs/default")
 
 
@@ -94,7 +94,7 @@ def test_unknown_key_typo_suggests_close_name():
     ({"train": {"max_steps": 5, "warmup_steps": 10}}, "train.warmup_steps", "longer than training"),
     ({"train": {"batch_size": 1}}, "train.batch_size", "must be >= 2"),
     ({"train": {"scheduler": "exponential"}}, "train.scheduler", "linear, cosine or constant"),
-    ({"train": {"batch_sampling": "hard"}}, "train.batch_sampling", "random, by_label, groups or similar_groups"),
+    ({"train": {"batch_sampling": "hard"}}, "train.batch_sampling", "auto, random, by_label, groups or similar_groups"),
     ({"train": {"group_size": 1}}, "train.group_size", "must be >= 2"),
     ({"train": {"epochs": "two"}}, "train.epochs", "expected an integer, got 'two'"),
     ({"train": {"epochs": 1.5}}, "train.epochs", "expected an integer"),
@@ -300,3 +300,61 @@ def test_mining_settings_are_checked_with_the_option_and_the_fix():
             load_config(None, ["loss.hard_negatives=2", opt])
     with pytest.raises(ConfigError, match=r"loss.mine_every=10 has nothing to mine: .*set -o loss.hard_negatives=N"):
         load_config(None, ["loss.mine_every=10"])
+
+
+def test_by_label_batches_of_labeled_data_are_refused_without_negatives():
+    # Labeled data: one label per batch makes every in-batch candidate the anchor's positive.
+    with pytest.raises(ConfigError, match=r"train\.batch_sampling=by_label on labeled data .* the loss is 0 .*"
+                                          r"train\.batch_sampling=groups.*loss\.hard_negatives=1") as e:
+        config_from_dict({"data": {"shape": "labeled"}, "train": {"batch_sampling": "by_label"}})
+    assert e.value.keys == ("train.batch_sampling", "loss.hard_negatives")
+    # With mined negatives from other labels it trains; grouped data has other groups of the label as negatives.
+    config_from_dict({"data": {"shape": "labeled"}, "train": {"batch_sampling": "by_label"},
+                      "loss": {"hard_negatives": 1}})
+    config_from_dict({"data": {"shape": "grouped"}, "train": {"batch_sampling": "by_label"}})
+
+
+def test_why_by_label_cannot_train_labeled_data():
+    # The loss the refusal above spares the user: every candidate but the anchor's own positive shares
+    # its key, so it is masked and the softmax has one finite logit: exactly 0 whatever the weights.
+    import torch
+
+    from embedft.training.losses import false_negative_mask, info_nce
+
+    torch.manual_seed(0)
+    a, p = (torch.nn.functional.normalize(torch.randn(6, 8), dim=1) for _ in range(2))
+    keys, ids = torch.zeros(6, dtype=torch.long), torch.arange(6)
+    same = false_negative_mask(keys, keys, ids, ids + 6)
+    assert float(info_nce(a, p, exclude=same)) == 0.0
+    other = false_negative_mask(keys, torch.cat([keys, torch.ones(6, dtype=torch.long)]), ids, torch.arange(6, 18))
+    assert float(info_nce(a, p, torch.nn.functional.normalize(torch.randn(6, 8), dim=1), exclude=other)) > 0.1
+
+
+def test_selection_without_a_validation_split_is_refused_naming_the_fix():
+    with pytest.raises(ConfigError, match=r"train.select_best: needs a validation split, and train.val_fraction=0 has "
+                                          r"none; set -o train.val_fraction=0.1, or -o train.select_best=false"):
+        TrainConfig(val_fraction=0.0)
+    with pytest.raises(ConfigError, match=r"train.patience: needs a validation split.*-o train.patience=null"):
+        TrainConfig(val_fraction=0.0, select_best=False)
+    TrainConfig(val_fraction=0.0, select_best=False, patience=None)
+    with pytest.raises(ConfigError, match=r"train.val_fraction: must be in \[0, 1\), got 1.0"):
+        TrainConfig(val_fraction=1.0)
+    with pytest.raises(ConfigError, match=r"train.patience: must be >= 1 or null"):
+        TrainConfig(patience=0)
+
+
+def test_batch_sampling_auto_means_groups_for_labeled_data_only():
+    from embedft.config import resolve_batch_sampling
+
+    assert TrainConfig().batch_sampling == "auto"
+    assert [resolve_batch_sampling("auto", s) for s in ("labeled", "grouped", "pairs")] == ["groups", "random", "random"]
+    assert resolve_batch_sampling("random", "labeled") == "random"  # a setting given is kept
+    # What group batches cannot take is refused for auto too, naming what auto meant and the way out.
+    with pytest.raises(ConfigError, match=r"loss.symmetric=true is not used with train.batch_sampling=groups "
+                                          r"\(train.batch_sampling=auto means groups for labeled data\).*"
+                                          r"-o train.batch_sampling=random"):
+        config_from_dict({"data": {"shape": "labeled"}, "loss": {"symmetric": True}})
+    # Mined negatives go with group batches too (extra candidates of each text).
+    config_from_dict({"data": {"shape": "labeled"}, "loss": {"hard_negatives": 2}})
+    config_from_dict({"data": {"shape": "grouped"}, "loss": {"hard_negatives": 2}})  # auto: random pairs
+    config_from_dict({"data": {"shape": "labeled"}, "loss": {"hard_negatives": 2}, "train": {"batch_sampling": "random"}})

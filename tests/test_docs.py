@@ -39,7 +39,7 @@ def test_config_reference_names_every_field_with_its_comment(_config_docs):
     # A comment above a field and one at its end are both kept, in that order.
     note = comments["ModelConfig"]["query_instruction"]
     assert note.startswith("Decoder embedders") and note.endswith("null = family default")
-    assert "| `train.lr` | `float` | `0.0002` |" in text
+    assert f"| `train.lr` | `float` | `{config.TrainConfig.lr}` |" in text
 
 
 def test_readme_states_the_test_command_ci_runs():

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from embedft.config import GROUP_SAMPLINGS, TrainConfig
+from embedft.config import GROUP_SAMPLINGS, TrainConfig, resolve_batch_sampling
 from embedft.data.examples import Examples
 from embedft.errors import ConfigError, DataError
 
@@ -34,6 +34,7 @@ class PairSource:
     positives: np.ndarray | None  # (N,) text ids (pairs)
     negatives: np.ndarray | None  # (N, H) text ids (pairs), -1 padded
     batch_labels: np.ndarray | None  # (N,) int, for by_label sampling
+    shape: str = "grouped"  # of the examples: labeled, grouped or pairs (train.batch_sampling=auto follows it)
 
     @property
     def n_anchors(self) -> int:
@@ -88,7 +89,7 @@ def build_pair_source(ex: Examples) -> PairSource:
         text_keys[anchors] = anchor_keys
         if negatives is None:
             _check_contrast(ex, anchor_keys, "every query and positive is linked to every other through shared texts")
-        return PairSource(list(table), anchors, anchor_keys, text_keys, None, positives, negatives, None)
+        return PairSource(list(table), anchors, anchor_keys, text_keys, None, positives, negatives, None, "pairs")
 
     key_of: dict[str, int] = {}
     anchors = np.array([tid(t) for t in ex.texts])
@@ -110,7 +111,8 @@ def build_pair_source(ex: Examples) -> PairSource:
     what = "label" if ex.shape == "labeled" else "group"
     _check_contrast(ex, anchor_keys[keep], f"every training text with a positive has the same {what} "
                                            f"({ex.groups[int(np.flatnonzero(keep)[0])]!r})")
-    return PairSource(list(table), anchors[keep], anchor_keys[keep], text_keys, members_np, None, None, batch_labels)
+    return PairSource(list(table), anchors[keep], anchor_keys[keep], text_keys, members_np, None, None, batch_labels,
+                      ex.shape)
 
 
 def _check_contrast(ex: Examples, anchor_keys: np.ndarray, why: str) -> None:
@@ -137,17 +139,17 @@ class Batch:
 
 
 def anchors_per_epoch(src: PairSource, sampling: str = "random", group_size: int = 4) -> int:
-    """Anchors one epoch draws from: every anchor, or for group batches up to `group_size` texts
-    of each group that can train."""
+    """Anchors one epoch draws from: every anchor, or for group batches every text of each group
+    that can train (`group_batches` lays all of a group's texts, `group_size` at a time)."""
     if sampling in GROUP_SAMPLINGS:
-        return int(sum(min(len(src.members[k]), group_size) for k in group_keys(src).tolist()))
+        return int(sum(len(src.members[k]) for k in group_keys(src).tolist()))
     return src.n_anchors
 
 
 def check_schedule(src: PairSource, cfg: TrainConfig, source: str = "training data") -> int:
     """The run's optimizer steps; a clear error, naming `source`, when one epoch has fewer anchors
     than a batch or the warmup is longer than the whole run."""
-    n = anchors_per_epoch(src, cfg.batch_sampling, cfg.group_size)
+    n = anchors_per_epoch(src, resolve_batch_sampling(cfg.batch_sampling, src.shape), cfg.group_size)
     if n < cfg.batch_size:
         raise DataError(f"{source}: train.batch_size={cfg.batch_size} is larger than the {n} training anchors per "
                         f"epoch (texts with a positive); lower train.batch_size to at most {n}")
@@ -221,30 +223,39 @@ NEIGHBOUR_RUN = 8
 
 def group_batches(src: PairSource, batch_size: int, seed: int, epoch: int, group_size: int = 4,
                   neighbours: np.ndarray | None = None) -> Iterator[Batch]:
-    """Batches of whole groups: up to `group_size` texts of each group (a fresh random subset each
-    epoch), groups laid end to end and cut every `batch_size` texts.
+    """Batches of groups: every text of every group once per epoch, each group's texts (a fresh
+    shuffle each epoch) laid together in pieces of `group_size` to 2 x `group_size` - 1 texts
+    (`group_pieces`), the pieces in random order, cut every `batch_size` texts.
 
     Every text is an anchor and the other texts of its group in the batch are its positives, so
-    one forward pass per text serves both roles (pairs need anchor + positive passes). With
-    `neighbours` ((n_groups, m) positions into `group_keys(src)`, nearest first) groups are
-    laid in runs of NEIGHBOUR_RUN neighbouring groups, so in-batch negatives are hard ones
-    (the 128GB variant next to the 64GB phone) at no extra forward pass.
+    one forward pass per text serves both roles (pairs need anchor + positive passes). A group
+    of many texts (a label of labeled data) gives many pieces, so an epoch covers the data: 77
+    labels of 130 texts are 2,500 pieces of 4, not 77. With `neighbours` ((n_groups, m) positions
+    into `group_keys(src)`, nearest first) the pieces go in runs of NEIGHBOUR_RUN neighbouring
+    groups (the i-th piece of each group of a run together), so in-batch negatives are hard ones
+    (the 128GB variant next to the 64GB phone) at no extra forward pass. Only the ragged last
+    batch (fewer than `batch_size` texts) is left out.
     """
     rng = np.random.default_rng([seed, epoch])
     keys = group_keys(src)
     order = rng.permutation(len(keys))
-    if neighbours is not None:
-        order = _neighbour_runs(order, neighbours)
+    pieces = [group_pieces(rng.permutation(src.members[int(k)]), group_size) for k in keys.tolist()]
+    runs = _neighbour_run_list(order, neighbours) if neighbours is not None else [[g] for g in order.tolist()]
+    blocks = []  # texts laid together: one piece, or the r-th pieces of a run of neighbouring groups
+    for r in range(max(len(p) for p in pieces)):
+        for run in runs:
+            block = [(g, pieces[g][r]) for g in run if r < len(pieces[g])]
+            if block:
+                blocks.append(block)
     text_labels = None
     if src.batch_labels is not None:
         text_labels = np.full(len(src.texts), -1, dtype=np.int64)
         text_labels[src.anchors] = src.batch_labels
     ids, id_keys = [], []
-    for g in order.tolist():
-        pool = src.members[int(keys[g])]
-        take = rng.permutation(pool)[:group_size]
-        ids.append(take)
-        id_keys.append(np.full(len(take), keys[g], dtype=np.int64))
+    for b in rng.permutation(len(blocks)).tolist():
+        for g, piece in blocks[b]:
+            ids.append(piece)
+            id_keys.append(np.full(len(piece), keys[g], dtype=np.int64))
     flat, flat_keys = np.concatenate(ids), np.concatenate(id_keys)
     for i in range(0, len(flat) - batch_size + 1, batch_size):
         texts = flat[i:i + batch_size]
@@ -252,19 +263,32 @@ def group_batches(src: PairSource, batch_size: int, seed: int, epoch: int, group
                     text_labels[texts] if text_labels is not None else None)
 
 
+def group_pieces(texts: np.ndarray, group_size: int) -> list[np.ndarray]:
+    """A group's texts cut into len // group_size near-equal pieces (one piece when fewer), so
+    every piece but a small group's only one holds group_size to 2 x group_size - 1 texts: never
+    a lone text, which would have no positive in its batch."""
+    return np.array_split(texts, max(1, len(texts) // group_size))
+
+
 def _neighbour_runs(order: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
-    """`order` rearranged into runs: each run starts at the next unused group and follows each
-    group's nearest unused neighbour, for up to NEIGHBOUR_RUN groups."""
+    """`order` rearranged into runs (`_neighbour_run_list`), laid end to end."""
+    return np.array([g for run in _neighbour_run_list(order, neighbours) for g in run], dtype=np.int64)
+
+
+def _neighbour_run_list(order: np.ndarray, neighbours: np.ndarray) -> list[list[int]]:
+    """`order` cut into runs: each run starts at the next unused group and follows each group's
+    nearest unused neighbour, for up to NEIGHBOUR_RUN groups."""
     used = np.zeros(len(order), dtype=bool)
     out = []
     for start in order.tolist():
-        cur, run = start, 0
-        while cur is not None and not used[cur] and run < NEIGHBOUR_RUN:
+        cur, run = start, []
+        while cur is not None and not used[cur] and len(run) < NEIGHBOUR_RUN:
             used[cur] = True
-            out.append(cur)
-            run += 1
+            run.append(cur)
             cur = next((int(n) for n in neighbours[cur] if n >= 0 and not used[n]), None)
-    return np.array(out, dtype=np.int64)
+        if run:
+            out.append(run)
+    return out
 
 
 def _other_member(pool: np.ndarray, anchor: int, rng: np.random.Generator) -> int:

@@ -35,6 +35,7 @@ class Examples:
     labels: list[str] | None = None  # class labels for kNN classification
     positives: list[str] | None = None  # pairs
     negatives: list[list[str]] | None = None  # pairs, hard negatives per row
+    split_keys: list[str] | None = None  # data.split_column: rows with one value stay on one side of a split
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -43,7 +44,8 @@ class Examples:
         """A subset of rows (idx: integer positions)."""
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
         return replace(self, rows=self.rows[idx], texts=pick(self.texts), groups=pick(self.groups),
-                       labels=pick(self.labels), positives=pick(self.positives), negatives=pick(self.negatives))
+                       labels=pick(self.labels), positives=pick(self.positives), negatives=pick(self.negatives),
+                       split_keys=pick(self.split_keys))
 
     def all_texts(self) -> list[str]:
         """Every text of the split (queries, positives and negatives for pairs)."""
@@ -96,6 +98,7 @@ def load_examples(path: str, cfg: DataConfig) -> Examples:
     def column(col: Column, option: str) -> list[str]:
         return text_values(_column(df, col, path, option), path, rows, f"{option}={col!r}")
 
+    split_keys = column(cfg.split_column, "data.split_column") if cfg.split_column is not None else None
     if cfg.shape == "pairs":
         texts = column(cfg.query_column, "data.query_column")
         _warn_numbers(texts, path, f"data.query_column={cfg.query_column!r}")
@@ -104,7 +107,7 @@ def load_examples(path: str, cfg: DataConfig) -> Examples:
         if cfg.negative_columns:
             cols = [column(c, "data.negative_columns") for c in cfg.negative_columns]
             negatives = [[c[i] for c in cols] for i in range(len(df))]
-        return Examples("pairs", path, rows, texts, positives=positives, negatives=negatives)
+        return Examples("pairs", path, rows, texts, positives=positives, negatives=negatives, split_keys=split_keys)
     texts = column(cfg.text_column, "data.text_column")
     _warn_numbers(texts, path, f"data.text_column={cfg.text_column!r}")
     labels = None
@@ -114,9 +117,9 @@ def load_examples(path: str, cfg: DataConfig) -> Examples:
     if cfg.label_column is not None and (cfg.shape == "labeled" or named or _has_column(df, cfg.label_column)):
         labels = column(cfg.label_column, "data.label_column")
     if cfg.shape == "labeled":
-        return Examples("labeled", path, rows, texts, groups=labels, labels=labels)
+        return Examples("labeled", path, rows, texts, groups=labels, labels=labels, split_keys=split_keys)
     groups = column(cfg.group_column, "data.group_column")
-    return Examples("grouped", path, rows, texts, groups=groups, labels=labels)
+    return Examples("grouped", path, rows, texts, groups=groups, labels=labels, split_keys=split_keys)
 
 
 def _apply_policy(ex: Examples, bad: np.ndarray, policy: str, option: str, what: str,
@@ -197,29 +200,36 @@ def check_overlap(train: Examples, eval_: Examples, cfg: DataConfig, report: Dat
                          report, "train_eval_overlap")
 
 
-def _stable_hash(s: str, seed: int) -> float:
+def _stable_hash(s: str, seed: int | str) -> float:
     d = hashlib.blake2b(f"{seed}:{s}".encode(), digest_size=8).digest()
     return int.from_bytes(d, "little") / 2**64
 
 
 def split_examples(ex: Examples, cfg: DataConfig) -> tuple[Examples, Examples]:
-    """Deterministic split: whole groups (grouped), whole texts (labeled) or whole queries (pairs)."""
-    if ex.shape == "grouped":
-        keys = ex.groups
-    else:
-        keys = ex.texts
+    """Deterministic split: whole values of data.split_column when set, else whole groups (grouped),
+    whole texts (labeled) or whole queries (pairs)."""
+    keys = _unit_keys(ex)
     if cfg.split == "modulo":
-        if ex.shape != "grouped":
-            raise DataError("data.split=modulo needs grouped data with integer group ids; use split=hash")
+        if ex.shape != "grouped" and ex.split_keys is None:
+            raise DataError("data.split=modulo needs grouped data with integer group ids, or integer ids in "
+                            "data.split_column; use split=hash")
         try:
             is_eval = np.array([int(g) % cfg.split_modulo == 0 for g in keys], dtype=bool)
         except ValueError:
-            raise DataError(f"{ex.source}: data.split=modulo needs integer group ids; use split=hash") from None
+            raise DataError(f"{ex.source}: data.split=modulo needs integer group ids (or data.split_column values); "
+                            "use split=hash") from None
     else:
         is_eval = np.array([_stable_hash(k, cfg.split_seed) < cfg.eval_fraction for k in keys], dtype=bool)
     if is_eval.all() or not is_eval.any():
         raise DataError(f"{ex.source}: the split left one side empty; change data.eval_fraction or provide data.eval")
     return ex.take(np.flatnonzero(~is_eval)), ex.take(np.flatnonzero(is_eval))
+
+
+def _unit_keys(ex: Examples) -> list[str]:
+    """What a split keeps whole: data.split_column's values, else groups (grouped data) or texts."""
+    if ex.split_keys is not None:
+        return ex.split_keys
+    return ex.groups if ex.shape == "grouped" else ex.texts
 
 
 def _subsample(ex: Examples, n: int | None, seed: int) -> Examples:
@@ -296,3 +306,36 @@ def retrieval_task(ex: Examples, max_queries: int | None = None, seed: int = 0) 
         task = RetrievalTask([task.queries[i] for i in pick], task.corpus, [task.positives[i] for i in pick],
                              None if task.self_ids is None else task.self_ids[pick])
     return task
+
+
+def carve_validation(train: Examples, fraction: float, seed: int) -> tuple[Examples, Examples | None]:
+    """(fit, val): a deterministic validation split carved out of the training examples, for model
+    selection and early stopping without reading the eval split.
+
+    Whole units go to one side, as the eval split does: a value of data.split_column (a product,
+    say), else a group (grouped data), a query (pairs), a text (labeled data). Every label keeps
+    its share: a label keeps at least two texts to train on, and gives none to validation otherwise. Units go to validation when a hash of
+    them with `seed` falls below `fraction` (on small data, at least the lowest-hash unit), so the
+    split does not depend on row order and a resumed run gets the same one. None when fraction is 0.
+    """
+    if fraction <= 0:
+        return train, None
+    keys = _unit_keys(train)
+    # Not the eval split's hash: with data.split=hash its train side is where that hash is high.
+    h = np.array([_stable_hash(k, f"val{seed}") for k in keys])
+    is_val = h < fraction
+    if not is_val.any():  # small data: at least the unit with the lowest hash
+        is_val = h == h.min()
+    if train.shape == "labeled":
+        labels = np.array(train.labels, dtype=object)
+        for lab in np.unique(labels):
+            mine = labels == lab
+            if (mine & ~is_val).sum() < 2:  # too few left to train on: the label stays whole
+                is_val[mine] = False
+    if not is_val.any() or is_val.all():
+        what = {"grouped": "group", "pairs": "query", "labeled": "text"}[train.shape]
+        raise DataError(f"{train.source}: train.val_fraction={fraction} carves {'no' if not is_val.any() else 'every'} "
+                        f"{what} of the {len(train)} training rows into the validation split; "
+                        f"{'raise' if not is_val.any() else 'lower'} it, or set -o train.val_fraction=0 "
+                        "-o train.select_best=false -o train.patience=null to train without validation")
+    return train.take(np.flatnonzero(~is_val)), train.take(np.flatnonzero(is_val))

@@ -44,8 +44,10 @@ def _moving_average(values: Sequence[float], window: int) -> list[float]:
 
 
 def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], out_path: str | Path,
-                    val_epochs: Sequence[int] | None = None, val_recall: Sequence[float | None] | None = None) -> Path:
-    """Training loss per logged step (raw and smoothed); per-epoch validation recall@10 on a second axis.
+                    val_epochs: Sequence[int] | None = None, val_recall: Sequence[float | None] | None = None,
+                    val_name: str = "val recall@10") -> Path:
+    """Training loss per logged step (raw and smoothed); the per-epoch validation metric (`val_name`:
+    recall@10, or kNN macro-F1 for labeled data) on a second axis.
 
     val_epochs: the optimizer steps at which each epoch's validation ran (x positions).
     """
@@ -64,8 +66,8 @@ def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], out_path: str
         pts = [(x, float(y)) for x, y in zip(val_epochs, val_recall) if y is not None]
         if pts:
             ax2 = ax.twinx()
-            ax2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:orange", label="val recall@10")
-            ax2.set_ylabel("val recall@10")
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:orange", label=val_name)
+            ax2.set_ylabel(val_name)
             ax2.set_ylim(0, 1.02)
             h2, l2 = ax2.get_legend_handles_labels()
             handles, labels = handles + h2, labels + l2

@@ -10,8 +10,8 @@ from typing import Any
 
 from embedft.config import ExperimentConfig, TrackingConfig
 from embedft.data.batches import PairSource, build_pair_source, check_schedule
-from embedft.data.examples import Examples, load_splits
-from embedft.errors import ConfigError
+from embedft.data.examples import Examples, carve_validation, load_splits, retrieval_task
+from embedft.errors import ConfigError, DataError
 from embedft.evaluation.tasks import check_tasks
 from embedft.tracking.base import NullTracker
 
@@ -20,10 +20,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PreparedData:
-    train: Examples
-    eval: Examples
-    source: PairSource
+    train: Examples  # the training split: the kNN index of the final evaluation
+    eval: Examples  # read by the final evaluation only
+    source: PairSource  # what training draws batches from: `fit`
     report: Any
+    fit: Examples | None = None  # the training split less the validation split (train when there is none)
+    val: Examples | None = None  # carved out of `train` (train.val_fraction) for model selection
 
 
 def prepare_data(cfg: ExperimentConfig) -> PreparedData:
@@ -35,7 +37,16 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     build_loss(cfg.loss)  # an unknown loss.name fails now
     resolve_model_path(cfg.model.name)  # a missing folder or an offline hub id fails now, not at the model load
     train_ex, eval_ex, report = load_splits(cfg.data)
-    src = build_pair_source(train_ex)
+    fit_ex, val_ex = carve_validation(train_ex, cfg.train.val_fraction if cfg.train.eval_every_epoch else 0.0,
+                                      cfg.data.split_seed)
+    if val_ex is not None:
+        report.counts["val_rows"] = len(val_ex)
+        if val_ex.shape != "labeled" and len(retrieval_task(val_ex)) == 0:
+            raise DataError(f"{cfg.data.train}: the validation split carved out of the training data "
+                            f"(train.val_fraction={cfg.train.val_fraction}, {len(val_ex)} rows) has no retrieval query "
+                            "(no group with two texts, no query/positive row); raise train.val_fraction, or set "
+                            "-o train.val_fraction=0 -o train.select_best=false -o train.patience=null")
+    src = build_pair_source(fit_ex)
     if cfg.loss.label_weight > 0 and (src.batch_labels is None or src.positives is not None):
         raise ConfigError(f"loss.label_weight={cfg.loss.label_weight} needs grouped data with a label column "
                           f"(data.shape=grouped, data.label_column set; {cfg.data.train} has shape "
@@ -44,7 +55,7 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
                           "(without labels there is no classification in the report either)")
     check_schedule(src, cfg.train, str(cfg.data.train))
     check_tasks(cfg.eval, train_ex, eval_ex)  # an evaluation that cannot run fails now, not after training
-    return PreparedData(train_ex, eval_ex, src, report)
+    return PreparedData(train_ex, eval_ex, src, report, fit_ex, val_ex)
 
 
 def _check_extras(cfg: ExperimentConfig) -> None:

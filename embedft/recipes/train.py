@@ -63,7 +63,10 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     if dtype != torch.float32:
         log.info("frozen base weights in %s (train.base_dtype=%s)", dtype, cfg.train.base_dtype)
     make_trainable(encoder, cfg.lora, dtype)
-    val = build_val_set(encoder, data.eval, cfg.train.val_max_queries, cfg.train.seed)
+    # Validation (model selection, early stopping) reads the split carved out of the training data,
+    # never data.eval: that is read by the evaluations alone.
+    val = build_val_set(encoder, data.fit, data.val, cfg.train.val_max_queries, cfg.train.val_max_index,
+                        cfg.eval.knn_k, cfg.train.seed)
 
     tags = _run_tags(cfg, encoder.spec, device)
     previous = (out / RUN_ID_FILE).read_text().strip() if resume and (out / RUN_ID_FILE).is_file() else None
@@ -109,6 +112,9 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
         final = mlflow_ui.final_metrics(adapted_eval.metrics, base_eval.metrics if base_eval else None)
         final.update({"train/total_seconds": result.train_seconds, "train/avg_samples_per_s": result.samples_per_s,
                       "train/avg_tokens_per_s": result.tokens_per_s})
+        if result.best_epoch is not None:
+            final.update({"train/best_epoch": float(result.best_epoch), "train/epochs_done": float(result.epochs_done),
+                          **{f"train/best_{k}": v for k, v in result.best_metric.items()}})
         tracker.log_metrics(final, step=0)  # one value per run: at step 0 the MLflow UI draws it as a bar, not a line
         plots = _make_plots(out / "plots", result, base_eval, adapted_eval)
         tracker.log_artifacts(str(adapter_dir), "adapter")
@@ -117,7 +123,8 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
             tracker.log_artifact(str(p), "plots")
         summary = {"run_id": run_id, **_ui_links(tracker), "output_dir": str(out), "adapter": str(adapter_dir),
                    "report": str(report_dir),
-                   "steps": result.steps, "train_seconds": result.train_seconds,
+                   "steps": result.steps, "train_seconds": result.train_seconds, "epochs_done": result.epochs_done,
+                   "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
                    "samples_per_s": result.samples_per_s, "metrics": final,
                    "table": format_table(compare(base_eval.metrics if base_eval else None, adapted_eval.metrics))}
         write_text(out / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2),
@@ -177,10 +184,12 @@ def _make_plots(out: Path, result, base_eval, adapted_eval) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     made = []
     if result.history:
+        metric = "val/macro_f1" if any("val/macro_f1" in v for v in result.val_history) else "val/recall@10"
         made.append(plots.plot_loss_curve([h["step"] for h in result.history], [h["train/loss"] for h in result.history],
                                           out / "loss.png",
                                           val_epochs=[v["step"] for v in result.val_history] or None,
-                                          val_recall=[v.get("val/recall@10") for v in result.val_history] or None))
+                                          val_recall=[v.get(metric) for v in result.val_history] or None,
+                                          val_name=metric.replace("/", " ").replace("_", "-")))
     if "retrieval" in adapted_eval.details:
         base_curve = base_eval.details["retrieval"]["recall_curve"] if base_eval else {}
         made.append(plots.plot_recall_curve(sorted(adapted_eval.details["retrieval"]["recall_curve"]), base_curve,

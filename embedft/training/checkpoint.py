@@ -27,6 +27,7 @@ from embedft.modeling.encoder import Encoder, EncoderSpec
 
 if TYPE_CHECKING:
     from embedft.training.result import TrainResult
+    from embedft.training.selection import Selection
 
 
 def _adapter_state(encoder: Encoder) -> dict[str, torch.Tensor]:
@@ -34,8 +35,9 @@ def _adapter_state(encoder: Encoder) -> dict[str, torch.Tensor]:
 
 
 # Settings a resumed run may change: they do not alter what is trained or in which order.
+# (train.eval_every_epoch and the val_* settings are not among them: the epoch a run ends with depends on them.)
 RESUMABLE_CHANGES = ("train.threads", "train.log_every", "train.device", "train.output_dir",
-                     "train.eval_every_epoch", "train.val_max_queries", "train.compile", "train.checkpoint_every")
+                     "train.compile", "train.checkpoint_every")
 
 
 # EncoderSpec fields that change what a text embeds to, so what is trained (next to the weights' fingerprint).
@@ -107,8 +109,9 @@ def _set_numpy_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: int, result: TrainResult,
                     identity: dict[str, Any] | None = None, batches_done: int = 0,
-                    arrays: dict[str, np.ndarray] | None = None) -> None:
-    """Everything to continue exactly: adapter, optimizer, scheduler, RNG, counters. Atomic.
+                    arrays: dict[str, np.ndarray] | None = None, selection: Selection | None = None) -> None:
+    """Everything to continue exactly: adapter, optimizer, scheduler, RNG, counters, and model
+    selection's state (the best epoch so far and its weights). Atomic.
 
     epoch: epochs done; batches_done: batches done of the next one (0 at an epoch's end);
     arrays: run state that is not weights (mined negatives: `mining.Miner.state`), in arrays.npz.
@@ -119,7 +122,8 @@ def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: 
     torch.save({"adapter": _adapter_state(encoder), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                "epoch": epoch, "step": step, "batches_done": batches_done}, state)
+                "epoch": epoch, "step": step, "batches_done": batches_done,
+                "selection": selection.state_dict() if selection is not None else None}, state)
     progress = json.dumps({"epoch": epoch, "step": step, "batches_done": batches_done, "history": result.history,
                            "val_history": result.val_history, "identity": identity})
     fix = "free space there or set -o train.output_dir to another disk" + (
@@ -141,9 +145,10 @@ def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: 
     replace_dir(tmp, path)  # the previous checkpoint is kept until the new one is in place
 
 
-def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResult) -> tuple[int, int, int]:
-    """Restore state saved by save_checkpoint (after check_resumable); returns (epochs done, step,
-    batches done of the next epoch)."""
+def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResult,
+                    selection: Selection | None = None) -> tuple[int, int, int]:
+    """Restore state saved by save_checkpoint (after check_resumable), model selection's too when
+    given; returns (epochs done, step, batches done of the next epoch)."""
     progress = _read_checkpoint(path, lambda: json.loads((path / "progress.json").read_text()))
     # weights_only: tensors, numbers, strings and containers only; a checkpoint cannot run code when loaded.
     state = _read_checkpoint(path, lambda: torch.load(path / "state.pt", map_location="cpu", weights_only=True))
@@ -165,6 +170,8 @@ def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResul
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     result.history, result.val_history = progress["history"], progress["val_history"]
+    if selection is not None and state.get("selection") is not None:
+        selection.load_state_dict(state["selection"])
     return state["epoch"], state["step"], state.get("batches_done", 0)  # 0: written before mid-epoch checkpoints
 
 

@@ -1,7 +1,8 @@
 """The training loop: LoRA parameters only, a named contrastive loss, warmup + decay, checkpoints.
 
 Read `train()` top to bottom: setup, (resume), epoch loop -> step -> log (-> checkpoint every
-train.checkpoint_every steps), validate, checkpoint. The batch order is a pure function of
+train.checkpoint_every steps), validate (-> select the best epoch, stop early), checkpoint; at the
+end the best epoch's weights are put back (`embedft.training.selection`). The batch order is a pure function of
 (seed, epoch), and the checkpoint holds the optimizer, scheduler and RNG state, so a killed
 run resumes exactly, mid-epoch too (`embedft.training.checkpoint`). The loop does not know
 which loss it runs: it calls the one `loss.name` names (`embedft.training.losses`).
@@ -20,7 +21,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from embedft.config import LossConfig, TrainConfig
+from embedft.config import LossConfig, TrainConfig, resolve_batch_sampling
 from embedft.data.batches import PairSource, check_schedule, epoch_batches
 from embedft.modeling.encoder import Encoder, compile_layers
 from embedft.modeling.lora import lora_settings
@@ -35,6 +36,7 @@ from embedft.training.checkpoint import (
 from embedft.training.losses import build_loss
 from embedft.training.mining import Miner
 from embedft.training.result import TrainResult
+from embedft.training.selection import Selection
 from embedft.training.step import embed, train_step_cached
 from embedft.training.tokens import TokenCache, batch_sequences
 from embedft.training.validation import ValSet, validate
@@ -120,13 +122,15 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
 
     # Mined negatives / neighbouring groups: a resumed run takes those its checkpoint holds, else they
     # are mined before any resume, from the starting weights (as the uninterrupted run did).
-    miner = Miner(encoder, src, cache, loss_cfg, cfg.batch_sampling, device)
+    sampling = resolve_batch_sampling(cfg.batch_sampling, src.shape)  # auto: by the data's shape
+    miner = Miner(encoder, src, cache, loss_cfg, sampling, device)
     miner.start(load_checkpoint_arrays(ckpt) if resume else None)
 
     result = TrainResult(steps=0, epochs_done=0)
+    selection = _new_selection(val, cfg)
     start_epoch, step, skip = 0, 0, 0
     if resume:
-        start_epoch, step, skip = load_checkpoint(ckpt, encoder, opt, sched, result)
+        start_epoch, step, skip = load_checkpoint(ckpt, encoder, opt, sched, result, selection)
         result.epochs_done = start_epoch
         log.info("resumed from %s at step %d (epoch %d, after %d of its batches)", ckpt, step, start_epoch + 1, skip)
 
@@ -139,10 +143,10 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
         if n_off:
             log.info("train.base_dropout=false: %d dropout layers of the base model off (LoRA dropout stays)", n_off)
         for epoch in range(start_epoch, cfg.epochs):
-            if step >= n_total:
+            if step >= n_total or (selection is not None and selection.should_stop):
                 break
             miner.at_epoch_start(step, mid_epoch_resume=epoch == start_epoch and skip > 0)
-            batches = epoch_batches(src, cfg.batch_size, cfg.seed, epoch, cfg.batch_sampling,
+            batches = epoch_batches(src, cfg.batch_size, cfg.seed, epoch, sampling,
                                     loss_cfg.hard_negatives, None, cfg.group_size, miner.neighbours)
             # An epoch's batches are a pure function of (seed, epoch): a run resumed from a
             # mid-epoch checkpoint skips the ones done and goes on with the same next batch.
@@ -190,18 +194,51 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                 miner.after_step(step, n_total)  # before the checkpoint, which keeps what it mined
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < n_total:
                     save_checkpoint(ckpt, encoder, opt, sched, epoch, step, result, identity, batches_done=i + 1,
-                                    arrays=miner.state())
+                                    arrays=miner.state(), selection=selection)
             epoch_done = epoch + 1
             if val is not None and cfg.eval_every_epoch:
                 metrics = validate(encoder, val, val_cache, loss_fn, cfg.batch_size, device, cfg.seed,
-                                   sampling=cfg.batch_sampling, group_size=cfg.group_size)
+                                   sampling=sampling, group_size=cfg.group_size)
                 result.val_history.append({"epoch": epoch_done, "step": step, **metrics})
                 sink.log_metrics({**metrics, "epoch": float(epoch_done)}, step=step)
                 log.info("epoch %d: %s", epoch_done, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            save_checkpoint(ckpt, encoder, opt, sched, epoch_done, step, result, identity, arrays=miner.state())
+                _select(selection, metrics, epoch_done, encoder)
+            save_checkpoint(ckpt, encoder, opt, sched, epoch_done, step, result, identity, arrays=miner.state(),
+                            selection=selection)
             result.epochs_done = epoch_done
+    _finish_selection(selection, encoder, result, cfg)
     result.steps = step
     result.train_seconds = t_train
     result.samples_per_s = seen / t_train if t_train else 0.0
     result.tokens_per_s = tokens / t_train if t_train else 0.0
     return result
+
+
+def _new_selection(val: ValSet | None, cfg: TrainConfig) -> Selection | None:
+    """Model selection (train.select_best) and early stopping (train.patience) on the validation
+    split; the best epoch is recorded whenever there is a validation split."""
+    if val is None or not cfg.eval_every_epoch:
+        return None
+    return Selection(val.metric, patience=cfg.patience, keep_weights=cfg.select_best)
+
+
+def _select(selection: Selection | None, metrics: dict[str, float], epoch: int, encoder: Encoder) -> None:
+    """Hand an epoch's validation metrics to model selection, and say what it decided."""
+    if selection is None:
+        return
+    if selection.update(metrics, epoch, encoder):
+        log.info("epoch %d: best so far (%s=%.4f)", epoch, selection.metric, selection.best_value)
+    elif selection.should_stop:
+        log.info("stopping early: %s has not improved for %d epochs (train.patience); best %.4f at epoch %d",
+                 selection.metric, selection.bad_epochs, selection.best_value, selection.best_epoch)
+
+
+def _finish_selection(selection: Selection | None, encoder: Encoder, result: TrainResult, cfg: TrainConfig) -> None:
+    """Put the best epoch's weights back (train.select_best) and record which epoch that was."""
+    if selection is None or selection.best_epoch == 0:
+        return
+    result.best_epoch, result.best_metric = selection.best_epoch, {selection.metric: selection.best_value}
+    result.stopped_early = selection.should_stop and result.epochs_done < cfg.epochs
+    if cfg.select_best and selection.restore(encoder):
+        log.info("kept epoch %d of %d (train.select_best): %s=%.4f", selection.best_epoch, result.epochs_done,
+                 selection.metric, selection.best_value)

@@ -17,3 +17,8 @@ class TrainResult:
     train_seconds: float = 0.0
     samples_per_s: float = 0.0
     tokens_per_s: float = 0.0
+    # Model selection on the validation split (embedft.training.selection): the epoch whose weights
+    # the run ends with when train.select_best, its validation metric, and whether train.patience stopped it.
+    best_epoch: int | None = None
+    best_metric: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False

@@ -1,4 +1,6 @@
-"""Per-epoch validation: recall@k on a capped retrieval task, and the loss on fixed batches."""
+"""Per-epoch validation on a split carved out of the training data (never the eval split): the
+task's own metric (kNN macro-F1 for labeled data, recall@10 for grouped and pairs data), which
+model selection and early stopping follow, and the loss on a few fixed batches."""
 
 from __future__ import annotations
 
@@ -23,14 +25,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ValSet:
-    """Per-epoch validation: retrieval queries/corpus (token ids) and a few fixed loss batches."""
+    """Per-epoch validation: retrieval queries/corpus (token ids), or kNN queries against an index of
+    training texts (labeled data), and a few fixed loss batches."""
 
     query_ids: list[list[int]]
-    corpus_ids: list[list[int]]
-    positives: list[np.ndarray]  # per query: corpus indices
+    corpus_ids: list[list[int]]  # retrieval: the corpus; kNN: the index (training texts)
+    positives: list[np.ndarray] | None  # retrieval, per query: corpus indices
     self_ids: np.ndarray | None  # per query: its own corpus index (excluded), or None
     loss_source: PairSource | None = None
     loss_batches: int = 4
+    query_labels: np.ndarray | None = None  # kNN: (Q,) class ids of the queries
+    corpus_labels: np.ndarray | None = None  # kNN: (C,) class ids of the index texts
+    n_classes: int = 0
+    knn_k: int = 10
+
+    @property
+    def metric(self) -> str:
+        """The key model selection follows (higher is better)."""
+        return "val/macro_f1" if self.query_labels is not None else "val/recall@10"
 
 
 @torch.no_grad()
@@ -40,13 +52,19 @@ def validate(encoder: Encoder, val: ValSet, text_keys_cache: tuple[PairSource, T
     """Validation recall@k (standard: over all positives) by exact search, and validation loss on fixed batches (drawn as the
     training batches are, random groups standing in for similar ones)."""
     from embedft.evaluation.index import exact_search
-    from embedft.evaluation.metrics import recall_at_k
+    from embedft.evaluation.metrics import classification_metrics, knn_vote, recall_at_k
 
     q = encoder.encode_ids(val.query_ids, device=device)
     c = encoder.encode_ids(val.corpus_ids, device=device)
-    kk = min(k, len(val.corpus_ids) - (1 if val.self_ids is not None else 0))
-    _, ranked = exact_search(c, q, kk, self_ids=val.self_ids)
-    out = {f"val/recall@{k}": recall_at_k(ranked, val.positives, kk)}
+    if val.query_labels is not None:
+        kk = min(val.knn_k, len(val.corpus_ids))
+        scores, nn = exact_search(c, q, kk)
+        pred = knn_vote(np.where(nn >= 0, val.corpus_labels[np.clip(nn, 0, None)], -1), scores, val.n_classes)
+        out = classification_metrics(val.query_labels, pred, range(val.n_classes), prefix="val/")
+    else:
+        kk = min(k, len(val.corpus_ids) - (1 if val.self_ids is not None else 0))
+        _, ranked = exact_search(c, q, kk, self_ids=val.self_ids)
+        out = {f"val/recall@{k}": recall_at_k(ranked, val.positives, kk)}
     if text_keys_cache is not None:
         src, cache = text_keys_cache
         losses = []
@@ -66,16 +84,43 @@ def validate(encoder: Encoder, val: ValSet, text_keys_cache: tuple[PairSource, T
     return out
 
 
-def build_val_set(encoder, eval_ex: Examples, max_queries: int, seed: int):
-    """Per-epoch validation: a capped retrieval task and a few loss batches from the eval split."""
-    from embedft.training.validation import ValSet
+def build_val_set(encoder, fit_ex: Examples, val_ex: Examples | None, max_queries: int, max_index: int,
+                  knn_k: int, seed: int) -> ValSet | None:
+    """Per-epoch validation from the validation split carved out of the training data
+    (`data.examples.carve_validation`); None without one.
 
-    task = retrieval_task(eval_ex, max_queries=max_queries, seed=seed) if eval_ex.shape != "labeled" else None
+    Labeled data: at most `max_queries` validation texts classified by kNN (`knn_k` neighbours,
+    similarity-weighted, as the final evaluation votes) against at most `max_index` of the texts
+    trained on. Grouped and pairs data: a retrieval task within the validation split.
+    """
+    if val_ex is None:
+        return None
     try:
-        loss_src = build_pair_source(eval_ex)
+        loss_src = build_pair_source(val_ex)
     except DataError:
         loss_src = None
-    if task is None or len(task) == 0:
-        return None
+    if val_ex.shape == "labeled":
+        rng = np.random.default_rng(seed)
+        q = _cap(len(val_ex), max_queries, rng)
+        idx = _cap(len(fit_ex), max_index, rng)
+        classes = sorted(set(fit_ex.labels))
+        cid = {c: i for i, c in enumerate(classes)}
+        # A validation label that no training text has cannot be predicted: it counts as an error.
+        qlab = np.array([cid.get(val_ex.labels[i], len(classes)) for i in q.tolist()])
+        return ValSet(encoder.tokenize([val_ex.texts[i] for i in q.tolist()], is_query=True),
+                      encoder.tokenize([fit_ex.texts[i] for i in idx.tolist()]), None, None, loss_source=loss_src,
+                      query_labels=qlab, corpus_labels=np.array([cid[fit_ex.labels[i]] for i in idx.tolist()]),
+                      n_classes=len(classes) + int((qlab == len(classes)).any()), knn_k=knn_k)
+    task = retrieval_task(val_ex, max_queries=max_queries, seed=seed)
+    if len(task) == 0:
+        raise DataError(f"{val_ex.source}: the validation split carved out of the training data (train.val_fraction) "
+                        "has no retrieval query (no group with two texts, no query/positive row); raise "
+                        "train.val_fraction, or set -o train.val_fraction=0 -o train.select_best=false "
+                        "-o train.patience=null")
     return ValSet(encoder.tokenize(task.queries, is_query=True), encoder.tokenize(task.corpus),
                   task.positives, task.self_ids, loss_source=loss_src)
+
+
+def _cap(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted positions of at most `cap` of n items, drawn at random."""
+    return np.arange(n) if n <= cap else np.sort(rng.choice(n, size=cap, replace=False))

@@ -13,6 +13,7 @@ from embedft.data.batches import (
     build_pair_source,
     check_schedule,
     epoch_batches,
+    group_pieces,
     steps_per_epoch,
 )
 from embedft.data.examples import Examples
@@ -90,28 +91,53 @@ def _uneven_groups():
 
 
 @pytest.mark.parametrize("group_size", [2, 4])
-def test_group_batches_take_up_to_group_size_texts_of_each_group(group_size):
+def test_group_batches_cover_every_text_of_every_group_each_epoch(group_size):
     src = build_pair_source(_uneven_groups())
-    per_epoch = sum(min(2 + g % 5, group_size) for g in range(20))
+    per_epoch = sum(2 + g % 5 for g in range(20))  # every text, whatever the group_size
     batches = list(epoch_batches(src, 8, seed=0, epoch=0, sampling="groups", group_size=group_size))
     assert len(batches) == steps_per_epoch(src, 8, "groups", group_size) == per_epoch // 8
     assert anchors_per_epoch(src, "groups", group_size) == per_epoch
     flat = np.concatenate([b.anchors for b in batches])
     keys = np.concatenate([b.anchor_keys for b in batches])
-    assert len(set(flat.tolist())) == len(flat)  # no text twice in an epoch
+    assert len(set(flat.tolist())) == len(flat) == per_epoch // 8 * 8  # no text twice; only the ragged tail left out
     assert (src.text_keys[flat] == keys).all()
-    for k in np.unique(keys):
-        assert (keys == k).sum() <= group_size
-        run = np.flatnonzero(keys == k)
-        assert (np.diff(run) == 1).all()  # a group's texts lie together
+    # A group's texts lie together in pieces of group_size .. 2*group_size-1 (a smaller group: one piece).
+    starts = np.r_[0, np.flatnonzero(keys[1:] != keys[:-1]) + 1, len(keys)]
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        size = len(src.members[int(keys[lo])])
+        if hi == len(keys) or lo == 0:
+            continue  # the first and last run may be cut by the epoch's edges
+        assert min(size, group_size) <= hi - lo, (size, hi - lo)
     for b in batches:
         assert b.positives is None and b.negatives is None and len(b.anchors) == 8
         label_of = dict(zip(src.anchors.tolist(), src.batch_labels.tolist()))
         assert b.anchor_labels.tolist() == [label_of[a] for a in b.anchors.tolist()]
-    # A fresh subset each epoch, the same one for the same (seed, epoch).
+    # A fresh order each epoch, the same one for the same (seed, epoch).
     again = [b.anchors.tolist() for b in epoch_batches(src, 8, seed=0, epoch=0, sampling="groups")]
     assert again == [b.anchors.tolist() for b in epoch_batches(src, 8, seed=0, epoch=0, sampling="groups")]
     assert again != [b.anchors.tolist() for b in epoch_batches(src, 8, seed=0, epoch=1, sampling="groups")]
+
+
+def test_group_pieces_by_hand():
+    assert [p.tolist() for p in group_pieces(np.arange(3), 4)] == [[0, 1, 2]]  # fewer than group_size: one piece
+    assert [p.tolist() for p in group_pieces(np.arange(5), 4)] == [[0, 1, 2, 3, 4]]  # never a lone text
+    assert [p.tolist() for p in group_pieces(np.arange(9), 4)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8]]
+    assert sorted(len(p) for p in group_pieces(np.arange(130), 4)) == [4] * 30 + [5] * 2
+
+
+def test_labeled_group_batches_cover_the_data_with_many_labels_per_batch():
+    # The case, scaled down: 20 labels x 40 texts, group_size 4, batch 32. An epoch used to
+    # take 4 texts per label (80 of 800 texts, 2 steps); now every text, 25 steps.
+    rows = [(f"q{lab}-{j}", f"intent{lab}") for lab in range(20) for j in range(40)]
+    ex = Examples("labeled", "mem", np.arange(len(rows)) + 2, [r[0] for r in rows],
+                  groups=[r[1] for r in rows], labels=[r[1] for r in rows])
+    src = build_pair_source(ex)
+    batches = list(epoch_batches(src, 32, seed=0, epoch=0, sampling="groups", group_size=4))
+    assert len(batches) == 25 == steps_per_epoch(src, 32, "groups", 4)
+    assert sorted(np.concatenate([b.anchors for b in batches]).tolist()) == sorted(src.anchors.tolist())
+    # Pieces of random labels: a batch holds several labels (negatives) and several texts of each (positives).
+    n_labels = [len(np.unique(b.anchor_keys)) for b in batches]
+    assert min(n_labels) >= 3 and np.mean(n_labels) > 5
 
 
 def test_similar_groups_lay_neighbouring_groups_together():
@@ -203,14 +229,18 @@ def test_other_member_is_uniform_over_the_rest_of_the_group():
     assert all(len(v) == 2 for v in seen.values()) and len(seen) == 12
 
 
-def test_group_batches_draw_a_fresh_subset_of_a_large_group():
-    # group_size 2 out of groups of up to 6 texts: over epochs, every text gets its turn.
+def test_group_batches_give_a_large_group_fresh_pieces_each_epoch():
+    # group_size 2 out of groups of up to 6 texts: which texts share a piece changes between epochs.
     src = build_pair_source(_uneven_groups())
-    seen = set()
-    for epoch in range(15):
+
+    def pieces(epoch):
+        out = set()
         for b in epoch_batches(src, 8, seed=0, epoch=epoch, sampling="groups", group_size=2):
-            seen.update(b.anchors.tolist())
-    assert seen == set(src.anchors.tolist())
+            for k in np.unique(b.anchor_keys):
+                out.add(tuple(sorted(b.anchors[b.anchor_keys == k].tolist())))
+        return out
+
+    assert pieces(0) != pieces(1)
 
 
 def test_neighbour_runs_by_hand():
@@ -250,3 +280,12 @@ def test_check_schedule_boundaries():
         check_schedule(src, TrainConfig(batch_size=37))
     with pytest.raises(ConfigError, match="train.warmup_steps=3 is longer than the 2 training steps"):
         check_schedule(src, TrainConfig(batch_size=36, epochs=2, warmup_steps=3))
+
+
+def test_pair_sources_know_the_shape_auto_sampling_follows():
+    rows = [(f"q{lab}-{j}", f"l{lab}") for lab in range(3) for j in range(10)]
+    ex = Examples("labeled", "mem", np.arange(30) + 2, [r[0] for r in rows], groups=[r[1] for r in rows],
+                  labels=[r[1] for r in rows])
+    assert build_pair_source(ex).shape == "labeled"
+    assert build_pair_source(_grouped_examples()).shape == "grouped"
+    assert build_pair_source(_pairs([(f"q{i}", f"p{i}") for i in range(4)])).shape == "pairs"

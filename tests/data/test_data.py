@@ -13,7 +13,15 @@ import pytest
 
 from embedft.config import DataConfig, ExperimentConfig, TrainConfig
 from embedft.data.batches import build_pair_source, epoch_batches
-from embedft.data.examples import DataReport, load_examples, load_splits, retrieval_task, split_examples, validate_split
+from embedft.data.examples import (
+    DataReport,
+    Examples,
+    load_examples,
+    load_splits,
+    retrieval_task,
+    split_examples,
+    validate_split,
+)
 from embedft.errors import DataError
 
 # (text, group, label): four texts per group, two groups per label; file rows 2..41 in a CSV.
@@ -491,18 +499,21 @@ def test_retrieval_task_pairs():
 
 # -- prepare_data: checked before any model is loaded --------------------------------------
 
+# No validation split carved out of the training file: these tests count its rows.
+NO_VAL = {"val_fraction": 0.0, "select_best": False, "patience": None}
+
 
 def test_prepare_data_rejects_batch_larger_than_anchors_before_loading_a_model(tmp_path, monkeypatch):
     from embedft.recipes.common import prepare_data
 
     monkeypatch.setitem(sys.modules, "embedft.modeling.encoder", None)  # any model import would now fail
     p = write_csv(tmp_path / "g.csv", ROWS)
-    cfg = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped"), train=TrainConfig(batch_size=64))
+    cfg = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped"), train=TrainConfig(batch_size=64, **NO_VAL))
     with pytest.raises(DataError) as e:
         prepare_data(cfg)
     msg = str(e.value)
     assert "train.batch_size=64" in msg and f"{len(ROWS)} training anchors" in msg and f"at most {len(ROWS)}" in msg
-    ok = prepare_data(replace(cfg, train=TrainConfig(batch_size=len(ROWS))))
+    ok = prepare_data(replace(cfg, train=TrainConfig(batch_size=len(ROWS), **NO_VAL)))
     assert ok.source.n_anchors == len(ROWS) and len(ok.train) == len(ROWS)
 
 
@@ -527,7 +538,7 @@ def test_linear_probe_without_scikit_learn_fails_before_any_model(tmp_path, monk
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
     p = write_csv(tmp_path / "g.csv", ROWS)
-    cfg = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped"), train=TrainConfig(batch_size=2),
+    cfg = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped"), train=TrainConfig(batch_size=2, **NO_VAL),
                            eval=EvalConfig(linear_probe=True))
     with pytest.raises(ConfigError, match=r"eval.linear_probe=true needs scikit-learn.*pip install scikit-learn"):
         prepare_data(cfg)
@@ -565,7 +576,7 @@ def test_group_sampling_with_symmetric_is_a_config_error(tmp_path):
 
     p = write_csv(tmp_path / "g.csv", ROWS)
     cfg = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped"),
-                           train=TrainConfig(batch_size=4, batch_sampling="similar_groups"))
+                           train=TrainConfig(batch_size=4, batch_sampling="similar_groups", **NO_VAL))
     # Rejected when the config is built (load_config, -o, `embedft check`), before any data is read.
     assert replace(cfg, loss=LossConfig(hard_negatives=1)).loss.hard_negatives == 1  # mined: extra candidates
     with pytest.raises(ConfigError, match=r"loss.symmetric=true is not used with train.batch_sampling=similar_groups"):
@@ -627,3 +638,66 @@ def test_a_text_column_of_numbers_is_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         load_examples(str(p), DataConfig(text_column="text", group_column="group", shape="grouped"))
     assert "holds only numbers" not in caplog.text
+
+
+# -- the validation split: carved out of the training data ----------------------------------
+
+
+def _labeled(n_labels=5, per=20, small=None):
+    rows = [(f"text {lab}-{j}", f"lab{lab}") for lab in range(n_labels) for j in range(per)]
+    rows += [(f"rare {j}", "rare") for j in range(small or 0)]
+    return Examples("labeled", "mem", np.arange(len(rows)) + 2, [r[0] for r in rows], groups=[r[1] for r in rows],
+                    labels=[r[1] for r in rows])
+
+
+def test_validation_split_is_disjoint_deterministic_and_keeps_every_labels_share():
+    from embedft.data.examples import carve_validation
+
+    ex = _labeled(small=2)
+    fit, val = carve_validation(ex, 0.2, seed=13)
+    assert set(fit.texts).isdisjoint(val.texts) and len(fit) + len(val) == len(ex)
+    assert sorted(fit.texts + val.texts) == sorted(ex.texts)
+    again_fit, again_val = carve_validation(ex.take(np.arange(len(ex))[::-1]), 0.2, seed=13)  # row order does not matter
+    assert sorted(again_val.texts) == sorted(val.texts) and sorted(again_fit.texts) == sorted(fit.texts)
+    assert carve_validation(ex, 0.2, seed=14)[1].texts != val.texts  # the seed draws it
+    # Every label of 20 gives some texts and keeps most; a label of 2 keeps both to train on.
+    for lab in range(5):
+        n_val = val.labels.count(f"lab{lab}")
+        assert 1 <= n_val <= 9, (lab, n_val)
+    assert fit.labels.count("rare") == 2 and "rare" not in val.labels
+    assert carve_validation(ex, 0.0, seed=13) == (ex, None)
+
+
+def test_validation_split_keeps_groups_and_split_column_values_whole():
+    from embedft.data.examples import carve_validation
+
+    grouped = Examples("grouped", "mem", np.arange(40) + 2, [r[0] for r in ROWS], groups=[r[1] for r in ROWS],
+                       labels=[r[2] for r in ROWS])
+    fit, val = carve_validation(grouped, 0.3, seed=13)
+    assert val is not None and set(fit.groups).isdisjoint(val.groups)
+    # Labeled offers with their product as data.split_column: a product is never on both sides.
+    ex = replace(_labeled(), split_keys=[f"p{i // 4}" for i in range(100)])
+    fit, val = carve_validation(ex, 0.3, seed=13)
+    assert set(fit.split_keys).isdisjoint(val.split_keys) and len(val) % 4 == 0 and len(val) > 0
+
+
+def test_validation_split_of_small_data_takes_one_unit_or_says_how_to_fix_it():
+    from embedft.data.examples import carve_validation
+
+    fit, val = carve_validation(_labeled(n_labels=2, per=5), 0.001, seed=13)  # 0.1% of 10 texts: still one
+    assert len(val) == 1 and len(fit) == 9
+    with pytest.raises(DataError, match=r"train.val_fraction=0.5 carves no text .*raise it.*train.val_fraction=0"):
+        carve_validation(_labeled(n_labels=3, per=2), 0.5, seed=13)  # every label needs both texts to train on
+
+
+def test_split_column_splits_labeled_data_by_product(tmp_path):
+    # Labeled offers (text, category) with a product column: modulo on the product, as PriceRunner's benchmark split.
+    rows = [(f"offer {p} {j}", str(p), f"cat{p % 3}") for p in range(30) for j in range(3)]
+    p = write_csv(tmp_path / "offers.csv", rows, header=("text", "product", "label"))
+    cfg = DataConfig(train=str(p), shape="labeled", split="modulo", split_column="product", split_modulo=5)
+    train, eval_, _ = load_splits(cfg)
+    assert {int(k) % 5 for k in eval_.split_keys} == {0} and all(int(k) % 5 for k in train.split_keys)
+    assert len(eval_) == 6 * 3 and train.labels == train.groups  # still labeled: positives are categories
+    with pytest.raises(DataError, match=r"data.split=modulo needs grouped data with integer group ids, or integer "
+                                        r"ids in data.split_column"):
+        load_splits(replace(cfg, split_column=None))

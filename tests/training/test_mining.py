@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_train import _adapter, _encoder, toy_examples  # the tiny-model helpers of the loop's tests
 
 from embedft.config import LossConfig, TrainConfig
 from embedft.data.batches import Batch, PairSource, build_pair_source
@@ -19,7 +20,6 @@ from embedft.training.loop import train
 from embedft.training.losses import batch_loss, group_info_nce
 from embedft.training.mining import mine_hard_negatives, mining_due
 from embedft.training.tokens import TokenCache, batch_sequences
-from test_train import _adapter, _encoder, toy_examples  # the tiny-model helpers of the loop's tests
 
 CPU = torch.device("cpu")
 

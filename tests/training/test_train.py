@@ -177,8 +177,8 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_bert_dir, tmp_pa
     src = build_pair_source(toy_examples())
     cfg = TrainConfig(epochs=1, max_steps=2, batch_size=8, eval_every_epoch=False)
     train(_encoder(tiny_bert_dir), src, cfg, LossConfig(), tmp_path, progress=False)
-    with pytest.raises(ConfigError, match=r"train.lr: 0.0002 there, 0.001 now"):
-        train(_encoder(tiny_bert_dir), src, TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), LossConfig(), tmp_path,
+    with pytest.raises(ConfigError, match=r"train.lr: 0.001 there, 0.0002 now"):
+        train(_encoder(tiny_bert_dir), src, TrainConfig(**{**cfg.__dict__, "lr": 2e-4}), LossConfig(), tmp_path,
               resume=True, progress=False)
     wider = apply_lora(load_encoder(ModelConfig(name=str(tiny_bert_dir))), LoraConfig(r=8, alpha=8))
     with pytest.raises(ConfigError, match=r"lora.r: 4 there, 8 now"):

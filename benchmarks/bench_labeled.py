@@ -1,0 +1,246 @@
+"""Labeled data (classification): the base model vs the adapted one, side by side in each run,
+on proxies built from PriceRunner, over several seeds.
+
+    python benchmarks/bench_labeled.py [--proxies categories,products,fewshot] [--seeds 0,1]
+        [--setting NAME:key=value,key=value ...] [--model minilm] [--threads N] [--out DIR]
+
+Each (proxy, setting, seed) is one `embedft train` of a `shape: labeled`, `split: given`
+experiment (`recipes.train.run_train`, tracking off), whose evaluation puts the base model's kNN
+accuracy / macro-F1 and linear probe next to the adapted model's. Nothing is chosen on the test
+files: the training run selects its epoch on a validation split carved out of its training file.
+
+Proxies (written as CSVs under --out, never into the repo; the seed draws the subsample):
+
+- `categories`: PriceRunner's 10 categories, split by product as its README's benchmark split
+  (test = cluster_id % 5 == 0); --cat-train training offers drawn from the train side, a fixed
+  --cat-test test offers (the same for every seed).
+- `products`: many classes of short texts, as intents are: --classes products with at least
+  --min-offers offers (drawn by the seed), each product a class; per product, --test-share of its
+  offers are test texts, the rest training texts.
+- `fewshot`: `products` with --shots training texts per class (same classes and test texts).
+
+A setting is a name and `-o` overrides (`--setting lr1e-3:train.lr=1e-3,train.epochs=5`);
+`defaults` (no overrides) is always run. Without --setting: `defaults` and `before` (the
+training settings labeled data had before issue 29: random pairs, lr 2e-4, one epoch, no
+validation split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+PRICERUNNER = REPO.parent / "shared" / "datasets" / "pricerunner" / "pricerunner_aggregate.csv"
+# The training settings a `shape: labeled` experiment got before issue 29 (for the record).
+BEFORE = ("train.batch_sampling=random", "train.lr=2e-4", "train.epochs=1", "train.val_fraction=0",
+          "train.select_best=false", "train.patience=null", "loss.temperature=0.05")
+METRICS = ("accuracy", "macro_f1", "probe/accuracy", "probe/macro_f1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Proxy:
+    name: str
+    train: Path
+    test: Path
+    n_classes: int
+    n_train: int
+    n_test: int
+
+
+def read_offers(path: Path) -> list[tuple[str, int, str]]:
+    """(title, cluster_id, category) per PriceRunner offer."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [(r[1], int(r[3]), r[6]) for r in csv.reader(f)]
+
+
+def _write(path: Path, rows: list[tuple[str, str]]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    return len(rows)
+
+
+def _dedupe(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> tuple[list, list]:
+    """Each title once, a title in the test set never in training (PriceRunner repeats titles across merchants)."""
+    test_seen: dict[str, tuple[str, str]] = {}
+    for t, lab in test:
+        test_seen.setdefault(t, (t, lab))
+    train_seen: dict[str, tuple[str, str]] = {}
+    for t, lab in train:
+        if t not in test_seen:
+            train_seen.setdefault(t, (t, lab))
+    return list(train_seen.values()), list(test_seen.values())
+
+
+def make_categories(offers, out: Path, seed: int, n_train: int, n_test: int) -> Proxy:
+    """PriceRunner's categories, product-disjoint (cluster_id % 5 == 0 is test)."""
+    train = [(t, cat) for t, c, cat in offers if c % 5 != 0]
+    test = [(t, cat) for t, c, cat in offers if c % 5 == 0]
+    train, test = _dedupe(train, test)
+    test = [test[i] for i in sorted(np.random.default_rng(0).choice(len(test), min(n_test, len(test)), replace=False))]
+    train = [train[i] for i in sorted(np.random.default_rng(seed).choice(len(train), min(n_train, len(train)),
+                                                                          replace=False))]
+    d = out / f"categories-s{seed}"
+    return Proxy("categories", d / "train.csv", d / "test.csv", len({lab for _, lab in train}),
+                 _write(d / "train.csv", train), _write(d / "test.csv", test))
+
+
+def make_products(offers, out: Path, seed: int, n_classes: int, min_offers: int, test_share: float,
+                  shots: int | None = None) -> Proxy:
+    """Products as classes: `n_classes` products with >= `min_offers` distinct titles; per product a
+    `test_share` of its titles to test, the rest (or `shots` of them) to training."""
+    titles: dict[int, list[str]] = {}
+    for t, c, _ in offers:
+        if t not in titles.setdefault(c, []):
+            titles[c].append(t)
+    owner: dict[str, set[int]] = {}
+    for c, ts in titles.items():
+        for t in ts:
+            owner.setdefault(t, set()).add(c)
+    # A title shared by two products is ambiguous as a class example: left out.
+    titles = {c: [t for t in ts if len(owner[t]) == 1] for c, ts in titles.items()}
+    eligible = sorted(c for c, ts in titles.items() if len(ts) >= min_offers)
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(eligible, size=min(n_classes, len(eligible)), replace=False).tolist())
+    train, test = [], []
+    for c in chosen:
+        ts = [titles[c][i] for i in rng.permutation(len(titles[c]))]
+        n_test = max(1, int(round(test_share * len(ts))))
+        test += [(t, f"p{c}") for t in ts[:n_test]]
+        rest = ts[n_test:]
+        train += [(t, f"p{c}") for t in (rest[:shots] if shots else rest)]
+    name = f"fewshot{shots}" if shots else "products"
+    d = out / f"{name}-s{seed}"
+    return Proxy(name, d / "train.csv", d / "test.csv", len(chosen), _write(d / "train.csv", train),
+                 _write(d / "test.csv", test))
+
+
+def experiment(proxy: Proxy, model: str, seed: int, out: Path, overrides: tuple[str, ...], threads: int | None):
+    """The `shape: labeled` experiment of a proxy: defaults, plus the setting's overrides."""
+    from embedft.config import apply_overrides, config_from_dict
+
+    values = {"name": f"{proxy.name}-s{seed}",
+              "data": {"train": str(proxy.train), "eval": str(proxy.test), "split": "given", "shape": "labeled"},
+              "model": {"name": model},
+              "train": {"seed": seed, "output_dir": str(out), "threads": threads},
+              "eval": {"tasks": ["classification"], "linear_probe": True},
+              "tracking": {"enabled": False}}
+    return config_from_dict(apply_overrides(values, list(overrides)))
+
+
+def run_one(proxy: Proxy, setting: str, overrides: tuple[str, ...], seed: int, args) -> dict:
+    from embedft.recipes.train import run_train
+
+    cfg = experiment(proxy, args.model, seed, Path(args.out) / "runs" / f"{proxy.name}-{setting}-s{seed}", overrides,
+                     args.threads)
+    t0 = time.perf_counter()
+    summary = run_train(cfg, progress=False)
+    m = summary["metrics"]
+    row = {"proxy": proxy.name, "setting": setting, "seed": seed, "classes": proxy.n_classes,
+           "train": proxy.n_train, "test": proxy.n_test, "steps": summary["steps"],
+           "epochs": summary.get("epochs_done"), "best_epoch": summary.get("best_epoch"),
+           "wall_s": round(time.perf_counter() - t0, 1)}
+    for k in METRICS:
+        row[f"base/{k}"] = m.get(f"base/classification/{k}")
+        row[f"adapted/{k}"] = m.get(f"adapted/classification/{k}")
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    """Per (proxy, setting): mean over seeds, and per seed, base vs adapted."""
+    head = ("| proxy | setting | seeds | base acc | base F1 | base probe F1 | adapted acc | adapted F1 | "
+            "F1 delta | adapted probe F1 | steps | best/epochs | wall s |")
+    lines = [head, "|" + "---|" * 13]
+    keys = list(dict.fromkeys((r["proxy"], r["setting"]) for r in rows))
+    for proxy, setting in keys:
+        rs = [r for r in rows if r["proxy"] == proxy and r["setting"] == setting]
+        mean = lambda k: statistics.fmean(r[k] for r in rs)  # noqa: E731
+        deltas = [r["adapted/macro_f1"] - r["base/macro_f1"] for r in rs]
+        spread = f" ({min(deltas):+.4f}..{max(deltas):+.4f})" if len(rs) > 1 else ""
+        lines.append(f"| {proxy} | {setting} | {len(rs)} | {mean('base/accuracy'):.4f} | {mean('base/macro_f1'):.4f} | "
+                     f"{mean('base/probe/macro_f1'):.4f} | {mean('adapted/accuracy'):.4f} | "
+                     f"{mean('adapted/macro_f1'):.4f} | {statistics.fmean(deltas):+.4f}{spread} | "
+                     f"{mean('adapted/probe/macro_f1'):.4f} | {mean('steps'):.0f} | "
+                     f"{', '.join(str(r['best_epoch']) + '/' + str(r['epochs']) for r in rs)} | "
+                     f"{mean('wall_s'):.0f} |")
+    return "\n".join(lines)
+
+
+def parse_settings(items: list[str] | None) -> dict[str, tuple[str, ...]]:
+    """`NAME:k=v,k=v` -> {NAME: (k=v, ...)}; `defaults` always, `before` when none is given."""
+    settings: dict[str, tuple[str, ...]] = {"defaults": ()}
+    if not items:
+        settings["before"] = BEFORE
+    for item in items or []:
+        name, _, rest = item.partition(":")
+        settings[name] = tuple(o for o in rest.split(",") if o)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(PRICERUNNER))
+    p.add_argument("--proxies", default="categories,products,fewshot")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--setting", action="append")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="/tmp/bench-labeled")
+    p.add_argument("--cat-train", type=int, default=3000)
+    p.add_argument("--cat-test", type=int, default=2000)
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--min-offers", type=int, default=10)
+    p.add_argument("--test-share", type=float, default=0.3)
+    p.add_argument("--shots", type=int, default=8)
+    args = p.parse_args(argv)
+    if not Path(args.data).is_file():
+        print(f"{args.data}: not found (the PriceRunner offers, ../shared/datasets/pricerunner)", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    offers = read_offers(Path(args.data))
+    out = Path(args.out)
+    settings = parse_settings(args.setting)
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        proxies = []
+        for name in args.proxies.split(","):
+            if name == "categories":
+                proxies.append(make_categories(offers, out / "data", seed, args.cat_train, args.cat_test))
+            elif name == "products":
+                proxies.append(make_products(offers, out / "data", seed, args.classes, args.min_offers, args.test_share))
+            elif name == "fewshot":
+                proxies.append(make_products(offers, out / "data", seed, args.classes, args.min_offers,
+                                             args.test_share, shots=args.shots))
+            else:
+                p.error(f"unknown proxy {name!r}; use categories, products, fewshot")
+        for proxy in proxies:
+            for setting, overrides in settings.items():
+                row = run_one(proxy, setting, overrides, seed, args)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} CPUs, model {args.model}, "
+          f"seeds {args.seeds}\n")
+    print(table(rows))
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
