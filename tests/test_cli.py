@@ -118,11 +118,13 @@ def test_train_batch_larger_than_data(experiment):
 
 
 def test_warmup_longer_than_the_run_is_caught_by_check(experiment):
-    # 27 train rows (groups 0, 4, 8 held out) -> 27 anchors -> 6 batches of 4 in the one epoch.
+    # 27 train rows (groups 0, 4, 8 held out), one group of 3 carved out for validation -> 24 anchors
+    # -> 6 batches of 4 in each of the 3 epochs (the default).
     for cmd in ("check", "train"):
         result = invoke(cmd, str(experiment), "-o", "data.split=modulo", "-o", "data.split_modulo=4",
                         "-o", "train.warmup_steps=1000")
-        assert_clean_error(result, "train.warmup_steps=1000 is longer than the 6 training steps", "data.csv")
+        assert_clean_error(result, "train.warmup_steps=1000 is longer than the 18 training steps (3 epochs x 6 "
+                                   "batches of 4", "data.csv")
     assert not (experiment.parent / "run").exists()
 
 
