@@ -60,7 +60,7 @@ def synthetic_source(n_groups: int, words_per_text: int, seed: int = 0):
     return build_pair_source(Examples("grouped", "synthetic", np.arange(len(texts)) + 1, texts, groups=groups))
 
 
-def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: bool,
+def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: str | None,
         compile_modes: tuple[bool, ...] = (False,), model: str | None = None,
         call_overhead: int | None = None, profile_batch: int | None = None, profile_steps: int = 2) -> list[dict]:
     import numpy as np
@@ -135,7 +135,7 @@ def run(batch_sizes: list[int], steps: int, tiny: bool, mini_batch: int, write: 
                   f"(torch.profiler, after the timed steps; one unit = one training step):\n\n" + markdown(profiles))
     print(table)
     if write:
-        with (REPO / "docs" / "benchmarks.md").open("a") as f:
+        with Path(write).open("a") as f:
             f.write("\n" + table + "\n")
     return rows
 
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile-batch", type=int, default=None,
                     help="profile this batch size's extra steps (one of --batch-sizes; default: none)")
     ap.add_argument("--profile-steps", type=int, default=2, help="steps profiled after the timed ones")
-    ap.add_argument("--write", action="store_true", help="append the tables to docs/benchmarks.md")
+    ap.add_argument("--write", nargs="?", const=str(REPO / "docs" / "benchmarks.md"), default=None, metavar="FILE",
+                    help="append the tables to FILE (default docs/benchmarks.md)")
     args = ap.parse_args(argv)
     modes = {"no": (False,), "yes": (True,), "both": (False, True)}[args.compile]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

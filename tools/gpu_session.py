@@ -44,7 +44,7 @@ CARRY_LIMIT_MB = 60  # the device tool carries at most 64 MiB with the working t
 @dataclass(frozen=True)
 class Step:
     name: str  # also the log file's name
-    argv: tuple[str, ...]  # {minilm}, {qwen3}, {data} are filled in at run time
+    argv: tuple[str, ...]  # {minilm}, {qwen3}, {data}, {docs} are filled in at run time
     floor_s: float  # not started with less budget left than this
     cap_s: float  # stopped after this long
 
@@ -54,7 +54,7 @@ STEPS = (
     # Issue 6: MFU >= 40% (measured 4.8-7.1% eager); train.compile has never run on a GPU.
     # Batch 256 also trains 2 steps more under torch.profiler, eager and compiled: where the time goes.
     Step("1-mfu", ("benchmarks/gpu_check.py", "--model", "{qwen3}", "--batch-sizes", "64,256,1024", "--steps", "12",
-                   "--compile", "both", "--profile-batch", "256", "--write"), 150, 330),
+                   "--compile", "both", "--profile-batch", "256", "--write", "{docs}"), 150, 330),
     # Issue 7: MiniLM GPU encoding >= 1.5x ST (measured 0.91x); eval.precision=bf16 not yet measured there,
     # nor the token bound of a CUDA call (--row-capped times the batching before it beside it).
     # The profile of 4,096 texts per side says whether either side is bound by the host (GPU busy share).
@@ -69,7 +69,7 @@ STEPS = (
     # Issue 7's lever "batches of similar length": on CUDA a batch is one forward call; does splitting the
     # instruction-prefixed anchors from their shorter positives (one more call, less padding) pay there?
     Step("5-split-batch", ("benchmarks/gpu_check.py", "--model", "{qwen3}", "--batch-sizes", "256", "--steps", "12",
-                           "--compile", "no", "--call-overhead", "2048", "--write"), 40, 90),
+                           "--compile", "no", "--call-overhead", "2048", "--write", "{docs}"), 40, 90),
     # Met before; measured again when time is left.
     Step("6-train-minilm", ("benchmarks/bench_train.py", "--model", "{minilm}", "--data", "{data}", "--steps", "200"),
          60, 120),
@@ -92,8 +92,9 @@ SMOKE_ARGS = {
 def step_command(step: Step, models: dict[str, str], smoke: bool) -> list[str]:
     """The argv of a step, with the models and data filled in (and, with smoke, tiny settings)."""
     argv = [a.format(**models) for a in step.argv]
-    if smoke:
-        argv = [a for a in argv if a != "--write"] + list(SMOKE_ARGS.get(step.name, ()))
+    if smoke:  # a smoke run appends no table anywhere: --write and its file go
+        drop = {i + d for i, a in enumerate(argv) if a == "--write" for d in (0, 1)}
+        argv = [a for i, a in enumerate(argv) if i not in drop] + list(SMOKE_ARGS.get(step.name, ()))
     if argv[0].endswith(".py"):
         argv = [sys.executable] + argv
     return argv
@@ -181,7 +182,7 @@ def run(out: Path, budget_s: float, smoke: bool, bundle: Path = BUNDLE, steps: t
     try:
         records = [{"name": "0-setup", "argv": ["environment, wheels, models"], "rc": 0}]
         records[0]["environment"] = _environment(env)
-        models = build_models(work, bundle, smoke, env)
+        models = {**build_models(work, bundle, smoke, env), "docs": str(docs)}
         records[0]["seconds"] = round(time.monotonic() - start, 1)
         for step in steps:
             left = budget_s - (time.monotonic() - start)

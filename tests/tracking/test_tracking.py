@@ -933,7 +933,8 @@ def test_sweep_runs_children_under_one_parent(tmp_path, tiny_bert_dir, monkeypat
             r.data.metrics["adapted/retrieval/recall_at_10"] - r.data.metrics["base/retrieval/recall_at_10"])
         assert r.data.metrics["_key/macro_f1"] == r.data.metrics["adapted/classification/macro_f1"]
     # The parent carries its best child's figures, and names that child.
-    top = max(children, key=lambda r: r.data.metrics["_key/recall_at_10"])
+    top = max(sorted(children, key=lambda r: r.info.start_time),  # the first child in sweep order on a tie (ui.best)
+              key=lambda r: r.data.metrics["_key/recall_at_10"])
     parent = c.get_run(parents[0].info.run_id)
     assert parent.data.tags["embedft.best_run_id"] == top.info.run_id
     assert parent.data.tags["embedft.best_run"] == top.info.run_name
