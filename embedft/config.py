@@ -65,6 +65,15 @@ def _check(cond: bool, field_name: str, msg: str) -> None:
         raise ConfigError(f"{field_name}: {msg}", (field_name,))
 
 
+def _check_folder_template(template: str, name: str, option: str, example: str) -> None:
+    """A folder setting whose only placeholder is {name} must fill in; else a ConfigError naming `option`."""
+    try:
+        template.format(name=name)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{option}: {template!r} cannot be filled in ({type(e).__name__}: {e}); the only "
+                          f"placeholder is {{name}}, e.g. {example}/{{name}}", (option,)) from None
+
+
 def _check_policy(section: str, name: str, value: str) -> None:
     _check(value in POLICIES, f"{section}.{name}", f"must be one of {POLICIES}, got {value!r}")
 
@@ -405,19 +414,9 @@ class ExperimentConfig:
         # The run folder is runs/{name}: "." or ".." would put it in runs/ itself or in the working directory.
         _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
                f"must be a non-empty name without '/' (not . or ..), got {self.name!r}")
-        try:
-            self.train.output_dir.format(name=self.name)
-        except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(f"train.output_dir: {self.train.output_dir!r} cannot be filled in ({type(e).__name__}: "
-                              f"{e}); the only placeholder is {{name}}, e.g. runs/{{name}}",
-                              ("train.output_dir",)) from None
+        _check_folder_template(self.train.output_dir, self.name, "train.output_dir", "runs")
         if self.eval.output_dir is not None:
-            try:
-                self.eval.output_dir.format(name=self.name)
-            except (KeyError, IndexError, ValueError) as e:
-                raise ConfigError(f"eval.output_dir: {self.eval.output_dir!r} cannot be filled in "
-                                  f"({type(e).__name__}: {e}); the only placeholder is {{name}}, e.g. reports/{{name}}",
-                                  ("eval.output_dir",)) from None
+            _check_folder_template(self.eval.output_dir, self.name, "eval.output_dir", "reports")
             _check(bool(self.eval.output_dir.strip()), "eval.output_dir",
                    "must be a folder path or null (the run folder's eval/), got an empty string")
         sampling = resolve_batch_sampling(self.train.batch_sampling, self.data.shape)
