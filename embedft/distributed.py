@@ -1,0 +1,223 @@
+"""Several processes under torchrun, on PyTorch's own engine (torch.distributed).
+
+`torchrun --nproc-per-node N -m embedft ...` starts N copies of a command; each reads its place
+from the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). `setup()`
+joins them into one process group: NCCL on GPUs, gloo on CPUs. Without torchrun there is one
+process, `world_size` is 1, and every helper here is a no-op that returns its input.
+
+What the stages use:
+- `Dist` (`current()`): rank, world size, `is_main` (rank 0, the only rank that writes files,
+  checkpoints and the MLflow run);
+- `shard(n)`: the positions this rank handles of n items (every rank's share, in order);
+- `gather_rows(local, counts)`: the rows of every rank, concatenated in rank order, on every rank.
+  With a graph, the backward hands each rank the gradient of its own rows only: every rank then
+  computes the same loss over the same global rows, and `all_reduce_grads` sums the parameters'
+  gradients, which is exactly the one-process gradient;
+- `all_gather_array` / `broadcast_object` / `barrier` for numpy results and decisions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# How long a rank waits for the others at a collective before giving up (validation and mining run
+# on every rank between steps, so this bounds the slowest of those, not a step).
+TIMEOUT_MINUTES = 30
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place among the processes of one run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_CURRENT = Dist()
+
+
+def from_env(env: dict[str, str] | None = None) -> Dist:
+    """The place torchrun gave this process (RANK, WORLD_SIZE, LOCAL_RANK), or one process."""
+    env = os.environ if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", str(rank)))
+    except ValueError as e:
+        raise RuntimeError(f"torchrun's RANK/WORLD_SIZE/LOCAL_RANK are not integers ({e}); start the command "
+                           "with torchrun, or unset them for one process") from None
+    if world < 1 or not 0 <= rank < world:
+        raise RuntimeError(f"RANK={rank} is not within WORLD_SIZE={world}; start the command with torchrun, "
+                           "or unset them for one process")
+    return Dist(rank, world, local)
+
+
+def current() -> Dist:
+    """The place `setup()` found (one process before it, or without torchrun)."""
+    return _CURRENT
+
+
+def setup(device_kind: str | None = None) -> Dist:
+    """Join the run's process group when started by torchrun (WORLD_SIZE > 1): NCCL when
+    `device_kind` is "cuda", gloo otherwise. Idempotent; one process is left alone."""
+    global _CURRENT
+    import torch.distributed as td
+
+    d = from_env()
+    if not d.enabled:
+        _CURRENT = d
+        return d
+    if not td.is_initialized():
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        td.init_process_group(backend, timeout=datetime.timedelta(minutes=TIMEOUT_MINUTES))
+        log.info("rank %d of %d joined the process group (%s)", d.rank, d.world_size, backend)
+    _CURRENT = d
+    return d
+
+
+def device_for(kind: str) -> str:
+    """The device string of this rank: cuda:LOCAL_RANK for several GPU processes, else `kind`."""
+    d = current()
+    return f"cuda:{d.local_rank}" if kind == "cuda" and d.enabled else kind
+
+
+def teardown() -> None:
+    """Leave the process group (at the end of a command)."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
+
+
+def shard(n: int, dist: Dist | None = None) -> np.ndarray:
+    """Positions of n items this rank handles: a contiguous share, ranks in order (sizes differ by
+    at most one), so concatenating every rank's share in rank order gives 0..n-1."""
+    d = dist or current()
+    return np.array_split(np.arange(n), d.world_size)[d.rank]
+
+
+def shard_sizes(n: int, world_size: int) -> list[int]:
+    """How many of n items each rank's `shard` holds."""
+    return [len(p) for p in np.array_split(np.arange(n), world_size)]
+
+
+def barrier() -> None:
+    if current().enabled:
+        import torch.distributed as td
+
+        td.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s obj on every rank (picklable objects: metrics, decisions, mined arrays)."""
+    if not current().enabled:
+        return obj
+    import torch.distributed as td
+
+    box = [obj]
+    td.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_array(local: np.ndarray) -> np.ndarray:
+    """Every rank's rows (along axis 0) concatenated in rank order, on every rank."""
+    if not current().enabled:
+        return local
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(local))
+    counts = [int(c) for c in all_gather_object(len(local))]
+    return gather_rows(t, counts).numpy()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's obj, in rank order."""
+    if not current().enabled:
+        return [obj]
+    import torch.distributed as td
+
+    out: list[Any] = [None] * current().world_size
+    td.all_gather_object(out, obj)
+    return out
+
+
+def gather_rows(local, counts: Sequence[int]):
+    """(sum(counts), ...) every rank's rows in rank order, on every rank; `counts[r]` is rank r's
+    number of rows, known to every rank. With a graph, the backward hands each rank the gradient
+    of its own rows (see the module's docstring); combine with `all_reduce_grads`."""
+    if not current().enabled:
+        return local
+    return _GatherRows.apply(local, tuple(int(c) for c in counts))
+
+
+def all_reduce_grads(params: Iterable) -> None:
+    """Sum the gradients of params over the ranks, in one flat buffer (LoRA's are small)."""
+    if not current().enabled:
+        return
+    import torch
+    import torch.distributed as td
+
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    td.all_reduce(flat, op=td.ReduceOp.SUM)
+    at = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[at:at + n].view_as(p.grad))
+        at += n
+
+
+def _make_gather():
+    import torch
+    import torch.distributed as td
+
+    class GatherRows(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, local, counts):
+            ctx.rank, ctx.counts = current().rank, counts
+            width = max(counts)
+            padded = local.new_zeros((width, *local.shape[1:]))
+            padded[: local.shape[0]] = local
+            parts = [torch.empty_like(padded) for _ in counts]
+            td.all_gather(parts, padded.contiguous())
+            return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+        @staticmethod
+        def backward(ctx, grad):
+            start = sum(ctx.counts[: ctx.rank])
+            return grad[start:start + ctx.counts[ctx.rank]], None
+
+    return GatherRows
+
+
+class _Lazy:
+    """The autograd function, made on first use (torch is imported lazily)."""
+
+    _fn = None
+
+    def apply(self, *args):
+        if _Lazy._fn is None:
+            _Lazy._fn = _make_gather()
+        return _Lazy._fn.apply(*args)
+
+
+_GatherRows = _Lazy()
