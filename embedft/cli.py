@@ -48,8 +48,19 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except known as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error{_rank_label()}: {e}", err=True)
             sys.exit(2)
+
+
+def _rank_label() -> str:
+    """' (rank R of N)' under torchrun, so a failure names the process it happened in."""
+    from embedft.distributed import from_env
+
+    try:
+        d = from_env()
+    except RuntimeError:
+        return ""
+    return f" (rank {d.rank} of {d.world_size})" if d.enabled else ""
 
 
 @click.group(cls=_Group)
@@ -91,6 +102,8 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
         summary = run_train(cfg, resume=resume, progress=progress)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if "table" not in summary:  # under torchrun, a rank other than 0: rank 0 prints the run's table
+        return
     click.echo(summary["table"])
     click.echo(f"\nadapter: {summary['adapter']}\nreport:  {summary['report']}/report.md")
     if summary.get("run_id"):
@@ -150,6 +163,8 @@ def eval_cmd(config, overrides, model, adapter, run_id, data, indexes, save_inde
     cfg = _load(config, tuple(extra))
     summary = run_eval(cfg, adapter=adapter, run_id=run_id, out=out, compare_base=not no_base,
                        base_only=base_only, save_index=save_index)
+    if "table" not in summary:  # under torchrun, a rank other than 0: rank 0 prints the table
+        return
     click.echo(summary["table"])
     click.echo(f"\nreport: {summary['report']}/report.md")
 

@@ -18,6 +18,7 @@ What the stages use:
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -87,7 +88,10 @@ def setup(device_kind: str | None = None) -> Dist:
     if not td.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
         td.init_process_group(backend, timeout=datetime.timedelta(minutes=TIMEOUT_MINUTES))
-        log.info("rank %d of %d joined the process group (%s)", d.rank, d.world_size, backend)
+        atexit.register(teardown)
+        if not d.is_main:  # one voice: the other ranks say only what goes wrong
+            logging.getLogger("embedft").setLevel(logging.WARNING)
+        log.info("%d processes joined the process group (%s); this is rank %d", d.world_size, backend, d.rank)
     _CURRENT = d
     return d
 
@@ -116,6 +120,46 @@ def shard(n: int, dist: Dist | None = None) -> np.ndarray:
 def shard_sizes(n: int, world_size: int) -> list[int]:
     """How many of n items each rank's `shard` holds."""
     return [len(p) for p in np.array_split(np.arange(n), world_size)]
+
+
+@dataclass(frozen=True)
+class Share:
+    """One rank's share of n sequences, dealt by length so every rank gets about as many tokens.
+
+    `mine`: the positions this rank embeds; `counts[r]`: how many rank r embeds; `order`: the
+    positions of every rank's rows in rank order (what `gather_rows` of the shares returns).
+    """
+
+    mine: np.ndarray
+    counts: tuple[int, ...]
+    order: np.ndarray
+
+    def restore(self, gathered):
+        """Rows gathered in rank order (`gather_rows`, `all_gather_array`) back in input order."""
+        inv = np.empty_like(self.order)
+        inv[self.order] = np.arange(len(self.order))
+        if isinstance(gathered, np.ndarray):
+            return gathered[inv]
+        import torch
+
+        return gathered[torch.as_tensor(inv, device=gathered.device)]
+
+    def assemble(self, local: np.ndarray) -> np.ndarray:
+        """(n, ...) every rank's rows of `mine` (local: this rank's, in `mine` order), in input order."""
+        import torch
+
+        if len(self.counts) == 1:
+            return local
+        return self.restore(gather_rows(torch.from_numpy(np.ascontiguousarray(local)), self.counts).numpy())
+
+
+def balanced_shard(lengths: Sequence[int], dist: Dist | None = None) -> Share:
+    """Deal n sequences to the ranks by length (sorted, then round-robin): every rank's share has
+    about the same tokens, so no rank waits long for the others at the gather."""
+    d = dist or current()
+    order_by_len = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+    parts = [order_by_len[r::d.world_size] for r in range(d.world_size)]
+    return Share(parts[d.rank], tuple(len(p) for p in parts), np.concatenate(parts) if parts else order_by_len)
 
 
 def barrier() -> None:
@@ -168,13 +212,17 @@ def gather_rows(local, counts: Sequence[int]):
 
 
 def all_reduce_grads(params: Iterable) -> None:
-    """Sum the gradients of params over the ranks, in one flat buffer (LoRA's are small)."""
+    """Sum the gradients of params over the ranks, in one flat buffer (LoRA's are small). Every rank
+    passes the same params; one that got no gradient (a rank with no rows this step) adds zeros."""
     if not current().enabled:
         return
     import torch
     import torch.distributed as td
 
-    params = [p for p in params if p.grad is not None]
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     if not params:
         return
     flat = torch.cat([p.grad.reshape(-1) for p in params])
@@ -184,6 +232,18 @@ def all_reduce_grads(params: Iterable) -> None:
         n = p.grad.numel()
         p.grad.copy_(flat[at:at + n].view_as(p.grad))
         at += n
+
+
+def broadcast_params(params: Iterable, src: int = 0) -> None:
+    """Every rank takes rank `src`'s values of params (the LoRA weights at the start of training)."""
+    if not current().enabled:
+        return
+    import torch
+    import torch.distributed as td
+
+    with torch.no_grad():
+        for p in params:
+            td.broadcast(p.data, src=src)
 
 
 def _make_gather():

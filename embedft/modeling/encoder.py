@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from embedft import distributed
 from embedft.config import LoraConfig, ModelConfig
 from embedft.errors import ModelError
 from embedft.modeling import chunking
@@ -163,8 +164,11 @@ class Encoder(nn.Module):
         # Identical token sequences (repeated titles) are embedded once.
         keys, inverse = chunking.distinct(map(tuple, ids))
         unique: Sequence[Sequence[int]] = keys if len(keys) < len(ids) else ids
-        chunks = chunking.forward_chunks([len(x) for x in unique], batch_size, device)
-        out = np.empty((len(unique), self.spec.hidden_size), dtype=np.float32)
+        # Under torchrun every rank calls this with the same ids and embeds its share of them.
+        share = distributed.balanced_shard([len(x) for x in unique]) if distributed.current().enabled else None
+        part = unique if share is None else [unique[i] for i in share.mine.tolist()]
+        chunks = chunking.forward_chunks([len(x) for x in part], batch_size, device)
+        out = np.empty((len(part), self.spec.hidden_size), dtype=np.float32)
         use_amp = torch.device(device).type == "cuda" if amp is None else amp
         if progress:
             from tqdm.auto import tqdm
@@ -176,12 +180,14 @@ class Encoder(nn.Module):
         try:
             with lora_input_casts(self, enabled=not use_amp):
                 for idx in chunks:
-                    batch = self.collate([unique[i] for i in idx], device)
+                    batch = self.collate([part[i] for i in idx], device)
                     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_amp):
                         gather.put(idx, self(**batch))
             gather.close()
         finally:
             self.train(was_training)
+        if share is not None:
+            out = share.assemble(out)
         return out if unique is ids else out[inverse]
 
 

@@ -78,6 +78,23 @@ def open_tracker(tcfg: TrackingConfig, experiment: str, out_dir: Path):
     return tracking.MlflowTracker(uri, tcfg.experiment or experiment, spool_dir=out_dir / ".mlflow-pending")
 
 
+def setup_processes(device_name: str, option: str = "train.device"):
+    """(this process's device, its place among the run's processes): one process, or under torchrun
+    the process group joined (gloo on CPU, NCCL on GPU) and, with several GPUs, the rank's own GPU."""
+    import torch
+
+    from embedft import distributed
+    from embedft.modeling.runtime import resolve_device
+
+    device = resolve_device(device_name, option)
+    dist = distributed.setup(device.type)
+    if dist.enabled and device.type == "cuda":
+        if torch.cuda.device_count() > 1:  # one GPU per rank; on one GPU the ranks share it
+            device = torch.device("cuda", dist.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device, dist
+
+
 @contextlib.contextmanager
 def ending(tracker):
     """End the tracker's run as FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED, however the block ends."""

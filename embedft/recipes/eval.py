@@ -10,9 +10,10 @@ from typing import Any
 from embedft.config import ExperimentConfig, flatten, to_dict, to_yaml
 from embedft.data.examples import Examples, load_splits, retrieval_task
 from embedft.evaluation.tasks import check_tasks
-from embedft.recipes.common import _check_extras, ending, open_tracker
+from embedft.recipes.common import _check_extras, ending, open_tracker, setup_processes
 from embedft.recipes.train import _run_tags
 from embedft.tracking import ui as mlflow_ui
+from embedft.tracking.base import NullTracker
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     """Evaluate base vs adapted on the experiment's eval split; report to disk and MLflow.
 
     The base model is evaluated when `compare_base` and eval.compare_base both say so (or `base_only`);
-    the report goes to `out`, else eval.output_dir, else a folder in the run folder (`_report_dir`)."""
+    the report goes to `out`, else eval.output_dir, else a folder in the run folder (`_report_dir`).
+    Under torchrun every rank embeds its share of each text set; rank 0 alone reports and tracks."""
     import tempfile
 
     from embedft.errors import ModelError
@@ -43,7 +45,6 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     from embedft.evaluation.tasks import check_indexes, dropped_tasks, evaluate_encoder
     from embedft.modeling.encoder import load_encoder
     from embedft.modeling.lora import check_adapter_base, load_adapter, read_adapter_meta
-    from embedft.modeling.runtime import resolve_device
 
     _check_extras(cfg)
     if save_index:
@@ -70,8 +71,10 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
                 raise ModelError(f"no adapter at {adapter_dir}; train first (embedft train {cfg.name}.yaml), pass "
                                  "--adapter DIR or --run RUN_ID, or use --base-only")
         read_adapter_meta(adapter_dir)  # clear error for incomplete folders before loading a model
-    device = resolve_device(cfg.train.device)
-    tracker = open_tracker(cfg.tracking, cfg.tracking.experiment or cfg.name, cfg.output_dir)
+    device, dist = setup_processes(cfg.train.device)
+    progress = progress and dist.is_main
+    tracker = open_tracker(cfg.tracking, cfg.tracking.experiment or cfg.name, cfg.output_dir) if dist.is_main \
+        else NullTracker()
     encoder = load_encoder(cfg.model, device)
     if adapter_dir is not None:  # a --model the adapter was not trained on is refused before the base evaluation
         check_adapter_base(encoder, adapter_dir)
@@ -82,6 +85,12 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     if not base_only:
         load_adapter(encoder, adapter_dir)
         adapted_eval = evaluate_encoder(encoder, train_ex, eval_ex, cfg.eval, device, progress)
+    if not dist.is_main:  # this rank embedded its shares; rank 0 reports
+        if save_index:
+            _save_retrieval_index(encoder, eval_ex, cfg, save_index, str(adapter_dir) if adapter_dir else None)
+        if tmp_download:
+            shutil.rmtree(tmp_download, ignore_errors=True)
+        return {"rank": dist.rank}
     report_at = Path(out) if out else cfg.eval_output_dir or _report_dir(cfg.output_dir, adapter_dir, run_id)
     report_dir = write_report(report_at, base_eval, adapted_eval,
                               {"name": cfg.name, "model": cfg.model.name,
@@ -125,8 +134,12 @@ def _save_retrieval_index(encoder, eval_ex: Examples, cfg: ExperimentConfig, out
     """The adapted model's index over the eval corpus, with a manifest the search team can check."""
     from embedft.evaluation.index import build_index, index_manifest, save_index
 
+    from embedft import distributed
+
     corpus = retrieval_task(eval_ex).corpus
-    vectors = encoder.encode(corpus, batch_size=cfg.eval.batch_size)
+    vectors = encoder.encode(corpus, batch_size=cfg.eval.batch_size)  # under torchrun: every rank embeds its share
+    if not distributed.current().is_main:
+        return Path(out_dir)
     factory = cfg.eval.indexes[0] if cfg.eval.indexes else "Flat"
     index = build_index(vectors, factory)
     model = encoder.spec.fingerprint if adapter is None else f"{encoder.spec.fingerprint}+{Path(adapter).name}"

@@ -8,10 +8,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from embedft import distributed
 from embedft.atomic import replace_dir, temp_sibling, write_text
 from embedft.config import ExperimentConfig, flatten, to_dict, to_yaml
 from embedft.errors import ConfigError
-from embedft.recipes.common import ending, open_tracker, prepare_data
+from embedft.recipes.common import ending, open_tracker, prepare_data, setup_processes
+from embedft.tracking.base import NullTracker
 from embedft.tracking import ui as mlflow_ui
 from embedft.training.validation import build_val_set
 
@@ -23,7 +25,10 @@ RUN_ID_FILE = ".mlflow-run-id"  # in the run folder: the MLflow run a --resume c
 
 def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
               parent_run_id: str | None = None) -> dict[str, Any]:
-    """Train one experiment end to end; returns the run summary (paths and metrics)."""
+    """Train one experiment end to end; returns the run summary (paths and metrics).
+
+    Under torchrun every rank runs this: each trains its share of every global batch and embeds
+    its share of every evaluation; rank 0 alone writes the run folder and the MLflow run."""
     import torch
 
     from embedft.evaluation.report import compare, format_table, write_report
@@ -31,7 +36,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     from embedft.modeling.builders import make_trainable
     from embedft.modeling.encoder import load_encoder
     from embedft.modeling.lora import load_adapter, lora_settings, save_adapter
-    from embedft.modeling.runtime import base_dtype, resolve_device, seed_everything
+    from embedft.modeling.runtime import base_dtype, seed_everything
     from embedft.training.checkpoint import check_resumable, require_checkpoint, run_identity
     from embedft.training.loop import train
 
@@ -39,13 +44,15 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     out = cfg.output_dir
     if resume:  # nothing to resume: refused before the run folder is made or a model loaded
         require_checkpoint(out / "checkpoint")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file where a folder should be, no permission, read-only disk
-        raise ConfigError(f"train.output_dir: cannot make the run folder {out} ({e.strerror}: {e.filename}); "
-                          "set -o train.output_dir to a folder you can write") from None
-    tracker = open_tracker(cfg.tracking, cfg.name, out)
-    device = resolve_device(cfg.train.device)
+    device, dist = setup_processes(cfg.train.device)
+    progress = progress and dist.is_main
+    if dist.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file where a folder should be, no permission, read-only disk
+            raise ConfigError(f"train.output_dir: cannot make the run folder {out} ({e.strerror}: {e.filename}); "
+                              "set -o train.output_dir to a folder you can write") from None
+    tracker = open_tracker(cfg.tracking, cfg.name, out) if dist.is_main else NullTracker()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
@@ -54,7 +61,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     check_indexes(cfg.eval, encoder.spec.hidden_size, data.train, data.eval)
     if resume:  # refused now, not after the base model's evaluation
         check_resumable(out / "checkpoint", run_identity(encoder.spec, lora_settings(encoder, cfg.lora), data.source,
-                                                         cfg.train, cfg.loss))
+                                                         cfg.train, cfg.loss, dist.world_size))
 
     base_eval = evaluate_encoder(encoder, data.train, data.eval, cfg.eval, device, progress) \
         if cfg.eval.compare_base else None
@@ -72,11 +79,12 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     previous = (out / RUN_ID_FILE).read_text().strip() if resume and (out / RUN_ID_FILE).is_file() else None
     if previous:
         tags["embedft.resumed_from"] = previous
-    run_id = tracker.start_run(run_name=cfg.tracking.run_name or cfg.name, params=flatten(to_dict(cfg)),
+    run_id = tracker.start_run(run_name=cfg.tracking.run_name or cfg.name,
+                               params={**flatten(to_dict(cfg)), "world_size": dist.world_size},
                                tags=tags, parent_run_id=parent_run_id)
     if previous:
         tracker.end_stale_run(previous)  # a run killed without warning (SIGKILL) stays RUNNING otherwise
-    if run_id:
+    if run_id:  # rank 0's alone: the other ranks' tracker is a NullTracker
         write_text(out / RUN_ID_FILE, run_id, OUT_FIX)
     with ending(tracker):
         tracker.log_text(to_yaml(cfg), "config.yaml")
@@ -89,22 +97,27 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
                        progress=progress)
 
         adapter_dir = out / "adapter"
-        tmp = temp_sibling(adapter_dir)
-        try:
-            save_adapter(encoder, tmp, {"experiment": cfg.name, "config": to_dict(cfg),
-                                        "data": {"train_digest": data.train.digest(), "eval_digest": data.eval.digest(),
-                                                 "train_rows": len(data.train), "eval_rows": len(data.eval)},
-                                        "mlflow_run_id": run_id})
-            replace_dir(tmp, adapter_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # an earlier adapter stays whole; the checkpoint has this one
-            raise
-        write_text(out / "config.yaml", to_yaml(cfg), OUT_FIX)
+        if dist.is_main:
+            tmp = temp_sibling(adapter_dir)
+            try:
+                save_adapter(encoder, tmp, {"experiment": cfg.name, "config": to_dict(cfg),
+                                            "data": {"train_digest": data.train.digest(),
+                                                     "eval_digest": data.eval.digest(),
+                                                     "train_rows": len(data.train), "eval_rows": len(data.eval)},
+                                            "mlflow_run_id": run_id, "world_size": dist.world_size})
+                replace_dir(tmp, adapter_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # an earlier adapter stays whole; the checkpoint has this one
+                raise
+            write_text(out / "config.yaml", to_yaml(cfg), OUT_FIX)
+        distributed.barrier()  # the adapter is on disk before any rank reads it back
 
         if dtype != torch.float32:
             # Report what `embedft eval` and the export load: the saved adapter on the fp32 base.
             encoder = load_adapter(load_encoder(cfg.model, device, cfg.lora), adapter_dir)
         adapted_eval = evaluate_encoder(encoder, data.train, data.eval, cfg.eval, device, progress)
+        if not dist.is_main:  # the other ranks embedded their shares; rank 0 reports
+            return {"rank": dist.rank, "adapter": str(adapter_dir), "output_dir": str(out)}
         report_dir = write_report(out / "eval", base_eval, adapted_eval,
                                   {"name": cfg.name, "model": cfg.model.name, "adapter": str(adapter_dir),
                                    "eval_data": data.eval.source, "train_steps": result.steps,

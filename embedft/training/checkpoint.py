@@ -45,13 +45,15 @@ EMBEDDING_SETTINGS = ("pooling", "normalize", "query_template", "max_length")
 
 
 def run_identity(spec: EncoderSpec, lora: dict[str, Any] | None, src: PairSource, cfg: TrainConfig,
-                 loss_cfg: LossConfig) -> dict[str, Any]:
+                 loss_cfg: LossConfig, world_size: int = 1) -> dict[str, Any]:
     """What a checkpoint must be resumed with: base model and how it embeds, LoRA
-    (`lora.lora_settings`), the training data, loss and training settings, as JSON values."""
+    (`lora.lora_settings`), the training data, loss and training settings, and the number of
+    processes (torchrun's world size: each rank's dropout stream is in the checkpoint), as JSON values."""
     ident: dict[str, Any] = {"model": spec.fingerprint, **{f"model.{k}": getattr(spec, k) for k in EMBEDDING_SETTINGS},
                              **{f"lora.{k}": v for k, v in (lora or {}).items()}, "training data digest": src.digest()}
     ident.update({f"train.{k}": v for k, v in asdict(cfg).items()})
     ident.update({f"loss.{k}": v for k, v in asdict(loss_cfg).items()})
+    ident["world_size"] = world_size
     return json.loads(json.dumps({k: v for k, v in ident.items() if k not in RESUMABLE_CHANGES}, default=str))
 
 
@@ -74,6 +76,11 @@ def check_resumable(path: Path, identity: dict[str, Any]) -> None:
     # Keys a checkpoint lacks were not recorded by the embedft that wrote it: not checked.
     diff = [f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in sorted(saved)
             if saved.get(k) != identity.get(k)]
+    if saved.get("world_size", identity.get("world_size")) != identity.get("world_size"):
+        raise ConfigError(f"--resume: the checkpoint in {path} was written by {saved['world_size']} process(es), "
+                          f"and this run has {identity.get('world_size')}; resume with the same number (torchrun "
+                          f"--nnodes x --nproc-per-node = {saved['world_size']}, or no torchrun for 1), or start "
+                          "fresh without --resume")
     if diff:
         raise ConfigError(f"--resume: the checkpoint in {path} was written with other settings "
                           f"({'; '.join(diff)}); {RESUME_FIX}")
@@ -107,14 +114,22 @@ def _set_numpy_rng_state(state: dict[str, Any]) -> None:
                          state["cached_gaussian"]))
 
 
+def rank_rng_state() -> dict[str, Any]:
+    """This process's torch RNG states (CPU, and CUDA when there is one): what draws its dropout."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
 def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: int, result: TrainResult,
                     identity: dict[str, Any] | None = None, batches_done: int = 0,
-                    arrays: dict[str, np.ndarray] | None = None, selection: Selection | None = None) -> None:
+                    arrays: dict[str, np.ndarray] | None = None, selection: Selection | None = None,
+                    rank_rng: list[dict[str, Any]] | None = None) -> None:
     """Everything to continue exactly: adapter, optimizer, scheduler, RNG, counters, and model
     selection's state (the best epoch so far and its weights). Atomic.
 
     epoch: epochs done; batches_done: batches done of the next one (0 at an epoch's end);
-    arrays: run state that is not weights (mined negatives: `mining.Miner.state`), in arrays.npz.
+    arrays: run state that is not weights (mined negatives: `mining.Miner.state`), in arrays.npz;
+    rank_rng: under torchrun, every rank's `rank_rng_state()` in rank order (rank 0 writes them all).
     """
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -122,7 +137,7 @@ def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: 
     torch.save({"adapter": _adapter_state(encoder), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                "epoch": epoch, "step": step, "batches_done": batches_done,
+                "rank_rng": rank_rng, "epoch": epoch, "step": step, "batches_done": batches_done,
                 "selection": selection.state_dict() if selection is not None else None}, state)
     progress = json.dumps({"epoch": epoch, "step": step, "batches_done": batches_done, "history": result.history,
                            "val_history": result.val_history, "identity": identity})
@@ -146,9 +161,10 @@ def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: 
 
 
 def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResult,
-                    selection: Selection | None = None) -> tuple[int, int, int]:
+                    selection: Selection | None = None, rank: int = 0) -> tuple[int, int, int]:
     """Restore state saved by save_checkpoint (after check_resumable), model selection's too when
-    given; returns (epochs done, step, batches done of the next epoch)."""
+    given, and under torchrun rank `rank`'s own RNG; returns (epochs done, step, batches done of
+    the next epoch)."""
     progress = _read_checkpoint(path, lambda: json.loads((path / "progress.json").read_text()))
     # weights_only: tensors, numbers, strings and containers only; a checkpoint cannot run code when loaded.
     state = _read_checkpoint(path, lambda: torch.load(path / "state.pt", map_location="cpu", weights_only=True))
@@ -169,6 +185,11 @@ def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResul
     _set_numpy_rng_state(state["rng"]["numpy"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if state.get("rank_rng"):  # several processes: each takes its own torch RNG back
+        own = state["rank_rng"][rank]
+        torch.set_rng_state(own["torch"])
+        if own["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(own["cuda"])
     result.history, result.val_history = progress["history"], progress["val_history"]
     if selection is not None and state.get("selection") is not None:
         selection.load_state_dict(state["selection"])

@@ -6,6 +6,11 @@ end the best epoch's weights are put back (`embedft.training.selection`). The ba
 (seed, epoch), and the checkpoint holds the optimizer, scheduler and RNG state, so a killed
 run resumes exactly, mid-epoch too (`embedft.training.checkpoint`). The loop does not know
 which loss it runs: it calls the one `loss.name` names (`embedft.training.losses`).
+
+Under torchrun (`embedft.distributed`) every rank runs this same loop over the same batch
+schedule: each embeds its share of a step's sequences, the loss sees the whole global batch
+(`step.embed_global`), the LoRA gradients are summed over the ranks, and every rank takes the same
+optimizer step. Rank 0 alone writes checkpoints and logs metrics.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from embedft import distributed
 from embedft.config import LossConfig, TrainConfig, resolve_batch_sampling
 from embedft.data.batches import PairSource, check_schedule, epoch_batches
 from embedft.modeling.encoder import Encoder, compile_layers
@@ -30,6 +36,7 @@ from embedft.training.checkpoint import (
     check_resumable,
     load_checkpoint,
     load_checkpoint_arrays,
+    rank_rng_state,
     run_identity,
     save_checkpoint,
 )
@@ -37,7 +44,7 @@ from embedft.training.losses import build_loss
 from embedft.training.mining import Miner
 from embedft.training.result import TrainResult
 from embedft.training.selection import Selection
-from embedft.training.step import embed, train_step_cached
+from embedft.training.step import embed_global, train_step_cached
 from embedft.training.tokens import TokenCache, batch_sequences
 from embedft.training.validation import ValSet, validate
 
@@ -97,22 +104,29 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
           val: ValSet | None = None, sink: MetricSink | None = None, resume: bool = False,
           progress: bool = True) -> TrainResult:
     """Train the encoder's LoRA parameters on src; checkpoints go to out_dir/checkpoint."""
-    sink = sink or _NoSink()
+    dist = distributed.current()
+    sink = sink if sink is not None and dist.is_main else _NoSink()
+    progress = progress and dist.is_main
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     device = next(encoder.parameters()).device
     amp = uses_amp(encoder, device)
     seed_everything(cfg.seed)  # train.threads is the caller's: a process setting, set before the model loads
+    if dist.rank:  # each rank its own dropout masks; the batch schedule is numpy's, seeded alike everywhere
+        torch.manual_seed(cfg.seed + dist.rank)
 
     n_total = check_schedule(src, cfg)
     ckpt = out / "checkpoint"
     loss_fn = build_loss(loss_cfg)
-    identity = run_identity(encoder.spec, lora_settings(encoder), src, cfg, loss_cfg)
+    identity = run_identity(encoder.spec, lora_settings(encoder), src, cfg, loss_cfg, dist.world_size)
     if resume:
         check_resumable(ckpt, identity)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * n_total)
     if cfg.compile:
         log.info("compiling %d layers (torch.compile)", compile_layers(encoder))
+    trainable = [p for p in encoder.parameters() if p.requires_grad]
+    distributed.broadcast_params(trainable)  # every rank starts from rank 0's LoRA weights
     opt = make_optimizer(encoder, cfg, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n_total, warmup, cfg.scheduler))
     cache = TokenCache(encoder, src.texts)
@@ -130,11 +144,12 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
     selection = _new_selection(val, cfg)
     start_epoch, step, skip = 0, 0, 0
     if resume:
-        start_epoch, step, skip = load_checkpoint(ckpt, encoder, opt, sched, result, selection)
+        start_epoch, step, skip = load_checkpoint(ckpt, encoder, opt, sched, result, selection, rank=dist.rank)
         result.epochs_done = start_epoch
         log.info("resumed from %s at step %d (epoch %d, after %d of its batches)", ckpt, step, start_epoch + 1, skip)
 
     encoder.train()
+    _say_batch(src, cfg, loss_cfg, sampling, dist)
     seen, tokens, t_train = 0, 0, 0.0
     # The bar is closed however the loop ends (a NaN loss, Ctrl-C), so the error line starts on a
     # line of its own; the base model's dropout is put back however it ends, too.
@@ -162,12 +177,12 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                     if cfg.mini_batch_size:
                         loss = train_step_cached(encoder, seqs, loss_of, device, cfg.mini_batch_size, amp)
                     else:
-                        emb = embed(encoder, seqs, device, amp=amp)
+                        emb = embed_global(encoder, seqs, device, amp=amp)  # (N, D): the whole global batch
                         loss_t = loss_of(emb)
                         loss_t.backward()
                         loss = float(loss_t.detach())
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in encoder.parameters() if p.requires_grad],
-                                                           cfg.max_grad_norm)
+                distributed.all_reduce_grads(trainable)  # under torchrun: the ranks' shares summed
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -193,18 +208,19 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                                  rec["train/lr"], seen / max(t_train, 1e-9))
                 miner.after_step(step, n_total)  # before the checkpoint, which keeps what it mined
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < n_total:
-                    save_checkpoint(ckpt, encoder, opt, sched, epoch, step, result, identity, batches_done=i + 1,
-                                    arrays=miner.state(), selection=selection)
+                    _checkpoint(ckpt, encoder, opt, sched, epoch, step, result, identity, batches_done=i + 1,
+                                arrays=miner.state(), selection=selection)
             epoch_done = epoch + 1
             if val is not None and cfg.eval_every_epoch:
                 metrics = validate(encoder, val, val_cache, loss_fn, cfg.batch_size, device, cfg.seed,
                                    sampling=sampling, group_size=cfg.group_size)
+                metrics = distributed.broadcast_object(metrics)  # every rank selects and stops on rank 0's figures
                 result.val_history.append({"epoch": epoch_done, "step": step, **metrics})
                 sink.log_metrics({**metrics, "epoch": float(epoch_done)}, step=step)
                 log.info("epoch %d: %s", epoch_done, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                 _select(selection, metrics, epoch_done, encoder)
-            save_checkpoint(ckpt, encoder, opt, sched, epoch_done, step, result, identity, arrays=miner.state(),
-                            selection=selection)
+            _checkpoint(ckpt, encoder, opt, sched, epoch_done, step, result, identity, arrays=miner.state(),
+                        selection=selection)
             result.epochs_done = epoch_done
     _finish_selection(selection, encoder, result, cfg)
     result.steps = step
@@ -212,6 +228,26 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
     result.samples_per_s = seen / t_train if t_train else 0.0
     result.tokens_per_s = tokens / t_train if t_train else 0.0
     return result
+
+
+def _checkpoint(path: Path, *args, **kwargs) -> None:
+    """`save_checkpoint` by rank 0, with every rank's RNG state (each rank draws its own dropout)."""
+    dist = distributed.current()
+    rngs = distributed.all_gather_object(rank_rng_state()) if dist.enabled else None
+    if dist.is_main:
+        save_checkpoint(path, *args, rank_rng=rngs, **kwargs)
+
+
+def _say_batch(src: PairSource, cfg: TrainConfig, loss_cfg: LossConfig, sampling: str, dist) -> None:
+    """The global batch, each rank's share of it and the negatives an anchor is scored against."""
+    per_rank = cfg.batch_size / dist.world_size
+    if src.positives is not None:  # pairs: the other rows' positives and every row's hard negatives
+        negs = cfg.batch_size - 1 + cfg.batch_size * loss_cfg.hard_negatives
+    else:  # group batches: the texts of the other groups (and the mined ones)
+        negs = cfg.batch_size - cfg.group_size + cfg.batch_size * loss_cfg.hard_negatives
+    log.info("batch: %d %s per step (global), %s per rank on %d rank(s); about %d negatives per anchor",
+             cfg.batch_size, "rows" if src.positives is not None else f"texts ({sampling})",
+             f"{per_rank:g}", dist.world_size, negs)
 
 
 def _new_selection(val: ValSet | None, cfg: TrainConfig) -> Selection | None:
