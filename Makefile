@@ -13,7 +13,7 @@ RUN ?= runs/pricerunner-matching
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup lock train test test-fast config-docs bench-pricerunner bench-labeled bench-deploy bench-encode bench-train bench-chunking bench-serve gpu-check gpu-bundle gpu-smoke-image ui ui-check ui-screenshots clean
+.PHONY: help setup lock train train-ddp test test-fast config-docs bench-pricerunner bench-labeled bench-deploy bench-encode bench-train bench-chunking bench-serve gpu-check gpu-bundle gpu-smoke-image ui ui-check ui-screenshots clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -33,6 +33,11 @@ lock: setup ## Write constraints.txt from .venv (after `make setup CONSTRAINTS=`
 
 train: setup ## Train the default experiment (or CONFIG=path)
 	$(PY) -m embedft train $(CONFIG)
+
+NPROC ?= 2
+train-ddp: setup ## The default experiment (or CONFIG=path) on NPROC=2 CPU processes under torchrun: the same table as `make train`
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) \
+		-m embedft train $(CONFIG) -o 'train.output_dir=runs/{name}-ddp' -o train.device=cpu
 
 test: setup ## Run the whole test-suite (what CI runs)
 	$(PY) -m pytest -q
