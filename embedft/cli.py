@@ -95,6 +95,8 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
     try:
         if sweeps:
             children = run_sweep(cfg, config, overrides, sweeps, progress=progress)
+            if children and "table" not in children[-1]:  # under torchrun, a rank other than 0
+                return
             for s in children:
                 click.echo(f"{s['name']}: {s['output_dir']}")
             _echo_ui_link(children[-1] if children else {})

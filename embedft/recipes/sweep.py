@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from embedft import distributed
 from embedft.config import ExperimentConfig
 from embedft.errors import ConfigError
 from embedft.recipes.common import ending, open_tracker
 from embedft.recipes.train import run_train
 from embedft.tracking import ui as mlflow_ui
+from embedft.tracking.base import NullTracker
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ def run_sweep(cfg: ExperimentConfig, config_path: str, overrides: tuple[str, ...
         raise ConfigError(f"train.output_dir={cfg.train.output_dir!r} gives every --sweep point the same run folder, "
                           "so each would replace the one before; put {name} in it (e.g. runs/{name}), each point's "
                           "name being <name>-<key><value>", ("train.output_dir",))
-    tracker = open_tracker(cfg.tracking, cfg.name, cfg.output_dir)
+    main = distributed.from_env().is_main  # under torchrun, rank 0 alone tracks (the process group joins later)
+    tracker = open_tracker(cfg.tracking, cfg.name, cfg.output_dir) if main else NullTracker()
     parent = tracker.start_run(run_name=f"{cfg.name}-sweep", params={"sweep": " x ".join(sweeps)},
                                tags={"embedft.sweep": "parent"})
     out = []
@@ -59,7 +62,8 @@ def run_sweep(cfg: ExperimentConfig, config_path: str, overrides: tuple[str, ...
         for child in points:
             s = run_train(child, progress=progress, parent_run_id=parent)
             out.append({"name": child.name, **s})
-        _log_best_child(tracker, out)
+        if main:
+            _log_best_child(tracker, out)
     return out
 
 
