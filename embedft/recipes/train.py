@@ -134,7 +134,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
         tracker.log_artifacts(str(report_dir), "eval")
         for p in plots:
             tracker.log_artifact(str(p), "plots")
-        summary = {"run_id": run_id, **_ui_links(tracker), "output_dir": str(out), "adapter": str(adapter_dir),
+        summary = {"run_id": run_id, **tracker.links(), "output_dir": str(out), "adapter": str(adapter_dir),
                    "report": str(report_dir),
                    "steps": result.steps, "train_seconds": result.train_seconds, "epochs_done": result.epochs_done,
                    "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
@@ -143,15 +143,6 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
         write_text(out / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2),
                    OUT_FIX)
         return summary
-
-
-def _ui_links(tracker) -> dict[str, str]:
-    """The run's name and the links that open it and its experiment's runs in the MLflow UI (when tracked)."""
-    if not tracker.run_id:
-        return {}
-    address = mlflow_ui.ui_address(tracker.uri)
-    return {"run_name": tracker.run_name, "run_url": mlflow_ui.runs_url(address, tracker.experiment_id, tracker.run_id),
-            "experiment_url": mlflow_ui.runs_url(address, tracker.experiment_id)}
 
 
 def _run_tags(cfg: ExperimentConfig, spec, device) -> dict[str, str]:

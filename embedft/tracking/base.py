@@ -38,6 +38,9 @@ class Tracker(Protocol):
 
     def log_input(self, name: str, digest: str, n_rows: int, source: str, context: str) -> None: ...
 
+    def links(self) -> dict[str, str]:
+        """The run's name and the links that open it and its experiment's runs in a UI ({} untracked)."""
+
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait up to timeout seconds for queued records; True when none is left."""
 
@@ -64,6 +67,9 @@ class NullTracker:
 
     def end_stale_run(self, run_id: str, status: str = "KILLED") -> None:
         pass
+
+    def links(self) -> dict[str, str]:
+        return {}
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         pass

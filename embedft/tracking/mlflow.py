@@ -178,6 +178,14 @@ class MlflowTracker:
 
     # -- public API -------------------------------------------------------------------------
 
+    def links(self) -> dict[str, str]:
+        """The run's name and the links that open it and its experiment's runs in the MLflow UI."""
+        if not self.run_id:
+            return {}
+        address = mlflow_ui.ui_address(self.uri)
+        return {"run_name": self.run_name, "run_url": mlflow_ui.runs_url(address, self.experiment_id, self.run_id),
+                "experiment_url": mlflow_ui.runs_url(address, self.experiment_id)}
+
     def start_run(self, run_name: str | None, params: dict[str, Any], tags: dict[str, str],
                   parent_run_id: str | None = None) -> str:
         """Create the run and log its params now (a clear TrackingError if the store is unusable).
