@@ -53,9 +53,29 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
                           f"{cfg.data.shape!r}, label column {cfg.data.label_column!r}, which it does not have); set "
                           "data.label_column to the column that holds the categories, or -o loss.label_weight=0 "
                           "(without labels there is no classification in the report either)")
+    _warn_unused_mining(cfg, src)
     check_schedule(src, cfg.train, str(cfg.data.train))
     check_tasks(cfg.eval, train_ex, eval_ex)  # an evaluation that cannot run fails now, not after training
     return PreparedData(train_ex, eval_ex, src, report, fit_ex, val_ex)
+
+
+def _warn_unused_mining(cfg: ExperimentConfig, src: PairSource) -> None:
+    """Mining settings changed from their defaults do nothing when the data brings its own negatives
+    (pairs with data.negative_columns), or when no negatives are asked for: say so."""
+    from dataclasses import fields
+
+    from embedft.config import LossConfig
+
+    defaults = {f.name: f.default for f in fields(LossConfig) if f.name.startswith("mine_")}
+    changed = [f"loss.{k}" for k, v in defaults.items() if getattr(cfg.loss, k) != v]
+    if not changed:
+        return
+    if src.negatives is not None:
+        log.warning("%s set, but %s has negative columns (data.negative_columns), which are used as they are: "
+                    "nothing is mined. Drop data.negative_columns to mine instead", ", ".join(changed), cfg.data.train)
+    elif cfg.loss.hard_negatives == 0 and cfg.train.batch_sampling != "similar_groups":
+        log.warning("%s set, but loss.hard_negatives=0: nothing is mined. Set loss.hard_negatives (e.g. 2) to mine",
+                    ", ".join(changed))
 
 
 def _check_extras(cfg: ExperimentConfig) -> None:

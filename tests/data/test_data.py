@@ -701,3 +701,29 @@ def test_split_column_splits_labeled_data_by_product(tmp_path):
     with pytest.raises(DataError, match=r"data.split=modulo needs grouped data with integer group ids, or integer "
                                         r"ids in data.split_column"):
         load_splits(replace(cfg, split_column=None))
+
+
+def test_mining_options_that_cannot_apply_are_warned_about(tmp_path, caplog):
+    """loss.mine_* do nothing with given negative columns or without loss.hard_negatives: a warning says so."""
+    from embedft.config import LossConfig
+    from embedft.recipes.common import prepare_data
+
+    header = ("query", "positive", "negative")
+    rows = [(f"q{i}", f"p{i}", f"n{i}") for i in range(8)]
+    train = write_csv(tmp_path / "t.csv", rows, header=header)
+    ev = write_csv(tmp_path / "e.csv", [("eq", "ep", "en")], header=header)
+    pairs = ExperimentConfig(data=given(train, ev, shape="pairs", negative_columns=("negative",)),
+                             train=TrainConfig(batch_size=4, **NO_VAL), loss=LossConfig(hard_negatives=1))
+    with caplog.at_level("WARNING"):
+        prepare_data(pairs)
+    assert "mine" not in caplog.text  # defaults: nothing to say
+    with caplog.at_level("WARNING"):
+        prepare_data(replace(pairs, loss=LossConfig(hard_negatives=1, mine_every=5, mine_range_min=2)))
+    assert "loss.mine_every, loss.mine_range_min set, but" in caplog.text and "negative columns" in caplog.text
+    caplog.clear()
+    grouped_rows = write_csv(tmp_path / "g.csv", ROWS)
+    grouped = ExperimentConfig(data=given(grouped_rows, _eval_file(tmp_path), shape="grouped"),
+                               train=TrainConfig(batch_size=4, **NO_VAL), loss=LossConfig(mine_relative_margin=0.1))
+    with caplog.at_level("WARNING"):
+        prepare_data(grouped)
+    assert "loss.mine_relative_margin set, but loss.hard_negatives=0: nothing is mined" in caplog.text
