@@ -146,11 +146,9 @@ class Share:
 
     def assemble(self, local: np.ndarray) -> np.ndarray:
         """(n, ...) every rank's rows of `mine` (local: this rank's, in `mine` order), in input order."""
-        import torch
-
         if len(self.counts) == 1:
             return local
-        return self.restore(gather_rows(torch.from_numpy(np.ascontiguousarray(local)), self.counts).numpy())
+        return self.restore(_gather_host(local, self.counts))
 
 
 def balanced_shard(lengths: Sequence[int], dist: Dist | None = None) -> Share:
@@ -184,11 +182,19 @@ def all_gather_array(local: np.ndarray) -> np.ndarray:
     """Every rank's rows (along axis 0) concatenated in rank order, on every rank."""
     if not current().enabled:
         return local
+    counts = [int(c) for c in all_gather_object(len(local))]
+    return _gather_host(local, counts)
+
+
+def _gather_host(local: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    """`gather_rows` of host arrays: through the GPU under NCCL (which moves CUDA tensors only)."""
     import torch
+    import torch.distributed as td
 
     t = torch.from_numpy(np.ascontiguousarray(local))
-    counts = [int(c) for c in all_gather_object(len(local))]
-    return gather_rows(t, counts).numpy()
+    if td.get_backend() == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    return gather_rows(t, counts).cpu().numpy()
 
 
 def all_gather_object(obj: Any) -> list[Any]:
