@@ -39,12 +39,12 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     out = cfg.output_dir
     if resume:  # nothing to resume: refused before the run folder is made or a model loaded
         require_checkpoint(out / "checkpoint")
+    tracker = open_tracker(cfg.tracking, cfg.name, out)  # an unreachable store is refused before the folder is made
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where a folder should be, no permission, read-only disk
         raise ConfigError(f"train.output_dir: cannot make the run folder {out} ({e.strerror}: {e.filename}); "
                           "set -o train.output_dir to a folder you can write") from None
-    tracker = open_tracker(cfg.tracking, cfg.name, out)
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
