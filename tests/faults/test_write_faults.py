@@ -149,6 +149,19 @@ def test_an_adapter_a_plot_or_an_index_that_cannot_be_written_leaves_nothing(tmp
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("code", sorted(ERRNOS))
+def test_adapter_weights_the_disk_refuses_are_one_error(tmp_path, trainable, disk, code):
+    from embedft.modeling.lora import save_adapter
+
+    enc, _, _ = trainable
+    out = tmp_path / "adapter"
+    point = disk("adapter_model.safetensors", 7, code)  # written by peft through safetensors (Rust)
+    with pytest.raises(WriteError) as e:
+        save_adapter(enc, out)
+    fix = "free space there or write elsewhere" if code == errno.ENOSPC else "write elsewhere (a folder you can write)"
+    assert point.fired and str(e.value) == f"cannot write {out}: {ERRNOS[code]}; {fix}"
+
+
 def test_a_faiss_write_failure_names_the_index_file(tmp_path, monkeypatch):
     import faiss
     import numpy as np
