@@ -2,8 +2,8 @@
 
 It hooks every way embedft's writers put bytes on disk:
 
-- `atomic._write`: embedft's own files (`atomic.write_bytes`, `write_text`);
-- `open()` for writing: Python libraries (sentence-transformers' and transformers' configs, torch.onnx, peft);
+- `open()` for writing: embedft's own files (`atomic.write_bytes`) and Python libraries' (sentence-transformers'
+  and transformers' configs, torch.onnx, peft);
 - safetensors' `serialize_file`: weights written by Rust;
 - a rename onto the target (`os.replace`, `os.rename`, `atomic._exchange`): a folder or file swapped into place.
 
@@ -12,8 +12,7 @@ NAME), its `nth` write, and how far the write gets: `after` bytes, or "before"/"
 `fail` raises what a full (ENOSPC), forbidden (EACCES) or read-only (EROFS) disk raises; `kill` SIGKILLs the
 process, so no cleanup runs. Each point fires once: the command after it finds a working disk.
 
-In a child process (tests/ on sys.path): `from faults import disk; disk.install_from_env()`, with
-EMBEDFT_TEST_DISK set to `Point(...).to_env()`.
+`run_killed` runs a writer in a child process armed to SIGKILL itself at a point.
 """
 
 from __future__ import annotations
@@ -24,13 +23,17 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 STRERROR = {errno.ENOSPC: "No space left on device", errno.EACCES: "Permission denied",
             errno.EROFS: "Read-only file system"}
 CAUSE = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied",
          errno.EROFS: "the file system is read-only"}  # what embedft says for each
 ENV = "EMBEDFT_TEST_DISK"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def target_name(path) -> str:
@@ -107,21 +110,10 @@ class _FailingFile:
 
 def install(point: Point, setattr=setattr) -> Point:
     """Arm `point` in this process (`setattr`: pytest's monkeypatch.setattr, undone after the test)."""
-    import safetensors
-    import safetensors.torch
-
     import embedft.atomic as atomic
 
-    real_write, real_open = atomic._write, builtins.open
-    real_serialize = safetensors.torch.serialize_file
+    real_open = builtins.open
     real_replace, real_rename, real_exchange = os.replace, os.rename, atomic._exchange
-
-    def write(f, data):
-        if not isinstance(point.after, int) or not point.reached(f.name):
-            return real_write(f, data)
-        f.write(data[: point.after])
-        f.flush()
-        point.fire()
 
     def open_(file, mode="r", *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
@@ -134,6 +126,8 @@ def install(point: Point, setattr=setattr) -> Point:
     def serialize_file(tensors, filename, metadata=None):
         if not isinstance(point.after, int) or not point.reached(filename):
             return real_serialize(tensors, filename, metadata=metadata)
+        import safetensors
+
         with real_open(filename, "wb") as f:
             f.write(b"\0" * point.after)
         if point.action == "kill":
@@ -154,9 +148,12 @@ def install(point: Point, setattr=setattr) -> Point:
 
         return rename
 
-    setattr(atomic, "_write", write)
     setattr(builtins, "open", open_)
-    setattr(safetensors.torch, "serialize_file", serialize_file)
+    if point.at.endswith(".safetensors"):  # safetensors.torch imports torch: only where it is the point
+        import safetensors.torch
+
+        real_serialize = safetensors.torch.serialize_file
+        setattr(safetensors.torch, "serialize_file", serialize_file)
     setattr(os, "replace", renaming(real_replace))
     setattr(os, "rename", renaming(real_rename))
     setattr(atomic, "_exchange", renaming(real_exchange))
@@ -166,3 +163,17 @@ def install(point: Point, setattr=setattr) -> Point:
 def install_from_env() -> Point:
     """In a child process: arm the point the parent test put in EMBEDFT_TEST_DISK."""
     return install(Point(**json.loads(os.environ[ENV])))
+
+
+def run_killed(at: str, after, code: str, cwd: Path, nth: int = 1) -> None:
+    """Run `code` in a fresh interpreter that SIGKILLs itself at the point (at, after, nth); it must die there."""
+    env = {**os.environ, ENV: Point(at, after, "kill", nth=nth).to_env(),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    res = subprocess.run([sys.executable, "-c", "from faults import disk\ndisk.install_from_env()\n" + code],
+                         cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == -signal.SIGKILL, f"not killed at {at}/{after}: exit {res.returncode}\n{res.stderr[-3000:]}"
+
+
+def visible(folder: Path) -> list[str]:
+    """The names in `folder` besides the temporary siblings (.NAME.tmp-xxxxxxxx) a kill can leave, which nothing reads."""
+    return sorted(p.name for p in folder.iterdir() if not re.fullmatch(r"\..+\.tmp-[0-9a-f]{8}", p.name))

@@ -1,7 +1,8 @@
 """Disk faults in `embedft export`: at each file it writes, its own (probes, reference vectors, export meta, model
 card) and the libraries' (sentence-transformers' configs, safetensors' weights, torch.onnx's graph), and at the
 swap into place. One WriteError naming the file (the folder where the library does not say which) and the fix;
-no temporary folder left; an earlier export kept whole; the next export works."""
+no temporary folder left; an earlier export kept whole; the next export works. And an export killed (SIGKILL)
+inside the weights or at the swap: the earlier export or the new one, whole."""
 
 import errno
 import hashlib
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from faults.disk import CAUSE
+from faults.disk import CAUSE, run_killed, visible
 
 from embedft.errors import WriteError
 from embedft.export.merge import export_merged
@@ -99,3 +100,24 @@ def test_the_cli_says_it_in_one_line_and_the_next_export_works(earlier, tiny_ber
     assert res.exit_code == 0, res.output
     assert tree(out) != tree(earlier) and verify_export(out)["ok"]
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+EXPORT = """
+from embedft.export.merge import export_merged
+export_merged({adapter!r}, {out!r}, probe_texts={probes!r}, overwrite=True)
+"""
+
+
+@pytest.mark.slow  # a child process loading torch and the model
+@pytest.mark.parametrize("at, after, new", [("model.safetensors", 4096, False), ("export", "before", False),
+                                            ("export", "after", True)])
+def test_an_export_killed_while_written_is_the_earlier_or_the_new_one(earlier, tiny_bert_adapter, tmp_path, at,
+                                                                      after, new):
+    out = tmp_path / "export"
+    shutil.copytree(earlier, out)
+    run_killed(at, after, EXPORT.format(adapter=str(tiny_bert_adapter), out=str(out), probes=PROBES[:3]), tmp_path)
+    assert verify_export(out)["n_probes"] == (3 if new else 4) and visible(tmp_path) == ["export"]
+    if not new:
+        assert tree(out) == tree(earlier)
+    export_merged(tiny_bert_adapter, out, probe_texts=PROBES[:2], overwrite=True)  # the next export works
+    assert verify_export(out)["n_probes"] == 2 and visible(tmp_path) == ["export"]

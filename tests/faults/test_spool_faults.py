@@ -1,6 +1,7 @@
 """Disk faults in the MLflow spool (`.mlflow-pending`, what a run keeps when its server is away): at its records,
 its meta, the files it copies and the rename into place. One WriteError naming the file and the fix, and saying
-the records are lost; no part of the spool left; another run's spool untouched; the next spool is written whole."""
+the records are lost; no part of the spool left; another run's spool untouched; the next spool is written whole.
+A spool killed (SIGKILL) while written is absent or whole, and `embedft runs sync` delivers what is there."""
 
 import errno
 import hashlib
@@ -8,7 +9,7 @@ import json
 import shutil
 
 import pytest
-from faults.disk import CAUSE
+from faults.disk import CAUSE, run_killed, visible
 
 from embedft.errors import WriteError
 from embedft.tracking.delivery import SPOOL_META, SPOOL_RECORDS, read_spool, write_spool
@@ -131,3 +132,42 @@ def test_a_tracker_whose_spool_the_disk_refuses_says_so_once(template_db, tmp_pa
         t.end()
     assert t.end() is False  # ended: not spooled again
     assert list((tmp_path / "run" / ".mlflow-pending").iterdir()) == []
+
+
+SPOOL = """
+import json
+from pathlib import Path
+from embedft.tracking.delivery import write_spool
+write_spool(Path({folder!r}), json.loads({records!r}), json.loads({meta!r}))
+"""
+
+
+@pytest.mark.parametrize("at, after, delivered", [("records.jsonl", 4096, False), ("spool.json", 7, False),
+                                                  ("b", "after", True)])
+def test_a_spool_killed_while_written_is_absent_or_whole_and_sync_delivers(template_db, tmp_path, at, after,
+                                                                          delivered):
+    from mlflow import MlflowClient
+
+    from embedft.tracking.delivery import write_spool
+    from embedft.tracking.mlflow import sync_pending
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(template_db, db)
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("killed-spool")
+    root = tmp_path / "run" / ".mlflow-pending"
+    runs, metas = {}, {}
+    for name in ("a", "b"):
+        runs[name] = client.create_run(exp).info.run_id
+        metas[name] = {"run_id": runs[name], "uri": uri, "status": "FINISHED", "end_time": 1}
+    records = [{"type": "metric", "key": "train/loss", "value": 1.0 / (s + 1), "timestamp": 1000 + s, "step": s}
+               for s in range(200)]
+    write_spool(root / "a", records, metas["a"])  # spooled before, whole
+    run_killed(at, after, SPOOL.format(folder=str(root / "b"), records=json.dumps(records),
+                                       meta=json.dumps(metas["b"])), tmp_path)
+    assert visible(root) == (["a", "b"] if delivered else ["a"])
+    assert sync_pending(root) == len(records) * (2 if delivered else 1)
+    statuses = {n: client.get_run(r).info.status for n, r in runs.items()}
+    assert statuses == {"a": "FINISHED", "b": "FINISHED" if delivered else "RUNNING"}
+    assert len(client.get_metric_history(runs["a"], "train/loss")) == len(records)

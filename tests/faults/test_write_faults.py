@@ -1,6 +1,6 @@
 """Disk faults at every writer: a write that fails after N bytes (no space, no permission, read-only)
 is one WriteError naming the path and the fix, leaves no partial file, keeps the previous artifact,
-and the next command works."""
+and the next command works. A train killed (SIGKILL) while checkpointing or saving its adapter resumes."""
 
 import errno
 import json
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults.disk import run_killed
 
 import embedft.atomic as atomic
 from embedft.errors import WriteError
@@ -95,6 +96,13 @@ def test_a_report_that_cannot_be_written_keeps_the_earlier_one(tmp_path, fail_wr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
 
 
+def _train_args(experiment: Path, model: Path, run: Path) -> list[str]:
+    """`embedft train` of 4 steps, a checkpoint every 2, no tracking, no base evaluation."""
+    return ["train", str(experiment), "-o", f"model.name={model}", "-o", f"train.output_dir={run}",
+            "-o", "train.max_steps=4", "-o", "train.checkpoint_every=2", "-o", "tracking.enabled=false",
+            "-o", "eval.compare_base=false", "--no-progress"]
+
+
 def test_a_train_whose_checkpoint_fails_stops_on_one_line_and_resumes(tiny_bert_experiment, tiny_bert_dir, tmp_path,
                                                                       monkeypatch):
     from click.testing import CliRunner
@@ -103,9 +111,7 @@ def test_a_train_whose_checkpoint_fails_stops_on_one_line_and_resumes(tiny_bert_
     from embedft.training import checkpoint
 
     run = tmp_path / "run"
-    args = ["train", str(tiny_bert_experiment), "-o", f"model.name={tiny_bert_dir}", "-o", f"train.output_dir={run}",
-            "-o", "train.max_steps=4", "-o", "train.checkpoint_every=2", "-o", "tracking.enabled=false",
-            "-o", "eval.compare_base=false", "--no-progress"]
+    args = _train_args(tiny_bert_experiment, tiny_bert_dir, run)
     real, saves = checkpoint.write_bytes, []
 
     def full_after_first_checkpoint(out, data, fix=""):
@@ -178,3 +184,30 @@ def test_a_faiss_write_failure_names_the_index_file(tmp_path, monkeypatch):
                                          r"faiss::FileIOWriter: write failed\); check free space"):
         save_index(tmp_path / "idx", index, ["a", "b", "c", "d"], {"model": "m"})
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+TRAIN = """
+from embedft.cli import main
+main({args!r})
+"""
+
+
+# A kill at a checkpoint's swap is the replace_dir kill of test_kills.py: each train process costs ~10 s.
+@pytest.mark.slow  # a child process loading torch and the model
+@pytest.mark.parametrize("at, after, nth, step", [("state.pt", 4096, 2, 2),  # inside the second checkpoint
+                                                  ("adapter_model.safetensors", 7, 1, 4)])  # trained, saving
+def test_a_train_killed_while_writing_resumes_to_the_end(tiny_bert_experiment, tiny_bert_dir, tmp_path, at, after,
+                                                         nth, step):
+    from click.testing import CliRunner
+
+    from embedft.cli import main
+
+    run = tmp_path / "run"
+    args = _train_args(tiny_bert_experiment, tiny_bert_dir, run)
+    run_killed(at, after, TRAIN.format(args=args), tmp_path, nth=nth)
+    assert json.loads((run / "checkpoint" / "progress.json").read_text())["step"] == step  # the last one, whole
+    assert not (run / "adapter").exists()
+    res = CliRunner().invoke(main, args + ["--resume"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "checkpoint.tmp").exists()
