@@ -175,6 +175,23 @@ def writing_into(tmp: Path, out: Path, elsewhere: str, kept: str = "") -> Iterat
         raise write_error(path, OSError(code, os.strerror(code)), fix) from e
 
 
+@contextlib.contextmanager
+def building(out: Path, elsewhere: str, kept: str = "") -> Iterator[Path]:
+    """A temporary sibling of `out` to build an artifact folder in, then swap in (`replace_dir`,
+    `place_new_dir`) inside the block: a disk that refuses a write is a WriteError as in `writing_into`, and
+    the temporary folder is removed however the block fails."""
+    try:
+        tmp = temp_sibling(out)
+    except OSError as e:
+        raise write_error(out, e, disk_fix(e.errno, elsewhere) + (f"; {kept}" if kept else "")) from e
+    try:
+        with writing_into(tmp, out, elsewhere, kept):
+            yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _write(f, data: bytes) -> None:
     # The one call that puts embedft's bytes on disk (a test makes it fail after N bytes).
     f.write(data)

@@ -20,24 +20,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from embedft.atomic import (
-    disk_fix,
-    out_dir_problem,
-    place_new_dir,
-    replace_dir,
-    temp_sibling,
-    write_bytes,
-    write_error,
-    write_text,
-    writing_into,
-)
+from embedft.atomic import building, out_dir_problem, place_new_dir, replace_dir, write_bytes, write_text
 from embedft.config import ExportConfig, LoraConfig, ModelConfig, config_from_dict
 from embedft.errors import ConfigError, ExportError
 from embedft.export.card import lora_summary, model_card
@@ -125,42 +114,34 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str 
     # A disk that refuses a write (ours or a library's) is one WriteError naming the file; `out` stays as it was.
     kept = f"the earlier export at {out} is kept" if out.is_dir() and any(out.iterdir()) else \
         f"nothing was written to {out}"
-    try:
-        tmp = temp_sibling(out)
-    except OSError as e:
-        raise write_error(out, e, disk_fix(e.errno, OUT_ELSEWHERE)) from e
-    try:
-        with writing_into(tmp, out, OUT_ELSEWHERE, kept):
-            st.save(str(tmp))
-            write_text(tmp / PROBES_FILE, json.dumps(probes, indent=1, ensure_ascii=False))
-            write_bytes(tmp / PROBE_EMB_FILE, _npy(ref.astype(np.float32)))
-            parity = _parity(tmp, probes, ref, tol, device)
-            if not parity["ok"]:
-                raise ExportError(f"parity check failed for the {dtype} export of {adapter_dir}: "
-                                  f"{parity_summary(parity)}; the export was not written")
-            report: dict[str, Any] = {
-                "out_dir": str(out), "dtype": dtype, "tolerances": tol, "parity": parity,
-                "merge_max_abs_diff": merge_diff, "adapter_max_delta_weight": delta_w,
-                "adapter_vs_base_max_abs_diff": effect, "n_probes": len(probes),
-                "spec": encoder.spec.to_json(), "query_prompt": query_prompt,
-                "weights_digest": weights_digest(tmp),
-            }
-            if onnx:
-                from embedft.export.onnx import ONNX_TOLERANCES, export_onnx
+    with building(out, OUT_ELSEWHERE, kept) as tmp:
+        st.save(str(tmp))
+        write_text(tmp / PROBES_FILE, json.dumps(probes, indent=1, ensure_ascii=False))
+        write_bytes(tmp / PROBE_EMB_FILE, _npy(ref.astype(np.float32)))
+        parity = _parity(tmp, probes, ref, tol, device)
+        if not parity["ok"]:
+            raise ExportError(f"parity check failed for the {dtype} export of {adapter_dir}: "
+                              f"{parity_summary(parity)}; the export was not written")
+        report: dict[str, Any] = {
+            "out_dir": str(out), "dtype": dtype, "tolerances": tol, "parity": parity,
+            "merge_max_abs_diff": merge_diff, "adapter_max_delta_weight": delta_w,
+            "adapter_vs_base_max_abs_diff": effect, "n_probes": len(probes),
+            "spec": encoder.spec.to_json(), "query_prompt": query_prompt,
+            "weights_digest": weights_digest(tmp),
+        }
+        if onnx:
+            from embedft.export.onnx import ONNX_TOLERANCES, export_onnx
 
-                report["onnx"] = export_onnx(tmp, probes, ref, encoder.spec, _looser(tol, ONNX_TOLERANCES))
-            write_text(tmp / EXPORT_META, json.dumps({
-                **{k: v for k, v in report.items() if k != "out_dir"},
-                "adapter": {"dir": source or str(adapter_dir), "meta": meta, "lora": lora_summary(lora_cfg)},
-                "probe_embeddings": "float32 (2, N, D): [0] documents, [1] queries (prompt_name='query')",
-                "versions": _versions(),
-            }, indent=2, default=str))
-            write_text(tmp / "README.md", model_card(out.name, encoder.spec.to_json(), meta, lora_cfg, adapter_dir,
-                                                     query_prompt, report))
-            _move_into_place(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            report["onnx"] = export_onnx(tmp, probes, ref, encoder.spec, _looser(tol, ONNX_TOLERANCES))
+        write_text(tmp / EXPORT_META, json.dumps({
+            **{k: v for k, v in report.items() if k != "out_dir"},
+            "adapter": {"dir": source or str(adapter_dir), "meta": meta, "lora": lora_summary(lora_cfg)},
+            "probe_embeddings": "float32 (2, N, D): [0] documents, [1] queries (prompt_name='query')",
+            "versions": _versions(),
+        }, indent=2, default=str))
+        write_text(tmp / "README.md", model_card(out.name, encoder.spec.to_json(), meta, lora_cfg, adapter_dir,
+                                                 query_prompt, report))
+        _move_into_place(tmp, out, overwrite)
     log.info("exported %s -> %s (%s): %s", adapter_dir, out, dtype, parity_summary(parity))
     return report
 

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
-from embedft.atomic import disk_errno, disk_fix, place_new_dir, temp_sibling, write_error, write_text, writing_into
+from embedft.atomic import building, disk_errno, place_new_dir, write_text
 
 log = logging.getLogger(__name__)
 # mlflow.utils.validation limits, restated so importing this module stays cheap.
@@ -152,19 +152,11 @@ def write_spool(folder: Path, records: list[dict], meta: dict) -> Path:
     folder = _free_name(folder)
     kept = (f"MLflow at {meta.get('uri')} did not take run {meta.get('run_id')}'s {len(records)} records, "
             "and they could not be kept")
-    try:
-        tmp = temp_sibling(folder)
-    except OSError as e:
-        raise write_error(folder, e, f"{disk_fix(e.errno, SPOOL_ELSEWHERE)}; {kept}") from e
-    try:
-        with writing_into(tmp, folder, SPOOL_ELSEWHERE, kept):
-            lines = [json.dumps(r) + "\n" for r in _keep_files(tmp, records)]
-            write_text(tmp / SPOOL_RECORDS, "".join(lines))
-            write_text(tmp / SPOOL_META, json.dumps(meta, indent=2))
-            place_new_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with building(folder, SPOOL_ELSEWHERE, kept) as tmp:
+        lines = [json.dumps(r) + "\n" for r in _keep_files(tmp, records)]
+        write_text(tmp / SPOOL_RECORDS, "".join(lines))
+        write_text(tmp / SPOOL_META, json.dumps(meta, indent=2))
+        place_new_dir(tmp, folder)
     return folder
 
 
