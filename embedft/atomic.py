@@ -7,11 +7,15 @@ injected there (tests/faults) reaches every writer.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 from embedft.errors import WriteError
 
@@ -54,12 +58,40 @@ def share_files(folder: Path) -> None:
             f.chmod(mode)
 
 
+@functools.cache
+def _renameat2():
+    import ctypes
+
+    return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the C library or the file
+    system cannot (then the caller falls back to two renames)."""
+    import ctypes
+
+    fn = _renameat2()
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Move `tmp` to `out`, replacing an existing `out`; the old one is restored if the swap fails.
-    Its files get the umask's permissions (`share_files`)."""
+    """Move `tmp` to `out`, replacing an existing `out`: in one step where the file system can swap two
+    folders, so a process killed at any point leaves the old `out` or the new one; elsewhere the old one is
+    moved aside first and restored if the swap fails. Its files get the umask's permissions (`share_files`)."""
     share_files(tmp)
     if not out.exists():
         os.replace(tmp, out)
+        return
+    if _exchange(tmp, out):  # tmp now holds the old folder
+        shutil.rmtree(tmp, ignore_errors=True)
         return
     # rename() cannot replace a non-empty folder: move the old one aside first.
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -98,8 +130,66 @@ def write_error(path: Path, e: OSError, fix: str = "") -> WriteError:
     fix = fix or ("free space there or write elsewhere" if e.errno in (errno.ENOSPC, errno.EDQUOT)
                   else "write to a folder you can write")
     err = WriteError(f"cannot write {path}: {cause}; {fix}")
-    err.errno = e.errno
+    err.errno, err.path = e.errno, path  # not .filename: OSError's str() would then show errno and path alone
     return err
+
+
+def disk_fix(code: int | None, elsewhere: str) -> str:
+    """What to do about a disk that refused a write: free space, or go `elsewhere` (e.g. "pass another --out")."""
+    return f"free space there or {elsewhere}" if code in (errno.ENOSPC, errno.EDQUOT) else \
+        f"{elsewhere} (a folder you can write)"
+
+
+# An errno written into a message: by Rust libraries (safetensors, tokenizers; Display, then Debug) and in the
+# OSErrors that shutil.Error collects from a copytree.
+_ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)|\[Errno (\d+)\]")
+
+
+def disk_errno(e: BaseException) -> int | None:
+    """The errno of a disk that refused a write (no space, quota, no permission, read-only) behind `e`, else None:
+    an OSError's own, or the one its message carries (Rust libraries, shutil.Error)."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:
+        m = _ERRNO_IN_TEXT.search(str(e))
+        code = int(next(g for g in m.groups() if g)) if m else None
+    return code if code in _CAUSES else None
+
+
+@contextlib.contextmanager
+def writing_into(tmp: Path, out: Path, elsewhere: str, kept: str = "") -> Iterator[None]:
+    """Around every write into `tmp`, the temporary folder that becomes `out` (embedft's own files and those a
+    library writes: sentence-transformers, peft, safetensors, torch.onnx): a disk that refuses one is a
+    WriteError naming the file as it would be in `out` (the folder when the library does not say which), the
+    cause, the fix (free space or go `elsewhere`) and `kept`. The caller removes `tmp`."""
+    try:
+        yield
+    except Exception as e:
+        code = disk_errno(e)
+        if code is None:
+            raise
+        named = getattr(e, "path", None) or (e.filename if isinstance(e, OSError) else None)
+        path = Path(named) if named else out
+        with contextlib.suppress(ValueError):
+            path = out / path.relative_to(tmp)
+        fix = disk_fix(code, elsewhere) + (f"; {kept}" if kept else "")
+        raise write_error(path, OSError(code, os.strerror(code)), fix) from e
+
+
+@contextlib.contextmanager
+def building(out: Path, elsewhere: str, kept: str = "") -> Iterator[Path]:
+    """A temporary sibling of `out` to build an artifact folder in, then swap in (`replace_dir`,
+    `place_new_dir`) inside the block: a disk that refuses a write is a WriteError as in `writing_into`, and
+    the temporary folder is removed however the block fails."""
+    try:
+        tmp = temp_sibling(out)
+    except OSError as e:
+        raise write_error(out, e, disk_fix(e.errno, elsewhere) + (f"; {kept}" if kept else "")) from e
+    try:
+        with writing_into(tmp, out, elsewhere, kept):
+            yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _write(f, data: bytes) -> None:

@@ -106,3 +106,15 @@ def benchmark_script():
     yield load
     for name in loaded:
         sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def disk(monkeypatch):
+    """disk(at, after, code, nth): the nth write of file `at` fails after `after` bytes (or "before" its rename)
+    with errno `code`, once; returns the Point (`.fired` says it was reached). tests/faults/disk.py."""
+    import errno
+
+    from faults.disk import Point, install
+
+    return lambda at, after=7, code=errno.ENOSPC, nth=1: install(Point(at, after, "fail", code, nth),
+                                                                 monkeypatch.setattr)

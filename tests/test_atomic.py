@@ -40,9 +40,27 @@ def test_temp_sibling_is_a_hidden_folder_beside_out(tmp_path):
     assert temp_sibling(out) != tmp
 
 
+def test_replace_dir_swaps_the_two_folders_in_one_step_where_the_file_system_can(tmp_path, monkeypatch):
+    import embedft.atomic as A
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    tmp = temp_sibling(out)
+    (tmp / "weights").write_text("new")
+    calls = []
+    real = A._exchange
+    monkeypatch.setattr(A, "_exchange", lambda a, b: calls.append((a, b)) or real(a, b))
+    monkeypatch.setattr(A.os, "replace", lambda *a: pytest.fail("moved the old folder aside: a kill there loses it"))
+    replace_dir(tmp, out)
+    assert calls == [(tmp, out)] and (out / "weights").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
 def test_replace_dir_restores_the_old_folder_when_the_swap_fails(tmp_path, monkeypatch):
     import embedft.atomic as A
 
+    monkeypatch.setattr(A, "_exchange", lambda a, b: False)  # a file system without RENAME_EXCHANGE (e.g. NFS)
     out = tmp_path / "adapter"
     out.mkdir()
     (out / "weights").write_text("old")

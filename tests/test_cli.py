@@ -263,7 +263,7 @@ def test_train_unknown_model_family(experiment, opt_model_dir):
     assert linear == "fc1, fc2, k_proj, out_proj, q_proj, v_proj"
 
 
-def test_train_unreachable_tracking_server_fails_before_training(experiment, monkeypatch):
+def test_train_unreachable_tracking_server_fails_before_training(experiment, monkeypatch, tmp_path):
     import socket
 
     import embedft.modeling.encoder
@@ -272,8 +272,11 @@ def test_train_unreachable_tracking_server_fails_before_training(experiment, mon
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setattr(embedft.modeling.encoder, "load_encoder", lambda *a, **k: pytest.fail("model loaded before the check"))
-    result = invoke("train", str(experiment), "-o", "tracking.enabled=true", "-o", f"tracking.uri=http://127.0.0.1:{port}")
+    run = tmp_path / "runs" / "x"
+    result = invoke("train", str(experiment), "-o", "tracking.enabled=true", "-o", f"tracking.uri=http://127.0.0.1:{port}",
+                    "-o", f"train.output_dir={run}")
     assert_clean_error(result, f"127.0.0.1:{port}", "not reachable", "tracking.enabled=false")
+    assert not run.parent.exists()  # refused before the run folder is made
 
 
 def test_eval_index_faiss_cannot_build_is_refused_before_any_encoding(experiment, tiny_bert_dir, monkeypatch):

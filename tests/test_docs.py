@@ -1,4 +1,5 @@
-"""Docs that are generated or that the CI reads: docs/config.md is current, the README states `make test`.
+"""Docs that are generated or that the CI reads: docs/config.md is current, the README states `make test`,
+the bad-input table of docs/benchmarks.md names tests that exist.
 
 Every experiment YAML's keys are checked by tests/test_config.py (test_every_experiment_loads_and_round_trips:
 load_config refuses unknown keys), so that is not repeated here.
@@ -59,3 +60,32 @@ def test_docs_links_resolve():
                 continue
             path = (page.parent / target).resolve()
             assert path.exists() or str(path.relative_to(REPO)) in coming, f"{page.name}: broken link {target}"
+
+
+def _faults_section() -> str:
+    text = (REPO / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    start = text.index("## Faults and bad input")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_every_test_the_bad_input_table_names_exists_and_every_fault_test_is_named():
+    # The table of docs/benchmarks.md cannot go stale: a renamed or deleted test fails here, and so does a
+    # fault test (tests/faults) the table does not list.
+    section = _faults_section()
+    named = set(re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", section))
+    assert len(named) >= 40, "the bad-input table lost its test names"
+    for path, name in sorted(named):
+        source = REPO / path
+        assert source.is_file(), f"docs/benchmarks.md names {path}, which does not exist"
+        assert re.search(rf"^def {name}\(", source.read_text(encoding="utf-8"), re.M), \
+            f"docs/benchmarks.md names {path}::{name}, which is not a test there"
+    for source in sorted((REPO / "tests" / "faults").glob("test_*.py")):
+        for name in re.findall(r"^def (test_\w+)\(", source.read_text(encoding="utf-8"), re.M):
+            path = source.relative_to(REPO).as_posix()
+            assert (path, name) in named, f"{path}::{name} is not in the bad-input table of docs/benchmarks.md"
+    table = section[section.index("### Bad-input table"):]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| **")][1:]  # no header
+    for row in rows:  # a `|` inside a cell would split it
+        cells = [c.strip() for c in row.strip().strip("|").split(" | ")]
+        assert len(cells) == 4 and "::" in cells[3], f"bad-input table row without 4 cells and a test: {row[:80]}"

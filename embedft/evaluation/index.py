@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from embedft.atomic import place_new_dir, replace_dir, temp_sibling, write_text
+from embedft.atomic import building, place_new_dir, replace_dir, write_text
 from embedft.errors import WriteError
 
 __all__ = [
@@ -443,25 +442,21 @@ def save_index(
     if _is_gpu_index(index):
         index = faiss.index_gpu_to_cpu(index)  # write_index only serialises CPU indexes
 
-    tmp_dir = temp_sibling(out_dir)
-    try:
+    with building(out_dir, "write the index elsewhere with --out", "an earlier index is kept") as tmp_dir:
         try:
             faiss.write_index(index, str(tmp_dir / INDEX_FILE))  # streamed by faiss: no copy of a large index
         except RuntimeError as e:  # faiss's fwrite failures carry no errno: say what to check
             raise WriteError(f"cannot write {out_dir / INDEX_FILE}: faiss could not write it "
                              f"({str(e).strip().splitlines()[-1][-200:]}); {INDEX_WRITE_FIX}") from e
-        write_text(tmp_dir / IDS_FILE, json.dumps(ids_list, default=_json_default), INDEX_WRITE_FIX)
+        write_text(tmp_dir / IDS_FILE, json.dumps(ids_list, default=_json_default))
         if labels is not None:
-            write_text(tmp_dir / LABELS_FILE, json.dumps(list(labels), default=_json_default), INDEX_WRITE_FIX)
+            write_text(tmp_dir / LABELS_FILE, json.dumps(list(labels), default=_json_default))
         manifest_text = json.dumps(full_manifest, indent=2, sort_keys=True, default=_json_default) + "\n"
-        write_text(tmp_dir / MANIFEST_FILE, manifest_text, INDEX_WRITE_FIX)
+        write_text(tmp_dir / MANIFEST_FILE, manifest_text)
         if overwrite:
             replace_dir(tmp_dir, out_dir)
         else:  # rename() refuses a folder another process filled since the check above
             place_new_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return out_dir
 
 

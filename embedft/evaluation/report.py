@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from embedft.atomic import replace_dir, temp_sibling, write_text
+from embedft.atomic import building, replace_dir, write_text
 from embedft.errors import EvalError
 from embedft.evaluation.tasks import EvalOutput
 
@@ -65,7 +64,6 @@ def write_report(out_dir: str | Path, base: EvalOutput | None, adapted: EvalOutp
     """report.json + report.md, written to a temp folder and moved into place (never half-written).
     An existing `out_dir` is replaced: `check_report_dir` first where it was not made by embedft."""
     out = Path(out_dir)
-    tmp = temp_sibling(out)
     rows = compare(base.metrics if base else None, adapted.metrics if adapted else None)
     payload = {"meta": meta, "base": base.metrics if base else None, "adapted": adapted.metrics if adapted else None,
                "base_details": base.details if base else None, "adapted_details": adapted.details if adapted else None}
@@ -74,14 +72,10 @@ def write_report(out_dir: str | Path, base: EvalOutput | None, adapted: EvalOutp
           f"- adapter: `{meta.get('adapter')}`", f"- eval data: `{meta.get('eval_data')}`", "",
           format_table(rows, markdown=True), ""]
     md += [f"Not evaluated: {task}, which {why}." for task, why in (meta.get("dropped_tasks") or {}).items()]
-    fix = "free space there or write the report elsewhere (--out); the earlier report, if any, is kept"
-    try:
-        write_text(tmp / "report.json", report_json, fix)
-        write_text(tmp / "report.md", "\n".join(md), fix)
+    with building(out, "write the report elsewhere with --out", "the earlier report, if any, is kept") as tmp:
+        write_text(tmp / "report.json", report_json)
+        write_text(tmp / "report.md", "\n".join(md))
         replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -17,16 +17,16 @@ Layout of an export folder (besides the sentence-transformers files)::
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from embedft.atomic import out_dir_problem, place_new_dir, replace_dir, temp_sibling
+from embedft.atomic import building, out_dir_problem, place_new_dir, replace_dir, write_bytes, write_text
 from embedft.config import ExportConfig, LoraConfig, ModelConfig, config_from_dict
 from embedft.errors import ConfigError, ExportError
 from embedft.export.card import lora_summary, model_card
@@ -45,6 +45,7 @@ from embedft.export.verify import _parity
 log = logging.getLogger(__name__)
 
 DTYPES = ("fp32", "bf16", "fp16")
+OUT_ELSEWHERE = "pass another --out"
 
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str | None = None, dtype: str = "fp32",
@@ -110,15 +111,17 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str 
     merged.to(torch_dtype)
     st = to_sentence_transformer(encoder, query_prompt, device)
 
-    tmp = temp_sibling(out)
-    try:
+    # A disk that refuses a write (ours or a library's) is one WriteError naming the file; `out` stays as it was.
+    kept = f"the earlier export at {out} is kept" if out.is_dir() and any(out.iterdir()) else \
+        f"nothing was written to {out}"
+    with building(out, OUT_ELSEWHERE, kept) as tmp:
         st.save(str(tmp))
-        (tmp / PROBES_FILE).write_text(json.dumps(probes, indent=1, ensure_ascii=False), encoding="utf-8")
-        np.save(tmp / PROBE_EMB_FILE, ref.astype(np.float32))
+        write_text(tmp / PROBES_FILE, json.dumps(probes, indent=1, ensure_ascii=False))
+        write_bytes(tmp / PROBE_EMB_FILE, _npy(ref.astype(np.float32)))
         parity = _parity(tmp, probes, ref, tol, device)
         if not parity["ok"]:
-            raise ExportError(f"parity check failed for the {dtype} export of {adapter_dir}: {parity_summary(parity)}; "
-                              f"the export was not written")
+            raise ExportError(f"parity check failed for the {dtype} export of {adapter_dir}: "
+                              f"{parity_summary(parity)}; the export was not written")
         report: dict[str, Any] = {
             "out_dir": str(out), "dtype": dtype, "tolerances": tol, "parity": parity,
             "merge_max_abs_diff": merge_diff, "adapter_max_delta_weight": delta_w,
@@ -130,18 +133,15 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, model_name: str 
             from embedft.export.onnx import ONNX_TOLERANCES, export_onnx
 
             report["onnx"] = export_onnx(tmp, probes, ref, encoder.spec, _looser(tol, ONNX_TOLERANCES))
-        (tmp / EXPORT_META).write_text(json.dumps({
+        write_text(tmp / EXPORT_META, json.dumps({
             **{k: v for k, v in report.items() if k != "out_dir"},
             "adapter": {"dir": source or str(adapter_dir), "meta": meta, "lora": lora_summary(lora_cfg)},
             "probe_embeddings": "float32 (2, N, D): [0] documents, [1] queries (prompt_name='query')",
             "versions": _versions(),
-        }, indent=2, default=str), encoding="utf-8")
-        (tmp / "README.md").write_text(model_card(out.name, encoder.spec.to_json(), meta, lora_cfg, adapter_dir,
-                                                   query_prompt, report), encoding="utf-8")
+        }, indent=2, default=str))
+        write_text(tmp / "README.md", model_card(out.name, encoder.spec.to_json(), meta, lora_cfg, adapter_dir,
+                                                 query_prompt, report))
         _move_into_place(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s -> %s (%s): %s", adapter_dir, out, dtype, parity_summary(parity))
     return report
 
@@ -267,6 +267,12 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     except FileExistsError as e:  # _check_out_dir passed, but another export wrote `out` while this one ran
         raise ExportError(f"export folder {out} appeared while this export ran (another export to the same --out?); "
                           f"it was left as it is: pass --overwrite to replace it") from e
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()  # serialised in memory, written whole by atomic.write_bytes
+    np.save(buf, a)
+    return buf.getvalue()
 
 
 def _versions() -> dict[str, str]:

@@ -7,11 +7,13 @@ with onnxruntime against the same reference vectors as the sentence-transformers
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from embedft.atomic import disk_errno
 from embedft.errors import ExportError
 from embedft.export.parity import parity_figures, parity_summary
 
@@ -75,6 +77,9 @@ def export_onnx(tmp: Path, probes: list[str], ref: np.ndarray, spec, tol: dict[s
                                             "sentence_embedding": {0: "batch"}},
                               opset_version=17)
     except Exception as e:  # the exporter raises many types for operators it cannot express
+        code = disk_errno(e)
+        if code is not None:  # a full or read-only disk, not an operator: named as this file (atomic.writing_into)
+            raise OSError(code, os.strerror(code), str(path)) from e
         raise ExportError(f"ONNX export is not supported for model type {spec.model_type!r} ({spec.family} family) "
                           f"by torch.onnx {torch.__version__}: {type(e).__name__}: {e}; export without --onnx") from e
     parity = onnx_parity(tmp, probes, ref, tol, st)

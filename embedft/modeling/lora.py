@@ -12,9 +12,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from embedft.atomic import write_error, write_text
+from embedft.atomic import write_text, writing_into
 from embedft.config import LoraConfig
-from embedft.errors import ModelError, WriteError
+from embedft.errors import ModelError
 from embedft.modeling.encoder import Encoder
 from embedft.modeling.families import MODEL_TYPES, linear_module_names
 
@@ -75,18 +75,11 @@ def lora_settings(encoder: Encoder, lora: LoraConfig | None = None) -> dict[str,
 def save_adapter(encoder: Encoder, out_dir: str | Path, extra_meta: dict[str, Any] | None = None) -> Path:
     """Adapter weights (safetensors) + adapter config + the EncoderSpec that produced them."""
     out = Path(out_dir)
-    try:
+    meta = {"spec": encoder.spec.to_json(), **(extra_meta or {})}
+    with writing_into(out, out, "write elsewhere"):  # peft's and safetensors' disk errors too, as WriteError
         out.mkdir(parents=True, exist_ok=True)
         encoder.backbone.save_pretrained(str(out), safe_serialization=True)
-    except OSError as e:
-        raise write_error(out, e) from e
-    except Exception as e:  # safetensors' own error names the cause only in its text
-        if not any(c in str(e) for c in ("No space left", "Permission denied", "Read-only file system")):
-            raise
-        raise WriteError(f"cannot write {out}: {str(e).strip().splitlines()[-1][-200:]}; free space there or "
-                         "write elsewhere") from e
-    meta = {"spec": encoder.spec.to_json(), **(extra_meta or {})}
-    write_text(out / META_FILE, json.dumps(meta, indent=2))
+        write_text(out / META_FILE, json.dumps(meta, indent=2))
     return out
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from embedft.config import ExperimentConfig, TrackingConfig
 from embedft.data.batches import PairSource, build_pair_source, check_schedule
 from embedft.data.examples import Examples, carve_validation, load_splits, retrieval_task
-from embedft.errors import ConfigError, DataError
+from embedft.errors import ConfigError, DataError, EmbedftError
 from embedft.evaluation.tasks import check_tasks
 from embedft.tracking.base import NullTracker
 
@@ -126,4 +126,9 @@ def ending(tracker):
         status = "KILLED"
         raise
     finally:
-        tracker.end(status)
+        try:
+            tracker.end(status)
+        except EmbedftError as e:  # e.g. a spool the disk refused
+            if status == "FINISHED":
+                raise
+            log.error("%s", e)  # the block's own error, raised on from here, is the one the CLI shows

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 from embedft import distributed
-from embedft.atomic import replace_dir, temp_sibling, write_text
+from embedft.atomic import building, replace_dir, write_text
 from embedft.config import ExperimentConfig, flatten, to_dict, to_yaml
 from embedft.errors import ConfigError
 from embedft.recipes.common import ending, open_tracker, prepare_data, setup_processes
@@ -20,6 +19,7 @@ from embedft.training.validation import build_val_set
 log = logging.getLogger(__name__)
 
 OUT_FIX = "free space there or set -o train.output_dir to another disk"
+OUT_ELSEWHERE = "set -o train.output_dir to another folder"
 RUN_ID_FILE = ".mlflow-run-id"  # in the run folder: the MLflow run a --resume continues from
 
 
@@ -46,13 +46,14 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
         require_checkpoint(out / "checkpoint")
     device, dist = setup_processes(cfg.train.device)
     progress = progress and dist.is_main
+    # An unreachable store is refused before the folder is made.
+    tracker = open_tracker(cfg.tracking, cfg.name, out) if dist.is_main else NullTracker()
     if dist.is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # a file where a folder should be, no permission, read-only disk
             raise ConfigError(f"train.output_dir: cannot make the run folder {out} ({e.strerror}: {e.filename}); "
                               "set -o train.output_dir to a folder you can write") from None
-    tracker = open_tracker(cfg.tracking, cfg.name, out) if dist.is_main else NullTracker()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
@@ -97,18 +98,14 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
                        progress=progress)
 
         adapter_dir = out / "adapter"
-        if dist.is_main:
-            tmp = temp_sibling(adapter_dir)
-            try:
+        if dist.is_main:  # an earlier adapter stays whole if this fails; the checkpoint has this one
+            with building(adapter_dir, OUT_ELSEWHERE, "the checkpoint is kept: run again with --resume") as tmp:
                 save_adapter(encoder, tmp, {"experiment": cfg.name, "config": to_dict(cfg),
                                             "data": {"train_digest": data.train.digest(),
                                                      "eval_digest": data.eval.digest(),
                                                      "train_rows": len(data.train), "eval_rows": len(data.eval)},
                                             "mlflow_run_id": run_id, "world_size": dist.world_size})
                 replace_dir(tmp, adapter_dir)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)  # an earlier adapter stays whole; the checkpoint has this one
-                raise
             write_text(out / "config.yaml", to_yaml(cfg), OUT_FIX)
         distributed.barrier()  # the adapter is on disk before any rank reads it back
 

@@ -18,12 +18,15 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
+from embedft.atomic import building, disk_errno, place_new_dir, write_text
+
 log = logging.getLogger(__name__)
 # mlflow.utils.validation limits, restated so importing this module stays cheap.
 BATCH_METRICS = 1000
 BATCH_PARAMS_TAGS = 100
 SPOOL_META = "spool.json"
 SPOOL_RECORDS = "records.jsonl"
+SPOOL_ELSEWHERE = "put the run folder elsewhere"
 
 
 def is_permanent(e: BaseException) -> bool:
@@ -142,20 +145,43 @@ def deliver(client, run_id: str, records: list[dict], done: Callable[[list[dict]
 
 
 def write_spool(folder: Path, records: list[dict], meta: dict) -> Path:
-    """Undelivered records as JSONL in `folder` (+ copies of artifact files, which may not stay in place),
-    then `meta` (run id, uri, status, ...) as spool.json: a spool is complete once that file is there."""
-    files = folder / "files"
-    files.mkdir(parents=True, exist_ok=True)
-    lines = []
+    """Undelivered records as JSONL (+ copies of artifact files, which may not stay in place) and `meta`
+    (run id, uri, status, ...) as spool.json, in a folder that appears whole or not at all: built in a
+    temporary sibling, then renamed to `folder` (or folder-2, ... when a spool is there already). A disk
+    that refuses a write is a WriteError naming the file, and no part of this spool stays."""
+    folder = _free_name(folder)
+    kept = (f"MLflow at {meta.get('uri')} did not take run {meta.get('run_id')}'s {len(records)} records, "
+            "and they could not be kept")
+    with building(folder, SPOOL_ELSEWHERE, kept) as tmp:
+        lines = [json.dumps(r) + "\n" for r in _keep_files(tmp, records)]
+        write_text(tmp / SPOOL_RECORDS, "".join(lines))
+        write_text(tmp / SPOOL_META, json.dumps(meta, indent=2))
+        place_new_dir(tmp, folder)
+    return folder
+
+
+def _free_name(folder: Path) -> Path:
+    # A run spools once; a folder already there (a copy, an earlier attempt) is kept and delivered on its own.
+    n, out = 1, folder
+    while out.exists():
+        n += 1
+        out = folder.with_name(f"{folder.name}-{n}")
+    return out
+
+
+def _keep_files(tmp: Path, records: list[dict]) -> Iterable[dict]:
+    """The records as spooled: a text becomes a file artifact, an artifact's files are copied into tmp/files/<n>."""
+    n = 0
     for r in records:
         r = {k: v for k, v in r.items() if k != "seq"}
         if r["type"] in ("text", "artifact"):
-            dst = files / str(len(list(files.iterdir())))
-            dst.mkdir(parents=True, exist_ok=True)
+            dst = tmp / "files" / str(n)
+            n += 1
+            dst.mkdir(parents=True)
             if r["type"] == "text":
-                (dst / Path(r["artifact_file"]).name).write_text(r["text"])
+                write_text(dst / Path(r["artifact_file"]).name, r["text"])
                 parent = str(Path(r["artifact_file"]).parent)
-                r = {"type": "artifact", "path": str(dst.relative_to(folder)), "is_dir": True,
+                r = {"type": "artifact", "path": str(dst.relative_to(tmp)), "is_dir": True,
                      "artifact_path": None if parent == "." else parent}
             else:
                 src = Path(r["path"])
@@ -165,14 +191,12 @@ def write_spool(folder: Path, records: list[dict], meta: dict) -> Path:
                     else:
                         shutil.copy2(src, dst / src.name)
                 except OSError as e:
+                    if disk_errno(e) is not None:
+                        raise  # the spool's disk, not the artifact: named by writing_into
                     log.error("cannot keep artifact %s for later delivery: %s", src, e)
                     continue
-                r = {**r, "path": str(dst.relative_to(folder)), "is_dir": True}
-        lines.append(json.dumps(r))
-    with open(folder / SPOOL_RECORDS, "a") as f:
-        f.writelines(line + "\n" for line in lines)
-    (folder / SPOOL_META).write_text(json.dumps(meta, indent=2))
-    return folder
+                r = {**r, "path": str(dst.relative_to(tmp)), "is_dir": True}
+        yield r
 
 
 def read_spool(folder: Path) -> tuple[dict, list[dict]]:

@@ -347,12 +347,12 @@ class MlflowTracker:
             left = list(self._pending.values())
             self._pending.clear()
             self._cond.notify_all()
+        self._result = ok
         if not ok:
-            where = self._spool(left, status)
+            where = self._spool(left, status)  # a disk that refuses it: WriteError, nothing half-written
             log.warning("MLflow at %s is unreachable: %d records of run %s (and its %s status) are saved in %s; "
                         "deliver them later with `embedft runs sync %s`", self.uri, len(left), self.run_id,
                         status, where, self.spool_dir)
-        self._result = ok
         return ok
 
     # -- internals --------------------------------------------------------------------------

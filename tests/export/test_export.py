@@ -699,17 +699,17 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(exports, tmp_p
 
 
 def test_an_index_written_meanwhile_is_not_replaced_without_overwrite(exports, tmp_path, monkeypatch):
-    import embedft.evaluation.index as I
+    import faiss
 
     out = tmp_path / "idx"
-    temp_sibling = I.temp_sibling
+    write_index = faiss.write_index
 
     def another_build_lands(*a, **k):  # a second `index build --out` of the same folder finishes while this one saves
         out.mkdir(exist_ok=True)
         (out / "manifest.json").write_text("the other index")
-        return temp_sibling(*a, **k)
+        return write_index(*a, **k)
 
-    monkeypatch.setattr(I, "temp_sibling", another_build_lands)
+    monkeypatch.setattr(faiss, "write_index", another_build_lands)
     corpus = tmp_path / "c.csv"
     corpus.write_text("id,text\n1,a\n2,b\n")
     res = CliRunner().invoke(main, ["index", "build", "--model", str(exports["bert"][2]), "--corpus", str(corpus),

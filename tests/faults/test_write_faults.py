@@ -1,6 +1,6 @@
 """Disk faults at every writer: a write that fails after N bytes (no space, no permission, read-only)
 is one WriteError naming the path and the fix, leaves no partial file, keeps the previous artifact,
-and the next command works."""
+and the next command works. A train killed (SIGKILL) while checkpointing or saving its adapter resumes."""
 
 import errno
 import json
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults.disk import run_killed
 
 import embedft.atomic as atomic
 from embedft.errors import WriteError
@@ -89,10 +90,19 @@ def test_a_report_that_cannot_be_written_keeps_the_earlier_one(tmp_path, fail_wr
 
     out = write_report(tmp_path / "eval", None, EvalOutput({"retrieval/recall@1": 0.5}, {}), {"name": "first"})
     fail_writes(after)
-    with pytest.raises(WriteError, match=r"cannot write .*report\.json: no space left on the device; free space"):
+    with pytest.raises(WriteError) as e:  # named as in place, not as the temporary folder it was written in
         write_report(out, None, EvalOutput({"retrieval/recall@1": 0.9}, {}), {"name": "second"})
+    assert str(e.value) == (f"cannot write {out / 'report.json'}: no space left on the device; free space there or "
+                            "write the report elsewhere with --out; the earlier report, if any, is kept")
     assert json.loads((out / "report.json").read_text())["meta"] == {"name": "first"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+
+
+def _train_args(experiment: Path, model: Path, run: Path) -> list[str]:
+    """`embedft train` of 4 steps, a checkpoint every 2, no tracking, no base evaluation."""
+    return ["train", str(experiment), "-o", f"model.name={model}", "-o", f"train.output_dir={run}",
+            "-o", "train.max_steps=4", "-o", "train.checkpoint_every=2", "-o", "tracking.enabled=false",
+            "-o", "eval.compare_base=false", "--no-progress"]
 
 
 def test_a_train_whose_checkpoint_fails_stops_on_one_line_and_resumes(tiny_bert_experiment, tiny_bert_dir, tmp_path,
@@ -103,9 +113,7 @@ def test_a_train_whose_checkpoint_fails_stops_on_one_line_and_resumes(tiny_bert_
     from embedft.training import checkpoint
 
     run = tmp_path / "run"
-    args = ["train", str(tiny_bert_experiment), "-o", f"model.name={tiny_bert_dir}", "-o", f"train.output_dir={run}",
-            "-o", "train.max_steps=4", "-o", "train.checkpoint_every=2", "-o", "tracking.enabled=false",
-            "-o", "eval.compare_base=false", "--no-progress"]
+    args = _train_args(tiny_bert_experiment, tiny_bert_dir, run)
     real, saves = checkpoint.write_bytes, []
 
     def full_after_first_checkpoint(out, data, fix=""):
@@ -143,10 +151,25 @@ def test_an_adapter_a_plot_or_an_index_that_cannot_be_written_leaves_nothing(tmp
         plot_loss_curve([1, 2, 3], [1.0, 0.5, 0.2], tmp_path / "plots" / "loss.png")
     index = faiss.IndexFlatIP(4)
     index.add(np.eye(4, dtype=np.float32))
-    with pytest.raises(WriteError, match=r"cannot write .*ids\.json: no space left on the device; check free space"):
+    with pytest.raises(WriteError) as e:
         save_index(tmp_path / "idx", index, ["a", "b", "c", "d"], {"model": "m"})
+    assert str(e.value) == (f"cannot write {tmp_path / 'idx' / 'ids.json'}: no space left on the device; free space "
+                            "there or write the index elsewhere with --out; an earlier index is kept")
     assert not (tmp_path / "idx").exists() and not (tmp_path / "plots" / "loss.png").exists()
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("code", sorted(ERRNOS))
+def test_adapter_weights_the_disk_refuses_are_one_error(tmp_path, trainable, disk, code):
+    from embedft.modeling.lora import save_adapter
+
+    enc, _, _ = trainable
+    out = tmp_path / "adapter"
+    point = disk("adapter_model.safetensors", 7, code)  # written by peft through safetensors (Rust)
+    with pytest.raises(WriteError) as e:
+        save_adapter(enc, out)
+    fix = "free space there or write elsewhere" if code == errno.ENOSPC else "write elsewhere (a folder you can write)"
+    assert point.fired and str(e.value) == f"cannot write {out}: {ERRNOS[code]}; {fix}"
 
 
 def test_a_faiss_write_failure_names_the_index_file(tmp_path, monkeypatch):
@@ -165,3 +188,30 @@ def test_a_faiss_write_failure_names_the_index_file(tmp_path, monkeypatch):
                                          r"faiss::FileIOWriter: write failed\); check free space"):
         save_index(tmp_path / "idx", index, ["a", "b", "c", "d"], {"model": "m"})
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+TRAIN = """
+from embedft.cli import main
+main({args!r})
+"""
+
+
+# A kill at a checkpoint's swap is the replace_dir kill of test_kills.py: each train process costs ~10 s.
+@pytest.mark.slow  # a child process loading torch and the model
+@pytest.mark.parametrize("at, after, nth, step", [("state.pt", 4096, 2, 2),  # inside the second checkpoint
+                                                  ("adapter_model.safetensors", 7, 1, 4)])  # trained, saving
+def test_a_train_killed_while_writing_resumes_to_the_end(tiny_bert_experiment, tiny_bert_dir, tmp_path, at, after,
+                                                         nth, step):
+    from click.testing import CliRunner
+
+    from embedft.cli import main
+
+    run = tmp_path / "run"
+    args = _train_args(tiny_bert_experiment, tiny_bert_dir, run)
+    run_killed(at, after, TRAIN.format(args=args), tmp_path, nth=nth)
+    assert json.loads((run / "checkpoint" / "progress.json").read_text())["step"] == step  # the last one, whole
+    assert not (run / "adapter").exists()
+    res = CliRunner().invoke(main, args + ["--resume"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "checkpoint.tmp").exists()
