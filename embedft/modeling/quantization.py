@@ -78,3 +78,9 @@ def quantized_load_kwargs(quantization: str, device) -> dict[str, Any]:
 def is_quantized(module) -> bool:
     """Whether `module` holds weights bitsandbytes quantised (a base loaded with quantized_load_kwargs)."""
     return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in module.parameters())
+
+
+def trained_quantization(adapter_meta: dict) -> str | None:
+    """The train.base_quantization an adapter was trained with (its embedft_meta.json), nf4, int8 or None."""
+    value = (((adapter_meta.get("config") or {}).get("train")) or {}).get("base_quantization")
+    return None if value in (None, "none") else str(value)
