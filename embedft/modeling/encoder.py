@@ -24,7 +24,8 @@ from embedft.errors import ModelError
 from embedft.modeling import chunking
 from embedft.modeling.families import DEFAULT_DECODER_INSTRUCTION, detect_family, resolve_model_path
 from embedft.modeling.quantization import quantized_load_kwargs
-from embedft.modeling.runtime import bound_onednn_cache, lora_input_casts, sdpa_backends
+from embedft.modeling.runtime import (bound_onednn_cache, lora_input_casts, same_kernels_on_recompute,
+                                     sdpa_backends)
 from embedft.modeling.tokenizer import _plain_settings, _rust_tokenizer, ensure_eos_appended
 
 log = logging.getLogger(__name__)
@@ -301,11 +302,12 @@ def load_encoder(cfg: ModelConfig, device: str | torch.device = "cpu", lora: Lor
     if template is not None:
         template = template.replace("{task}", cfg.task)
     if cfg.gradient_checkpointing:
+        checkpoint_kwargs = {"use_reentrant": False, "context_fn": same_kernels_on_recompute}
         # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns).
         if hasattr(backbone, "activation_checkpointing_enable"):
-            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
         else:
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
     spec = EncoderSpec(base_model=cfg.name, model_path=path, model_type=model_type, family=fam.name,
                        pooling=pooling, normalize=cfg.normalize, padding_side=fam.padding_side,
                        query_template=template, max_length=min(cfg.max_length, _max_positions(backbone)),
