@@ -205,7 +205,7 @@ def report(sides: list[Side], args, device, data: str) -> str:
              f"- device: {_versions(device)}",
              f"- date: {datetime.date.today().isoformat()}; command: `python benchmarks/bench_qlora.py{flags}`",
              f"- data: {data}; batch {args.batch_size} anchors (+ their positives), max length {args.max_length}, "
-             f"lr {args.lr} (warmup {args.warmup_steps}), LoRA r={args.r} alpha={2 * args.r} on q/k/v, seed {args.seed}; "
+             f"lr {args.lr} (warmup {min(args.warmup_steps, args.steps)} steps), LoRA r={args.r} alpha={2 * args.r} on q/k/v, seed {args.seed}; "
              "peak memory is that of training, counted from after the load", "",
              "| base | gradient checkpointing | steps | weights on GPU | peak allocated | peak reserved | samples/s "
              "| final loss (last 10) |", "|---|---|---|---|---|---|---|---|"]

@@ -6,13 +6,16 @@ on the unquantised base) and the export load it unquantised, so what is reported
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from embedft.config import TrainConfig
 from embedft.errors import ConfigError, ModelError
 
-# bitsandbytes runs 4-bit and 8-bit matmuls on other devices too, but embedft's QLoRA path is built
-# and measured on CUDA alone (benchmarks/bench_qlora.py), so elsewhere it is refused.
+# bitsandbytes runs 4-bit and 8-bit matmuls on the CPU too, but not for training there: in 0.50.2 an
+# eval-mode forward (validation, mining) repacks a 4-bit weight for CPU inference, and later training
+# steps backpropagate through a kernel without autograd (torch warns of "silently incorrect behavior").
+# embedft's QLoRA path is built and measured for CUDA alone (benchmarks/bench_qlora.py).
 NEEDS_CUDA = "bitsandbytes' 4-bit and 8-bit kernels need a CUDA GPU here"
 NOT_INSTALLED = "bitsandbytes is not installed"
 
@@ -64,6 +67,7 @@ def quantized_load_kwargs(quantization: str, device) -> dict[str, Any]:
                                     bnb_4bit_use_double_quant=True)
     elif quantization == "int8":
         config = BitsAndBytesConfig(load_in_8bit=True)
+        quiet_int8_casts()
     else:
         raise ModelError(f"unknown base quantization {quantization!r}; use nf4 or int8")
     device = torch.device(device)
@@ -73,6 +77,19 @@ def quantized_load_kwargs(quantization: str, device) -> dict[str, Any]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     return {"quantization_config": config, dtype_key: torch.bfloat16, "device_map": {"": index}}
+
+
+class _Int8Casts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast from" not in record.getMessage()
+
+
+def quiet_int8_casts() -> None:
+    """Silence bitsandbytes' LLM.int8 notice that bf16 inputs are cast to fp16: it is logged at every
+    call of every layer (thousands of lines a step), and says what docs/performance.md says once."""
+    target = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Int8Casts) for f in target.filters):
+        target.addFilter(_Int8Casts())
 
 
 def is_quantized(module) -> bool:

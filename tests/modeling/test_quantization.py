@@ -30,6 +30,19 @@ def test_nf4_and_int8_hand_transformers_a_bitsandbytes_config_and_a_cuda_placeme
         quantized_load_kwargs("fp4", "cuda:0")
 
 
+def test_int8s_cast_notice_is_silenced_and_nothing_else(caplog):
+    import logging
+
+    quantized_load_kwargs("int8", "cuda:0")
+    quantized_load_kwargs("int8", "cuda:0")  # one filter, however many loads
+    bnb = logging.getLogger("bitsandbytes.autograd._functions")
+    assert len(bnb.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=bnb.name):
+        bnb.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.bfloat16")
+        bnb.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
 def test_a_quantised_load_hands_them_to_sentence_transformers_and_is_not_moved_after(tiny_qwen3_dir, monkeypatch):
     import sentence_transformers
 
