@@ -229,11 +229,13 @@ def report(sides: list[Side], args, device, data: str) -> str:
         lines.append("")
         for s in curves:
             gap, at = max_relative_gap(bf16.losses, s.losses, args.window)
-            fits = [x.peak_reserved_gib for x in sides if x.base == s.base and not x.skipped and x.peak_reserved_gib]
-            memory = (f"peak reserved {min(fits):.1f} GiB {'within' if min(fits) * 2**30 <= TARGET_GB * 1e9 else 'over'}"
-                      f" {TARGET_GB} GB" if fits else "no CUDA memory figure")
+            runs = [x for x in sides if x.base == s.base and x.peak_reserved_gib is not None]
+            memory = "; ".join(f"peak reserved {x.peak_reserved_gib:.1f} GiB "
+                               f"{'with' if x.checkpointing else 'without'} gradient checkpointing, "
+                               f"{'within' if x.peak_reserved_gib * 2**30 <= TARGET_GB * 1e9 else 'over'} {TARGET_GB} GB"
+                               for x in runs) or "no CUDA memory figure"
             lines.append(f"- {s.base} against bf16: smoothed loss within {100 * gap:.1f}% (largest gap at step {at}; "
-                         f"target <= {100 * TARGET_GAP:.0f}%); {memory} at batch {args.batch_size} (target: within "
+                         f"target <= {100 * TARGET_GAP:.0f}%); at batch {args.batch_size}: {memory} (target: within "
                          f"{TARGET_GB} GB); {s.samples_per_s / bf16.samples_per_s:.2f}x bf16's samples/s")
     return "\n".join(lines)
 
