@@ -228,6 +228,9 @@ class LossConfig:
                f"must be in (0, 1], got {self.label_temperature}")
 
 
+QUANTIZATIONS = (None, "none", "nf4", "int8")  # train.base_quantization's values
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training loop."""
@@ -278,6 +281,12 @@ class TrainConfig:
     # Frozen base weights (LoRA weights and optimizer state stay fp32): auto = bf16 on CUDA and on
     # CPUs with native bf16 (AVX512-BF16, AMX), fp32 on other CPUs.
     base_dtype: str = "auto"
+    # QLoRA: load the frozen base through bitsandbytes, its linear layers quantised to 4-bit NF4
+    # (double-quantised, bf16 compute) or 8-bit LLM.int8, and train fp32 LoRA weights on them. Needs a
+    # CUDA GPU and bitsandbytes; the rest of the base stays bf16 (so base_dtype auto or bf16). For
+    # training only: the base evaluation, the final evaluation and the export use the unquantised base.
+    # null (or none): unquantised.
+    base_quantization: str | None = None
     # torch.compile each transformer layer before training (fuses the element-wise work around the
     # matmuls). On 2 CPU cores: a 10-25 s compile, then 5% faster steps and 40% less peak memory
     # (docs/benchmarks.md); on GPU measured by benchmarks/gpu_check.py.
@@ -317,6 +326,13 @@ class TrainConfig:
                f"must be >= 1 or null (torch's default), got {self.threads}")
         _check(self.base_dtype in ("auto", "fp32", "bf16"), "train.base_dtype",
                f"unknown base_dtype {self.base_dtype!r}; use auto, fp32 or bf16")
+        _check(self.base_quantization in QUANTIZATIONS, "train.base_quantization",
+               f"unknown base_quantization {self.base_quantization!r}; use nf4, int8 or null (unquantised)")
+        if self.quantization is not None:
+            _check(self.base_dtype != "fp32", "train.base_dtype",
+                   f"fp32 does not go with train.base_quantization={self.quantization}: the quantised layers "
+                   "compute in bf16 and the base's other weights are loaded in bf16; set -o train.base_dtype=auto, "
+                   "or -o train.base_quantization=null for an fp32 base")
         _check(self.val_max_queries >= 1, "train.val_max_queries", f"must be >= 1, got {self.val_max_queries}")
         _check(0 <= self.seed < 2**32, "train.seed", f"must be in [0, 2**32) (numpy's seeds), got {self.seed}")
         _check(self.val_max_index >= 1, "train.val_max_index", f"must be >= 1, got {self.val_max_index}")
@@ -329,6 +345,11 @@ class TrainConfig:
                    "has none; set -o train.val_fraction=0.1, or -o train.select_best=false to keep the last epoch")
             _check(self.patience is None, "train.patience", "needs a validation split, and train.val_fraction=0 "
                    "has none; set -o train.val_fraction=0.1, or -o train.patience=null to train every epoch")
+
+    @property
+    def quantization(self) -> str | None:
+        """base_quantization with `none` read as null: nf4, int8 or None."""
+        return None if self.base_quantization in (None, "none") else self.base_quantization
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # eval.precision's values

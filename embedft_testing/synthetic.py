@@ -2,7 +2,7 @@
 
 Nothing here touches the network: the tokenizer is built from a word list, the model
 from a config. Used by the test-suite (tiny BERT-like and Qwen3-like models) and by
-the GPU benchmark (a Qwen3-Embedding-0.6B-shaped model from its published config).
+the GPU benchmarks (Qwen3-Embedding-0.6B- and 4B-shaped models from their published configs).
 """
 
 from __future__ import annotations
@@ -99,8 +99,13 @@ def tiny_qwen3(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: in
     return out
 
 
-def qwen3_from_config(config_path: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
-    """A randomly initialised Qwen3Model shaped by a published config.json (e.g. Qwen3-Embedding-0.6B)."""
+def qwen3_from_config(config_path: str | Path, out_dir: str | Path, seed: int = 0, dtype=None,
+                      device: str = "cpu") -> Path:
+    """A randomly initialised Qwen3Model shaped by a published config.json (e.g. Qwen3-Embedding-0.6B).
+
+    `dtype` (a torch dtype; default fp32) and `device`: what it is initialised and saved in, and where.
+    A 4B-shaped model in bf16 on a GPU takes seconds and 8 GB of disk, in fp32 on a CPU minutes and 16.
+    """
     import torch
     from transformers import Qwen3Config, Qwen3Model
 
@@ -109,7 +114,14 @@ def qwen3_from_config(config_path: str | Path, out_dir: str | Path, seed: int = 
     tok = build_qwen_tokenizer(out)
     cfg = Qwen3Config(**{k: v for k, v in values.items() if k not in ("architectures", "transformers_version")})
     torch.manual_seed(seed)
-    Qwen3Model(cfg).save_pretrained(out)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or default)
+    try:
+        with torch.device(device):
+            model = Qwen3Model(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(out)
     # The tokenizer's ids must stay within the model's vocabulary; the real vocab is larger.
     assert len(tok) <= cfg.vocab_size
     return out

@@ -119,6 +119,9 @@ def test_unknown_key_typo_suggests_close_name():
     ({"train": {"checkpoint_every": 0}}, "train.checkpoint_every", "must be >= 1 or null"),
     ({"train": {"output_dir": "runs/{nam}"}}, "train.output_dir", "the only placeholder is {name}"),
     ({"train": {"output_dir": "runs/{name"}}, "train.output_dir", "the only placeholder is {name}"),
+    ({"train": {"base_quantization": "nf8"}}, "train.base_quantization", "use nf4, int8 or null"),
+    ({"train": {"base_quantization": "nf4", "base_dtype": "fp32"}}, "train.base_dtype",
+     "set -o train.base_dtype=auto, or -o train.base_quantization=null"),
 ])
 def test_impossible_values_name_the_field(values, field, needle):
     with pytest.raises(ConfigError) as e:
@@ -144,6 +147,14 @@ def test_values_at_the_edges_of_their_ranges_are_accepted():
                             "train": {"epochs": 2.0, "warmup_ratio": 0.0, "mini_batch_size": 1}})
     assert cfg.loss.temperature == 1.0 and cfg.model.max_length == 4 and cfg.train.mini_batch_size == 1
     assert cfg.train.epochs == 2 and type(cfg.train.epochs) is int  # YAML's 2.0 is the integer 2
+
+
+def test_base_quantization_reads_null_and_none_as_unquantised():
+    for given, meant in ((None, None), ("none", None), ("nf4", "nf4"), ("int8", "int8")):
+        cfg = load_config(None, [f"train.base_quantization={'null' if given is None else given}"])
+        assert cfg.train.base_quantization == given and cfg.train.quantization == meant  # logged as given
+    assert TrainConfig().quantization is None
+    assert TrainConfig(base_quantization="int8", base_dtype="bf16").quantization == "int8"
 
 
 def test_configs_are_frozen():

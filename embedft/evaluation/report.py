@@ -44,6 +44,15 @@ def format_table(rows, markdown: bool = False) -> str:
     return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in body])
 
 
+def quantization_meta(quantization: str | None) -> dict[str, str]:
+    """The report's words on train.base_quantization (nothing when the base trained unquantised)."""
+    if not quantization:
+        return {}
+    return {"base_quantization": quantization,
+            "base_quantization_note": f"trained on the base quantised to {quantization} by bitsandbytes (QLoRA); "
+                                      "evaluated and exported on the unquantised base"}
+
+
 REPORT_FILES = ("report.json", "report.md")
 
 
@@ -69,7 +78,8 @@ def write_report(out_dir: str | Path, base: EvalOutput | None, adapted: EvalOutp
                "base_details": base.details if base else None, "adapted_details": adapted.details if adapted else None}
     report_json = json.dumps(payload, indent=2, default=_json_default)
     md = [f"# Evaluation: {meta.get('name', '')}", "", f"- model: `{meta.get('model')}`",
-          f"- adapter: `{meta.get('adapter')}`", f"- eval data: `{meta.get('eval_data')}`", "",
+          f"- adapter: `{meta.get('adapter')}`", f"- eval data: `{meta.get('eval_data')}`",
+          *([f"- base: {meta['base_quantization_note']}"] if meta.get("base_quantization_note") else []), "",
           format_table(rows, markdown=True), ""]
     md += [f"Not evaluated: {task}, which {why}." for task, why in (meta.get("dropped_tasks") or {}).items()]
     with building(out, "write the report elsewhere with --out", "the earlier report, if any, is kept") as tmp:

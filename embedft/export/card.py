@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from embedft.modeling.quantization import trained_quantization
+
 
 def lora_summary(lora_cfg: dict) -> dict:
     """The LoRA settings worth recording from a peft adapter_config.json (targets sorted)."""
@@ -60,6 +62,10 @@ def model_card(name: str, spec: dict, meta: dict, lora_cfg: dict, adapter_dir: P
         f"- LoRA: r={lora.get('r')}, alpha={lora.get('lora_alpha')}, dropout={lora.get('lora_dropout')}, "
         f"targets={', '.join(lora.get('target_modules') or [])}",
     ]
+    quantization = trained_quantization(meta)
+    if quantization:
+        lines.append(f"- trained on the base quantised to {quantization} by bitsandbytes (QLoRA); the LoRA weights are "
+                     "merged into the unquantised base")
     if meta.get("experiment"):
         lines.append(f"- experiment: {meta['experiment']}")
     if meta.get("mlflow_run_id"):

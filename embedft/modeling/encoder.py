@@ -23,7 +23,9 @@ from embedft.config import LoraConfig, ModelConfig
 from embedft.errors import ModelError
 from embedft.modeling import chunking
 from embedft.modeling.families import DEFAULT_DECODER_INSTRUCTION, detect_family, resolve_model_path
-from embedft.modeling.runtime import bound_onednn_cache, lora_input_casts, sdpa_backends
+from embedft.modeling.quantization import quantized_load_kwargs
+from embedft.modeling.runtime import (bound_onednn_cache, lora_input_casts, same_kernels_on_recompute,
+                                     sdpa_backends)
 from embedft.modeling.tokenizer import _plain_settings, _rust_tokenizer, ensure_eos_appended
 
 log = logging.getLogger(__name__)
@@ -247,14 +249,23 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     raise ModelError(f"unknown pooling {mode!r}; use mean, cls or lasttoken")
 
 
-def load_encoder(cfg: ModelConfig, device: str | torch.device = "cpu", lora: LoraConfig | None = None) -> Encoder:
-    """Load the base model as an Encoder with the family's pooling, padding and prompts."""
+def load_encoder(cfg: ModelConfig, device: str | torch.device = "cpu", lora: LoraConfig | None = None,
+                 quantization: str | None = None) -> Encoder:
+    """Load the base model as an Encoder with the family's pooling, padding and prompts.
+
+    `quantization` (nf4, int8: train.base_quantization) loads its linear layers quantised by
+    bitsandbytes, on a CUDA `device`, for training only. Its spec's fingerprint is then that of the
+    quantised weights: an adapter must be saved with the unquantised base's spec (`builders.load_quantized`).
+    """
     from sentence_transformers import SentenceTransformer
 
     bound_onednn_cache()
     path = resolve_model_path(cfg.name)
+    # A quantised base is placed by transformers (device_map) as bitsandbytes quantises it: not moved after.
+    placement = {"device": str(device)} if quantization is None else {
+        "model_kwargs": quantized_load_kwargs(quantization, device)}
     try:
-        st = SentenceTransformer(path, device=str(device), trust_remote_code=cfg.trust_remote_code)
+        st = SentenceTransformer(path, trust_remote_code=cfg.trust_remote_code, **placement)
     except OSError as e:
         raise ModelError(f"could not load model {cfg.name!r} ({path}): {e}. Offline? Use a local folder "
                          f"or the alias 'minilm'") from e
@@ -291,16 +302,18 @@ def load_encoder(cfg: ModelConfig, device: str | torch.device = "cpu", lora: Lor
     if template is not None:
         template = template.replace("{task}", cfg.task)
     if cfg.gradient_checkpointing:
+        checkpoint_kwargs = {"use_reentrant": False, "context_fn": same_kernels_on_recompute}
         # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns).
         if hasattr(backbone, "activation_checkpointing_enable"):
-            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
         else:
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
     spec = EncoderSpec(base_model=cfg.name, model_path=path, model_type=model_type, family=fam.name,
                        pooling=pooling, normalize=cfg.normalize, padding_side=fam.padding_side,
                        query_template=template, max_length=min(cfg.max_length, _max_positions(backbone)),
                        hidden_size=int(backbone.config.hidden_size), fingerprint=_fingerprint(backbone, model_type))
-    return Encoder(st, spec).to(device)
+    encoder = Encoder(st, spec)
+    return encoder if quantization is not None else encoder.to(device)
 
 
 def _max_positions(backbone: nn.Module) -> int:

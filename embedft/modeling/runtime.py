@@ -70,6 +70,24 @@ def sdpa_backends(device: torch.device, padding_side: str, cpu_math: bool = Fals
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def same_kernels_on_recompute():
+    """torch.utils.checkpoint's `context_fn` for checkpointed layers (model.gradient_checkpointing).
+
+    A layer's recompute runs in the backward, outside the `sdpa_backends` block of its forward, so
+    it is given the attention kernels enabled at that forward. With torch's default choice there,
+    a bf16 CPU step (the math kernel forward, flash again in the recompute) saves other tensors
+    and fails with a CheckpointError, and a left-padded CUDA batch may recompute with cuDNN's kernel.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    flags = torch.backends.cuda  # sdpa_kernel's switches, for the CPU's kernels too
+    enabled = [backend for backend, on in ((SDPBackend.FLASH_ATTENTION, flags.flash_sdp_enabled()),
+                                           (SDPBackend.EFFICIENT_ATTENTION, flags.mem_efficient_sdp_enabled()),
+                                           (SDPBackend.MATH, flags.math_sdp_enabled()),
+                                           (SDPBackend.CUDNN_ATTENTION, flags.cudnn_sdp_enabled())) if on]
+    return contextlib.nullcontext(), sdpa_kernel(enabled)
+
+
 # oneDNN (PyTorch's CPU bf16 matmuls) caches a compiled primitive, scratch memory included, for
 # every distinct input shape, up to 1,024 of them. Length-sorted chunks give many shapes, so on a
 # bf16 CPU run the cache alone held about 430 MB after 30 steps; 64 entries still cover the

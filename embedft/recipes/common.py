@@ -79,9 +79,12 @@ def _warn_unused_mining(cfg: ExperimentConfig, src: PairSource) -> None:
 
 
 def _check_extras(cfg: ExperimentConfig) -> None:
-    """Optional packages the config asks for, checked now rather than after training."""
+    """Optional packages (and devices) the config asks for, checked now rather than after training."""
     import importlib.util
 
+    from embedft.modeling.quantization import check_quantization
+
+    check_quantization(cfg.train)  # QLoRA: bitsandbytes and a CUDA GPU
     if cfg.eval.linear_probe and importlib.util.find_spec("sklearn") is None:
         raise ConfigError("eval.linear_probe=true needs scikit-learn (not installed): pip install scikit-learn, "
                           "or set -o eval.linear_probe=false")

@@ -41,10 +41,11 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     import tempfile
 
     from embedft.errors import ModelError
-    from embedft.evaluation.report import check_report_dir, compare, format_table, write_report
+    from embedft.evaluation.report import check_report_dir, compare, format_table, quantization_meta, write_report
     from embedft.evaluation.tasks import check_indexes, dropped_tasks, evaluate_encoder
     from embedft.modeling.encoder import load_encoder
     from embedft.modeling.lora import check_adapter_base, load_adapter, read_adapter_meta
+    from embedft.modeling.quantization import trained_quantization
 
     _check_extras(cfg)
     if save_index:
@@ -57,6 +58,7 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     train_ex, eval_ex, _ = load_splits(cfg.data)
     check_tasks(cfg.eval, train_ex, eval_ex)
     adapter_dir: Path | None = None
+    adapter_meta: dict = {}
     tmp_download = None
     if not base_only:
         if run_id:
@@ -70,7 +72,7 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
             if not adapter_dir.exists():
                 raise ModelError(f"no adapter at {adapter_dir}; train first (embedft train {cfg.name}.yaml), pass "
                                  "--adapter DIR or --run RUN_ID, or use --base-only")
-        read_adapter_meta(adapter_dir)  # clear error for incomplete folders before loading a model
+        adapter_meta = read_adapter_meta(adapter_dir)  # clear error for incomplete folders before loading a model
     device, dist = setup_processes(cfg.train.device)
     progress = progress and dist.is_main
     tracker = open_tracker(cfg.tracking, cfg.tracking.experiment or cfg.name, cfg.output_dir) if dist.is_main \
@@ -97,7 +99,8 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
                                "dropped_tasks": dropped_tasks(cfg.eval, train_ex, eval_ex),
                                # a --run adapter's download folder is deleted below: name the run's artifact
                                "adapter": f"runs:/{run_id}/adapter" if run_id else str(adapter_dir),
-                               "eval_data": eval_ex.source, "source_run_id": run_id})
+                               "eval_data": eval_ex.source, "source_run_id": run_id,
+                               **quantization_meta(trained_quantization(adapter_meta))})
     if save_index:
         _save_retrieval_index(encoder, eval_ex, cfg, save_index, str(adapter_dir) if adapter_dir else None)
     metrics = mlflow_ui.final_metrics(adapted_eval.metrics if adapted_eval else None,

@@ -31,9 +31,9 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     its share of every evaluation; rank 0 alone writes the run folder and the MLflow run."""
     import torch
 
-    from embedft.evaluation.report import compare, format_table, write_report
+    from embedft.evaluation.report import compare, format_table, quantization_meta, write_report
     from embedft.evaluation.tasks import check_indexes, dropped_tasks, evaluate_encoder
-    from embedft.modeling.builders import make_trainable
+    from embedft.modeling.builders import load_quantized, make_trainable
     from embedft.modeling.encoder import load_encoder
     from embedft.modeling.lora import load_adapter, lora_settings, save_adapter
     from embedft.modeling.runtime import base_dtype, seed_everything
@@ -66,9 +66,15 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
 
     base_eval = evaluate_encoder(encoder, data.train, data.eval, cfg.eval, device, progress) \
         if cfg.eval.compare_base else None
+    quantization = cfg.train.quantization
+    if quantization:  # QLoRA: the same base, quantised by bitsandbytes, is what trains; nothing else reads it
+        spec, encoder = encoder.spec, None  # the unquantised base leaves the device before the quantised one loads
+        encoder = load_quantized(cfg.model, device, cfg.lora, quantization, spec)
+        log.info("frozen base quantised to %s by bitsandbytes (train.base_quantization); evaluated and exported "
+                 "unquantised", quantization)
     seed_everything(cfg.train.seed)  # LoRA init does not depend on whether the base was evaluated
     dtype = base_dtype(cfg.train.base_dtype, device)
-    if dtype != torch.float32:
+    if dtype != torch.float32 and not quantization:
         log.info("frozen base weights in %s (train.base_dtype=%s)", dtype, cfg.train.base_dtype)
     make_trainable(encoder, cfg.lora, dtype)
     # Validation (model selection, early stopping) reads the split carved out of the training data,
@@ -109,8 +115,9 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
             write_text(out / "config.yaml", to_yaml(cfg), OUT_FIX)
         distributed.barrier()  # the adapter is on disk before any rank reads it back
 
-        if dtype != torch.float32:
-            # Report what `embedft eval` and the export load: the saved adapter on the fp32 base.
+        if dtype != torch.float32 or quantization:
+            # Report what `embedft eval` and the export load: the saved adapter on the fp32, unquantised base.
+            encoder = None  # the training model leaves the device first
             encoder = load_adapter(load_encoder(cfg.model, device, cfg.lora), adapter_dir)
         adapted_eval = evaluate_encoder(encoder, data.train, data.eval, cfg.eval, device, progress)
         if not dist.is_main:  # the other ranks embedded their shares; rank 0 reports
@@ -118,7 +125,8 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
         report_dir = write_report(out / "eval", base_eval, adapted_eval,
                                   {"name": cfg.name, "model": cfg.model.name, "adapter": str(adapter_dir),
                                    "eval_data": data.eval.source, "train_steps": result.steps,
-                                   "dropped_tasks": dropped_tasks(cfg.eval, data.train, data.eval)})
+                                   "dropped_tasks": dropped_tasks(cfg.eval, data.train, data.eval),
+                                   **quantization_meta(quantization)})
         final = mlflow_ui.final_metrics(adapted_eval.metrics, base_eval.metrics if base_eval else None)
         final.update({"train/total_seconds": result.train_seconds, "train/avg_samples_per_s": result.samples_per_s,
                       "train/avg_tokens_per_s": result.tokens_per_s})

@@ -545,6 +545,61 @@ def test_linear_probe_without_scikit_learn_fails_before_any_model(tmp_path, monk
     assert prepare_data(replace(cfg, eval=EvalConfig())).source.n_anchors == len(ROWS)
 
 
+def _qlora_machine(monkeypatch, bitsandbytes: bool, cuda: bool) -> None:
+    """This machine as one with or without bitsandbytes and a CUDA device (neither is imported)."""
+    import importlib.util
+
+    import torch
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (None if not bitsandbytes else object()) if name == "bitsandbytes"
+                        else real(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+
+
+@pytest.mark.parametrize("bitsandbytes, cuda, device, reasons, fix", [
+    (False, True, "auto", ["bitsandbytes is not installed"], "Install it on this CUDA machine (pip install bitsandbytes)"),
+    (True, False, "auto", ["train.device=auto runs on the CPU (no CUDA device here), and bitsandbytes' 4-bit and "
+                           "8-bit kernels need a CUDA GPU here"], "Train on a CUDA machine with bitsandbytes installed"),
+    (True, True, "cpu", ["train.device=cpu, and bitsandbytes' 4-bit and 8-bit kernels need a CUDA GPU here"],
+     "Train on a CUDA machine"),
+    (False, False, "cuda", ["bitsandbytes is not installed", "train.device=cuda but no CUDA device is available"],
+     "Train on a CUDA machine with bitsandbytes installed (pip install bitsandbytes)"),
+])
+def test_qlora_is_refused_where_bitsandbytes_cannot_run_before_any_model(tmp_path, monkeypatch, bitsandbytes, cuda,
+                                                                         device, reasons, fix):
+    from embedft.errors import ConfigError
+    from embedft.recipes.common import prepare_data
+
+    monkeypatch.setitem(sys.modules, "embedft.modeling.encoder", None)  # any model import would now fail
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # nor may bitsandbytes be imported to find out
+    _qlora_machine(monkeypatch, bitsandbytes, cuda)
+    p = write_csv(tmp_path / "g.csv", ROWS)
+    cfg = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped"),
+                           train=TrainConfig(batch_size=2, device=device, base_quantization="nf4", **NO_VAL))
+    with pytest.raises(ConfigError) as e:
+        prepare_data(cfg)
+    msg = str(e.value)
+    assert msg.startswith("train.base_quantization=nf4 cannot train here: ") and e.value.keys == ("train.base_quantization",)
+    assert all(r in msg for r in reasons) and fix in msg and msg.endswith(
+        "or set -o train.base_quantization=null to train on the unquantised base")
+    assert prepare_data(replace(cfg, train=replace(cfg.train, base_quantization=None))).source.n_anchors == len(ROWS)
+    assert prepare_data(replace(cfg, train=replace(cfg.train, base_quantization="none"))).source.n_anchors == len(ROWS)
+
+
+def test_qlora_passes_the_early_check_on_a_cuda_machine_with_bitsandbytes(tmp_path, monkeypatch):
+    from embedft.recipes.common import prepare_data
+
+    monkeypatch.setitem(sys.modules, "embedft.modeling.encoder", None)
+    _qlora_machine(monkeypatch, bitsandbytes=True, cuda=True)
+    p = write_csv(tmp_path / "g.csv", ROWS)
+    for q, device in (("nf4", "auto"), ("int8", "cuda:0")):
+        cfg = ExperimentConfig(data=given(p, _eval_file(tmp_path), shape="grouped"),
+                               train=TrainConfig(batch_size=2, device=device, base_quantization=q, **NO_VAL))
+        assert prepare_data(cfg).source.n_anchors == len(ROWS)
+
+
 def test_grouped_batches_carry_each_anchors_label_for_the_label_term(tmp_path):
     from embedft.config import LossConfig
     from embedft.errors import ConfigError

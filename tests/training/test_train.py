@@ -240,12 +240,15 @@ def test_cached_negatives_match_full_batch(tiny_model_dir, sampling, device):
     assert max((g_full[k] - g_cached[k]).abs().max().item() for k in g_full) <= 1e-5
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, device):
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, device, base_dtype):
+    # bf16 on the CPU: the forward takes the math attention kernel; the recompute in the backward must
+    # too (torch's default there, flash, saved other tensors: a CheckpointError).
     src = build_pair_source(toy_examples())
     batch = _one_batch(src)
     grads, calls = [], []
     for ckpt in (False, True):
-        enc = _encoder(tiny_model_dir, device=device, gradient_checkpointing=ckpt)
+        enc = _encoder(tiny_model_dir, device=device, gradient_checkpointing=ckpt, base_dtype=base_dtype)
         enc.train()
         layer = max((m for m in enc.modules() if isinstance(m, torch.nn.ModuleList)), key=len)[0]
         inner = next(m for m in layer.modules() if isinstance(m, torch.nn.Linear))  # one of the layer's matmuls
