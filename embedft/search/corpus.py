@@ -39,7 +39,7 @@ def read_corpus(path: str | Path, text_column: str = "text", id_column: str | No
     from embedft.data.readers import read_table
     from embedft.errors import DataError
 
-    p, fmt = _corpus_file(path, header)
+    p, fmt = corpus_file(path, header)
     try:
         df = read_table(str(p), fmt, header, format_fix=CORPUS_FORMAT_FIX)
     except DataError as e:
@@ -62,7 +62,7 @@ def iter_corpus(path: str | Path, text_column: str = "text", id_column: str | No
     from embedft.data.readers import iter_table
     from embedft.errors import DataError
 
-    p, fmt = _corpus_file(path, header)
+    p, fmt = corpus_file(path, header)
     wanted = [c for c in (text_column, id_column, label_column) if c]
     try:
         for n, df in enumerate(iter_table(str(p), fmt, header, chunk_rows, wanted, format_fix=CORPUS_FORMAT_FIX)):
@@ -120,8 +120,9 @@ def _duplicates(path: Path, id_column: str, dup: list[str]) -> SearchError:
     return SearchError(f"{path}: duplicate ids in column {id_column!r}: {dup[:10]}; ids must be unique")
 
 
-def _corpus_file(path: str | Path, header: bool) -> tuple[Path, str]:
-    # The file and its format, or the message that names the fix.
+def corpus_file(path: str | Path, header: bool = True) -> tuple[Path, str]:
+    """A corpus file and its format, or the message that names the fix (no file there, a format its
+    name does not tell, --no-header on a format that names its columns)."""
     from embedft.data.readers import detect_format
     from embedft.errors import DataError
 
