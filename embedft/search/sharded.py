@@ -116,7 +116,8 @@ class ShardedBuild:
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved["key"] != key:
             changed = sorted(k for k in key if saved["key"].get(k) != key[k])
-            log.warning("%s: an unfinished build of another %s is there; starting afresh", self.dir, ", ".join(changed))
+            log.warning("%s: an unfinished build of another corpus, model or chunk size is there (it differs in: %s); "
+                        "starting afresh", self.dir, ", ".join(changed))
             shutil.rmtree(self.dir)
             return None
         plan = Plan(saved["key"], saved["rows"], saved["id_column"], saved["labels"])
