@@ -49,6 +49,8 @@ def test_a_small_corpus_trains_on_every_row_and_missing_rows_are_refused():
     sampled = build_index(x, "IVF4,Flat", use_gpu=False, train=x[train_rows(3000, 500)])
     with pytest.raises(ValueError, match="the parts hold 599 vectors, not the 700 expected"):
         build_index_in_parts(16, "Flat", 700, None, [x[:599]])
+    with pytest.raises(ValueError, match="the parts hold more than the 5 vectors expected"):
+        build_index_in_parts(16, "Flat", 5, None, [x[:3], x[3:6]])
     assert sampled.ntotal == 3000
 
 
