@@ -13,7 +13,7 @@ RUN ?= runs/pricerunner-matching
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup lock train train-ddp test test-fast config-docs bench-pricerunner bench-labeled bench-deploy bench-encode bench-train bench-chunking bench-serve gpu-check gpu-bundle gpu-smoke-image ui ui-check ui-screenshots clean
+.PHONY: help setup lock train train-ddp test test-fast config-docs bench-pricerunner bench-labeled bench-deploy bench-encode bench-train bench-chunking bench-serve bench-index-stream gpu-check gpu-bundle gpu-smoke-image ui ui-check ui-screenshots clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -71,6 +71,9 @@ bench-train: setup ## Training throughput and quality, embedft vs the sentence-t
 
 bench-chunking: setup ## Forward+backward time per step: random padding vs length-sorted chunks (embedft's)
 	$(PY) benchmarks/bench_chunking.py
+
+bench-index-stream: setup ## index build of 1M and 4M short texts (tiny model): peak RSS and time, streamed vs read whole (~30 min on 2 cores)
+	nice $(PY) benchmarks/bench_index_stream.py
 
 bench-serve: setup ## HTTP serving: one base + 4 adapters vs merged exports (throughput, p50/p99, RSS), loopback only
 	$(PY) benchmarks/bench_serve.py

@@ -15,7 +15,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from embedft.errors import WriteError
 
@@ -200,11 +200,18 @@ def _write(f, data: bytes) -> None:
 def write_bytes(out: Path, data: bytes, fix: str = "") -> None:
     """Write `out` whole or not at all (a hidden temporary sibling renamed over it); a failing disk is a
     WriteError naming `out` and `fix`, and nothing of the new file stays."""
+    write_chunks(out, [data], fix)
+
+
+def write_chunks(out: Path, chunks: Iterable[bytes | memoryview], fix: str = "") -> None:
+    """`write_bytes` of the concatenated chunks, made one at a time: a file larger than memory (an
+    index's ids, a shard of vectors written from the array's own buffer) is never held whole."""
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            _write(f, data)
+            for data in chunks:
+                _write(f, data)
         os.replace(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)

@@ -324,6 +324,9 @@ BATCH_SIZE_HELP = ("Bounds a forward call: at most this many rows of the longest
 
 
 DEVICE_HELP = "auto (CUDA when there is one, else the CPU), cpu, cuda or cuda:N. Default: auto."
+CHUNK_ROWS_HELP = ("Stream the corpus this many rows at a time through on-disk shards beside --out, for a corpus "
+                   "larger than memory; a killed build, run again, continues from its last finished shard. "
+                   "0 reads the corpus whole. Default: whole up to 100,000 rows, else in chunks of 100,000.")
 
 
 def _encode_kwargs(batch_size: int | None, device: str | None) -> dict:
@@ -350,16 +353,26 @@ def index_group() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing index folder.")
 @click.option("--batch-size", type=click.IntRange(min=1), help=BATCH_SIZE_HELP)
 @click.option("--device", help=DEVICE_HELP)
+@click.option("--chunk-rows", type=click.IntRange(min=0), help=CHUNK_ROWS_HELP)
 @click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 def index_build(model_dir, corpus, text_column, id_column, label_column, no_header, factory, out, overwrite,
-                batch_size, device, no_progress) -> None:
-    """Embed a corpus with an exported model and save a FAISS inner-product index."""
+                batch_size, device, chunk_rows, no_progress) -> None:
+    """Embed a corpus with an exported model and save a FAISS inner-product index.
+
+    Under torchrun (torchrun --nproc-per-node N -m embedft index build ...) the processes share
+    the corpus's shards and rank 0 saves the index.
+    """
+    from embedft import distributed
     from embedft.search.indexing import index_corpus
 
-    m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
-                     header=not no_header, label_column=label_column, overwrite=overwrite,
-                     progress=_progress(no_progress), **_encode_kwargs(batch_size, device))
-    click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
+    try:
+        m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
+                         header=not no_header, label_column=label_column, overwrite=overwrite,
+                         progress=_progress(no_progress), chunk_rows=chunk_rows, **_encode_kwargs(batch_size, device))
+    finally:
+        distributed.teardown()
+    if distributed.current().is_main:
+        click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
 
 
 @index_group.command("search")

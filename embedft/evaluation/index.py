@@ -11,7 +11,8 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from embedft.atomic import building, place_new_dir, replace_dir, write_text
+from embedft.atomic import building, place_new_dir, replace_dir, write_chunks, write_text
 from embedft.errors import WriteError
 
 __all__ = [
@@ -251,19 +252,17 @@ def build_index(
     *,
     ef_search: int = 128,
     nprobe: int = 16,
+    train: np.ndarray | None = None,
 ) -> faiss.Index:
-    """Inner-product index built with faiss.index_factory, trained if needed, holding all vectors."""
+    """Inner-product index built with faiss.index_factory, trained if needed, holding all vectors.
+
+    `train`: the vectors an index that needs training is trained on (`train_rows` of them), all by default.
+    """
     vectors = _as_matrix(vectors, "vectors")
     n, dim = vectors.shape
     index = new_index(dim, factory, n)
     nlist = _ivf_nlist(index)
-    if nlist is not None and not index.is_trained and n < _MIN_POINTS_PER_CENTROID * nlist:
-        warnings.warn(
-            f"factory {factory!r}: N={n} vectors is fewer than the {_MIN_POINTS_PER_CENTROID * nlist} "
-            f"faiss recommends ({_MIN_POINTS_PER_CENTROID} per IVF list), so clustering will be poor; "
-            f"{_ivf_suggestion(n)}",
-            stacklevel=2,
-        )
+    _warn_few_per_list(index, factory, n)
 
     if use_gpu is None:
         use_gpu = _gpu_available()
@@ -290,15 +289,125 @@ def build_index(
             gpu_index.referenced_objects = [res]
             index = gpu_index
 
+    _train(index, vectors if train is None else _as_matrix(train, "training vectors", dim), factory, n)
+    index.add(vectors)
+    _set_search_params(index, ef_search, nprobe, nlist)
+    return index
+
+
+def _warn_few_per_list(index: faiss.Index, factory: str, n: int) -> None:
+    nlist = _ivf_nlist(index)
+    if nlist is not None and not index.is_trained and n < _MIN_POINTS_PER_CENTROID * nlist:
+        warnings.warn(
+            f"factory {factory!r}: N={n} vectors is fewer than the {_MIN_POINTS_PER_CENTROID * nlist} "
+            f"faiss recommends ({_MIN_POINTS_PER_CENTROID} per IVF list), so clustering will be poor; "
+            f"{_ivf_suggestion(n)}",
+            stacklevel=3,
+        )
+
+
+def _train(index: faiss.Index, vectors: np.ndarray, factory: str, n: int) -> None:
     if not index.is_trained:
         try:
             index.train(vectors)
         except RuntimeError as exc:
             # e.g. PQ needs 2**nbits training points; faiss's message says which.
             raise ValueError(f"training factory {factory!r} on N={n} vectors failed: {exc}") from exc
-    index.add(vectors)
-    _set_search_params(index, ef_search, nprobe, nlist)
+
+
+# faiss's k-means subsamples its training set to this many points per centroid (max_points_per_centroid), so
+# a sample of that size trains an index as all the vectors would, less faiss's own draw.
+TRAIN_POINTS_PER_CENTROID = 256
+# Training points, at least, for an index trained otherwise than by k-means (a scalar quantizer's ranges).
+MIN_TRAIN_POINTS = 65_536
+
+
+def train_size(index: faiss.Index, n: int) -> int:
+    """How many of n vectors an index (`new_index`) is trained on: 0 when it needs no training (Flat, HNSW);
+    else 256 per centroid of its largest k-means (IVF lists, product-quantizer codes), at least 65,536, at most n.
+    The vectors a build holds in memory besides the index while it trains."""
+    if index.is_trained:
+        return 0
+    centroids = max(_ivf_nlist(index) or 0, _pq_centroids(index) or 0)
+    return min(n, max(MIN_TRAIN_POINTS, TRAIN_POINTS_PER_CENTROID * centroids))
+
+
+def train_rows(n: int, m: int, seed: int = 0) -> np.ndarray:
+    """The rows, in order, that an index trained on m of n vectors takes: all when m >= n, else a sample
+    drawn with `seed`, the same wherever the vectors are held (in memory or in on-disk shards)."""
+    if m >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
+
+
+def trained_index(dim: int, factory: str, n: int, train: np.ndarray | None) -> faiss.Index:
+    """An empty index (`new_index`) for n vectors, trained on `train` when it needs training (CPU)."""
+    index = new_index(dim, factory, n)
+    _warn_few_per_list(index, factory, n)
+    if not index.is_trained:
+        _train(index, _as_matrix(train, "training vectors", dim), factory, n)
     return index
+
+
+def build_index_in_parts(dim: int, factory: str, n: int, train: np.ndarray | None, parts: Iterable[np.ndarray],
+                         *, ef_search: int = 128, nprobe: int = 16) -> faiss.Index:
+    """`build_index` (on the CPU) of n vectors that come in parts, in row order (on-disk shards): trained on
+    `train` (`train_rows` of them; None for an index that needs no training), then each part added.
+    Equal to `build_index(all vectors, train=train)` for Flat and IVF indexes; an HNSW graph grown in
+    parts differs a little from one grown at once (its recall does not)."""
+    index = trained_index(dim, factory, n, train)
+    if isinstance(faiss.downcast_index(index), faiss.IndexFlatCodes):
+        _fill_codes(faiss.downcast_index(index), parts, n)
+    else:
+        for part in parts:
+            index.add(_as_matrix(part, "vectors", dim))
+    if index.ntotal != n:
+        raise ValueError(f"the parts hold {index.ntotal} vectors, not the {n} expected; rebuild the index")
+    _set_search_params(index, ef_search, nprobe, _ivf_nlist(index))
+    return index
+
+
+def _fill_codes(index: faiss.IndexFlatCodes, parts: Iterable[np.ndarray], n: int) -> None:
+    # A flat index's codes sized once and filled in place: `add` part by part grows faiss's buffer by
+    # doubling, which holds up to 1.6x the index at its peak (measured, 40 parts of a Flat index).
+    size = index.code_size
+    index.codes.resize(n * size)
+    codes = faiss.rev_swig_ptr(index.codes.data(), n * size)  # a numpy view of the buffer
+    at = 0
+    for part in parts:
+        part = _as_matrix(part, "vectors", index.d)
+        if at + len(part) > n:
+            raise ValueError(f"the parts hold more than the {n} vectors expected; rebuild the index")
+        codes[at * size:(at + len(part)) * size] = index.sa_encode(part).ravel()
+        at += len(part)
+    index.ntotal = at
+
+
+def mergeable(index: faiss.Index) -> bool:
+    """Whether parts of the index can be filled apart and merged (`index_part`, `merge_parts`): an IVF index,
+    whose rows carry their ids in its inverted lists."""
+    return _ivf_nlist(index) is not None
+
+
+def index_part(trained: faiss.Index, vectors: np.ndarray, first_row: int) -> faiss.Index:
+    """A copy of a trained, empty IVF index holding `vectors` as rows first_row, first_row + 1, ...: one
+    process's share of a build, for `merge_parts`."""
+    part = faiss.clone_index(trained)
+    vectors = _as_matrix(vectors, "vectors", trained.d)
+    part.add_with_ids(vectors, np.arange(first_row, first_row + len(vectors), dtype=np.int64))
+    return part
+
+
+def merge_parts(trained: faiss.Index, parts: Iterable[faiss.Index], n: int, *, ef_search: int = 128,
+                nprobe: int = 16) -> faiss.Index:
+    """The trained IVF index holding every part's rows (`index_part`), parts given in row order: then each
+    inverted list holds its rows in order, and the index is the one `build_index_in_parts` adds (the same bytes)."""
+    for part in parts:
+        trained.merge_from(part, 0)
+    if trained.ntotal != n:
+        raise ValueError(f"the parts hold {trained.ntotal} vectors, not the {n} expected; rebuild the index")
+    _set_search_params(trained, ef_search, nprobe, _ivf_nlist(trained))
+    return trained
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -406,16 +515,42 @@ def index_manifest(model: str, index: faiss.Index, factory: str, normalized: boo
             "factory": factory, "count": int(index.ntotal), **source}
 
 
+@dataclass(frozen=True)
+class ListParts:
+    """A list too long to hold at once (a large corpus's ids or labels): its length, and a function that
+    gives its items part by part, in order (called once per use). `save_index` writes it as one JSON list."""
+
+    count: int
+    parts: Callable[[], Iterable[Sequence]]
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def _json_list(items: Sequence | ListParts) -> Iterator[bytes]:
+    # The bytes of json.dumps(list(items)), a part at a time.
+    yield b"["
+    first = True
+    for part in items.parts() if isinstance(items, ListParts) else [items]:
+        if len(part):
+            text = json.dumps(list(part), default=_json_default)[1:-1]
+            yield (text if first else ", " + text).encode("utf-8")
+            first = False
+    yield b"]"
+
+
 def save_index(
     out_dir: str | os.PathLike,
     index: faiss.Index,
-    ids: Sequence[str] | np.ndarray,
+    ids: Sequence[str] | np.ndarray | ListParts,
     manifest: dict[str, Any],
     *,
-    labels: Sequence[str] | None = None,
+    labels: Sequence[str] | ListParts | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write index.faiss, ids.json, manifest.json (and labels.json) into out_dir atomically; returns out_dir."""
+    """Write index.faiss, ids.json, manifest.json (and labels.json) into out_dir atomically; returns out_dir.
+
+    ids and labels may come in parts (`ListParts`), for a corpus whose ids are not held in memory."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -425,7 +560,7 @@ def save_index(
                 f"{out_dir} already exists and is not empty; pass --overwrite (overwrite=True from Python) to replace it"
             )
 
-    ids_list = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+    ids_list = ids.tolist() if isinstance(ids, np.ndarray) else ids if isinstance(ids, ListParts) else list(ids)
     if len(ids_list) != index.ntotal:
         raise ValueError(f"got {len(ids_list)} ids for an index of {index.ntotal} vectors; pass one id per indexed row")
     if labels is not None and len(labels) != index.ntotal:
@@ -448,9 +583,9 @@ def save_index(
         except RuntimeError as e:  # faiss's fwrite failures carry no errno: say what to check
             raise WriteError(f"cannot write {out_dir / INDEX_FILE}: faiss could not write it "
                              f"({str(e).strip().splitlines()[-1][-200:]}); {INDEX_WRITE_FIX}") from e
-        write_text(tmp_dir / IDS_FILE, json.dumps(ids_list, default=_json_default))
+        write_chunks(tmp_dir / IDS_FILE, _json_list(ids_list))
         if labels is not None:
-            write_text(tmp_dir / LABELS_FILE, json.dumps(list(labels), default=_json_default))
+            write_chunks(tmp_dir / LABELS_FILE, _json_list(labels))
         manifest_text = json.dumps(full_manifest, indent=2, sort_keys=True, default=_json_default) + "\n"
         write_text(tmp_dir / MANIFEST_FILE, manifest_text)
         if overwrite:

@@ -19,7 +19,7 @@ import numpy as np
 from embedft.atomic import out_dir_problem, write_text
 from embedft.errors import SearchError
 from embedft.export.fingerprint import weights_digest, weights_stat
-from embedft.search.corpus import read_corpus
+from embedft.search.corpus import corpus_file, read_corpus
 
 log = logging.getLogger(__name__)
 
@@ -72,46 +72,120 @@ def encode(st, texts: Sequence[str], prompt_name: str | None = None, batch_size:
 def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path, factory: str = "Flat",
                  text_column: str = "text", id_column: str | None = "id", header: bool = True,
                  label_column: str | None = None, overwrite: bool = False, batch_size: int = ENCODE_BATCH_SIZE,
-                 device: str = "auto", progress: bool = False) -> dict:
+                 device: str = "auto", progress: bool = False, chunk_rows: int | None = None) -> dict:
     """Embed a corpus with an export (plain sentence-transformers) and save a FAISS index; returns the manifest.
 
     With `label_column` the index keeps each row's label, for `classify`. `device`: auto (CUDA
-    when there is one), cpu, cuda or cuda:N.
+    when there is one), cpu, cuda or cuda:N. `chunk_rows`: a corpus of more rows is streamed that
+    many rows at a time through on-disk shards, resumable (`sharded`); 0 reads any corpus whole;
+    None (the default) streams one of more than `sharded.CHUNK_ROWS` rows. Under torchrun the
+    processes share the shards (cuda: one GPU each) and rank 0 saves the folder; every rank
+    returns the manifest.
     """
-    from sentence_transformers import SentenceTransformer
-
-    from embedft.evaluation.index import build_index, index_manifest, new_index, save_index
+    from embedft import distributed
     from embedft.modeling.runtime import resolve_device
+    from embedft.search.sharded import chunk_rows_for
 
-    dev = str(resolve_device(device, "--device"))  # a bad --device fails before anything is read
+    dev = resolve_device(device, "--device")  # a bad --device fails before anything is read
+    dist = distributed.setup(dev.type)  # the process group under torchrun (left to the caller to end)
+    if dist.enabled and dev.type == "cuda":
+        import torch
+
+        dev = torch.device(distributed.device_for("cuda"))
+        torch.cuda.set_device(dev)  # NCCL's object collectives use the current device
     d, out = Path(model_dir), Path(out_dir)
     _require_export(d)
-    problem = out_dir_problem(out, overwrite)
+    problem = out_dir_problem(out, overwrite) if dist.is_main else None
     if problem:
         raise SearchError(f"index folder: {problem}")
+    corpus_file(corpus, header)  # a missing or unreadable file is named before a chunk size is chosen
+    chunk = chunk_rows_for(Path(corpus), chunk_rows, dist.world_size)
+    source = dict(model_dir=d, corpus=Path(corpus), out=out, factory=factory, text_column=text_column,
+                  id_column=id_column, header=header, label_column=label_column, overwrite=overwrite)
+    embed_options = dict(batch_size=batch_size, device=str(dev), progress=progress)
+    if chunk:
+        return _index_streamed(**source, chunk_rows=chunk, **embed_options)
+    return _index_in_memory(**source, **embed_options)
+
+
+def _index_in_memory(model_dir: Path, corpus: Path, out: Path, factory: str, text_column: str, id_column: str | None,
+                     header: bool, label_column: str | None, overwrite: bool, batch_size: int, device: str,
+                     progress: bool) -> dict:
+    # The corpus read whole, embedded at once, indexed in memory.
+    from sentence_transformers import SentenceTransformer
+
+    from embedft.evaluation.index import build_index, new_index, train_rows, train_size
+
     rows = read_corpus(corpus, text_column, id_column, header, label_column)
     # The identity of the weights the model is loaded from, taken before loading (stat first:
     # a file changed while it is hashed then fails the quick check of `index search`).
-    files = weights_stat(d)
-    digest = weights_digest(d)
-    model = SentenceTransformer(str(d), device=dev)
+    files = weights_stat(model_dir)
+    digest = weights_digest(model_dir)
+    model = SentenceTransformer(str(model_dir), device=device)
+    n = len(rows.texts)
     try:
-        new_index(_dimension(model), factory, len(rows.texts))  # a bad --index fails now, not after the corpus is embedded
+        m = train_size(new_index(_dimension(model), factory, n), n)  # a bad --index fails now, not after the corpus is embedded
     except ValueError as e:
         raise SearchError(f"--index {factory}: {e}") from e
     vectors = encode(model, rows.texts, batch_size=batch_size, progress=progress)
-    try:
-        index = build_index(vectors, factory)
+    try:  # trained on the rows a streamed build of the corpus trains on (`sharded`): the same index
+        index = build_index(vectors, factory, train=vectors[train_rows(n, m)] if 0 < m < n else None)
     except ValueError as e:  # training can still fail (a PQ with too few vectors per code)
         raise SearchError(f"--index {factory}: {e}") from e
-    manifest = index_manifest(digest, index, factory, True, model_files=files, model_dir=str(d.resolve()),
-                              corpus=str(Path(corpus).resolve()), text_column=text_column, id_column=rows.id_column,
-                              header=header, label_column=label_column)
+    manifest = _manifest(digest, index, factory, files, model_dir, corpus, text_column, rows.id_column, header,
+                         label_column)
+    _save(out, index, rows.ids, manifest, rows.labels, overwrite)
+    return manifest
+
+
+def _index_streamed(model_dir: Path, corpus: Path, out: Path, factory: str, text_column: str, id_column: str | None,
+                    header: bool, label_column: str | None, overwrite: bool, batch_size: int, device: str,
+                    progress: bool, chunk_rows: int) -> dict:
+    # The corpus streamed through on-disk shards, shared by torchrun's ranks (`sharded`); rank 0 saves.
+    from sentence_transformers import SentenceTransformer
+
+    from embedft import distributed
+    from embedft.evaluation.index import new_index
+    from embedft.search.sharded import ShardedBuild, plan_key
+
+    main = distributed.current().is_main
+    files = weights_stat(model_dir) if main else None
+    digest = distributed.broadcast_object(weights_digest(model_dir) if main else None)
+    build = ShardedBuild(out)
+    plan = build.plan(plan_key(corpus, text_column, id_column, header, label_column, chunk_rows, digest), label_column)
+    model = SentenceTransformer(str(model_dir), device=device)
+    dim = _dimension(model)
     try:
-        save_index(out_dir, index, rows.ids, manifest, labels=rows.labels, overwrite=overwrite)
+        new_index(dim, factory, plan.count)  # a bad --index fails now, not after the corpus is embedded
+    except ValueError as e:
+        raise SearchError(f"--index {factory}: {e}") from e
+    build.embed(plan, lambda texts: encode(model, texts, batch_size=batch_size), progress=progress)
+    index = build.build_index(plan, dim, factory)
+    manifest = None
+    if main:
+        manifest = _manifest(digest, index, factory, files, model_dir, corpus, text_column, plan.id_column, header,
+                             label_column)
+        _save(out, index, build.ids(plan), manifest, build.labels(plan), overwrite)
+        build.remove()
+    return distributed.broadcast_object(manifest)
+
+
+def _manifest(digest: str, index, factory: str, files: dict, model_dir: Path, corpus: Path, text_column: str,
+              id_column: str | None, header: bool, label_column: str | None) -> dict:
+    from embedft.evaluation.index import index_manifest
+
+    return index_manifest(digest, index, factory, True, model_files=files, model_dir=str(model_dir.resolve()),
+                          corpus=str(corpus.resolve()), text_column=text_column, id_column=id_column,
+                          header=header, label_column=label_column)
+
+
+def _save(out: Path, index, ids, manifest: dict, labels, overwrite: bool) -> None:
+    from embedft.evaluation.index import save_index
+
+    try:
+        save_index(out, index, ids, manifest, labels=labels, overwrite=overwrite)
     except FileExistsError as e:  # checked above, but another `index build --out` wrote it while this one ran
         raise SearchError(f"{e} (another index build to the same --out finished first?)") from e
-    return manifest
 
 
 Hits = list[tuple[str, float]]  # (document id, score), best first
