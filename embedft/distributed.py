@@ -8,7 +8,8 @@ process, `world_size` is 1, and every helper here is a no-op that returns its in
 What the stages use:
 - `Dist` (`current()`): rank, world size, `is_main` (rank 0, the only rank that writes files,
   checkpoints and the MLflow run);
-- `shard(n)`: the positions this rank handles of n items (every rank's share, in order);
+- `place(device)`: the process group joined and this rank's own GPU;
+- `balanced_shard(lengths)`: the sequences this rank embeds, dealt by length;
 - `gather_rows(local, counts)`: the rows of every rank, concatenated in rank order, on every rank.
   With a graph, the backward hands each rank the gradient of its own rows only: every rank then
   computes the same loss over the same global rows, and `all_reduce_grads` sums the parameters'
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -96,10 +98,18 @@ def setup(device_kind: str | None = None) -> Dist:
     return d
 
 
-def device_for(kind: str) -> str:
-    """The device string of this rank: cuda:LOCAL_RANK for several GPU processes, else `kind`."""
-    d = current()
-    return f"cuda:{d.local_rank}" if kind == "cuda" and d.enabled else kind
+def place(device):
+    """(this rank's device, its place): `setup()` for `device`'s kind, and under torchrun on CUDA the
+    rank's own GPU (LOCAL_RANK; on one GPU the ranks share it), made the current device, which NCCL's
+    object collectives use. One process keeps `device` as it is."""
+    import torch
+
+    d = setup(device.type)
+    if d.enabled and device.type == "cuda":
+        if torch.cuda.device_count() > 1:
+            device = torch.device("cuda", d.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device, d
 
 
 def teardown() -> None:
@@ -108,18 +118,6 @@ def teardown() -> None:
 
     if td.is_available() and td.is_initialized():
         td.destroy_process_group()
-
-
-def shard(n: int, dist: Dist | None = None) -> np.ndarray:
-    """Positions of n items this rank handles: a contiguous share, ranks in order (sizes differ by
-    at most one), so concatenating every rank's share in rank order gives 0..n-1."""
-    d = dist or current()
-    return np.array_split(np.arange(n), d.world_size)[d.rank]
-
-
-def shard_sizes(n: int, world_size: int) -> list[int]:
-    """How many of n items each rank's `shard` holds."""
-    return [len(p) for p in np.array_split(np.arange(n), world_size)]
 
 
 @dataclass(frozen=True)
@@ -214,7 +212,7 @@ def gather_rows(local, counts: Sequence[int]):
     of its own rows (see the module's docstring); combine with `all_reduce_grads`."""
     if not current().enabled:
         return local
-    return _GatherRows.apply(local, tuple(int(c) for c in counts))
+    return _gather_rows_fn().apply(local, tuple(int(c) for c in counts))
 
 
 def all_reduce_grads(params: Iterable) -> None:
@@ -252,7 +250,9 @@ def broadcast_params(params: Iterable, src: int = 0) -> None:
             td.broadcast(p.data, src=src)
 
 
-def _make_gather():
+@functools.cache
+def _gather_rows_fn():
+    """The autograd function behind `gather_rows`, made on first use (torch is imported lazily)."""
     import torch
     import torch.distributed as td
 
@@ -273,17 +273,3 @@ def _make_gather():
             return grad[start:start + ctx.counts[ctx.rank]], None
 
     return GatherRows
-
-
-class _Lazy:
-    """The autograd function, made on first use (torch is imported lazily)."""
-
-    _fn = None
-
-    def apply(self, *args):
-        if _Lazy._fn is None:
-            _Lazy._fn = _make_gather()
-        return _Lazy._fn.apply(*args)
-
-
-_GatherRows = _Lazy()

@@ -104,18 +104,10 @@ def open_tracker(tcfg: TrackingConfig, experiment: str, out_dir: Path):
 def setup_processes(device_name: str, option: str = "train.device"):
     """(this process's device, its place among the run's processes): one process, or under torchrun
     the process group joined (gloo on CPU, NCCL on GPU) and, with several GPUs, the rank's own GPU."""
-    import torch
-
     from embedft import distributed
     from embedft.modeling.runtime import resolve_device
 
-    device = resolve_device(device_name, option)
-    dist = distributed.setup(device.type)
-    if dist.enabled and device.type == "cuda":
-        if torch.cuda.device_count() > 1:  # one GPU per rank; on one GPU the ranks share it
-            device = torch.device("cuda", dist.local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    return device, dist
+    return distributed.place(resolve_device(device_name, option))
 
 
 @contextlib.contextmanager

@@ -86,13 +86,9 @@ def index_corpus(model_dir: str | Path, corpus: str | Path, out_dir: str | Path,
     from embedft.modeling.runtime import resolve_device
     from embedft.search.sharded import chunk_rows_for
 
-    dev = resolve_device(device, "--device")  # a bad --device fails before anything is read
-    dist = distributed.setup(dev.type)  # the process group under torchrun (left to the caller to end)
-    if dist.enabled and dev.type == "cuda":
-        import torch
-
-        dev = torch.device(distributed.device_for("cuda"))
-        torch.cuda.set_device(dev)  # NCCL's object collectives use the current device
+    # A bad --device fails before anything is read; under torchrun the process group is joined (left to
+    # the caller to end) and each rank takes its own GPU.
+    dev, dist = distributed.place(resolve_device(device, "--device"))
     d, out = Path(model_dir), Path(out_dir)
     _require_export(d)
     problem = out_dir_problem(out, overwrite) if dist.is_main else None
