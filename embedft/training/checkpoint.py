@@ -120,6 +120,12 @@ def rank_rng_state() -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
+def _set_rank_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: int, result: TrainResult,
                     identity: dict[str, Any] | None = None, batches_done: int = 0,
                     arrays: dict[str, np.ndarray] | None = None, selection: Selection | None = None,
@@ -135,8 +141,7 @@ def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: 
     shutil.rmtree(tmp, ignore_errors=True)
     state = io.BytesIO()  # serialised in memory, then written by atomic.write_bytes (one clear error per disk fault)
     torch.save({"adapter": _adapter_state(encoder), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "rng": {**rank_rng_state(), "python": random.getstate(), "numpy": _numpy_rng_state()},
                 "rank_rng": rank_rng, "epoch": epoch, "step": step, "batches_done": batches_done,
                 "selection": selection.state_dict() if selection is not None else None}, state)
     progress = json.dumps({"epoch": epoch, "step": step, "batches_done": batches_done, "history": result.history,
@@ -180,16 +185,10 @@ def load_checkpoint(path: Path, encoder: Encoder, opt, sched, result: TrainResul
             params[k].copy_(v)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     _set_numpy_rng_state(state["rng"]["numpy"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    if state.get("rank_rng"):  # several processes: each takes its own torch RNG back
-        own = state["rank_rng"][rank]
-        torch.set_rng_state(own["torch"])
-        if own["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(own["cuda"])
+    # Several processes: each takes its own torch RNG back (rank 0's is also the one in "rng").
+    _set_rank_rng_state(state["rank_rng"][rank] if state.get("rank_rng") else state["rng"])
     result.history, result.val_history = progress["history"], progress["val_history"]
     if selection is not None and state.get("selection") is not None:
         selection.load_state_dict(state["selection"])
