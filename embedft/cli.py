@@ -52,6 +52,13 @@ class _Group(click.Group):
             sys.exit(2)
 
 
+def _is_main() -> bool:
+    """Whether this process prints a command's results: always, but under torchrun rank 0 alone."""
+    from embedft.distributed import current
+
+    return current().is_main
+
+
 def _rank_label() -> str:
     """' (rank R of N)' under torchrun, so a failure names the process it happened in."""
     from embedft.distributed import from_env
@@ -95,7 +102,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
     try:
         if sweeps:
             children = run_sweep(cfg, config, overrides, sweeps, progress=progress)
-            if children and "table" not in children[-1]:  # under torchrun, a rank other than 0
+            if not _is_main():  # under torchrun, rank 0 alone prints
                 return
             for s in children:
                 click.echo(f"{s['name']}: {s['output_dir']}")
@@ -104,7 +111,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
         summary = run_train(cfg, resume=resume, progress=progress)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if "table" not in summary:  # under torchrun, a rank other than 0: rank 0 prints the run's table
+    if not _is_main():  # under torchrun, rank 0 alone prints the run's table
         return
     click.echo(summary["table"])
     click.echo(f"\nadapter: {summary['adapter']}\nreport:  {summary['report']}/report.md")
@@ -165,7 +172,7 @@ def eval_cmd(config, overrides, model, adapter, run_id, data, indexes, save_inde
     cfg = _load(config, tuple(extra))
     summary = run_eval(cfg, adapter=adapter, run_id=run_id, out=out, compare_base=not no_base,
                        base_only=base_only, save_index=save_index)
-    if "table" not in summary:  # under torchrun, a rank other than 0: rank 0 prints the table
+    if not _is_main():  # under torchrun, rank 0 alone prints the table
         return
     click.echo(summary["table"])
     click.echo(f"\nreport: {summary['report']}/report.md")
@@ -371,7 +378,7 @@ def index_build(model_dir, corpus, text_column, id_column, label_column, no_head
                          progress=_progress(no_progress), chunk_rows=chunk_rows, **_encode_kwargs(batch_size, device))
     finally:
         distributed.teardown()
-    if distributed.current().is_main:
+    if _is_main():
         click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
 
 
