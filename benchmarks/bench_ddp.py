@@ -82,8 +82,8 @@ def run_training(config: str, steps: int, overrides: list[str], out_dir: str) ->
     enc, src, tcfg, loss_cfg = _setup(config, steps, overrides)
     timer = _Timer()
     real_gather, real_reduce = distributed.gather_rows, distributed.all_reduce_grads
-    step.distributed.gather_rows = timer.wrap(real_gather)
-    loop.distributed.all_reduce_grads = timer.wrap(real_reduce)
+    distributed.gather_rows = timer.wrap(real_gather)  # the module step.py and loop.py call through
+    distributed.all_reduce_grads = timer.wrap(real_reduce)
     rows = []
     real_embed = step.embed_global
 
