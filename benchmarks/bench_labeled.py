@@ -18,6 +18,11 @@ Proxies (written as CSVs under --out, never into the repo; the seed draws the su
   --min-offers offers (drawn by the seed), each product a class; per product, --test-share of its
   offers are test texts, the rest training texts.
 - `fewshot`: `products` with --shots training texts per class (same classes and test texts).
+- `brands`: a proxy whose base model is already strong, with many classes: the maker within the
+  category ("samsung / Mobile Phones", the first word of the product's name and its category),
+  the --brand-classes largest with >= 10 test offers, product-disjoint as `categories`; at most
+  --brand-cap training offers per class, drawn by the seed. With the defaults: 77 classes, about
+  9,400 training and 4,600 test offers, base kNN accuracy 0.92.
 
 A setting is a name and `-o` overrides (`--setting lr1e-3:train.lr=1e-3,train.epochs=5`);
 `defaults` (no overrides) is always run. Without --setting: `defaults` and `before` (the
@@ -28,6 +33,7 @@ validation split).
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import json
@@ -58,10 +64,10 @@ class Proxy:
     n_test: int
 
 
-def read_offers(path: Path) -> list[tuple[str, int, str]]:
-    """(title, cluster_id, category) per PriceRunner offer."""
+def read_offers(path: Path) -> list[tuple[str, int, str, str]]:
+    """(title, cluster_id, category, product name) per PriceRunner offer."""
     with open(path, newline="", encoding="utf-8") as f:
-        return [(r[1], int(r[3]), r[6]) for r in csv.reader(f)]
+        return [(r[1], int(r[3]), r[6], r[4]) for r in csv.reader(f)]
 
 
 def _write(path: Path, rows: list[tuple[str, str]]) -> int:
@@ -87,8 +93,8 @@ def _dedupe(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> tuple[
 
 def make_categories(offers, out: Path, seed: int, n_train: int, n_test: int) -> Proxy:
     """PriceRunner's categories, product-disjoint (cluster_id % 5 == 0 is test)."""
-    train = [(t, cat) for t, c, cat in offers if c % 5 != 0]
-    test = [(t, cat) for t, c, cat in offers if c % 5 == 0]
+    train = [(t, cat) for t, c, cat, _ in offers if c % 5 != 0]
+    test = [(t, cat) for t, c, cat, _ in offers if c % 5 == 0]
     train, test = _dedupe(train, test)
     test = [test[i] for i in sorted(np.random.default_rng(0).choice(len(test), min(n_test, len(test)), replace=False))]
     train = [train[i] for i in sorted(np.random.default_rng(seed).choice(len(train), min(n_train, len(train)),
@@ -103,7 +109,7 @@ def make_products(offers, out: Path, seed: int, n_classes: int, min_offers: int,
     """Products as classes: `n_classes` products with >= `min_offers` distinct titles; per product a
     `test_share` of its titles to test, the rest (or `shots` of them) to training."""
     titles: dict[int, list[str]] = {}
-    for t, c, _ in offers:
+    for t, c, _, _ in offers:
         if t not in titles.setdefault(c, []):
             titles[c].append(t)
     owner: dict[str, set[int]] = {}
@@ -125,6 +131,28 @@ def make_products(offers, out: Path, seed: int, n_classes: int, min_offers: int,
     name = f"fewshot{shots}" if shots else "products"
     d = out / f"{name}-s{seed}"
     return Proxy(name, d / "train.csv", d / "test.csv", len(chosen), _write(d / "train.csv", train),
+                 _write(d / "test.csv", test))
+
+
+def make_brands(offers, out: Path, seed: int, n_classes: int, cap: int) -> Proxy:
+    """Maker within category as classes ("samsung / Mobile Phones"), product-disjoint (cluster_id % 5 == 0
+    is test): the `n_classes` classes with the most training offers among those with >= 10 test offers,
+    at most `cap` training offers each (drawn by the seed); every test offer of those classes."""
+    label = lambda name, cat: f"{name.split()[0].lower()} / {cat}"  # noqa: E731
+    train = [(t, label(n, cat)) for t, c, cat, n in offers if c % 5 != 0]
+    test = [(t, label(n, cat)) for t, c, cat, n in offers if c % 5 == 0]
+    train, test = _dedupe(train, test)
+    n_test = collections.Counter(lab for _, lab in test)
+    by_label: dict[str, list[str]] = {}
+    for t, lab in train:
+        by_label.setdefault(lab, []).append(t)
+    ranked = sorted((lab for lab in by_label if n_test[lab] >= 10), key=lambda lab: (-len(by_label[lab]), lab))
+    chosen = set(ranked[:n_classes])
+    rng = np.random.default_rng(seed)
+    train = [(by_label[lab][i], lab) for lab in sorted(chosen) for i in sorted(rng.permutation(len(by_label[lab]))[:cap])]
+    test = [(t, lab) for t, lab in test if lab in chosen]
+    d = out / f"brands-s{seed}"
+    return Proxy("brands", d / "train.csv", d / "test.csv", len(chosen), _write(d / "train.csv", train),
                  _write(d / "test.csv", test))
 
 
@@ -205,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-offers", type=int, default=10)
     p.add_argument("--test-share", type=float, default=0.3)
     p.add_argument("--shots", type=int, default=8)
+    p.add_argument("--brand-classes", type=int, default=77)
+    p.add_argument("--brand-cap", type=int, default=130)
     args = p.parse_args(argv)
     if not Path(args.data).is_file():
         print(f"{args.data}: not found (the PriceRunner offers, ../shared/datasets/pricerunner)", file=sys.stderr)
@@ -228,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "fewshot":
                 proxies.append(make_products(offers, out / "data", seed, args.classes, args.min_offers,
                                              args.test_share, shots=args.shots))
+            elif name == "brands":
+                proxies.append(make_brands(offers, out / "data", seed, args.brand_classes, args.brand_cap))
             else:
-                p.error(f"unknown proxy {name!r}; use categories, products, fewshot")
+                p.error(f"unknown proxy {name!r}; use categories, products, fewshot, brands")
         for proxy in proxies:
             for setting, overrides in settings.items():
                 row = run_one(proxy, setting, overrides, seed, args)

@@ -176,12 +176,18 @@ class LoraConfig:
     r: int = 16  # rank of the low-rank update
     alpha: float = 32.0  # scale: the update is multiplied by alpha / r
     dropout: float = 0.05  # dropout on the LoRA layers' input
-    target_modules: tuple[str, ...] | None = None  # null = the family's Q/K/V
+    # qkv: the family's attention Q, K and V projections; all: also the attention output and the
+    # feed-forward layers of every block (BERT: attention.output.dense, intermediate.dense, output.dense;
+    # decoders: o/gate/up/down_proj). all: PriceRunner matching validation recall@10 0.901 -> 0.915 at
+    # 200 steps for 0.76x the samples/s on 2 CPU cores (docs/benchmarks.md, "LoRA on every linear layer").
+    targets: str = "qkv"
+    target_modules: tuple[str, ...] | None = None  # explicit module names (peft's target_modules); overrides targets
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", f"rank must be >= 1, got {self.r}")
         _check(0 < self.alpha < math.inf, "lora.alpha", f"must be a finite number > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.targets in ("qkv", "all"), "lora.targets", f"use qkv or all, got {self.targets!r}")
         if self.target_modules is not None:
             _check(len(self.target_modules) > 0, "lora.target_modules", "must be null or a non-empty list")
 

@@ -107,6 +107,7 @@ def test_unknown_key_typo_suggests_close_name():
     ({"loss": {"temperature": 0}}, "loss.temperature", "must be in (0, 1]"),
     ({"tracking": {"enabled": "yes"}}, "tracking.enabled", "expected true or false"),
     ({"lora": {"target_modules": []}}, "lora.target_modules", "non-empty"),
+    ({"lora": {"targets": "ffn"}}, "lora.targets", "use qkv or all"),
     ({"lora": {"dropout": 1.0}}, "lora.dropout", "must be in [0, 1)"),
     ({"model": {"max_length": 3}}, "model.max_length", "must be >= 4"),
     ({"train": {"mini_batch_size": 0}}, "train.mini_batch_size", "must be >= 1"),

@@ -32,17 +32,24 @@ class Family:
     targets: tuple[str, ...]  # the attention Q, K, V linear layers
     padding_side: str
     default_pooling: str
+    # The other linear layers of every block (attention output, feed-forward), as module-name
+    # suffixes (`lora.targets: all`); () where unknown. Suffixes, not leaf names, so that BERT's
+    # unused pooler (`pooler.dense`) gets no adapter.
+    block_linear: tuple[str, ...] = ()
 
 
 BERT_QKV = ("query", "key", "value")
+BERT_BLOCK = ("attention.output.dense", "intermediate.dense", "output.dense")
 DECODER_QKV = ("q_proj", "k_proj", "v_proj")
+DECODER_BLOCK = ("o_proj", "gate_proj", "up_proj", "down_proj")
 # model_type (from config.json) -> family and the names of its Q/K/V projections.
 MODEL_TYPES: dict[str, Family] = {
-    **{t: Family("bert", BERT_QKV, "right", "mean")
-       for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert", "nomic_bert", "modernbert_qkv")},
-    "mpnet": Family("bert", ("q", "k", "v"), "right", "mean"),
-    "distilbert": Family("bert", ("q_lin", "k_lin", "v_lin"), "right", "mean"),
-    **{t: Family("decoder", DECODER_QKV, "left", "lasttoken")
+    **{t: Family("bert", BERT_QKV, "right", "mean", BERT_BLOCK)
+       for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
+    **{t: Family("bert", BERT_QKV, "right", "mean") for t in ("nomic_bert", "modernbert_qkv")},
+    "mpnet": Family("bert", ("q", "k", "v"), "right", "mean", ("o", "intermediate.dense", "output.dense")),
+    "distilbert": Family("bert", ("q_lin", "k_lin", "v_lin"), "right", "mean", ("out_lin", "lin1", "lin2")),
+    **{t: Family("decoder", DECODER_QKV, "left", "lasttoken", DECODER_BLOCK)
        for t in ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")},
 }
 
@@ -97,7 +104,7 @@ def detect_family(model_type: str, model: nn.Module, cfg: ModelConfig, lora: Lor
                              "lasttoken" if cfg.family == "decoder" else "mean")
         if base.name != cfg.family:
             base = Family(cfg.family, base.targets, "left" if cfg.family == "decoder" else "right",
-                          "lasttoken" if cfg.family == "decoder" else "mean")
+                          "lasttoken" if cfg.family == "decoder" else "mean", base.block_linear)
         fam = base
     if fam is None:
         raise ModelError(

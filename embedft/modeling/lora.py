@@ -1,4 +1,4 @@
-"""LoRA on the encoder: attach adapters to the family's Q/K/V, save and load them with their spec.
+"""LoRA on the encoder: attach adapters to the family's Q/K/V (or every linear layer of its blocks), save and load them with their spec.
 
 The adapter folder is peft's (adapter_config.json, adapter_model.safetensors) plus
 embedft_meta.json: the EncoderSpec that trained it, checked against the base model on load.
@@ -12,6 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from embedft.atomic import write_text, writing_into
 from embedft.config import LoraConfig
 from embedft.errors import ModelError
@@ -22,13 +24,20 @@ META_FILE = "embedft_meta.json"
 
 
 def lora_targets(encoder: Encoder, lora: LoraConfig) -> tuple[str, ...]:
-    """The configured targets, or the family's Q/K/V."""
+    """The configured target_modules, else the family's Q/K/V (`lora.targets: qkv`), plus with
+    `lora.targets: all` the other linear layers of every block (attention output, feed-forward)."""
     if lora.target_modules:
         return tuple(lora.target_modules)
     fam = MODEL_TYPES.get(encoder.spec.model_type)
     if fam is None:
         raise ModelError(f"no default LoRA targets for {encoder.spec.model_type!r}; set lora.target_modules")
-    return fam.targets
+    if lora.targets == "qkv":
+        return fam.targets
+    if not fam.block_linear:
+        raise ModelError(f"lora.targets=all: the block layers of {encoder.spec.model_type!r} are not known to embedft; "
+                         f"list them in lora.target_modules (its linear layers: "
+                         f"{', '.join(linear_module_names(encoder.backbone))})")
+    return fam.targets + fam.block_linear
 
 
 def apply_lora(encoder: Encoder, lora: LoraConfig) -> Encoder:
@@ -37,11 +46,12 @@ def apply_lora(encoder: Encoder, lora: LoraConfig) -> Encoder:
     from peft import get_peft_model
 
     targets = lora_targets(encoder, lora)
-    present = set(linear_module_names(encoder.backbone))
-    missing = [t for t in targets if t not in present]
+    names = [n for n, m in encoder.backbone.named_modules() if isinstance(m, nn.Linear)]
+    # peft's rule: a target is a module's full name or a suffix of it after a dot.
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        raise ModelError(f"LoRA targets {missing} are not linear layers of {encoder.spec.base_model}; "
-                         f"its linear layers are: {', '.join(sorted(present))}. Set lora.target_modules")
+        raise ModelError(f"LoRA targets {missing} are not linear layers of {encoder.spec.base_model}; its linear "
+                         f"layers are: {', '.join(linear_module_names(encoder.backbone))}. Set lora.target_modules")
     pcfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=list(targets), bias="none")
     with peft_quiet():

@@ -13,9 +13,11 @@ def bench(benchmark_script):
 
 
 def _offers():
-    """PriceRunner-like offers: (title, cluster, category); 30 products of 12 offers, one title shared by two."""
-    rows = [(f"brand{c} model {c} offer {j}", c, f"cat{c % 3}") for c in range(1, 31) for j in range(12)]
-    rows.append(("brand1 model 1 offer 0", 2, "cat2"))  # the same title in two products: ambiguous
+    """PriceRunner-like offers: (title, cluster, category, product name); 30 products of 12 offers, one title
+    shared by two; 4 makers."""
+    rows = [(f"brand{c} model {c} offer {j}", c, f"cat{c % 3}", f"Maker{c % 4} Model {c}")
+            for c in range(1, 31) for j in range(12)]
+    rows.append(("brand1 model 1 offer 0", 2, "cat2", "Maker2 Model 2"))  # the same title in two products: ambiguous
     return rows
 
 
@@ -29,7 +31,7 @@ def test_categories_proxy_keeps_products_on_one_side(bench, tmp_path):
     p = bench.make_categories(offers, tmp_path, seed=0, n_train=100, n_test=40)
     train, test = _read(p.train), _read(p.test)
     assert (p.n_train, p.n_test, len(train), len(test)) == (100, 40, 100, 40)
-    product = {t: c for t, c, _ in offers}
+    product = {t: c for t, c, _, _ in offers}
     assert all(product[t] % 5 == 0 for t, _ in test) and all(product[t] % 5 for t, _ in train)
     assert not {t for t, _ in train} & {t for t, _ in test}
     again = bench.make_categories(offers, tmp_path / "again", seed=1, n_train=100, n_test=40)
@@ -49,6 +51,26 @@ def test_products_and_fewshot_proxies(bench, tmp_path):
     few_train = _read(few.train)
     assert {sum(1 for _, x in few_train if x == lab) for lab in per_class} == {4}
     assert set(few_train) <= set(train)
+
+
+def test_brands_proxy_is_maker_within_category_split_by_product(bench, tmp_path):
+    offers = _offers()
+    p = bench.make_brands(offers, tmp_path, seed=0, n_classes=3, cap=20)
+    train, test = _read(p.train), _read(p.test)
+    product = {t: c for t, c, _, _ in offers}
+    assert all(product[t] % 5 == 0 for t, _ in test) and all(product[t] % 5 for t, _ in train)
+    assert not {t for t, _ in train} & {t for t, _ in test}
+    labels = {lab for _, lab in train}
+    assert p.n_classes == 3 == len(labels) and {lab for _, lab in test} == labels
+    first = {}
+    for t, c, _, _ in offers:
+        first.setdefault(t, c)  # a title of two products keeps its first product's class
+    assert all(lab == f"maker{first[t] % 4} / cat{first[t] % 3}" for t, lab in train + test)
+    assert all(sum(1 for _, x in train if x == lab) == 20 for lab in labels)  # the cap, each class has more
+    n_test = {lab: sum(1 for _, x in test if x == lab) for lab in labels}
+    assert min(n_test.values()) >= 10  # only classes with >= 10 test offers are eligible
+    again = bench.make_brands(offers, tmp_path / "again", seed=1, n_classes=3, cap=20)
+    assert _read(again.test) == test and _read(again.train) != train  # the seed draws training texts only
 
 
 def test_experiment_is_labeled_with_defaults_plus_the_setting(bench, tmp_path):

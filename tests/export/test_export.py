@@ -53,10 +53,10 @@ print(json.dumps(out))
 """
 
 
-def make_adapter(model_dir: Path, out: Path, zero: bool = False) -> Path:
+def make_adapter(model_dir: Path, out: Path, zero: bool = False, targets: str = "qkv") -> Path:
     """A saved LoRA adapter whose lora_B is random (so it changes the model) or all zero."""
     torch.manual_seed(0)
-    enc = apply_lora(load_encoder(ModelConfig(name=str(model_dir))), LoraConfig(r=4))
+    enc = apply_lora(load_encoder(ModelConfig(name=str(model_dir))), LoraConfig(r=4, targets=targets))
     with torch.no_grad():
         for n, p in enc.named_parameters():
             if "lora_B" in n:
@@ -105,6 +105,18 @@ def test_plain_load_without_embedft_or_peft_matches_adapter(exports, tmp_path):
     assert q["pooling"] == "lasttoken" and q["padding_side"] == "left"
     assert all(ids[-1] == q["eos"] and ids.count(q["eos"]) == 1 for ids in q["ids"])
     assert info["bert"]["pooling"] == "mean" and info["bert"]["padding_side"] == "right"
+
+
+@pytest.mark.parametrize("fam", ["bert", "qwen3"])
+def test_an_adapter_on_every_block_layer_merges_with_parity(fam, tiny_bert_dir, tiny_qwen3_dir, tmp_path):
+    model_dir = tiny_bert_dir if fam == "bert" else tiny_qwen3_dir
+    adapter = make_adapter(model_dir, tmp_path / "adapter", targets="all")
+    assert "intermediate.dense" in json.loads((adapter / "adapter_config.json").read_text())["target_modules"] \
+        or fam != "bert"
+    report = export_merged(adapter, tmp_path / "export", probe_texts=PROBES)
+    assert report["parity"]["ok"] and report["parity"]["max_abs_diff"] <= 1e-5
+    assert report["adapter_vs_base_max_abs_diff"] > 1e-3
+    assert verify_export(tmp_path / "export")["ok"]
 
 
 def test_export_folder_contents(exports):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,37 @@ def test_qwen3_family_targets_and_settings(tiny_qwen3_dir):
     assert spec.query_template == "Instruct: find the product\nQuery:{text}"
     apply_lora(enc, LoraConfig(r=4))
     assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in enc.named_parameters() if "lora_A" in n} == {"q_proj", "k_proj", "v_proj"}
+
+
+@pytest.mark.parametrize("fam, block", [
+    ("bert", {"attention.output.dense", "intermediate.dense", "output.dense"}),
+    ("qwen3", {"o_proj", "gate_proj", "up_proj", "down_proj"})])
+def test_lora_targets_all_adds_every_block_linear_layer_and_nothing_else(fam, block, tiny_bert_dir, tiny_qwen3_dir):
+    from torch import nn
+
+    from embedft.modeling.lora import lora_settings
+
+    enc = load_encoder(ModelConfig(name=str(tiny_bert_dir if fam == "bert" else tiny_qwen3_dir)))
+    qkv = {"bert": {"query", "key", "value"}, "qwen3": {"q_proj", "k_proj", "v_proj"}}[fam]
+    apply_lora(enc, LoraConfig(r=4, targets="all"))
+    adapted = {n.split(".lora_A")[0].removeprefix("base_model.model.") for n, _ in enc.backbone.named_parameters()
+               if "lora_A" in n}
+    # Every Linear of the model (an adapted one's sits under .base_layer), the LoRA matrices aside.
+    linear = {n.removeprefix("base_model.model.").removesuffix(".base_layer")
+              for n, m in enc.backbone.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n}
+    assert adapted == {n for n in linear if re.search(r"(^|\.)layers?\.\d+\.", n)}  # every block's, nothing else
+    assert fam != "bert" or ("pooler.dense" in linear and "pooler.dense" not in adapted)
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == qkv | {b.rsplit(".", 1)[-1] for b in block}
+    assert set(lora_settings(enc, LoraConfig(targets="all"))["target_modules"]) == qkv | block
+
+
+def test_lora_targets_that_are_no_linear_layer_are_named_with_the_layers_there_are(tiny_bert_dir):
+    enc = load_encoder(ModelConfig(name=str(tiny_bert_dir)))
+    with pytest.raises(ModelError) as e:
+        apply_lora(enc, LoraConfig(r=4, target_modules=("query", "q_proj", "self.value")))
+    msg = str(e.value)
+    assert "['q_proj']" in msg and "intermediate" not in msg.split("are:")[0]  # suffixes of real layers pass
+    assert "dense, key, query, value" in msg and "lora.target_modules" in msg
 
 
 def test_eos_appended_exactly_once(tiny_qwen3_dir):
