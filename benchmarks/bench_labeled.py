@@ -1,7 +1,7 @@
 """Labeled data (classification): the base model vs the adapted one, side by side in each run,
 on proxies built from PriceRunner, over several seeds.
 
-    python benchmarks/bench_labeled.py [--proxies categories,products,fewshot] [--seeds 0,1]
+    python benchmarks/bench_labeled.py [--proxies categories,products,fewshot,brands] [--seeds 0,1]
         [--setting NAME:key=value,key=value ...] [--model minilm] [--threads N] [--out DIR]
 
 Each (proxy, setting, seed) is one `embedft train` of a `shape: labeled`, `split: given`
@@ -221,7 +221,7 @@ def parse_settings(items: list[str] | None) -> dict[str, tuple[str, ...]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(PRICERUNNER))
-    p.add_argument("--proxies", default="categories,products,fewshot")
+    p.add_argument("--proxies", default="categories,products,fewshot,brands")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--setting", action="append")
     p.add_argument("--model", default="minilm")
