@@ -91,11 +91,17 @@ def _dedupe(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> tuple[
     return list(train_seen.values()), list(test_seen.values())
 
 
+def _product_split(offers, label) -> tuple[list, list]:
+    """(title, label(offer)) per offer, split by product as the dataset README's benchmark split
+    (cluster_id % 5 == 0 is test), each title once (`_dedupe`)."""
+    train = [(offer[0], label(offer)) for offer in offers if offer[1] % 5 != 0]
+    test = [(offer[0], label(offer)) for offer in offers if offer[1] % 5 == 0]
+    return _dedupe(train, test)
+
+
 def make_categories(offers, out: Path, seed: int, n_train: int, n_test: int) -> Proxy:
     """PriceRunner's categories, product-disjoint (cluster_id % 5 == 0 is test)."""
-    train = [(t, cat) for t, c, cat, _ in offers if c % 5 != 0]
-    test = [(t, cat) for t, c, cat, _ in offers if c % 5 == 0]
-    train, test = _dedupe(train, test)
+    train, test = _product_split(offers, lambda offer: offer[2])
     test = [test[i] for i in sorted(np.random.default_rng(0).choice(len(test), min(n_test, len(test)), replace=False))]
     train = [train[i] for i in sorted(np.random.default_rng(seed).choice(len(train), min(n_train, len(train)),
                                                                           replace=False))]
@@ -138,10 +144,7 @@ def make_brands(offers, out: Path, seed: int, n_classes: int, cap: int) -> Proxy
     """Maker within category as classes ("samsung / Mobile Phones"), product-disjoint (cluster_id % 5 == 0
     is test): the `n_classes` classes with the most training offers among those with >= 10 test offers,
     at most `cap` training offers each (drawn by the seed); every test offer of those classes."""
-    label = lambda name, cat: f"{name.split()[0].lower()} / {cat}"  # noqa: E731
-    train = [(t, label(n, cat)) for t, c, cat, n in offers if c % 5 != 0]
-    test = [(t, label(n, cat)) for t, c, cat, n in offers if c % 5 == 0]
-    train, test = _dedupe(train, test)
+    train, test = _product_split(offers, lambda offer: f"{offer[3].split()[0].lower()} / {offer[2]}")
     n_test = collections.Counter(lab for _, lab in test)
     by_label: dict[str, list[str]] = {}
     for t, lab in train:
@@ -149,7 +152,8 @@ def make_brands(offers, out: Path, seed: int, n_classes: int, cap: int) -> Proxy
     ranked = sorted((lab for lab in by_label if n_test[lab] >= 10), key=lambda lab: (-len(by_label[lab]), lab))
     chosen = set(ranked[:n_classes])
     rng = np.random.default_rng(seed)
-    train = [(by_label[lab][i], lab) for lab in sorted(chosen) for i in sorted(rng.permutation(len(by_label[lab]))[:cap])]
+    train = [(by_label[lab][i], lab) for lab in sorted(chosen)
+             for i in sorted(rng.permutation(len(by_label[lab]))[:cap])]
     test = [(t, lab) for t, lab in test if lab in chosen]
     d = out / f"brands-s{seed}"
     return Proxy("brands", d / "train.csv", d / "test.csv", len(chosen), _write(d / "train.csv", train),

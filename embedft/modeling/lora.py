@@ -1,4 +1,5 @@
-"""LoRA on the encoder: attach adapters to the family's Q/K/V (or every linear layer of its blocks), save and load them with their spec.
+"""LoRA on the encoder: attach adapters to the family's Q/K/V (or every linear layer of its blocks),
+save and load them with their spec.
 
 The adapter folder is peft's (adapter_config.json, adapter_model.safetensors) plus
 embedft_meta.json: the EncoderSpec that trained it, checked against the base model on load.
