@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import inspect
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -89,6 +90,11 @@ class Encoder(nn.Module):
         self.tokenizer = st[0].tokenizer
         self.spec = spec
         cfg = self.backbone.config
+        # An encoder never generates: without use_cache=False a decoder (Qwen3) builds a KV cache on
+        # every forward, copying K and V per layer, and under train.compile the cache's per-layer
+        # state made each layer a recompile, so past torch's limit of 8 the rest ran eager (H200).
+        self.backbone_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(
+            self.backbone.forward).parameters else {}
         heads = getattr(cfg, "num_attention_heads", None)
         self.head_dim = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", 0) // heads if heads else 0) or 64
 
@@ -141,7 +147,8 @@ class Encoder(nn.Module):
                         (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
                         or self.backbone.get_input_embeddings().weight.dtype == torch.bfloat16))
         with sdpa_backends(input_ids.device, self.spec.padding_side, cpu_math):
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                   **self.backbone_kwargs).last_hidden_state  # (B, L, H)
         emb = pool(hidden, attention_mask, self.spec.pooling)
         return nn.functional.normalize(emb.float(), dim=-1) if self.spec.normalize else emb.float()
 

@@ -439,9 +439,9 @@ class Engine:
         slots = [m.slot for m in models]
         with self._net_lock, sdpa_backends(self.device, self.spec.padding_side, False):
             if self._peft is not None and self._peft.peft_config:
-                out = self._peft(**batch, adapter_names=slots)
+                out = self._peft(**batch, **self.encoder.backbone_kwargs, adapter_names=slots)
             else:  # no adapter loaded (any more): every row is the base model's
-                out = self._backbone(**batch)
+                out = self._backbone(**batch, **self.encoder.backbone_kwargs)
         hidden = out.last_hidden_state  # (B, L, H)
         mask = batch["attention_mask"]
         emb = torch.empty(hidden.shape[0], hidden.shape[-1], dtype=torch.float32, device=hidden.device)

@@ -39,6 +39,41 @@ def test_qwen3_family_targets_and_settings(tiny_qwen3_dir):
     assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in enc.named_parameters() if "lora_A" in n} == {"q_proj", "k_proj", "v_proj"}
 
 
+def test_forward_builds_no_kv_cache(tiny_model_dir):
+    # An embedder never generates. A decoder left at its config's use_cache=True built a KV cache on
+    # every forward (a copy of K and V per layer), and under train.compile the cache's per-layer
+    # state recompiled each layer until torch's limit, leaving the rest eager (H200 profile).
+    enc = load_encoder(ModelConfig(name=str(tiny_model_dir)))
+    apply_lora(enc, LoraConfig(r=4))
+    inner = enc.backbone.get_base_model() if hasattr(enc.backbone, "get_base_model") else enc.backbone
+    outputs = []
+    inner.register_forward_hook(lambda m, args, kwargs, out: outputs.append(out), with_kwargs=True)
+    inner.config.use_cache = True  # as the published configs and transformers 5.17 (the GPU image's) leave it
+    enc.train()(**enc.collate(enc.tokenize(TEXTS)))
+    with torch.no_grad():
+        enc.eval().encode(TEXTS)
+    assert len(outputs) >= 2  # the training forward and the encode batches
+    assert all(getattr(o, "past_key_values", None) is None and getattr(o, "cache", None) is None for o in outputs)
+
+
+@pytest.mark.slow
+def test_compiled_layers_share_one_graph(tmp_path):
+    # train.compile on a decoder whose config asks for a KV cache: the cache's per-layer state used to
+    # make each layer a recompile, and past torch's limit of 8 the remaining layers ran eager.
+    from torch._dynamo.utils import counters
+
+    from embedft.modeling.encoder import compile_layers
+    from embedft_testing.synthetic import tiny_qwen3
+
+    enc = load_encoder(ModelConfig(name=str(tiny_qwen3(tmp_path, layers=3))))
+    enc.backbone.config.use_cache = True
+    assert compile_layers(enc) == 3
+    torch._dynamo.reset()
+    counters.clear()
+    enc.train()(**enc.collate(enc.tokenize(TEXTS))).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.parametrize("fam, block", [
     ("bert", {"attention.output.dense", "intermediate.dense", "output.dense"}),
     ("qwen3", {"o_proj", "gate_proj", "up_proj", "down_proj"})])

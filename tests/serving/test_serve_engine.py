@@ -223,3 +223,20 @@ def test_a_request_whose_caller_gave_up_is_dropped_and_frees_its_unloaded_adapte
     assert gone.cancelled() and engine.metrics.value("rejected_total", reason="cancelled") == 1
     assert engine.metrics.value("batch_rows", sum=True) == len(TEXTS)  # its rows were never embedded
     assert engine.slots == [engine._models["a2"].slot] and engine.queue_rows == 0
+
+
+@pytest.mark.parametrize("adapters", [("a1",), ()])
+def test_the_served_forward_builds_no_kv_cache(family_models, adapters):
+    # With adapters (peft's mixed-batch forward) and without (the bare base): a decoder whose config
+    # asks for a KV cache would build and fill one on every batch.
+    engine = engine_for(family_models["qwen3"], adapters=adapters, max_wait_ms=0)
+    engine._backbone.config.use_cache = True  # as the published Qwen3 configs and transformers 5.17 leave it
+    outputs = []
+    hook = engine._backbone.register_forward_hook(lambda m, args, out: outputs.append(out))
+    try:
+        with engine:
+            engine.submit(adapters[0] if adapters else "base", TEXTS, "document").result(60)
+    finally:
+        hook.remove()
+    assert outputs and all(getattr(o, "past_key_values", None) is None and getattr(o, "cache", None) is None
+                           for o in outputs)
