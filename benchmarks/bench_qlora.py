@@ -13,7 +13,9 @@ trains --steps steps with embedft's own loop on the same batches of the same dat
 when present, else data/products.csv). Per side: the weights' GPU memory after the load, the
 peak CUDA memory allocated and reserved while training (peaks reset after the load), the median
 samples/s after the first 3 steps, and the loss of every step. The loss curves are compared
-smoothed (a trailing mean over --window steps): the largest relative gap to bf16's.
+smoothed (a trailing mean over --window steps): the largest relative gap to bf16's. A second bf16
+side, whose LoRA starts from --noise-seed (the same batches), gives that measure's run-to-run noise:
+how far two bf16 runs that differ only in the adapter's random start already are.
 --checkpointed-probe N trains each quantised side again for N steps with
 model.gradient_checkpointing=true, for its peak memory alone.
 
@@ -52,6 +54,11 @@ class Side:
     peak_reserved_gib: float | None = None
     samples_per_s: float | None = None
     losses: list[float] = field(default_factory=list)
+    lora_seed: int | None = None  # the adapter's initialisation seed, where not --seed (the noise side)
+
+    @property
+    def label(self) -> str:
+        return self.base if self.lora_seed is None else f"{self.base}, LoRA seed {self.lora_seed}"
 
 
 def training_source(data: str):
@@ -81,7 +88,8 @@ def train_side(side: Side, path: Path, src, device, args, out: Path) -> Side:
     quantization = None if side.base == "bf16" else side.base
     model = ModelConfig(name=str(path), max_length=args.max_length, gradient_checkpointing=side.checkpointing)
     enc = build_encoder(model, device, quantization=quantization)
-    seed_everything(args.seed)  # the same LoRA initialisation on every side, however the base loaded
+    # The same LoRA initialisation on every side, however the base loaded (the noise side's aside).
+    seed_everything(args.seed if side.lora_seed is None else side.lora_seed)
     make_trainable(enc, LoraConfig(r=args.r, alpha=2 * args.r, dropout=0.0), torch.bfloat16)
     if cuda:  # what a load left cached (an fp32 copy cast to bf16, say) is not training's
         _release(device)
@@ -129,6 +137,10 @@ def max_relative_gap(reference: list[float], other: list[float], window: int) ->
     return max(gaps, key=lambda g: g[0]) if gaps else (float("nan"), 0)  # the first step of the largest
 
 
+def noise_seed(args) -> int:
+    return args.seed + 1 if args.noise_seed is None else args.noise_seed
+
+
 def run(args) -> list[Side]:
     import torch
 
@@ -146,6 +158,8 @@ def run(args) -> list[Side]:
             print(f"{side.base}: skipped: {side.skipped}", flush=True)
     if args.checkpointed_probe:
         sides += [Side(s.base, True, args.checkpointed_probe) for s in sides[1:] if not s.skipped]
+    if not args.no_noise:  # last: the figures the target needs come first if the call is cut short
+        sides.append(Side("bf16", False, args.steps, lora_seed=noise_seed(args)))
     src, data = training_source(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
@@ -175,7 +189,7 @@ def _gib(x: float | None) -> str:
 
 def _line(s: Side) -> str:
     final = sum(s.losses[-10:]) / len(s.losses[-10:]) if s.losses else float("nan")
-    return (f"{s.base:5s} checkpointing={'yes' if s.checkpointing else 'no':3s} {s.steps:4d} steps  "
+    return (f"{s.label:5s} checkpointing={'yes' if s.checkpointing else 'no':3s} {s.steps:4d} steps  "
             f"weights {_gib(s.weights_gib)}  peak allocated {_gib(s.peak_allocated_gib)}  "
             f"reserved {_gib(s.peak_reserved_gib)}  {s.samples_per_s:8.1f} samples/s  final loss {final:.4f}")
 
@@ -200,7 +214,8 @@ def report(sides: list[Side], args, device, data: str) -> str:
     shape = "tiny Qwen3" if args.tiny else "Qwen3-Embedding-4B-shaped"
     flags = (f"{' --tiny' if args.tiny else ''} --steps {args.steps} --batch-size {args.batch_size} "
              f"--max-length {args.max_length} --quantizations {args.quantizations} "
-             f"--checkpointed-probe {args.checkpointed_probe} --data {args.data}")
+             f"--checkpointed-probe {args.checkpointed_probe} --data {args.data}"
+             + (" --no-noise" if args.no_noise else f" --noise-seed {noise_seed(args)}"))
     lines = [f"### QLoRA: {shape} LoRA Q/K/V training on a quantised base against bf16", "",
              f"- device: {_versions(device)}",
              f"- date: {datetime.date.today().isoformat()}; command: `python benchmarks/bench_qlora.py{flags}`",
@@ -211,23 +226,30 @@ def report(sides: list[Side], args, device, data: str) -> str:
              "| final loss (last 10) |", "|---|---|---|---|---|---|---|---|"]
     for s in sides:
         if s.skipped:
-            lines.append(f"| {s.base} | {'yes' if s.checkpointing else 'no'} | skipped: {s.skipped} | | | | | |")
+            lines.append(f"| {s.label} | {'yes' if s.checkpointing else 'no'} | skipped: {s.skipped} | | | | | |")
             continue
         final = sum(s.losses[-10:]) / len(s.losses[-10:])
-        lines.append(f"| {s.base} | {'yes' if s.checkpointing else 'no'} | {s.steps} | {_gib(s.weights_gib)} | "
+        lines.append(f"| {s.label} | {'yes' if s.checkpointing else 'no'} | {s.steps} | {_gib(s.weights_gib)} | "
                      f"{_gib(s.peak_allocated_gib)} | {_gib(s.peak_reserved_gib)} | {s.samples_per_s:.1f} | {final:.4f} |")
     bf16 = sides[0]
     curves = [s for s in sides[1:] if not s.skipped and not s.checkpointing]
+    noise = next((s for s in curves if s.lora_seed is not None), None)
     if curves:
         lines += ["", f"Loss, trailing mean of {args.window} steps:", "",
-                  "| step | bf16 | " + " | ".join(s.base for s in curves) + " |", "|---|---|" + "---|" * len(curves)]
+                  "| step | bf16 | " + " | ".join(s.label for s in curves) + " |", "|---|---|" + "---|" * len(curves)]
         smooth = [smoothed(bf16.losses, args.window)] + [smoothed(s.losses, args.window) for s in curves]
         n = min(len(c) for c in smooth)
         every = max(1, n // 10)
         for i in sorted({*range(every - 1, n, every), n - 1}):
             lines.append(f"| {i + 1} | " + " | ".join(f"{c[i]:.4f}" for c in smooth) + " |")
         lines.append("")
+        if noise is not None:
+            gap, at = max_relative_gap(bf16.losses, noise.losses, args.window)
+            lines.append(f"- {noise.label} against bf16, the run-to-run noise of this comparison: smoothed loss "
+                         f"within {100 * gap:.1f}% (largest gap at step {at})")
         for s in curves:
+            if s is noise:
+                continue
             gap, at = max_relative_gap(bf16.losses, s.losses, args.window)
             runs = [x for x in sides if x.base == s.base and x.peak_reserved_gib is not None]
             memory = "; ".join(f"peak reserved {x.peak_reserved_gib:.1f} GiB "
@@ -258,6 +280,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data", default="auto", help="auto | pricerunner | sample | a CSV in PriceRunner's layout")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--noise-seed", type=int, help="the noise side's LoRA seed (default: --seed + 1)")
+    ap.add_argument("--no-noise", action="store_true", help="no second bf16 side (the comparison's run-to-run noise)")
     ap.add_argument("--write", help="append the markdown table to this file (e.g. docs/benchmarks.md)")
     args = ap.parse_args(argv)
     for q in args.quantizations.split(","):

@@ -15,6 +15,8 @@ def test_smoke_mode_trains_bf16_and_skips_nf4_saying_why(benchmark_script, tmp_p
     table = out.read_text()
     assert table.startswith("# Benchmarks\n\n### QLoRA: tiny Qwen3 LoRA Q/K/V training on a quantised base against bf16")
     assert "| bf16 | no | 4 | n/a |" in table and "| nf4 | no | skipped: " in table and "| nf4 | yes |" not in table
+    assert "| bf16, LoRA seed 43 | no | 4 | n/a |" in table and "--noise-seed 43" in table
+    assert "- bf16, LoRA seed 43 against bf16, the run-to-run noise of this comparison: smoothed loss within " in table
 
 
 def test_a_quantised_side_is_compared_with_bf16_on_the_same_batches(benchmark_script, monkeypatch, capsys):
@@ -31,13 +33,18 @@ def test_a_quantised_side_is_compared_with_bf16_on_the_same_batches(benchmark_sc
 
     monkeypatch.setattr(quantization, "unavailable_reasons", lambda q, device: [])
     monkeypatch.setattr(builders, "build_encoder", build_encoder)
-    sides = mod.run(mod.parse_args(SMOKE + ["--checkpointed-probe", "2"]))
-    assert loads == [(None, False), ("nf4", False), ("nf4", True)]
-    assert [(s.base, s.checkpointing, s.steps, len(s.losses)) for s in sides] == [
-        ("bf16", False, 4, 4), ("nf4", False, 4, 4), ("nf4", True, 2, 2)]
+    sides = mod.run(mod.parse_args(SMOKE + ["--checkpointed-probe", "2", "--noise-seed", "7"]))
+    assert loads == [(None, False), ("nf4", False), ("nf4", True), (None, False)]
+    assert [(s.base, s.checkpointing, s.steps, len(s.losses), s.lora_seed) for s in sides] == [
+        ("bf16", False, 4, 4, None), ("nf4", False, 4, 4, None), ("nf4", True, 2, 2, None), ("bf16", False, 4, 4, 7)]
     assert sides[0].losses == sides[1].losses and sides[1].samples_per_s > 0
+    # The noise side: bf16 again from another adapter start, so its curve differs (and says by how much).
+    assert sides[3].losses != sides[0].losses
+    gap, _ = mod.max_relative_gap(sides[0].losses, sides[3].losses, 2)
     table = capsys.readouterr().out
-    assert "| step | bf16 | nf4 |" in table and "- nf4 against bf16: smoothed loss within 0.0% (largest gap at step" in table
+    assert "| step | bf16 | nf4 | bf16, LoRA seed 7 |" in table
+    assert "- nf4 against bf16: smoothed loss within 0.0% (largest gap at step" in table
+    assert f"- bf16, LoRA seed 7 against bf16, the run-to-run noise of this comparison: smoothed loss within {100 * gap:.1f}%" in table
 
 
 def test_smoothed_curves_and_their_largest_relative_gap(benchmark_script):
