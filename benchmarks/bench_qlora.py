@@ -88,7 +88,7 @@ def train_side(side: Side, path: Path, src, device, args, out: Path) -> Side:
     quantization = None if side.base == "bf16" else side.base
     model = ModelConfig(name=str(path), max_length=args.max_length, gradient_checkpointing=side.checkpointing)
     enc = build_encoder(model, device, quantization=quantization)
-    # The same LoRA initialisation on every side, however the base loaded (the noise side's aside).
+    # The same LoRA initialisation on every side, however the base loaded; the noise side alone starts elsewhere.
     seed_everything(args.seed if side.lora_seed is None else side.lora_seed)
     make_trainable(enc, LoraConfig(r=args.r, alpha=2 * args.r, dropout=0.0), torch.bfloat16)
     if cuda:  # what a load left cached (an fp32 copy cast to bf16, say) is not training's

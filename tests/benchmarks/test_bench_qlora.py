@@ -44,7 +44,8 @@ def test_a_quantised_side_is_compared_with_bf16_on_the_same_batches(benchmark_sc
     table = capsys.readouterr().out
     assert "| step | bf16 | nf4 | bf16, LoRA seed 7 |" in table
     assert "- nf4 against bf16: smoothed loss within 0.0% (largest gap at step" in table
-    assert f"- bf16, LoRA seed 7 against bf16, the run-to-run noise of this comparison: smoothed loss within {100 * gap:.1f}%" in table
+    assert ("- bf16, LoRA seed 7 against bf16, the run-to-run noise of this comparison: smoothed loss within "
+            f"{100 * gap:.1f}%") in table
 
 
 def test_smoothed_curves_and_their_largest_relative_gap(benchmark_script):
