@@ -10,14 +10,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import os
 import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from embedft.errors import WriteError
+
+log = logging.getLogger(__name__)
 
 
 def temp_sibling(out: Path) -> Path:
@@ -224,3 +228,76 @@ def write_chunks(out: Path, chunks: Iterable[bytes | memoryview], fix: str = "")
 def write_text(out: Path, text: str, fix: str = "") -> None:
     """Write a text file whole or not at all (UTF-8; `write_bytes`)."""
     write_bytes(out, text.encode("utf-8"), fix)
+
+
+LOCK_FILE = ".embedft.lock"  # in a run folder while a command writes there (`holding`)
+
+
+@contextlib.contextmanager
+def holding(folder: Path, command: str, fix: str) -> Iterator[None]:
+    """Hold `folder` for one command: a second one started on it meanwhile (the same experiment name
+    twice, say) is refused at once, before either interleaves checkpoints or adapters there.
+
+    An advisory lock (flock) on LOCK_FILE, which also names the holder (pid, host, command) for the
+    message. The kernel drops the lock when its process dies, SIGKILL included, so a run killed
+    without cleanup never blocks the next one (`--resume`). A file system without locks: a warning,
+    and the command goes on unheld. Where there is no fcntl (Windows) nothing is held."""
+    lock = folder / LOCK_FILE
+    fd = _take(lock, folder, command, fix)
+    if fd is None:
+        yield
+        return
+    try:  # who holds it, for the message a second command gets
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()} {command}".encode())
+    except OSError as e:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+        raise write_error(lock, e, fix) from e
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # still held: a command that opened this file sees it is gone
+        os.close(fd)
+
+
+def _take(lock: Path, folder: Path, command: str, fix: str) -> int | None:
+    """An open descriptor of `lock`, flock()ed; None where locks cannot be had."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            raise write_error(lock, e, fix) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _in_use(folder, _read(lock), command, fix) from None
+        except OSError as e:  # ENOLCK: a network file system without a lock service
+            os.close(fd)
+            log.warning("cannot lock %s (%s): nothing stops a second %s from writing there at once",
+                        lock, e.strerror, command)
+            return None
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed the file after we opened it: lock the new one
+
+
+def _read(lock: Path) -> str:
+    try:
+        return lock.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _in_use(folder: Path, owner: str, command: str, fix: str) -> WriteError:
+    parts = owner.split(" ", 2)
+    who = f": process {parts[0]} on {parts[1]}" if len(parts) == 3 else ""
+    return WriteError(f"{folder} is in use by another {command}{who}. Wait for it to end, or {fix}")

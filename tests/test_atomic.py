@@ -96,3 +96,48 @@ def test_write_text_keeps_the_old_file_and_no_temporary_when_it_fails(tmp_path, 
     monkeypatch.undo()
     write_text(out, "new")
     assert out.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_a_held_folder_is_refused_to_a_second_holder_and_freed_after(tmp_path):
+    from embedft.atomic import LOCK_FILE, holding
+    from embedft.errors import WriteError
+
+    with holding(tmp_path, "embedft train", "use another folder"):
+        lock = (tmp_path / LOCK_FILE).read_text()
+        with pytest.raises(WriteError) as e, holding(tmp_path, "embedft train", "use another folder"):
+            pass
+        # The message names the folder, the holder and the way out; the holder's lock is untouched.
+        assert str(e.value).startswith(f"{tmp_path} is in use by another embedft train: process {os.getpid()} on ")
+        assert str(e.value).endswith("Wait for it to end, or use another folder")
+        assert (tmp_path / LOCK_FILE).read_text() == lock
+    assert not (tmp_path / LOCK_FILE).exists()
+    with pytest.raises(RuntimeError), holding(tmp_path, "embedft train", "x"):  # freed however the block ends
+        raise RuntimeError("boom")
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_folder_held_by_another_process_is_refused_until_that_process_is_killed(tmp_path):
+    """A SIGKILL runs no cleanup: the lock file stays, but the kernel drops the lock, so it does not block."""
+    import signal
+    import subprocess
+    import sys
+
+    from embedft.atomic import LOCK_FILE, holding
+    from embedft.errors import WriteError
+
+    code = (f"import sys, time; from pathlib import Path; from embedft.atomic import holding\n"
+            f"with holding(Path({str(tmp_path)!r}), 'embedft train', 'x'):\n"
+            f"    print('held', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(WriteError, match=f"in use by another embedft train: process {child.pid} on "):
+            with holding(tmp_path, "embedft train", "x"):
+                pass
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert (tmp_path / LOCK_FILE).read_text().startswith(f"{child.pid} ")  # left behind by the kill
+    with holding(tmp_path, "embedft train", "x"):
+        assert (tmp_path / LOCK_FILE).read_text().startswith(f"{os.getpid()} ")
+    assert not (tmp_path / LOCK_FILE).exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -218,6 +219,27 @@ def test_train_output_dir_that_cannot_be_made(experiment, tmp_path):
     for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
         result = invoke("train", str(experiment), "-o", f"train.output_dir={out}")
         assert_clean_error(result, f"train.output_dir: cannot make the run folder {out}", "a folder you can write")
+
+
+def test_train_into_a_run_folder_another_training_holds_is_refused(experiment, tiny_bert_dir, tmp_path, monkeypatch):
+    """Two trainings of one experiment name at once wrote checkpoints and adapters into one folder."""
+    import embedft.evaluation.tasks as E
+    from embedft.atomic import LOCK_FILE, holding
+
+    model = ("-o", f"model.name={tiny_bert_dir}", "-o", "train.max_steps=1", "-o", "eval.compare_base=false")
+    run = tmp_path / "run"
+    run.mkdir()
+    with holding(run, "embedft train", "-"), monkeypatch.context() as m:
+        m.setattr(E, "evaluate_encoder", None)  # the refusal comes before any model work
+        result = invoke("train", str(experiment), *model)
+        assert_clean_error(result, f"{run} is in use by another embedft train: process {os.getpid()} on ",
+                           "Wait for it to end, or give this run its own folder: -o name=NEW_NAME or -o "
+                           "train.output_dir=DIR")
+        assert not (run / "adapter").exists()
+    # A training killed without cleanup (SIGKILL) leaves its lock file: the next one takes it and removes it.
+    (run / LOCK_FILE).write_text("12345 elsewhere embedft train")
+    assert invoke("train", str(experiment), *model).exit_code == 0
+    assert (run / "adapter").is_dir() and not (run / LOCK_FILE).exists()
 
 
 def test_train_loss_that_becomes_nan_is_one_line(experiment, tiny_bert_dir, monkeypatch):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from embedft import distributed
-from embedft.atomic import building, replace_dir, write_text
+from embedft.atomic import building, holding, replace_dir, write_text
 from embedft.config import ExperimentConfig, flatten, to_dict, to_yaml
 from embedft.errors import ConfigError
 from embedft.recipes.common import ending, open_tracker, prepare_data, setup_processes
@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 OUT_FIX = "free space there or set -o train.output_dir to another disk"
 OUT_ELSEWHERE = "set -o train.output_dir to another folder"
+# A run folder another training holds (the same experiment name twice at once):
+OUT_IN_USE = "give this run its own folder: -o name=NEW_NAME or -o train.output_dir=DIR"
 RUN_ID_FILE = ".mlflow-run-id"  # in the run folder: the MLflow run a --resume continues from
 
 
@@ -28,17 +30,9 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     """Train one experiment end to end; returns the run summary (paths and metrics).
 
     Under torchrun every rank runs this: each trains its share of every global batch and embeds
-    its share of every evaluation; rank 0 alone writes the run folder and the MLflow run."""
-    import torch
-
-    from embedft.evaluation.report import compare, format_table, quantization_meta, write_report
-    from embedft.evaluation.tasks import check_indexes, dropped_tasks, evaluate_encoder
-    from embedft.modeling.builders import load_quantized, make_trainable
-    from embedft.modeling.encoder import load_encoder
-    from embedft.modeling.lora import load_adapter, lora_settings, save_adapter
-    from embedft.modeling.runtime import base_dtype, seed_everything
-    from embedft.training.checkpoint import check_resumable, require_checkpoint, run_identity
-    from embedft.training.loop import train
+    its share of every evaluation; rank 0 alone writes the run folder and the MLflow run, and holds
+    the folder while it does: a second training on it meanwhile is refused (`atomic.holding`)."""
+    from embedft.training.checkpoint import require_checkpoint
 
     data = prepare_data(cfg)
     out = cfg.output_dir
@@ -48,12 +42,31 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     progress = progress and dist.is_main
     # An unreachable store is refused before the folder is made.
     tracker = open_tracker(cfg.tracking, cfg.name, out) if dist.is_main else NullTracker()
-    if dist.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # a file where a folder should be, no permission, read-only disk
-            raise ConfigError(f"train.output_dir: cannot make the run folder {out} ({e.strerror}: {e.filename}); "
-                              "set -o train.output_dir to a folder you can write") from None
+    if not dist.is_main:
+        return _train_and_evaluate(cfg, data, device, dist, tracker, resume, progress, parent_run_id)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder should be, no permission, read-only disk
+        raise ConfigError(f"train.output_dir: cannot make the run folder {out} ({e.strerror}: {e.filename}); "
+                          "set -o train.output_dir to a folder you can write") from None
+    with holding(out, "embedft train", OUT_IN_USE):
+        return _train_and_evaluate(cfg, data, device, dist, tracker, resume, progress, parent_run_id)
+
+
+def _train_and_evaluate(cfg: ExperimentConfig, data, device, dist, tracker, resume: bool, progress: bool,
+                        parent_run_id: str | None) -> dict[str, Any]:
+    import torch
+
+    from embedft.evaluation.report import compare, format_table, quantization_meta, write_report
+    from embedft.evaluation.tasks import check_indexes, dropped_tasks, evaluate_encoder
+    from embedft.modeling.builders import load_quantized, make_trainable
+    from embedft.modeling.encoder import load_encoder
+    from embedft.modeling.lora import load_adapter, lora_settings, save_adapter
+    from embedft.modeling.runtime import base_dtype, seed_everything
+    from embedft.training.checkpoint import check_resumable, run_identity
+    from embedft.training.loop import train
+
+    out = cfg.output_dir
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)

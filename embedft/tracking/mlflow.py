@@ -190,7 +190,8 @@ class MlflowTracker:
                   parent_run_id: str | None = None) -> str:
         """Create the run and log its params now (a clear TrackingError if the store is unusable).
 
-        The run is named run_name, or run_name-2, -3, ... when a run of the experiment has that name already.
+        The run is named run_name, or run_name-2, -3, ... when a run of the experiment has that name already
+        (or got it while this one was created: `settle_run_name`).
         """
         if self.run_id is not None and self._result is None:
             raise TrackingError(f"run {self.run_id} is still active; end() it before starting another")
@@ -206,9 +207,12 @@ class MlflowTracker:
         clean_tags = {metric_key(k): _value_str(v, MAX_TAG_LEN, f"tag {k}") for k, v in all_tags.items()}
         try:
             exp_id = self._experiment_id()
+            wanted = run_name
             if run_name:
                 run_name = unique_run_name(self._client, exp_id, run_name)
             run = self._client.create_run(exp_id, run_name=run_name, tags=clean_tags)
+            if wanted:  # another training may have taken the same free name meanwhile
+                run_name = settle_run_name(self._client, exp_id, run, wanted)
         except MlflowException as e:
             raise TrackingError(f"MLflow at {self.uri}: cannot start a run in experiment {self.experiment!r}: "
                                 f"{e}; {FIX_HINT}") from e
@@ -222,7 +226,7 @@ class MlflowTracker:
             except MlflowException:
                 pass
             raise TrackingError(f"MLflow at {self.uri}: cannot log the params of run {run_id}: {e}; {FIX_HINT}") from e
-        self.run_id, self.run_name, self.experiment_id = run_id, run.info.run_name, exp_id
+        self.run_id, self.run_name, self.experiment_id = run_id, run_name or run.info.run_name, exp_id
         self._pending, self.delivered, self._failures, self._uncertain = {}, 0, 0, False
         self._stopping = self._closed = False
         self._result = None
@@ -469,23 +473,53 @@ def declare_experiment(client, exp) -> None:
 
 def unique_run_name(client, experiment_id: str, wanted: str) -> str:
     """wanted, or wanted-2, wanted-3, ...: the first name no run of the experiment has (deleted runs included)."""
-    from mlflow.entities import ViewType
-
-    # LIKE narrows the search (its wildcards only widen it); a quote would end the filter's string.
-    prefix = re.split(r"['\"\\]", wanted, maxsplit=1)[0]
-    taken, token = set(), None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=f"attributes.run_name LIKE '{prefix}%'",
-                                  run_view_type=ViewType.ALL, max_results=1000, page_token=token)
-        taken.update(r.info.run_name for r in page)
-        token = page.token
-        if not token:
-            break
+    taken = {r.info.run_name for r in _runs_named_like(client, experiment_id, wanted)}
     name, n = wanted, 1
     while name in taken:
         n += 1
         name = f"{wanted}-{n}"
     return name
+
+
+NAMED_AT = "embedft.named_at"  # a run's tag: when (ms) it took its current name (`settle_run_name`)
+
+
+def settle_run_name(client, experiment_id: str, run, wanted: str) -> str:
+    """The name `run` keeps. Two trainings started at once can both find `wanted` free and create runs
+    of that name. After creating, the run that took a name first (its NAMED_AT tag, else its start
+    time; then the run id) keeps it, and the others move on to the next free name, taking it later
+    than whoever holds it already: every process reaches the same verdict from the store."""
+    name = run.info.run_name
+    for _ in range(100):
+        same = [r for r in _runs_named_like(client, experiment_id, name) if r.info.run_name == name]
+        first = min(same, key=_named_at, default=run)
+        if first.info.run_id == run.info.run_id:
+            return name
+        name = unique_run_name(client, experiment_id, wanted)
+        client.set_tag(run.info.run_id, NAMED_AT, str(time.time_ns() // 1_000_000))  # before the name: never stale
+        client.update_run(run.info.run_id, name=name)
+    return name
+
+
+def _named_at(r) -> tuple[int, str]:
+    at = r.data.tags.get(NAMED_AT)
+    return (int(at) if at and at.isdigit() else r.info.start_time or 0), r.info.run_id
+
+
+def _runs_named_like(client, experiment_id: str, wanted: str) -> list:
+    """The experiment's runs (deleted ones included) whose names start as `wanted` does."""
+    from mlflow.entities import ViewType
+
+    # LIKE narrows the search (its wildcards only widen it); a quote would end the filter's string.
+    prefix = re.split(r"['\"\\]", wanted, maxsplit=1)[0]
+    found, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=f"attributes.run_name LIKE '{prefix}%'",
+                                  run_view_type=ViewType.ALL, max_results=1000, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:

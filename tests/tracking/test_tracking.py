@@ -160,6 +160,29 @@ def test_run_names_are_unique_within_an_experiment(store, tmp_path):
         assert t.run_name == "default"
 
 
+def test_runs_started_at_once_under_one_name_end_with_one_name_each(store, tmp_path, monkeypatch):
+    """Two trainings started together both found `default` free and both became `default`: the run
+    that took a name first keeps it and the other moves on, past names taken meanwhile."""
+    from embedft.tracking import mlflow as M
+
+    with _tracker(store, tmp_path, "race") as a:
+        a.start_run("default", {}, {})
+    c = _client(store)
+    c.create_run(a.experiment_id, run_name="default-2")  # a third training took default-2 meanwhile
+    # B looked before A and the third one created theirs: it sees `default`, then `default-2`, as free.
+    stale = iter(["default", "default-2"])
+    real = M.unique_run_name
+    monkeypatch.setattr(M, "unique_run_name", lambda *args: next(stale, None) or real(*args))
+    with _tracker(store, tmp_path, "race") as b:
+        b.start_run("default", {}, {})
+        assert b.run_name == "default-3"
+    names = [r.info.run_name for r in c.search_runs([a.experiment_id], order_by=["attributes.start_time ASC"])]
+    assert names == ["default", "default-2", "default-3"]
+    # A, asking again, keeps its name: every run reaches the same verdict from the store.
+    first = c.get_run(a.run_id)
+    assert M.settle_run_name(c, a.experiment_id, first, "default") == "default"
+
+
 def test_experiments_are_declared_model_training_with_the_key_figures_view(store, tmp_path):
     """The MLflow UI opened embedft's experiments on the GenAI overview and showed no metric column."""
     from embedft.tracking import ui as mlflow_ui
