@@ -7,7 +7,7 @@ Builds the experiment's training batches (its `train.batch_sampling`, batch size
 seed; `similar_groups` needs an encoder's neighbours and is refused), tokenises each batch's unique
 sequences with the model's tokenizer, cuts them with `length_chunks` (at most CPU_FORWARD_ROWS rows,
 the CPU's call overhead) and prints the real tokens, the tokens with padding, their ratio and the
-number of forward calls. No model weights are needed beyond the tokenizer's folder.
+number of forward calls. It loads the model (`load_encoder`) for its tokenizer; nothing is run through it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def padding(experiment: str, epoch: int = 0, overrides: tuple[str, ...] = ()) ->
     """{"real", "padded", "ratio", "calls", "batches"} of one epoch of the experiment's batches."""
     from embedft.config import load_config, resolve_batch_sampling
     from embedft.data.batches import build_pair_source, epoch_batches
-    from embedft.modeling.chunking import CALL_OVERHEAD_TOKENS, length_chunks
+    from embedft.modeling.chunking import call_overhead, length_chunks
     from embedft.modeling.encoder import load_encoder
     from embedft.recipes.common import prepare_data
     from embedft.training.step import CPU_FORWARD_ROWS
@@ -38,7 +38,7 @@ def padding(experiment: str, epoch: int = 0, overrides: tuple[str, ...] = ()) ->
                                group_size=cfg.train.group_size):
         seqs, _ = batch_sequences(batch, cache)
         lengths = np.array([len(s) for s in seqs])
-        chunks = length_chunks(lengths.tolist(), CPU_FORWARD_ROWS, CALL_OVERHEAD_TOKENS)
+        chunks = length_chunks(lengths.tolist(), CPU_FORWARD_ROWS, call_overhead("cpu"))
         real += int(lengths.sum())
         padded += sum(len(c) * int(lengths[c].max()) for c in chunks)
         calls += len(chunks)

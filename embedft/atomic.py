@@ -247,14 +247,12 @@ def holding(folder: Path, command: str, fix: str) -> Iterator[None]:
     if fd is None:
         yield
         return
-    try:  # who holds it, for the message a second command gets
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()} {command}".encode())
-    except OSError as e:
-        lock.unlink(missing_ok=True)
-        os.close(fd)
-        raise write_error(lock, e, fix) from e
     try:
+        try:  # who holds it, for the message a second command gets
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()} {command}".encode())
+        except OSError as e:
+            raise write_error(lock, e, fix) from e
         yield
     finally:
         lock.unlink(missing_ok=True)  # still held: a command that opened this file sees it is gone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -42,14 +43,13 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     progress = progress and dist.is_main
     # An unreachable store is refused before the folder is made.
     tracker = open_tracker(cfg.tracking, cfg.name, out) if dist.is_main else NullTracker()
-    if not dist.is_main:
-        return _train_and_evaluate(cfg, data, device, dist, tracker, resume, progress, parent_run_id)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file where a folder should be, no permission, read-only disk
-        raise ConfigError(f"train.output_dir: cannot make the run folder {out} ({e.strerror}: {e.filename}); "
-                          "set -o train.output_dir to a folder you can write") from None
-    with holding(out, "embedft train", OUT_IN_USE):
+    if dist.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file where a folder should be, no permission, read-only disk
+            raise ConfigError(f"train.output_dir: cannot make the run folder {out} ({e.strerror}: {e.filename}); "
+                              "set -o train.output_dir to a folder you can write") from None
+    with holding(out, "embedft train", OUT_IN_USE) if dist.is_main else contextlib.nullcontext():
         return _train_and_evaluate(cfg, data, device, dist, tracker, resume, progress, parent_run_id)
 
 
