@@ -24,12 +24,94 @@ from embedft.errors import WriteError
 log = logging.getLogger(__name__)
 
 
+def _temp_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
 def temp_sibling(out: Path) -> Path:
     """A fresh hidden folder next to `out` (same filesystem, so the final rename is atomic)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _temp_path(out)
     tmp.mkdir()
     return tmp
+
+
+class _Swept(Exception):
+    """A temporary was removed by `sweep_leftovers` before its writer could hold it: make another."""
+
+
+def _hold_new(tmp: Path) -> int | None:
+    """Hold the temporary its writer has just made at `tmp` (a folder or a file) until the returned descriptor
+    is closed, after the temporary is moved into place or removed: `sweep_leftovers` leaves it alone meanwhile.
+    None where there are no locks (no fcntl, a file system without them); then nothing is swept either."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+    except FileNotFoundError:
+        raise _Swept from None
+    except PermissionError:  # a umask that leaves the owner no read: no sweep can open it either
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino == os.stat(tmp).st_ino:
+            return fd
+    except (BlockingIOError, FileNotFoundError):  # a sweep holds it or has removed it
+        pass
+    except OSError:  # ENOLCK
+        os.close(fd)
+        return None
+    os.close(fd)
+    raise _Swept
+
+
+def sweep_leftovers(out: Path) -> None:
+    """Remove the temporaries of `out` (`.NAME.tmp-xxxxxxxx` beside it) that no running writer holds: those
+    of a writer killed before it could clean up (SIGKILL, out of memory, a lost machine), which can be an
+    export's or an index's size. A writer holds its temporary (`_hold_new`) until it is in place or removed,
+    and the kernel drops the hold when its process dies. Nothing is removed where holds cannot be had."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return
+    prefix = f".{out.name}.tmp-"
+    for name in names:
+        if not (name.startswith(prefix) and re.fullmatch(r"[0-9a-f]{8}", name[len(prefix):])):
+            continue
+        path = out.parent / name
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a running writer holds it, or the file system cannot tell
+            os.close(fd)
+            continue
+        try:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            log.info("removed %s, left by a writer of %s that ended without cleaning up", path, out)
+        finally:
+            os.close(fd)
+
+
+def _held_temp_dir(out: Path) -> tuple[Path, int | None]:
+    """`temp_sibling`, held (`_hold_new`), after sweeping `out`'s leftovers."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(out)
+    while True:
+        tmp = temp_sibling(out)
+        with contextlib.suppress(_Swept):
+            return tmp, _hold_new(tmp)
 
 
 def out_dir_problem(out: Path, overwrite: bool) -> str | None:
@@ -185,7 +267,7 @@ def building(out: Path, elsewhere: str, kept: str = "") -> Iterator[Path]:
     `place_new_dir`) inside the block: a disk that refuses a write is a WriteError as in `writing_into`, and
     the temporary folder is removed however the block fails."""
     try:
-        tmp = temp_sibling(out)
+        tmp, held = _held_temp_dir(out)
     except OSError as e:
         raise write_error(out, e, disk_fix(e.errno, elsewhere) + (f"; {kept}" if kept else "")) from e
     try:
@@ -194,6 +276,9 @@ def building(out: Path, elsewhere: str, kept: str = "") -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if held is not None:
+            os.close(held)
 
 
 def _write(f, data: bytes) -> None:
@@ -210,12 +295,18 @@ def write_bytes(out: Path, data: bytes, fix: str = "") -> None:
 def write_chunks(out: Path, chunks: Iterable[bytes | memoryview], fix: str = "") -> None:
     """`write_bytes` of the concatenated chunks, made one at a time: a file larger than memory (an
     index's ids, a shard of vectors written from the array's own buffer) is never held whole."""
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp, held = _temp_path(out), None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            for data in chunks:
-                _write(f, data)
+        sweep_leftovers(out)
+        while True:
+            with open(tmp, "xb") as f:
+                with contextlib.suppress(_Swept):
+                    held = _hold_new(tmp)
+                    for data in chunks:
+                        _write(f, data)
+                    break
+            tmp = _temp_path(out)
         os.replace(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -223,6 +314,9 @@ def write_chunks(out: Path, chunks: Iterable[bytes | memoryview], fix: str = "")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if held is not None:
+            os.close(held)
 
 
 def write_text(out: Path, text: str, fix: str = "") -> None:

@@ -141,3 +141,85 @@ def test_a_folder_held_by_another_process_is_refused_until_that_process_is_kille
     with holding(tmp_path, "embedft train", "x"):
         assert (tmp_path / LOCK_FILE).read_text().startswith(f"{os.getpid()} ")
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_temporaries_a_killed_writer_left_are_removed_by_the_next_write_of_that_artifact(tmp_path):
+    from embedft.atomic import building, place_new_dir
+
+    out, summary = tmp_path / "adapter", tmp_path / "summary.json"
+    left = [tmp_path / ".adapter.tmp-0123abcd", tmp_path / ".summary.json.tmp-89abcdef"]  # as a SIGKILL leaves them
+    left[0].mkdir()
+    (left[0] / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
+    left[1].write_text("half")
+    others = [tmp_path / ".other.tmp-01234567", tmp_path / ".adapter.tmp-notours"]  # another artifact's; not ours
+    for p in others:
+        p.mkdir()
+    with building(out, "elsewhere") as tmp:
+        (tmp / "weights").write_text("new")
+        place_new_dir(tmp, out)
+    assert not left[0].exists() and left[1].exists()  # each write sweeps its own artifact's leftovers only
+    write_text(summary, "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter", "summary.json"] + [p.name for p in others])
+    assert (out / "weights").read_text() == "new" and summary.read_text() == "new"
+
+
+def test_a_temporary_a_running_writer_holds_is_left_to_it_until_that_process_dies(tmp_path):
+    """Two writers of one artifact at once: neither removes the other's work in progress; once one is killed,
+    the next write removes what it left."""
+    import signal
+    import subprocess
+    import sys
+
+    from embedft.atomic import building, place_new_dir
+
+    out = tmp_path / "index"
+    code = (f"import time; from pathlib import Path; from embedft.atomic import building\n"
+            f"with building(Path({str(out)!r}), 'x') as tmp:\n"
+            f"    (tmp / 'vectors').write_text('theirs'); print(tmp, flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        theirs = Path(child.stdout.readline().strip())
+        with building(out, "x") as tmp:
+            (tmp / "vectors").write_text("ours")
+            place_new_dir(tmp, out)
+        assert (theirs / "vectors").read_text() == "theirs" and (out / "vectors").read_text() == "ours"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert theirs.exists()  # no cleanup ran in the killed writer
+    with building(out, "x") as tmp:
+        replace_dir(tmp, out)
+    assert not theirs.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+def test_a_writer_whose_fresh_temporary_a_sweep_removed_first_makes_another(tmp_path, monkeypatch):
+    """The moment between making a temporary and holding it: a sweep there takes it, the writer starts again."""
+    import shutil
+
+    import embedft.atomic as A
+
+    real, taken = A._hold_new, set()
+
+    def swept_once(tmp):  # the first temporary of each artifact
+        if tmp.name.split(".tmp-")[0] not in taken:
+            taken.add(tmp.name.split(".tmp-")[0])
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        return real(tmp)
+
+    monkeypatch.setattr(A, "_hold_new", swept_once)
+    write_text(tmp_path / "summary.json", "new")
+    with A.building(tmp_path / "adapter", "x") as tmp:
+        (tmp / "weights").write_text("new")
+        A.place_new_dir(tmp, tmp_path / "adapter")
+    assert taken == {".summary.json", ".adapter"} and (tmp_path / "summary.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "summary.json"]
+    with pytest.raises(A._Swept):  # held by a sweep: this writer must not use it
+        import fcntl
+
+        held = temp_sibling(tmp_path / "x")
+        fd = os.open(held, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            real(held)
+        finally:
+            os.close(fd)

@@ -1,7 +1,7 @@
 """A writer killed with SIGKILL (no cleanup runs) inside a file, just before and just after the swap into place:
 any file (atomic.write_text), the evaluation report, the index folder. Each leaves the artifact as it was or whole
-and new, never half, and the next write works. The export, the checkpoint and the spool have theirs beside their
-disk faults (test_export_faults.py, test_write_faults.py, test_spool_faults.py). The writer runs in a child
+and new, never half, and the next write works and removes what the kill left. The export, the checkpoint and the
+spool have theirs beside their disk faults (test_export_faults.py, test_write_faults.py, test_spool_faults.py). The writer runs in a child
 process armed by tests/faults/disk.py, which checks that it died at its point."""
 
 import json
@@ -19,8 +19,8 @@ def test_a_file_killed_while_written_is_old_or_new(tmp_path, after, survives):
     run_killed("summary.json", after, f"from pathlib import Path\nfrom embedft.atomic import write_text\n"
                                       f"write_text(Path({str(out)!r}), 'new' * 2000)", tmp_path)
     assert out.read_text() == survives * 2000 and visible(tmp_path) == ["summary.json"]
-    write_text(out, "next")
-    assert out.read_text() == "next"
+    write_text(out, "next")  # and removes what the kill left (sweep_leftovers)
+    assert out.read_text() == "next" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
 REPORT = """
@@ -42,6 +42,7 @@ def test_a_report_killed_while_written_is_the_earlier_or_the_new_one(tmp_path, a
     assert report["meta"]["name"] == survives and (out / "report.md").is_file() and visible(tmp_path) == ["eval"]
     write_report(out, None, EvalOutput({"retrieval/recall@1": 0.7}, {}), {"name": "third"})
     assert json.loads((out / "report.json").read_text())["meta"]["name"] == "third"
+    assert [p.name for p in tmp_path.iterdir()] == ["eval"]  # what the kill left is gone
 
 
 INDEX = """
@@ -69,4 +70,4 @@ def test_an_index_killed_while_written_is_the_earlier_or_the_new_one(tmp_path, a
     assert loaded[2]["model"] == survives and visible(tmp_path) == ["idx"]
     assert loaded[1] == (["a", "b", "c", "d"] if survives == "first" else ["d", "c", "b", "a"])
     save_index(out, index, ["a", "b", "c", "d"], {"model": "third"}, overwrite=True)
-    assert load_index(out)[2]["model"] == "third"
+    assert load_index(out)[2]["model"] == "third" and [p.name for p in tmp_path.iterdir()] == ["idx"]
