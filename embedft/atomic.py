@@ -328,15 +328,15 @@ LOCK_FILE = ".embedft.lock"  # in a run folder while a command writes there (`ho
 
 
 @contextlib.contextmanager
-def holding(folder: Path, command: str, fix: str) -> Iterator[None]:
+def holding(folder: Path, command: str, fix: str, lock: Path | None = None) -> Iterator[None]:
     """Hold `folder` for one command: a second one started on it meanwhile (the same experiment name
     twice, say) is refused at once, before either interleaves checkpoints or adapters there.
 
-    An advisory lock (flock) on LOCK_FILE, which also names the holder (pid, host, command) for the
-    message. The kernel drops the lock when its process dies, SIGKILL included, so a run killed
+    An advisory lock (flock) on LOCK_FILE in `folder`, or on `lock` (for a folder the command removes
+    and makes again), which also names the holder (pid, host, command) for the message. The kernel drops the lock when its process dies, SIGKILL included, so a run killed
     without cleanup never blocks the next one (`--resume`). A file system without locks: a warning,
     and the command goes on unheld. Where there is no fcntl (Windows) nothing is held."""
-    lock = folder / LOCK_FILE
+    lock = lock or folder / LOCK_FILE
     fd = _take(lock, folder, command, fix)
     if fd is None:
         yield

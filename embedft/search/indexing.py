@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from embedft.atomic import out_dir_problem, write_text
+from embedft.atomic import holding, out_dir_problem, write_text
 from embedft.errors import SearchError
 from embedft.export.fingerprint import weights_digest, weights_stat
 from embedft.search.corpus import corpus_file, read_corpus
@@ -142,27 +143,30 @@ def _index_streamed(model_dir: Path, corpus: Path, out: Path, factory: str, text
 
     from embedft import distributed
     from embedft.evaluation.index import new_index
-    from embedft.search.sharded import ShardedBuild, plan_key
+    from embedft.search.sharded import ShardedBuild, plan_key, work_lock
 
     main = distributed.current().is_main
     files = weights_stat(model_dir) if main else None
     digest = distributed.broadcast_object(weights_digest(model_dir) if main else None)
-    build = ShardedBuild(out)
-    plan = build.plan(plan_key(corpus, text_column, id_column, header, label_column, chunk_rows, digest), label_column)
-    model = SentenceTransformer(str(model_dir), device=device)
-    dim = _dimension(model)
-    try:
-        new_index(dim, factory, plan.count)  # a bad --index fails now, not after the corpus is embedded
-    except ValueError as e:
-        raise SearchError(f"--index {factory}: {e}") from e
-    build.embed(plan, lambda texts: encode(model, texts, batch_size=batch_size), progress=progress)
-    index = build.build_index(plan, dim, factory)
-    manifest = None
-    if main:
-        manifest = _manifest(digest, index, factory, files, model_dir, corpus, text_column, plan.id_column, header,
-                             label_column)
-        _save(out, index, build.ids(plan), manifest, build.labels(plan), overwrite)
-        build.remove()
+    # Rank 0 holds the build from its plan to its end: a second build of this --out is refused (its ranks stop too).
+    with holding(out, "embedft index build", "build into another --out", work_lock(out)) if main else nullcontext():
+        build = ShardedBuild(out)
+        plan = build.plan(plan_key(corpus, text_column, id_column, header, label_column, chunk_rows, digest),
+                          label_column)
+        model = SentenceTransformer(str(model_dir), device=device)
+        dim = _dimension(model)
+        try:
+            new_index(dim, factory, plan.count)  # a bad --index fails now, not after the corpus is embedded
+        except ValueError as e:
+            raise SearchError(f"--index {factory}: {e}") from e
+        build.embed(plan, lambda texts: encode(model, texts, batch_size=batch_size), progress=progress)
+        index = build.build_index(plan, dim, factory)
+        manifest = None
+        if main:
+            manifest = _manifest(digest, index, factory, files, model_dir, corpus, text_column, plan.id_column,
+                                 header, label_column)
+            _save(out, index, build.ids(plan), manifest, build.labels(plan), overwrite)
+            build.remove()
     return distributed.broadcast_object(manifest)
 
 

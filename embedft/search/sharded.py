@@ -24,7 +24,8 @@ its last finished file:
    per shard of its own (`index.index_part`), and rank 0 merges them in order (the same index).
 
 Then rank 0 saves the index folder (ids and labels streamed from the shards) and removes the work
-folder. Peak memory is the index itself, one chunk, and while training the training sample; the
+folder. Rank 0 holds `.<out>.build.lock` from the plan to the end (`atomic.holding`): a second build of
+the same --out meanwhile is refused, as it would embed the same shards again or remove them. Peak memory is the index itself, one chunk, and while training the training sample; the
 disk holds every vector once more (4 x dim bytes a row) until the build ends.
 """
 
@@ -58,6 +59,12 @@ WORK_FIX = "free space there, or build the index elsewhere (--out)"
 def work_dir(out: Path) -> Path:
     """The folder of an unfinished build of the index folder `out` (removed when the build ends)."""
     return out.parent / f".{out.name}.build"
+
+
+def work_lock(out: Path) -> Path:
+    """What a streamed build of `out` holds while it runs (`atomic.holding`), beside the work folder, which
+    a build of another corpus removes and makes again: a second build of `out` meanwhile is refused."""
+    return out.parent / f".{out.name}.build.lock"
 
 
 @dataclass(frozen=True)

@@ -201,3 +201,27 @@ def test_two_gloo_processes_build_the_single_process_index(export, tmp_path):
     assert res.stderr.count("2 processes joined the process group (gloo)") == 1  # rank 0 speaks for both
     assert_same_index(tmp_path / "one", tmp_path / "two")
     assert sorted(os.listdir(tmp_path)) == ["c.csv", "one", "two"]
+
+
+def test_a_second_build_of_one_out_while_the_first_runs_is_refused_naming_it(export, tmp_path, monkeypatch):
+    """It would embed the first one's shards again, or remove them (another corpus) under it."""
+    from embedft.atomic import holding
+    from embedft.search import indexing, sharded
+
+    corpus, out = _corpus(tmp_path / "c.csv"), tmp_path / "idx"
+    second = []
+    real_encode = indexing.encode
+
+    def first_build_embeds(st, texts, **k):  # meanwhile, the same command in another terminal
+        if not second:
+            second.append(_build(export, corpus, out, "--chunk-rows", "50"))
+        return real_encode(st, texts, **k)
+
+    monkeypatch.setattr(indexing, "encode", first_build_embeds)
+    res = _build(export, corpus, out, "--chunk-rows", "50")
+    assert res.exit_code == 0 and "200 vectors" in res.output, res.output
+    assert second[0].exit_code == 2 and f"error: {out} is in use by another embedft index build: process " \
+        f"{os.getpid()} on " in second[0].output and "Wait for it to end, or build into another --out" in second[0].output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "idx"]  # no work folder, no lock left
+    with holding(out, "embedft index build", "x", sharded.work_lock(out)):  # the lock is free again
+        pass
