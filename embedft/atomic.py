@@ -123,7 +123,9 @@ def out_dir_problem(out: Path, overwrite: bool) -> str | None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         return f"{out} already exists; pass --overwrite (overwrite=True from Python) to replace it"
     try:
-        temp_sibling(out).rmdir()
+        probe = temp_sibling(out)
+        with contextlib.suppress(FileNotFoundError):  # a sweep of another writer of `out` took it meanwhile
+            probe.rmdir()
     except OSError as e:
         return f"--out {out}: cannot write there ({e.strerror}: {e.filename}); choose another --out"
     return None
