@@ -215,3 +215,4 @@ def test_a_train_killed_while_writing_resumes_to_the_end(tiny_bert_experiment, t
     assert res.exit_code == 0, res.output
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "checkpoint.tmp").exists()
+    assert not list(run.glob(".*.tmp-*"))  # what the kill left went with the next write of its artifact
