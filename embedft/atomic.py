@@ -106,7 +106,6 @@ def sweep_leftovers(out: Path) -> None:
 
 def _held_temp_dir(out: Path) -> tuple[Path, int | None]:
     """`temp_sibling`, held (`_hold_new`), after sweeping `out`'s leftovers."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     sweep_leftovers(out)
     while True:
         tmp = temp_sibling(out)
@@ -335,8 +334,9 @@ def holding(folder: Path, command: str, fix: str, lock: Path | None = None) -> I
     twice, say) is refused at once, before either interleaves checkpoints or adapters there.
 
     An advisory lock (flock) on LOCK_FILE in `folder`, or on `lock` (for a folder the command removes
-    and makes again), which also names the holder (pid, host, command) for the message. The kernel drops the lock when its process dies, SIGKILL included, so a run killed
-    without cleanup never blocks the next one (`--resume`). A file system without locks: a warning,
+    and makes again), which also names the holder (pid, host, command) for the message. The kernel
+    drops the lock when its process dies, SIGKILL included, so a run killed without cleanup never
+    blocks the next one (`--resume`). A file system without locks: a warning,
     and the command goes on unheld. Where there is no fcntl (Windows) nothing is held."""
     lock = lock or folder / LOCK_FILE
     fd = _take(lock, folder, command, fix)

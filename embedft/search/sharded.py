@@ -25,8 +25,9 @@ its last finished file:
 
 Then rank 0 saves the index folder (ids and labels streamed from the shards) and removes the work
 folder. Rank 0 holds `.<out>.build.lock` from the plan to the end (`atomic.holding`): a second build of
-the same --out meanwhile is refused, as it would embed the same shards again or remove them. Peak memory is the index itself, one chunk, and while training the training sample; the
-disk holds every vector once more (4 x dim bytes a row) until the build ends.
+the same --out meanwhile is refused, as it would embed the same shards again or remove them. Peak
+memory is the index itself, one chunk, and while training the training sample; the disk holds every
+vector once more (4 x dim bytes a row) until the build ends.
 """
 
 from __future__ import annotations

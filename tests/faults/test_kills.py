@@ -1,8 +1,8 @@
 """A writer killed with SIGKILL (no cleanup runs) inside a file, just before and just after the swap into place:
 any file (atomic.write_text), the evaluation report, the index folder. Each leaves the artifact as it was or whole
 and new, never half, and the next write works and removes what the kill left. The export, the checkpoint and the
-spool have theirs beside their disk faults (test_export_faults.py, test_write_faults.py, test_spool_faults.py). The writer runs in a child
-process armed by tests/faults/disk.py, which checks that it died at its point."""
+spool have theirs beside their disk faults (test_export_faults.py, test_write_faults.py, test_spool_faults.py).
+The writer runs in a child process armed by tests/faults/disk.py, which checks that it died at its point."""
 
 import json
 

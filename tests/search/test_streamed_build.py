@@ -220,8 +220,9 @@ def test_a_second_build_of_one_out_while_the_first_runs_is_refused_naming_it(exp
     monkeypatch.setattr(indexing, "encode", first_build_embeds)
     res = _build(export, corpus, out, "--chunk-rows", "50")
     assert res.exit_code == 0 and "200 vectors" in res.output, res.output
+    refused = second[0].output
     assert second[0].exit_code == 2 and f"error: {out} is in use by another embedft index build: process " \
-        f"{os.getpid()} on " in second[0].output and "Wait for it to end, or build into another --out" in second[0].output
+        f"{os.getpid()} on " in refused and "Wait for it to end, or build into another --out" in refused
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "idx"]  # no work folder, no lock left
     with holding(out, "embedft index build", "x", sharded.work_lock(out)):  # the lock is free again
         pass
