@@ -199,9 +199,6 @@ class LossConfig:
     name: str = "infonce"  # a loss of embedft.training.losses.LOSSES
     temperature: float = 0.05  # a temperature: logits = cos / temperature (scale = 20)
     symmetric: bool = False  # add the positive->anchor direction
-    # Additive margin (AM-softmax; Yang et al. 2019's bidirectional dual encoder): the positive's cosine
-    # counts `margin` less, so it must beat every negative by that much. 0 = plain InfoNCE.
-    margin: float = 0.0
     hard_negatives: int = 0  # per anchor, from the data's negative columns (pairs), else mined (every batch kind)
     # Mining (hard_negatives > 0 without negative columns; similar_groups' neighbouring groups):
     # null = once, with the starting encoder; N = again with the current encoder after every N steps;
@@ -213,10 +210,6 @@ class LossConfig:
     mine_relative_margin: float | None = 0.05
     mine_absolute_margin: float | None = None  # also drop candidates scoring above p - absolute_margin; null = off
     mine_range_min: int = 0  # skip this many nearest eligible candidates (sentence-transformers' range_min)
-    # Cross-batch memory (XBM): the document embeddings of the last `memory` training texts, kept without
-    # graph, join every anchor's negatives (never its group's or label's, never its own text); no extra
-    # forward pass. 0 = off.
-    memory: int = 0
     # Grouped data with a label column (offers of products, with categories): weight of a supervised
     # contrastive term that keeps items of one label together (what kNN classification needs) next
     # to the matching InfoNCE. 0 = off.
@@ -225,7 +218,6 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 < self.temperature <= 1.0, "loss.temperature", f"must be in (0, 1], got {self.temperature}")
-        _check(0.0 <= self.margin < 1.0, "loss.margin", f"must be in [0, 1), got {self.margin}")
         _check(self.hard_negatives >= 0, "loss.hard_negatives", f"must be >= 0, got {self.hard_negatives}")
         _check(self.mine_every is None or self.mine_every == "epoch"
                or (isinstance(self.mine_every, int) and self.mine_every >= 1), "loss.mine_every",
@@ -235,7 +227,6 @@ class LossConfig:
                "above 95% of the positive's score")
         _check(self.mine_absolute_margin is None or 0.0 <= self.mine_absolute_margin < math.inf,
                "loss.mine_absolute_margin", f"must be a finite number >= 0 or null, got {self.mine_absolute_margin}")
-        _check(self.memory >= 0, "loss.memory", f"must be >= 0 (texts kept; 0 = off), got {self.memory}")
         _check(self.mine_range_min >= 0, "loss.mine_range_min", f"must be >= 0, got {self.mine_range_min}")
         _check(self.label_weight >= 0.0 and math.isfinite(self.label_weight), "loss.label_weight",
                f"must be >= 0, got {self.label_weight}")

@@ -40,8 +40,7 @@ from embedft.training.checkpoint import (
     run_identity,
     save_checkpoint,
 )
-from embedft.training.losses import build_loss, memory_rows
-from embedft.training.memory import NegativeMemory
+from embedft.training.losses import build_loss
 from embedft.training.mining import Miner
 from embedft.training.result import TrainResult
 from embedft.training.selection import Selection
@@ -139,10 +138,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
     # are mined before any resume, from the starting weights (as the uninterrupted run did).
     sampling = resolve_batch_sampling(cfg.batch_sampling, src.shape)  # auto: by the data's shape
     miner = Miner(encoder, src, cache, loss_cfg, sampling, device)
-    saved = load_checkpoint_arrays(ckpt) if resume else None
-    miner.start(saved)
-    memory = NegativeMemory(loss_cfg.memory)  # cross-batch negatives; a resumed run takes its checkpoint's
-    memory.load(saved, device)
+    miner.start(load_checkpoint_arrays(ckpt) if resume else None)
 
     result = TrainResult(steps=0, epochs_done=0)
     selection = _new_selection(val, cfg)
@@ -176,12 +172,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                 t0 = time.perf_counter()
                 batch = miner.attach(batch)
                 seqs, gather = batch_sequences(batch, cache)
-                gather["memory"] = memory.view()  # the memory as it was before this step
-
-                def loss_of(emb: torch.Tensor) -> torch.Tensor:
-                    loss_t = loss_fn(emb, batch, gather, src.text_keys)
-                    memory.push(*memory_rows(emb, batch, gather, src.text_keys))  # for the next steps
-                    return loss_t
+                loss_of = lambda emb: loss_fn(emb, batch, gather, src.text_keys)  # noqa: E731
                 with lora_input_casts(encoder, enabled=not amp):  # forward and backward alike
                     if cfg.mini_batch_size:
                         loss = train_step_cached(encoder, seqs, loss_of, device, cfg.mini_batch_size, amp)
@@ -218,7 +209,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                 miner.after_step(step, n_total)  # before the checkpoint, which keeps what it mined
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < n_total:
                     _checkpoint(ckpt, encoder, opt, sched, epoch, step, result, identity, batches_done=i + 1,
-                                arrays={**miner.state(), **memory.state()}, selection=selection)
+                                arrays=miner.state(), selection=selection)
             epoch_done = epoch + 1
             if val is not None and cfg.eval_every_epoch:
                 metrics = validate(encoder, val, val_cache, loss_fn, cfg.batch_size, device, cfg.seed,
@@ -228,8 +219,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                 sink.log_metrics({**metrics, "epoch": float(epoch_done)}, step=step)
                 log.info("epoch %d: %s", epoch_done, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                 _select(selection, metrics, epoch_done, encoder)
-            _checkpoint(ckpt, encoder, opt, sched, epoch_done, step, result, identity,
-                        arrays={**miner.state(), **memory.state()},
+            _checkpoint(ckpt, encoder, opt, sched, epoch_done, step, result, identity, arrays=miner.state(),
                         selection=selection)
             result.epochs_done = epoch_done
     _finish_selection(selection, encoder, result, cfg)

@@ -34,32 +34,24 @@ def false_negative_mask(anchor_keys: torch.Tensor, cand_keys: torch.Tensor,
 
 def info_nce(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None, *,
              temperature: float = 0.05, exclude: torch.Tensor | None = None,
-             symmetric: bool = False, exclude_sym: torch.Tensor | None = None,
-             margin: float = 0.0) -> torch.Tensor:
+             symmetric: bool = False, exclude_sym: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE with in-batch (and optional hard) negatives.
 
     anchors (B, D), positives (B, D), negatives (B*H, D) or None, all L2-normalised.
     Candidates for anchor i are all positives then all negatives: (B + B*H,). The target is
     column i. `exclude` (B, B + B*H) marks false negatives; they get -inf (column i never).
     With `symmetric`, adds positive_i -> anchors (B, B) with `exclude_sym` and averages.
-    `margin` is subtracted from every positive's cosine (additive margin softmax).
     """
     B = anchors.shape[0]
     cands = positives if negatives is None or negatives.numel() == 0 else torch.cat([positives, negatives])  # (C, D)
+    logits = anchors @ cands.T / temperature  # (B, C)
     target = torch.arange(B, device=anchors.device)
-    logits = _mask(_with_margin(anchors @ cands.T, target, margin) / temperature, exclude, target)  # (B, C)
+    logits = _mask(logits, exclude, target)
     loss = F.cross_entropy(logits, target)
     if symmetric:
-        logits_t = _with_margin(positives @ anchors.T, target, margin) / temperature  # (B, B)
+        logits_t = positives @ anchors.T / temperature  # (B, B)
         loss = 0.5 * (loss + F.cross_entropy(_mask(logits_t, exclude_sym, target), target))
     return loss
-
-
-def _with_margin(sims: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
-    """sims with `margin` taken off each row's target column (the positive)."""
-    if margin == 0.0:
-        return sims
-    return sims - margin * F.one_hot(target, sims.shape[1]).to(sims.dtype)
 
 
 def _mask(logits: torch.Tensor, exclude: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
@@ -72,7 +64,7 @@ def _mask(logits: torch.Tensor, exclude: torch.Tensor | None, target: torch.Tens
 
 def group_info_nce(anchors: torch.Tensor, cands: torch.Tensor, keys: torch.Tensor, same_text: torch.Tensor, *,
                    temperature: float = 0.05, extra: torch.Tensor | None = None,
-                   extra_ok: torch.Tensor | None = None, margin: float = 0.0) -> torch.Tensor:
+                   extra_ok: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE over a batch of groups: every (anchor, positive) pair of one key, against the
     anchor's negatives (other keys); other positives of the anchor are masked out, never negatives.
 
@@ -82,15 +74,13 @@ def group_info_nce(anchors: torch.Tensor, cands: torch.Tensor, keys: torch.Tenso
     loss = -log(exp(s_ip) / (exp(s_ip) + sum_neg exp(s_in))), averaged over i's pairs, then
     over the anchors that have a pair; 0 when none has. `extra` (M, D) are further negative
     candidates (mined hard negatives, document form), `extra_ok` (N, M) True where candidate m may
-    be a negative of anchor i; they join every anchor's negatives, never its pairs. `margin` is
-    subtracted from every pair's cosine (additive margin softmax): s_ip becomes s_ip - margin.
+    be a negative of anchor i; they join every anchor's negatives, never its pairs.
     """
     logits = anchors @ cands.T / temperature  # (N, N)
     same_key = keys[:, None] == keys[None, :]  # (N, N)
     pos = same_key & ~same_text
     neg = ~same_key & ~same_text
     neg_logits = logits.masked_fill(~neg, float("-inf"))  # (N, N)
-    logits = logits - margin / temperature  # only the pairs read it below
     if extra is not None and extra.shape[0] > 0:
         extra_logits = (anchors @ extra.T / temperature).masked_fill(~extra_ok, float("-inf"))  # (N, M)
         neg_logits = torch.cat([neg_logits, extra_logits], dim=1)  # (N, N + M)
@@ -139,10 +129,6 @@ def batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], text_key
     d_ids = docs[valid]
     p = d_all[:B]
     n = d_all[B:] if len(d_ids) > B else None
-    if gather.get("memory") is not None:  # cross-batch memory: more negatives, after the batch's own
-        mem_emb, _, mem_ids = gather["memory"]
-        n = mem_emb.to(p.dtype) if n is None else torch.cat([n, mem_emb.to(n.dtype)])
-        d_ids = np.concatenate([d_ids, mem_ids])
     cand_keys = torch.as_tensor(text_keys[d_ids], device=dev)
     anchor_keys = torch.as_tensor(batch.anchor_keys, device=dev)
     anchor_ids = torch.as_tensor(batch.anchors, device=dev)
@@ -152,7 +138,7 @@ def batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], text_key
         pos_keys = torch.as_tensor(text_keys[batch.positives], device=dev)
         exclude_sym = false_negative_mask(pos_keys, anchor_keys, torch.as_tensor(batch.positives, device=dev), anchor_ids)
     loss = info_nce(q, p, n, temperature=loss_cfg.temperature, exclude=exclude, symmetric=loss_cfg.symmetric,
-                    exclude_sym=exclude_sym, margin=loss_cfg.margin)
+                    exclude_sym=exclude_sym)
     if loss_cfg.label_weight > 0 and batch.anchor_labels is not None:
         labels = torch.as_tensor(batch.anchor_labels, device=dev)
         loss = loss + loss_cfg.label_weight * label_contrastive(torch.cat([q, p]), torch.cat([labels, labels]),
@@ -175,34 +161,12 @@ def _group_batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], t
         extra = emb[gather["neg_start"]:gather["neg_start"] + len(neg_ids)]  # (M, D)
         extra_ok = ~false_negative_mask(keys, torch.as_tensor(text_keys[neg_ids], device=dev), ids,
                                         torch.as_tensor(neg_ids, device=dev))  # (B, M)
-    if gather.get("memory") is not None:  # cross-batch memory (`memory.NegativeMemory`): negatives as above
-        mem_emb, mem_keys, mem_ids = gather["memory"]
-        mem_ok = ~false_negative_mask(keys, torch.as_tensor(mem_keys, device=dev), ids,
-                                      torch.as_tensor(mem_ids, device=dev))  # (B, K)
-        extra = mem_emb.to(d.dtype) if extra is None else torch.cat([extra, mem_emb.to(extra.dtype)])
-        extra_ok = mem_ok if extra_ok is None else torch.cat([extra_ok, mem_ok], dim=1)
     loss = group_info_nce(q, d, keys, ids[:, None] == ids[None, :], temperature=loss_cfg.temperature,
-                          extra=extra, extra_ok=extra_ok, margin=loss_cfg.margin)
+                          extra=extra, extra_ok=extra_ok)
     if loss_cfg.label_weight > 0 and batch.anchor_labels is not None:
         loss = loss + loss_cfg.label_weight * label_contrastive(d, torch.as_tensor(batch.anchor_labels, device=dev),
                                                                 temperature=loss_cfg.label_temperature)
     return loss
-
-
-def memory_rows(emb: torch.Tensor, batch: Batch, gather: dict[str, Any],
-                text_keys: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """A step's rows for the cross-batch memory: (document-form embeddings (M, D), keys, text ids)
-    of its unique candidates (a group batch's texts; a pairs batch's positives and negatives)."""
-    if batch.positives is None:
-        n = gather["n_q"]
-        ids = np.unique(batch.anchors)  # the order batch_sequences embedded them in
-        rows = emb[n:2 * n] if gather["two_forms"] else emb[:n]
-    else:
-        docs = np.concatenate([batch.positives, batch.negatives.reshape(-1)]) if batch.negatives is not None \
-            else batch.positives
-        ids = np.unique(docs[gather["valid"]])
-        rows = emb[gather["n_q"]:gather["n_q"] + len(ids)]
-    return rows, text_keys[ids], ids
 
 
 # ---------------------------------------------------------------------------------------

@@ -121,35 +121,6 @@ def test_group_info_nce_matches_hand_computation():
     assert got.item() == pytest.approx((row0 + row1) / 2, rel=1e-12)
 
 
-def test_margin_is_taken_off_the_positive_cosine_only():
-    from embedft.training.losses import group_info_nce
-
-    # Pairs data: cos matrix [[1, .6], [.6, 1]]; the two hard negatives sit at cos 0 and 0.8 from
-    # either anchor. The margin lowers the positive (1 -> 1 - m), never a negative.
-    a = _unit([1.0, 0.0], [0.6, 0.8])
-    n = _unit([0.0, 1.0], [0.8, -0.6])
-    t, m = 0.5, 0.2
-    row = -math.log(math.exp((1 - m) / t) / (math.exp((1 - m) / t) + math.exp(0.6 / t) + math.exp(0.0) + math.exp(0.8 / t)))
-    assert info_nce(a, a, n, temperature=t, margin=m).item() == pytest.approx(row, rel=1e-12)
-    sym_row = -math.log(math.exp((1 - m) / t) / (math.exp((1 - m) / t) + math.exp(0.6 / t)))
-    got = info_nce(a, a, temperature=t, margin=m, symmetric=True)
-    assert got.item() == pytest.approx(0.5 * (sym_row + sym_row), rel=1e-12)
-    # Group batches: the hand computation of test_group_info_nce_matches_hand_computation, pairs at 0.8 - m.
-    emb = _unit([1.0, 0.0], [0.8, 0.6], [0.0, 1.0])
-    row0 = -math.log(math.exp((0.8 - m) / t) / (math.exp((0.8 - m) / t) + math.exp(0.0 / t)))
-    row1 = -math.log(math.exp((0.8 - m) / t) / (math.exp((0.8 - m) / t) + math.exp(0.6 / t)))
-    got = group_info_nce(emb, emb, torch.tensor([5, 5, 9]), torch.eye(3, dtype=torch.bool), temperature=t, margin=m)
-    assert got.item() == pytest.approx((row0 + row1) / 2, rel=1e-12)
-
-
-def test_margin_out_of_range_is_refused_naming_the_option():
-    from embedft.config import LossConfig
-    from embedft.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="loss.margin"):
-        LossConfig(margin=-0.1)
-
-
 def test_group_info_nce_never_uses_a_positive_as_a_negative():
     from embedft.training.losses import group_info_nce
 
