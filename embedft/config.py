@@ -249,9 +249,6 @@ class TrainConfig:
     batch_size: int = 64  # anchors per step (each brings a positive)
     lr: float = 1e-3  # peak learning rate (AdamW over the LoRA parameters only)
     weight_decay: float = 0.01  # AdamW weight decay
-    # LoRA+ (Hayou et al. 2024): the LoRA B matrices learn at lr x this ratio, the A matrices at lr
-    # (B starts at zero and A random, so one rate for both under-trains B). null: one rate for all.
-    lora_plus_ratio: float | None = None
     warmup_ratio: float = 0.1  # share of the steps spent warming the learning rate up
     warmup_steps: int | None = None  # overrides warmup_ratio when set
     scheduler: str = "linear"  # linear|cosine|constant
@@ -313,8 +310,6 @@ class TrainConfig:
         _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", f"learning rate must be > 0, got {self.lr}")
         _check(0 <= self.weight_decay < math.inf, "train.weight_decay",
                f"must be a finite number >= 0, got {self.weight_decay}")
-        _check(self.lora_plus_ratio is None or (self.lora_plus_ratio > 0 and math.isfinite(self.lora_plus_ratio)),
-               "train.lora_plus_ratio", f"must be > 0 or null (one rate for A and B), got {self.lora_plus_ratio}")
         _check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _check(self.warmup_steps is None or self.warmup_steps >= 0, "train.warmup_steps",
                f"must be >= 0, got {self.warmup_steps}")

@@ -78,18 +78,12 @@ def base_dropout(encoder: Encoder, enabled: bool):
 
 
 def make_optimizer(encoder: Encoder, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the trainable (LoRA) parameters only; with train.lora_plus_ratio the B matrices in a
-    group of their own at lr x ratio (the scheduler scales both groups alike)."""
-    named = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
-    if not named:
+    """AdamW over the trainable (LoRA) parameters only."""
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    if not params:
         raise RuntimeError("no trainable parameters: LoRA was not applied")
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    if cfg.lora_plus_ratio is None:
-        return torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
-    b = [p for n, p in named if ".lora_B." in n]
-    rest = [p for n, p in named if ".lora_B." not in n]
-    groups = [{"params": rest, "lr": cfg.lr}, {"params": b, "lr": cfg.lr * cfg.lora_plus_ratio}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
 def lr_lambda(total: int, warmup: int, kind: str):

@@ -11,7 +11,6 @@ import torch
 from embedft.config import LoraConfig, LossConfig, ModelConfig, TrainConfig
 from embedft.data.batches import build_pair_source, epoch_batches
 from embedft.data.examples import Examples
-from embedft.errors import ConfigError
 from embedft.modeling.builders import build_encoder
 from embedft.modeling.encoder import load_encoder
 from embedft.modeling.lora import apply_lora
@@ -491,30 +490,3 @@ def test_cached_negatives_replay_each_chunks_dropout(tiny_bert_dir):
     (l_ref, g_ref), (l_cached, g_cached) = results
     assert l_cached == pytest.approx(l_ref, abs=1e-6)
     assert max((g_ref[k] - g_cached[k]).abs().max().item() for k in g_ref) <= 1e-6
-
-
-def test_lora_plus_ratio_gives_the_b_matrices_their_own_rate(tiny_bert_dir):
-    from embedft.training.loop import lr_lambda, make_optimizer
-
-    enc = _encoder(tiny_bert_dir)
-    names = {id(p): n for n, p in enc.named_parameters() if p.requires_grad}
-    one = make_optimizer(enc, TrainConfig(lr=1e-3), torch.device("cpu"))
-    assert len(one.param_groups) == 1 and len(one.param_groups[0]["params"]) == len(names)
-    opt = make_optimizer(enc, TrainConfig(lr=1e-3, lora_plus_ratio=8), torch.device("cpu"))
-    a, b = opt.param_groups
-    assert {names[id(p)].split(".lora_")[1][0] for p in a["params"]} == {"A"}
-    assert {names[id(p)].split(".lora_")[1][0] for p in b["params"]} == {"B"}
-    assert len(a["params"]) + len(b["params"]) == len(names) and a["lr"] == 1e-3 and b["lr"] == pytest.approx(8e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(10, 2, "linear"))
-    opt.step()
-    sched.step()  # the schedule scales both groups alike
-    assert sched.get_last_lr() == pytest.approx([1e-3, 8e-3])
-    for _ in range(5):
-        opt.step()
-        sched.step()
-    assert sched.get_last_lr()[1] == pytest.approx(8 * sched.get_last_lr()[0])
-
-
-def test_lora_plus_ratio_is_checked():
-    with pytest.raises(ConfigError, match="train.lora_plus_ratio"):
-        TrainConfig(lora_plus_ratio=0)
