@@ -182,10 +182,6 @@ class LoraConfig:
     # 200 steps for 0.76x the samples/s on 2 CPU cores (docs/benchmarks.md, "LoRA on every linear layer").
     targets: str = "qkv"
     target_modules: tuple[str, ...] | None = None  # explicit module names (peft's target_modules); overrides targets
-    # DoRA (Liu et al. 2024; peft's use_dora): each adapted weight is split into a direction, which LoRA
-    # updates, and a per-output magnitude vector, trained too. Merges like LoRA; peft cannot mix DoRA
-    # adapters in one batch, so `embedft serve` refuses them (export a merged model instead).
-    dora: bool = False
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", f"rank must be >= 1, got {self.r}")

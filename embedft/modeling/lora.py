@@ -54,8 +54,7 @@ def apply_lora(encoder: Encoder, lora: LoraConfig) -> Encoder:
         raise ModelError(f"LoRA targets {missing} are not linear layers of {encoder.spec.base_model}; its linear "
                          f"layers are: {', '.join(linear_module_names(encoder.backbone))}. Set lora.target_modules")
     pcfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=list(targets), bias="none",
-                          use_dora=lora.dora)
+                          target_modules=list(targets), bias="none")
     with peft_quiet():
         peft_model = get_peft_model(encoder.backbone, pcfg)
     encoder.backbone = peft_model
