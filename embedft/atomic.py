@@ -392,6 +392,9 @@ def _read(lock: Path) -> str:
 
 
 def _in_use(folder: Path, owner: str, command: str, fix: str) -> WriteError:
+    # The holder wrote "pid host command": its own command, which may not be this one (an eval of a run
+    # that a train is writing).
     parts = owner.split(" ", 2)
-    who = f": process {parts[0]} on {parts[1]}" if len(parts) == 3 else ""
-    return WriteError(f"{folder} is in use by another {command}{who}. Wait for it to end, or {fix}")
+    holder, who = (parts[2], f": process {parts[0]} on {parts[1]}") if len(parts) == 3 else (command, "")
+    return WriteError(f"{folder} is in use by {'another ' if holder == command else ''}{holder}{who}. "
+                      f"Wait for it to end, or {fix}")

@@ -242,6 +242,40 @@ def test_train_into_a_run_folder_another_training_holds_is_refused(experiment, t
     assert (run / "adapter").is_dir() and not (run / LOCK_FILE).exists()
 
 
+def test_eval_into_a_run_folder_a_training_holds_is_refused_and_holds_it_itself(experiment, tiny_bert_dir, tmp_path,
+                                                                                monkeypatch):
+    """An eval of the old adapter, ending after a training of the same experiment, replaced the training's report."""
+    import embedft.recipes.eval as R
+    from embedft.atomic import LOCK_FILE, holding
+
+    model = ("-o", f"model.name={tiny_bert_dir}", "-o", "eval.compare_base=false", "-o", "tracking.enabled=false")
+    run = tmp_path / "run"
+    assert invoke("train", str(experiment), *model, "-o", "train.max_steps=1").exit_code == 0
+    report = (run / "eval" / "report.json").read_text()
+    with holding(run, "embedft train", "-"):
+        result = invoke("eval", str(experiment), *model)
+        assert_clean_error(result, f"{run} is in use by embedft train: process {os.getpid()} on ",
+                           "Wait for it to end, or write this report elsewhere with --out DIR")
+        assert (run / "eval" / "report.json").read_text() == report
+        assert invoke("eval", str(experiment), *model, "--out", str(tmp_path / "elsewhere")).exit_code == 0
+        assert (tmp_path / "elsewhere" / "report.json").is_file()
+
+    seen = []
+    real = R._evaluate_and_report
+
+    def train_meanwhile(*args, **kwargs):  # a training of the experiment started while the eval runs
+        seen.append((run / LOCK_FILE).read_text())
+        seen.append(invoke("train", str(experiment), *model, "-o", "train.max_steps=1"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "_evaluate_and_report", train_meanwhile)
+    assert invoke("eval", str(experiment), *model).exit_code == 0
+    assert seen[0].startswith(f"{os.getpid()} ") and seen[0].endswith(" embedft eval")
+    assert_clean_error(seen[1], f"{run} is in use by embedft eval: process {os.getpid()} on ",
+                       "give this run its own folder")
+    assert not (run / LOCK_FILE).exists()
+
+
 def test_train_loss_that_becomes_nan_is_one_line(experiment, tiny_bert_dir, monkeypatch):
     import embedft.training.losses as T
 

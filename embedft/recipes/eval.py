@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+from embedft.atomic import holding
 from embedft.config import ExperimentConfig, flatten, to_dict, to_yaml
 from embedft.data.examples import Examples, load_splits, retrieval_task
 from embedft.evaluation.tasks import check_tasks
@@ -16,6 +18,8 @@ from embedft.tracking import ui as mlflow_ui
 from embedft.tracking.base import NullTracker
 
 log = logging.getLogger(__name__)
+
+EVAL_IN_USE = "write this report elsewhere with --out DIR"
 
 
 def _report_dir(output_dir: Path, adapter_dir: Path | None, run_id: str | None) -> Path:
@@ -41,11 +45,8 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     import tempfile
 
     from embedft.errors import ModelError
-    from embedft.evaluation.report import check_report_dir, compare, format_table, quantization_meta, write_report
-    from embedft.evaluation.tasks import check_indexes, dropped_tasks, evaluate_encoder
-    from embedft.modeling.encoder import load_encoder
-    from embedft.modeling.lora import check_adapter_base, load_adapter, read_adapter_meta
-    from embedft.modeling.quantization import trained_quantization
+    from embedft.evaluation.report import check_report_dir
+    from embedft.modeling.lora import read_adapter_meta
 
     _check_extras(cfg)
     if save_index:
@@ -60,21 +61,44 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     adapter_dir: Path | None = None
     adapter_meta: dict = {}
     tmp_download = None
-    if not base_only:
-        if run_id:
-            from embedft.tracking import mlflow as tracking
-            from embedft.tracking import runs
+    try:
+        if not base_only:
+            if run_id:
+                from embedft.tracking import mlflow as tracking
+                from embedft.tracking import runs
 
-            tmp_download = tempfile.mkdtemp(prefix="embedft-adapter-")
-            adapter_dir = runs.download_adapter(tracking.resolve_uri(cfg.tracking), run_id, tmp_download)
-        else:
-            adapter_dir = Path(adapter) if adapter else cfg.output_dir / "adapter"
-            if not adapter_dir.exists():
-                raise ModelError(f"no adapter at {adapter_dir}; train first (embedft train {cfg.name}.yaml), pass "
-                                 "--adapter DIR or --run RUN_ID, or use --base-only")
-        adapter_meta = read_adapter_meta(adapter_dir)  # clear error for incomplete folders before loading a model
-    device, dist = setup_processes(cfg.train.device)
-    progress = progress and dist.is_main
+                tmp_download = tempfile.mkdtemp(prefix="embedft-adapter-")
+                adapter_dir = runs.download_adapter(tracking.resolve_uri(cfg.tracking), run_id, tmp_download)
+            else:
+                adapter_dir = Path(adapter) if adapter else cfg.output_dir / "adapter"
+                if not adapter_dir.exists():
+                    raise ModelError(f"no adapter at {adapter_dir}; train first (embedft train {cfg.name}.yaml), pass "
+                                     "--adapter DIR or --run RUN_ID, or use --base-only")
+            adapter_meta = read_adapter_meta(adapter_dir)  # clear error for incomplete folders before loading a model
+        device, dist = setup_processes(cfg.train.device)
+        progress = progress and dist.is_main
+        report_at = Path(out) if out else cfg.eval_output_dir or _report_dir(cfg.output_dir, adapter_dir, run_id)
+        # A report into the run folder holds it, as `embedft train` does: a training of that experiment meanwhile
+        # writes its own report there, which this one, of the adapter read before it ended, must not replace.
+        held = dist.is_main and cfg.output_dir.is_dir() and \
+            report_at.resolve().is_relative_to(cfg.output_dir.resolve())
+        with holding(cfg.output_dir, "embedft eval", EVAL_IN_USE) if held else contextlib.nullcontext():
+            return _evaluate_and_report(cfg, train_ex, eval_ex, adapter_dir, adapter_meta, run_id, report_at,
+                                        compare_base, base_only, save_index, device, dist, progress)
+    finally:
+        if tmp_download:
+            shutil.rmtree(tmp_download, ignore_errors=True)
+
+
+def _evaluate_and_report(cfg: ExperimentConfig, train_ex: Examples, eval_ex: Examples, adapter_dir: Path | None,
+                         adapter_meta: dict, run_id: str | None, report_at: Path, compare_base: bool,
+                         base_only: bool, save_index: str | None, device, dist, progress: bool) -> dict[str, Any]:
+    from embedft.evaluation.report import compare, format_table, quantization_meta, write_report
+    from embedft.evaluation.tasks import check_indexes, dropped_tasks, evaluate_encoder
+    from embedft.modeling.encoder import load_encoder
+    from embedft.modeling.lora import check_adapter_base, load_adapter
+    from embedft.modeling.quantization import trained_quantization
+
     tracker = open_tracker(cfg.tracking, cfg.tracking.experiment or cfg.name, cfg.output_dir) if dist.is_main \
         else NullTracker()
     encoder = load_encoder(cfg.model, device)
@@ -90,10 +114,7 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     if not dist.is_main:  # this rank embedded its shares; rank 0 reports
         if save_index:
             _save_retrieval_index(encoder, eval_ex, cfg, save_index, str(adapter_dir) if adapter_dir else None)
-        if tmp_download:
-            shutil.rmtree(tmp_download, ignore_errors=True)
         return {"rank": dist.rank}
-    report_at = Path(out) if out else cfg.eval_output_dir or _report_dir(cfg.output_dir, adapter_dir, run_id)
     report_dir = write_report(report_at, base_eval, adapted_eval,
                               {"name": cfg.name, "model": cfg.model.name,
                                "dropped_tasks": dropped_tasks(cfg.eval, train_ex, eval_ex),
@@ -110,16 +131,12 @@ def run_eval(cfg: ExperimentConfig, adapter: str | None = None, run_id: str | No
     if run_id:
         tags["embedft.source_run_id"] = run_id
     tracker.start_run(run_name=f"eval-{cfg.name}", params=flatten(to_dict(cfg)), tags=tags)
-    try:
-        with ending(tracker):
-            tracker.log_text(to_yaml(cfg), "config.yaml")
-            tracker.log_input(name=f"{cfg.name}-eval", digest=eval_ex.digest(), n_rows=len(eval_ex),
-                              source=eval_ex.source, context="evaluation")
-            tracker.log_metrics(metrics, step=0)
-            tracker.log_artifacts(str(report_dir), "eval")
-    finally:
-        if tmp_download:
-            shutil.rmtree(tmp_download, ignore_errors=True)
+    with ending(tracker):
+        tracker.log_text(to_yaml(cfg), "config.yaml")
+        tracker.log_input(name=f"{cfg.name}-eval", digest=eval_ex.digest(), n_rows=len(eval_ex),
+                          source=eval_ex.source, context="evaluation")
+        tracker.log_metrics(metrics, step=0)
+        tracker.log_artifacts(str(report_dir), "eval")
     return {"report": str(report_dir), "metrics": metrics,
             "table": format_table(compare(base_eval.metrics if base_eval else None,
                                           adapted_eval.metrics if adapted_eval else None))}
