@@ -46,10 +46,15 @@ class _Group(click.Group):
         # FloatingPointError: the training loop's "loss became nan", whose message names train.lr.
         known = (EmbedftError, FileNotFoundError, FloatingPointError)
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
         except known as e:
             click.echo(f"error{_rank_label()}: {e}", err=True)
             sys.exit(2)
+        if "torch.distributed" in sys.modules:  # under torchrun: leave together (`distributed.teardown`)
+            from embedft import distributed
+
+            distributed.teardown(sync=True)
+        return result
 
 
 def _is_main() -> bool:
@@ -376,8 +381,10 @@ def index_build(model_dir, corpus, text_column, id_column, label_column, no_head
         m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
                          header=not no_header, label_column=label_column, overwrite=overwrite,
                          progress=_progress(no_progress), chunk_rows=chunk_rows, **_encode_kwargs(batch_size, device))
-    finally:
+    except BaseException:
         distributed.teardown()
+        raise
+    distributed.teardown(sync=True)
     if _is_main():
         click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
 

@@ -112,11 +112,17 @@ def place(device):
     return device, d
 
 
-def teardown() -> None:
-    """Leave the process group (at the end of a command)."""
+def teardown(sync: bool = False) -> None:
+    """Leave the process group (at the end of a command). With `sync` (a command that ended well on every
+    rank), after a barrier: every rank's last collective is then complete before any rank closes its
+    connections. Without one, a rank that left at once could close them under a gloo peer still finishing
+    its last send, which aborts that peer ("terminate called without an active exception"). A failed
+    command leaves without it: the other ranks may be in another collective, and torchrun stops them."""
     import torch.distributed as td
 
     if td.is_available() and td.is_initialized():
+        if sync:
+            td.barrier()
         td.destroy_process_group()
 
 

@@ -62,3 +62,31 @@ def test_two_ranks_give_the_one_process_loss_rows_and_gradient(n):
         np.testing.assert_allclose(r["rows"], one["rows"], atol=1e-6)
         np.testing.assert_allclose(r["grad"], one["grad"], atol=1e-6)
         assert r["uneven"].ravel().tolist() == [0, 0, 1, 1, 1, 1]  # rank 0's one row, then rank 1's two
+
+
+def test_a_command_that_ends_well_leaves_the_process_group_after_a_barrier_and_a_failed_one_without(monkeypatch,
+                                                                                                    tmp_path):
+    """A rank that closed its gloo connections at once could abort a peer still finishing its last send."""
+    import torch.distributed as td
+    from click.testing import CliRunner
+
+    from embedft.cli import main
+
+    calls = []
+    monkeypatch.setattr(td, "is_initialized", lambda: True)
+    monkeypatch.setattr(td, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(td, "destroy_process_group", lambda: calls.append("destroy"))
+    D.teardown(sync=True)
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    D.teardown()
+    assert calls == ["destroy"]
+
+    calls.clear()
+    assert CliRunner().invoke(main, ["check", "experiments/default.yaml"]).exit_code == 0
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {lr: -1}\n")
+    assert CliRunner().invoke(main, ["check", str(bad)]).exit_code == 2
+    assert "barrier" not in calls  # the other ranks may wait in another collective: no barrier to pair with it
