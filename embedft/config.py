@@ -266,9 +266,6 @@ class TrainConfig:
     # groups/similar_groups: a group's texts lie in a batch in pieces of group_size to 2 x group_size - 1
     # (every text once per epoch): with group_size 4, a text has 3+ positives in its batch.
     group_size: int = 4
-    # groups/similar_groups on grouped data: the texts of single-text groups (single-offer products, which
-    # the eval corpus holds as distractors) join the batches as negatives only; an epoch grows by their number.
-    singleton_negatives: bool = False
     mini_batch_size: int | None = None  # cached negatives (GradCache): embed in chunks of this size
     output_dir: str = "runs/{name}"  # the run folder; {name} = the experiment's name
     # A checkpoint every this many steps as well as at each epoch's end, so --resume loses at

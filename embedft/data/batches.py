@@ -35,10 +35,6 @@ class PairSource:
     negatives: np.ndarray | None  # (N, H) text ids (pairs), -1 padded
     batch_labels: np.ndarray | None  # (N,) int, for by_label sampling
     shape: str = "grouped"  # of the examples: labeled, grouped or pairs (train.batch_sampling=auto follows it)
-    # Grouped data: the texts of groups with one distinct text (no positive, so never anchors), and their
-    # label ids; group batches take them as negatives only with train.singleton_negatives.
-    singles: np.ndarray | None = None
-    single_labels: np.ndarray | None = None
 
     @property
     def n_anchors(self) -> int:
@@ -106,22 +102,17 @@ def build_pair_source(ex: Examples) -> PairSource:
     members_np = {k: np.unique(np.array(v)) for k, v in members.items()}
     # Anchors need at least one other member to pair with.
     keep = np.array([len(members_np[k]) >= 2 for k in anchor_keys.tolist()], dtype=bool)
-    batch_labels = single_labels = None
-    # A single group's text that is also another group's member is there already: laid once, as that member.
-    singles, first = np.unique(anchors[~keep], return_index=True)
-    in_groups = np.isin(singles, anchors[keep])
-    singles, first = singles[~in_groups], first[~in_groups]
+    batch_labels = None
     if ex.labels is not None:
         lab_of: dict[str, int] = {}
-        all_labels = np.array([lab_of.setdefault(lab, len(lab_of)) for lab in ex.labels])
-        batch_labels, single_labels = all_labels[keep], all_labels[~keep][first]
+        batch_labels = np.array([lab_of.setdefault(lab, len(lab_of)) for lab in ex.labels])[keep]
     if not keep.any():
         raise DataError(f"{ex.source}: no label or group has two different texts, so there are no positive pairs")
     what = "label" if ex.shape == "labeled" else "group"
     _check_contrast(ex, anchor_keys[keep], f"every training text with a positive has the same {what} "
                                            f"({ex.groups[int(np.flatnonzero(keep)[0])]!r})")
     return PairSource(list(table), anchors[keep], anchor_keys[keep], text_keys, members_np, None, None, batch_labels,
-                      ex.shape, singles, single_labels)
+                      ex.shape)
 
 
 def _check_contrast(ex: Examples, anchor_keys: np.ndarray, why: str) -> None:
@@ -147,21 +138,18 @@ class Batch:
     anchor_labels: np.ndarray | None = None  # (B,) label ids (grouped data with labels); positives share them
 
 
-def anchors_per_epoch(src: PairSource, sampling: str = "random", group_size: int = 4, singles: bool = False) -> int:
+def anchors_per_epoch(src: PairSource, sampling: str = "random", group_size: int = 4) -> int:
     """Anchors one epoch draws from: every anchor, or for group batches every text of each group
-    that can train (`group_batches` lays all of a group's texts, `group_size` at a time), and with
-    `singles` the single groups' texts laid as negatives."""
+    that can train (`group_batches` lays all of a group's texts, `group_size` at a time)."""
     if sampling in GROUP_SAMPLINGS:
-        n_single = len(src.singles) if singles and src.singles is not None else 0
-        return int(sum(len(src.members[k]) for k in group_keys(src).tolist())) + n_single
+        return int(sum(len(src.members[k]) for k in group_keys(src).tolist()))
     return src.n_anchors
 
 
 def check_schedule(src: PairSource, cfg: TrainConfig, source: str = "training data") -> int:
     """The run's optimizer steps; a clear error, naming `source`, when one epoch has fewer anchors
     than a batch or the warmup is longer than the whole run."""
-    n = anchors_per_epoch(src, resolve_batch_sampling(cfg.batch_sampling, src.shape), cfg.group_size,
-                          cfg.singleton_negatives)
+    n = anchors_per_epoch(src, resolve_batch_sampling(cfg.batch_sampling, src.shape), cfg.group_size)
     if n < cfg.batch_size:
         raise DataError(f"{source}: train.batch_size={cfg.batch_size} is larger than the {n} training anchors per "
                         f"epoch (texts with a positive); lower train.batch_size to at most {n}")
@@ -174,19 +162,18 @@ def check_schedule(src: PairSource, cfg: TrainConfig, source: str = "training da
     return steps
 
 
-def steps_per_epoch(src: PairSource, batch_size: int, sampling: str = "random", group_size: int = 4,
-                    singles: bool = False) -> int:
+def steps_per_epoch(src: PairSource, batch_size: int, sampling: str = "random", group_size: int = 4) -> int:
     """Full batches per epoch (a ragged last batch is dropped: it would have fewer negatives)."""
-    return anchors_per_epoch(src, sampling, group_size, singles) // batch_size
+    return anchors_per_epoch(src, sampling, group_size) // batch_size
 
 
 def epoch_batches(src: PairSource, batch_size: int, seed: int, epoch: int, sampling: str = "random",
                   hard_negatives: int = 0, mined: np.ndarray | None = None, group_size: int = 4,
-                  neighbours: np.ndarray | None = None, singles: bool = False) -> Iterator[Batch]:
+                  neighbours: np.ndarray | None = None) -> Iterator[Batch]:
     """Batches of one epoch, a pure function of (seed, epoch) so a resumed run replays them exactly."""
     if sampling in GROUP_SAMPLINGS:
         yield from group_batches(src, batch_size, seed, epoch, group_size,
-                                 neighbours if sampling == "similar_groups" else None, singles)
+                                 neighbours if sampling == "similar_groups" else None)
         return
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(src.n_anchors)
@@ -235,7 +222,7 @@ NEIGHBOUR_RUN = 8
 
 
 def group_batches(src: PairSource, batch_size: int, seed: int, epoch: int, group_size: int = 4,
-                  neighbours: np.ndarray | None = None, singles: bool = False) -> Iterator[Batch]:
+                  neighbours: np.ndarray | None = None) -> Iterator[Batch]:
     """Batches of groups: every text of every group once per epoch, each group's texts (a fresh
     shuffle each epoch) laid together in pieces of `group_size` to 2 x `group_size` - 1 texts
     (`group_pieces`), the pieces in random order, cut every `batch_size` texts.
@@ -247,9 +234,7 @@ def group_batches(src: PairSource, batch_size: int, seed: int, epoch: int, group
     into `group_keys(src)`, nearest first) the pieces go in runs of NEIGHBOUR_RUN neighbouring
     groups (the i-th piece of each group of a run together), so in-batch negatives are hard ones
     (the 128GB variant next to the 64GB phone) at no extra forward pass. Only the ragged last
-    batch (fewer than `batch_size` texts) is left out. With `singles`, each text of a single group
-    (`PairSource.singles`) is a piece of its own among the others: a negative for every other text
-    of its batch, an anchor of nothing (it has no positive).
+    batch (fewer than `batch_size` texts) is left out.
     """
     rng = np.random.default_rng([seed, epoch])
     keys = group_keys(src)
@@ -259,23 +244,18 @@ def group_batches(src: PairSource, batch_size: int, seed: int, epoch: int, group
     blocks = []  # texts laid together: one piece, or the r-th pieces of a run of neighbouring groups
     for r in range(max(len(p) for p in pieces)):
         for run in runs:
-            block = [(int(keys[g]), pieces[g][r]) for g in run if r < len(pieces[g])]
+            block = [(g, pieces[g][r]) for g in run if r < len(pieces[g])]
             if block:
                 blocks.append(block)
-    singles = singles and src.singles is not None
-    if singles:
-        blocks += [[(int(src.text_keys[t]), np.array([t]))] for t in src.singles.tolist()]
     text_labels = None
     if src.batch_labels is not None:
         text_labels = np.full(len(src.texts), -1, dtype=np.int64)
         text_labels[src.anchors] = src.batch_labels
-        if singles:
-            text_labels[src.singles] = src.single_labels
     ids, id_keys = [], []
     for b in rng.permutation(len(blocks)).tolist():
-        for key, piece in blocks[b]:
+        for g, piece in blocks[b]:
             ids.append(piece)
-            id_keys.append(np.full(len(piece), key, dtype=np.int64))
+            id_keys.append(np.full(len(piece), keys[g], dtype=np.int64))
     flat, flat_keys = np.concatenate(ids), np.concatenate(id_keys)
     for i in range(0, len(flat) - batch_size + 1, batch_size):
         texts = flat[i:i + batch_size]

@@ -162,8 +162,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                 break
             miner.at_epoch_start(step, mid_epoch_resume=epoch == start_epoch and skip > 0)
             batches = epoch_batches(src, cfg.batch_size, cfg.seed, epoch, sampling,
-                                    loss_cfg.hard_negatives, None, cfg.group_size, miner.neighbours,
-                                    cfg.singleton_negatives)
+                                    loss_cfg.hard_negatives, None, cfg.group_size, miner.neighbours)
             # An epoch's batches are a pure function of (seed, epoch): a run resumed from a
             # mid-epoch checkpoint skips the ones done and goes on with the same next batch.
             skip = skip if epoch == start_epoch else 0

@@ -118,43 +118,6 @@ def test_group_batches_cover_every_text_of_every_group_each_epoch(group_size):
     assert again != [b.anchors.tolist() for b in epoch_batches(src, 8, seed=0, epoch=1, sampling="groups")]
 
 
-def test_single_groups_join_group_batches_as_negatives_only_when_asked():
-    # 20 groups of 2-6 texts, then 7 single-text groups: one whose text another group also has (laid once, as
-    # that group's member), one given twice (one distinct text), and five plain ones.
-    rows = [(f"t{g}-{j}", f"g{g}", f"lab{g % 3}") for g in range(20) for j in range(2 + g % 5)]
-    rows += [("t0-0", "s0", "lab2"), ("dup", "s1", "lab1"), ("dup", "s1", "lab1")]
-    rows += [(f"single {i}", f"s{i + 2}", f"lab{i % 3}") for i in range(5)]
-    ex = Examples("grouped", "mem", np.arange(len(rows)) + 2, [r[0] for r in rows],
-                  groups=[r[1] for r in rows], labels=[r[2] for r in rows])
-    src = build_pair_source(ex)
-    single_texts = sorted(src.texts[t] for t in src.singles.tolist())
-    assert single_texts == ["dup"] + [f"single {i}" for i in range(5)]
-    plain = anchors_per_epoch(src, "groups")
-    assert anchors_per_epoch(src, "groups", singles=True) == plain + 6 == sum(2 + g % 5 for g in range(20)) + 6
-    assert [b.anchors.tolist() for b in epoch_batches(src, 8, 0, 0, "groups")] == \
-        [b.anchors.tolist() for b in epoch_batches(src, 8, 0, 0, "groups", singles=False)]  # off: as before
-
-    batches = list(epoch_batches(src, 8, seed=0, epoch=0, sampling="groups", singles=True))
-    assert len(batches) == steps_per_epoch(src, 8, "groups", singles=True) == (plain + 6) // 8
-    flat = np.concatenate([b.anchors for b in batches])
-    keys = np.concatenate([b.anchor_keys for b in batches])
-    labels = np.concatenate([b.anchor_labels for b in batches])
-    assert len(set(flat.tolist())) == len(flat)  # every text at most once an epoch, the single ones too
-    lab_of_text = {t: lab for t, _, lab in reversed(rows)}  # "t0-0": its first group's (g0, lab0)
-    assert [f"lab{lab}" for lab in labels.tolist()] == [lab_of_text[src.texts[t]] for t in flat.tolist()]
-    is_single = np.isin(flat, src.singles)
-    assert (src.text_keys[flat[is_single]] == keys[is_single]).all()
-    # A single text has no other text of its key in any batch: the loss takes it as a negative only.
-    for b in batches:
-        for t, k in zip(b.anchors.tolist(), b.anchor_keys.tolist()):
-            if t in src.singles:
-                assert (b.anchor_keys == k).sum() == 1
-    missing = set(src.singles.tolist()) - set(flat.tolist())
-    assert len(missing) <= (plain + 6) % 8  # only the ragged tail is left out
-    cfg = TrainConfig(batch_size=8, batch_sampling="groups", epochs=1, singleton_negatives=True)
-    assert check_schedule(src, cfg) == len(batches)
-
-
 def test_group_pieces_by_hand():
     assert [p.tolist() for p in group_pieces(np.arange(3), 4)] == [[0, 1, 2]]  # fewer than group_size: one piece
     assert [p.tolist() for p in group_pieces(np.arange(5), 4)] == [[0, 1, 2, 3, 4]]  # never a lone text
