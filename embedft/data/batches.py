@@ -35,6 +35,9 @@ class PairSource:
     negatives: np.ndarray | None  # (N, H) text ids (pairs), -1 padded
     batch_labels: np.ndarray | None  # (N,) int, for by_label sampling
     shape: str = "grouped"  # of the examples: labeled, grouped or pairs (train.batch_sampling=auto follows it)
+    # Grouped/labeled data: (T,) True for a text of more than one group or label (one title on two products).
+    # `text_keys` holds only one of its keys, so a key test cannot tell it from a negative: mining skips it.
+    shared: np.ndarray | None = None
 
     @property
     def n_anchors(self) -> int:
@@ -96,6 +99,8 @@ def build_pair_source(ex: Examples) -> PairSource:
     anchor_keys = np.array([key_of.setdefault(g, len(key_of)) for g in ex.groups])
     text_keys = np.full(len(table), -1, dtype=np.int64)
     text_keys[anchors] = anchor_keys
+    text_key_pairs = np.unique(np.stack([anchors, anchor_keys], axis=1), axis=0)  # (text, key), each once
+    shared = np.bincount(text_key_pairs[:, 0], minlength=len(table)) > 1
     members: dict[int, list[int]] = {}
     for a, k in zip(anchors.tolist(), anchor_keys.tolist()):
         members.setdefault(k, []).append(a)
@@ -112,7 +117,7 @@ def build_pair_source(ex: Examples) -> PairSource:
     _check_contrast(ex, anchor_keys[keep], f"every training text with a positive has the same {what} "
                                            f"({ex.groups[int(np.flatnonzero(keep)[0])]!r})")
     return PairSource(list(table), anchors[keep], anchor_keys[keep], text_keys, members_np, None, None, batch_labels,
-                      ex.shape)
+                      ex.shape, shared)
 
 
 def _check_contrast(ex: Examples, anchor_keys: np.ndarray, why: str) -> None:

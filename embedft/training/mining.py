@@ -84,6 +84,8 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
         cand, s = pool[ranked[row][ok]], scores[row][ok]
         eligible = (src.text_keys[cand] != anchor_key[a]) | (src.text_keys[cand] < 0)
         eligible &= cand != a
+        if src.shared is not None:  # a text of several groups may be of the anchor's: never a negative
+            eligible &= ~src.shared[cand]
         cand, s = cand[eligible][range_min:], s[eligible][range_min:]
         keep = np.ones(len(cand), dtype=bool)
         if np.isfinite(pos[a]):

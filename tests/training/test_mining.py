@@ -88,6 +88,22 @@ def test_mining_finds_the_planted_hard_negative_and_filters_the_near_duplicate_o
         assert got and all(GROUP_OF[src.texts[m]] != GROUP_OF[t] for m in got), t
 
 
+def test_a_text_of_two_groups_is_never_mined():
+    # "twin" is one title on two products, A and B (as 396 PriceRunner training titles are). The pair source keeps
+    # one key per text (B's, the last), so a key test took twin, a member of a1's own group, for a1's nearest
+    # negative of another group.
+    vec = {"a1": _unit(1.0, 1), "a2": _unit(0.8, 1), "twin": _unit(0.9, 2), "b2": _unit(0.0, 4),
+           "hard": _unit(0.7, 3), "c2": _unit(0.0, 5)}
+    rows = [("a1", "A"), ("a2", "A"), ("twin", "A"), ("twin", "B"), ("b2", "B"), ("hard", "C"), ("c2", "C")]
+    ex = Examples("grouped", "planted", np.arange(len(rows)) + 1, [t for t, _ in rows], groups=[g for _, g in rows])
+    src = build_pair_source(ex)
+    assert [src.texts[i] for i in np.flatnonzero(src.shared)] == ["twin"]
+    enc = VectorEncoder({t: vec[t] for t in src.texts})
+    mined = mine_hard_negatives(enc, src, TokenCache(enc, src.texts), 1, CPU, relative_margin=None)
+    assert _mined_for(src, mined, "a1") == ["hard"]
+    assert all(src.texts.index("twin") not in row.tolist() for row in mined)
+
+
 def test_mining_pairs_uses_each_rows_positive_and_only_documents_as_candidates():
     # q1's positive p1 scores 0.80; dup (q3's positive) 0.85: filtered; p2 0.50 is the hard negative;
     # q2 scores 0.90 but is a query, never a document: not a candidate.
