@@ -44,12 +44,13 @@ def main() -> None:
                          "false); there is nothing to measure alpha on")
     layers = [m for m in encoder.backbone.modules() if isinstance(m, LoraLayer)]
     scales = [dict(m.scaling) for m in layers]  # peft multiplies each layer's B A x by scaling[adapter]
+    device = next(encoder.backbone.parameters()).device
     results = []
     for alpha in alphas:
         for m, scale in zip(layers, scales):
             m.scaling.update({name: s * alpha for name, s in scale.items()})
         t0 = time.perf_counter()
-        out = validate(encoder, val, None, None, cfg.train.batch_size, next(encoder.backbone.parameters()).device, cfg.train.seed)
+        out = validate(encoder, val, None, None, cfg.train.batch_size, device, cfg.train.seed)
         results.append({"alpha": alpha, **out, "seconds": round(time.perf_counter() - t0, 1)})
         print(f"alpha {alpha:g}: {val.metric} {out[val.metric]:.4f}", flush=True)
     print(json.dumps({"experiment": args.experiment, "adapter": args.adapter, "metric": val.metric,

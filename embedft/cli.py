@@ -49,12 +49,22 @@ class _Group(click.Group):
             result = super().invoke(ctx)
         except known as e:
             click.echo(f"error{_rank_label()}: {e}", err=True)
+            _leave_process_group(sync=False)
             sys.exit(2)
-        if "torch.distributed" in sys.modules:  # under torchrun: leave together (`distributed.teardown`)
-            from embedft import distributed
-
-            distributed.teardown(sync=True)
+        except BaseException:
+            _leave_process_group(sync=False)
+            raise
+        _leave_process_group(sync=True)
         return result
+
+
+def _leave_process_group(sync: bool) -> None:
+    """Under torchrun, leave the process group as the command ends: after a barrier when it ended well on this
+    rank (`distributed.teardown`). Nothing to do where torch was never imported."""
+    if "torch.distributed" in sys.modules:
+        from embedft import distributed
+
+        distributed.teardown(sync=sync)
 
 
 def _is_main() -> bool:
@@ -374,17 +384,11 @@ def index_build(model_dir, corpus, text_column, id_column, label_column, no_head
     Under torchrun (torchrun --nproc-per-node N -m embedft index build ...) the processes share
     the corpus's shards and rank 0 saves the index.
     """
-    from embedft import distributed
     from embedft.search.indexing import index_corpus
 
-    try:
-        m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
-                         header=not no_header, label_column=label_column, overwrite=overwrite,
-                         progress=_progress(no_progress), chunk_rows=chunk_rows, **_encode_kwargs(batch_size, device))
-    except BaseException:
-        distributed.teardown()
-        raise
-    distributed.teardown(sync=True)
+    m = index_corpus(model_dir, corpus, out, factory=factory, text_column=text_column, id_column=id_column,
+                     header=not no_header, label_column=label_column, overwrite=overwrite,
+                     progress=_progress(no_progress), chunk_rows=chunk_rows, **_encode_kwargs(batch_size, device))
     if _is_main():
         click.echo(f"index {out}: {m['count']} vectors, dim {m['dim']}, {factory}, model {m['model']}")
 

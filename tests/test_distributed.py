@@ -1,5 +1,7 @@
 """embedft.distributed: shares, the gather with its per-rank backward, and their no-op form in one process."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -83,6 +85,7 @@ def test_a_command_that_ends_well_leaves_the_process_group_after_a_barrier_and_a
     assert calls == ["destroy"]
 
     calls.clear()
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the experiment's data path is relative to the repo
     assert CliRunner().invoke(main, ["check", "experiments/default.yaml"]).exit_code == 0
     assert calls == ["barrier", "destroy"]
     calls.clear()

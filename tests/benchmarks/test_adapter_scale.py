@@ -1,5 +1,5 @@
 """benchmarks/adapter_scale.py on the sample data with a tiny random BERT: alpha 0 is the base model's
-validation metric, alpha 1 the adapter's, and the update really is scaled in between."""
+validation metric (the update scaled away) and alpha 1 the adapter's, each as `validate` measures it."""
 
 import json
 import sys
