@@ -7,6 +7,7 @@ random anchors, one label per batch (`by_label`), and whole groups laid end to e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Iterator
@@ -35,9 +36,20 @@ class PairSource:
     negatives: np.ndarray | None  # (N, H) text ids (pairs), -1 padded
     batch_labels: np.ndarray | None  # (N,) int, for by_label sampling
     shape: str = "grouped"  # of the examples: labeled, grouped or pairs (train.batch_sampling=auto follows it)
-    # Grouped/labeled data: (T,) True for a text of more than one group or label (one title on two products).
-    # `text_keys` holds only one of its keys, so a key test cannot tell it from a negative: mining skips it.
-    shared: np.ndarray | None = None
+    # (T, W) every key of each text, -1 padded: W > 1 where one text is of several groups or labels (one
+    # title on two products), of which `text_keys` holds only one. The losses' false-negative masks test
+    # these sets; None means one key per text (`text_keys`).
+    key_sets: np.ndarray | None = None
+
+    @functools.cached_property
+    def shared(self) -> np.ndarray | None:
+        """(T,) True for a text of more than one key (mining never takes one: it may be of the anchor's)."""
+        return None if self.key_sets is None else (self.key_sets[:, 1:] >= 0).any(axis=1)
+
+    @functools.cached_property
+    def keys(self) -> np.ndarray:
+        """(T, W) each text's keys for a false-negative mask: `key_sets`, else `text_keys` as one column."""
+        return self.text_keys[:, None] if self.key_sets is None else self.key_sets
 
     @property
     def n_anchors(self) -> int:
@@ -99,8 +111,7 @@ def build_pair_source(ex: Examples) -> PairSource:
     anchor_keys = np.array([key_of.setdefault(g, len(key_of)) for g in ex.groups])
     text_keys = np.full(len(table), -1, dtype=np.int64)
     text_keys[anchors] = anchor_keys
-    text_key_pairs = np.unique(np.stack([anchors, anchor_keys], axis=1), axis=0)  # (text, key), each once
-    shared = np.bincount(text_key_pairs[:, 0], minlength=len(table)) > 1
+    key_sets = _key_sets(len(table), anchors, anchor_keys)
     members: dict[int, list[int]] = {}
     for a, k in zip(anchors.tolist(), anchor_keys.tolist()):
         members.setdefault(k, []).append(a)
@@ -117,7 +128,17 @@ def build_pair_source(ex: Examples) -> PairSource:
     _check_contrast(ex, anchor_keys[keep], f"every training text with a positive has the same {what} "
                                            f"({ex.groups[int(np.flatnonzero(keep)[0])]!r})")
     return PairSource(list(table), anchors[keep], anchor_keys[keep], text_keys, members_np, None, None, batch_labels,
-                      ex.shape, shared)
+                      ex.shape, key_sets)
+
+
+def _key_sets(n_texts: int, text_ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """(n_texts, W) the distinct keys of each text, -1 padded; W is the most any text has (at least 1)."""
+    pairs = np.unique(np.stack([text_ids, keys], axis=1), axis=0)  # (text, key), each once, sorted by text
+    counts = np.bincount(pairs[:, 0], minlength=n_texts)
+    out = np.full((n_texts, max(1, int(counts.max(initial=0)))), -1, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out[pairs[:, 0], np.arange(len(pairs)) - starts[pairs[:, 0]]] = pairs[:, 1]
+    return out
 
 
 def _check_contrast(ex: Examples, anchor_keys: np.ndarray, why: str) -> None:

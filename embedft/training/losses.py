@@ -24,10 +24,14 @@ def false_negative_mask(anchor_keys: torch.Tensor, cand_keys: torch.Tensor,
                         anchor_ids: torch.Tensor, cand_ids: torch.Tensor) -> torch.Tensor:
     """(B, C) True where candidate j must not be a negative for anchor i.
 
-    A candidate is excluded when it shares the anchor's label/group key (key >= 0) or is
-    the very same text. The caller keeps each anchor's own positive (column i).
+    A candidate is excluded when it shares a label/group key (key >= 0) with the anchor or is
+    the very same text. Keys are (B,) and (C,), one per text, or (B, Wa) and (C, Wc), every key
+    of each text padded with -1 (a title of two products is a positive of both). The caller keeps
+    each anchor's own positive (column i).
     """
-    same_key = (anchor_keys[:, None] == cand_keys[None, :]) & (cand_keys[None, :] >= 0)  # (B, C)
+    a = anchor_keys.reshape(len(anchor_keys), -1)  # (B, Wa)
+    c = cand_keys.reshape(len(cand_keys), -1)  # (C, Wc)
+    same_key = ((a[:, None, :, None] == c[None, :, None, :]) & (c[None, :, None, :] >= 0)).any(-1).any(-1)  # (B, C)
     same_text = anchor_ids[:, None] == cand_ids[None, :]  # (B, C)
     return same_key | same_text
 
@@ -64,7 +68,7 @@ def _mask(logits: torch.Tensor, exclude: torch.Tensor | None, target: torch.Tens
 
 def group_info_nce(anchors: torch.Tensor, cands: torch.Tensor, keys: torch.Tensor, same_text: torch.Tensor, *,
                    temperature: float = 0.05, extra: torch.Tensor | None = None,
-                   extra_ok: torch.Tensor | None = None) -> torch.Tensor:
+                   extra_ok: torch.Tensor | None = None, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE over a batch of groups: every (anchor, positive) pair of one key, against the
     anchor's negatives (other keys); other positives of the anchor are masked out, never negatives.
 
@@ -74,12 +78,16 @@ def group_info_nce(anchors: torch.Tensor, cands: torch.Tensor, keys: torch.Tenso
     loss = -log(exp(s_ip) / (exp(s_ip) + sum_neg exp(s_in))), averaged over i's pairs, then
     over the anchors that have a pair; 0 when none has. `extra` (M, D) are further negative
     candidates (mined hard negatives, document form), `extra_ok` (N, M) True where candidate m may
-    be a negative of anchor i; they join every anchor's negatives, never its pairs.
+    be a negative of anchor i; they join every anchor's negatives, never its pairs. `exclude` (N, N)
+    True where j may not be i's negative although its key differs (a text of two groups: a positive
+    of both); such (i, j) are neither pair nor negative.
     """
     logits = anchors @ cands.T / temperature  # (N, N)
     same_key = keys[:, None] == keys[None, :]  # (N, N)
     pos = same_key & ~same_text
     neg = ~same_key & ~same_text
+    if exclude is not None:
+        neg &= ~exclude
     neg_logits = logits.masked_fill(~neg, float("-inf"))  # (N, N)
     if extra is not None and extra.shape[0] > 0:
         extra_logits = (anchors @ extra.T / temperature).masked_fill(~extra_ok, float("-inf"))  # (N, M)
@@ -116,7 +124,8 @@ def label_contrastive(emb: torch.Tensor, labels: torch.Tensor, *, temperature: f
 
 def batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], text_keys: np.ndarray,
                loss_cfg: LossConfig) -> torch.Tensor:
-    """InfoNCE for a batch given the embeddings of its unique sequences (N, D)."""
+    """InfoNCE for a batch given the embeddings of its unique sequences (N, D). `text_keys` are each
+    training text's keys for the false-negative masks: (T,) or (T, W) (`PairSource.keys`)."""
     dev = emb.device
     if batch.positives is None:
         return _group_batch_loss(emb, batch, gather, text_keys, loss_cfg)
@@ -129,14 +138,16 @@ def batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], text_key
     d_ids = docs[valid]
     p = d_all[:B]
     n = d_all[B:] if len(d_ids) > B else None
-    cand_keys = torch.as_tensor(text_keys[d_ids], device=dev)
+    cand_keys = _keys(text_keys, d_ids, dev)  # (C, W)
     anchor_keys = torch.as_tensor(batch.anchor_keys, device=dev)
     anchor_ids = torch.as_tensor(batch.anchors, device=dev)
-    exclude = false_negative_mask(anchor_keys, cand_keys, anchor_ids, torch.as_tensor(d_ids, device=dev))
+    # An anchor's row key, and every key of its text: a text of two groups has a positive in both.
+    row_keys = torch.cat([anchor_keys[:, None], _keys(text_keys, batch.anchors, dev)], dim=1)  # (B, 1 + W)
+    exclude = false_negative_mask(row_keys, cand_keys, anchor_ids, torch.as_tensor(d_ids, device=dev))
     exclude_sym = None
     if loss_cfg.symmetric:
-        pos_keys = torch.as_tensor(text_keys[batch.positives], device=dev)
-        exclude_sym = false_negative_mask(pos_keys, anchor_keys, torch.as_tensor(batch.positives, device=dev), anchor_ids)
+        pos_keys = torch.cat([anchor_keys[:, None], _keys(text_keys, batch.positives, dev)], dim=1)
+        exclude_sym = false_negative_mask(pos_keys, row_keys, torch.as_tensor(batch.positives, device=dev), anchor_ids)
     loss = info_nce(q, p, n, temperature=loss_cfg.temperature, exclude=exclude, symmetric=loss_cfg.symmetric,
                     exclude_sym=exclude_sym)
     if loss_cfg.label_weight > 0 and batch.anchor_labels is not None:
@@ -155,18 +166,24 @@ def _group_batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], t
     d = emb[n:2 * n][inv] if gather["two_forms"] else q
     ids = torch.as_tensor(batch.anchors, device=dev)
     keys = torch.as_tensor(batch.anchor_keys, device=dev)
+    row_keys = torch.cat([keys[:, None], _keys(text_keys, batch.anchors, dev)], dim=1)  # (B, 1 + W)
     extra = extra_ok = None
     if "neg_ids" in gather:  # mined negatives (`mining.Miner`): never of the anchor's group, never the anchor
         neg_ids = gather["neg_ids"]
         extra = emb[gather["neg_start"]:gather["neg_start"] + len(neg_ids)]  # (M, D)
-        extra_ok = ~false_negative_mask(keys, torch.as_tensor(text_keys[neg_ids], device=dev), ids,
+        extra_ok = ~false_negative_mask(row_keys, _keys(text_keys, neg_ids, dev), ids,
                                         torch.as_tensor(neg_ids, device=dev))  # (B, M)
     loss = group_info_nce(q, d, keys, ids[:, None] == ids[None, :], temperature=loss_cfg.temperature,
-                          extra=extra, extra_ok=extra_ok)
+                          extra=extra, extra_ok=extra_ok, exclude=false_negative_mask(row_keys, row_keys, ids, ids))
     if loss_cfg.label_weight > 0 and batch.anchor_labels is not None:
         loss = loss + loss_cfg.label_weight * label_contrastive(d, torch.as_tensor(batch.anchor_labels, device=dev),
                                                                 temperature=loss_cfg.label_temperature)
     return loss
+
+
+def _keys(text_keys: np.ndarray, ids: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """(n, W) the keys of texts `ids`: rows of a (T, W) key-set array, or a (T,) one as one column."""
+    return torch.as_tensor(text_keys[ids], device=dev).reshape(len(ids), -1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,8 +193,8 @@ def _group_batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], t
 class BatchLoss(Protocol):
     """A training loss over one batch: (N, D) embeddings of the batch's unique sequences -> a scalar.
 
-    `gather` says which rows are whose (`training.tokens.batch_sequences`); `text_keys` (T,) is
-    each training text's group/label key (-1 for none), for false-negative masks.
+    `gather` says which rows are whose (`training.tokens.batch_sequences`); `text_keys` (T, W) are
+    each training text's group/label keys (-1 for none; `PairSource.keys`), for false-negative masks.
     """
 
     def __call__(self, emb: torch.Tensor, batch: Batch, gather: dict[str, Any],

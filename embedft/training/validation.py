@@ -77,7 +77,7 @@ def validate(encoder: Encoder, val: ValSet, text_keys_cache: tuple[PairSource, T
                     break
                 seqs, gather = batch_sequences(batch, cache)
                 emb = embed(encoder, seqs, device, amp=amp)
-                losses.append(float(loss_fn(emb, batch, gather, src.text_keys)))
+                losses.append(float(loss_fn(emb, batch, gather, src.keys)))
         encoder.train()
         if losses:
             out["val/loss"] = float(np.mean(losses))

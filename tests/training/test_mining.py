@@ -104,6 +104,42 @@ def test_a_text_of_two_groups_is_never_mined():
     assert all(src.texts.index("twin") not in row.tolist() for row in mined)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_text_of_two_groups_is_no_in_batch_negative_of_either(symmetric):
+    # "twin" is of products A and B; `text_keys` keeps B's key only. In a pair batch twin, drawn as b2's positive,
+    # was a negative of a1 (A), and in a group batch where it was laid under B, a negative of a1 and a2.
+    # Each row's loss by hand: -s(pos) + logsumexp(s(pos), s(negatives)).
+    vec = {"a1": _unit(1.0, 1), "a2": _unit(0.6, 2), "twin": _unit(0.9, 3), "b2": _unit(0.3, 4)}
+    rows = [("a1", "A"), ("a2", "A"), ("twin", "A"), ("twin", "B"), ("b2", "B")]
+    ex = Examples("grouped", "planted", np.arange(len(rows)) + 1, [t for t, _ in rows], groups=[g for _, g in rows])
+    src = build_pair_source(ex)
+    enc = VectorEncoder({t: vec[t] for t in src.texts})
+    cache = TokenCache(enc, src.texts)
+    i = {t: src.texts.index(t) for t in vec}
+    kA, kB = src.anchor_keys[0], src.anchor_keys[-1]
+    assert sorted(src.keys[i["twin"]].tolist()) == sorted([kA, kB]) and src.text_keys[i["twin"]] == kB
+    s = {(x, y): float(np.dot(vec[x], vec[y]) / np.linalg.norm(vec[x]) / np.linalg.norm(vec[y])) / 0.05
+         for x in vec for y in vec}
+
+    def row(a, p, negs):
+        return -s[a, p] + float(torch.logsumexp(torch.tensor([s[a, p]] + [s[a, n] for n in negs]), 0))
+
+    def loss_of(batch):
+        seqs, gather = batch_sequences(batch, cache)
+        return float(batch_loss(torch.as_tensor(enc.encode_ids(seqs)), batch, gather, src.keys,
+                                LossConfig(temperature=0.05, symmetric=symmetric, label_weight=0.0)))
+
+    pair = Batch(np.array([i["a1"], i["b2"]]), np.array([i["a2"], i["twin"]]), None, np.array([kA, kB]))
+    want = (row("a1", "a2", []) + row("b2", "twin", ["a2"])) / 2  # twin is no negative of a1
+    if symmetric:  # positives -> anchors: a1 is no negative of twin
+        want = 0.5 * want + 0.5 * (row("a2", "a1", ["b2"]) + row("twin", "b2", [])) / 2
+    assert loss_of(pair) == pytest.approx(want, rel=1e-5)
+
+    group = Batch(np.array([i["a1"], i["a2"], i["twin"], i["b2"]]), None, None, np.array([kA, kA, kB, kB]))
+    want = (row("a1", "a2", ["b2"]) + row("a2", "a1", ["b2"]) + row("twin", "b2", []) + row("b2", "twin", ["a1", "a2"]))
+    assert loss_of(group) == pytest.approx(want / 4, rel=1e-5)
+
+
 def test_mining_pairs_uses_each_rows_positive_and_only_documents_as_candidates():
     # q1's positive p1 scores 0.80; dup (q3's positive) 0.85: filtered; p2 0.50 is the hard negative;
     # q2 scores 0.90 but is a query, never a document: not a candidate.
