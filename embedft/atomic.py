@@ -71,7 +71,9 @@ def sweep_leftovers(out: Path) -> None:
     """Remove the temporaries of `out` (`.NAME.tmp-xxxxxxxx` beside it) that no running writer holds: those
     of a writer killed before it could clean up (SIGKILL, out of memory, a lost machine), which can be an
     export's or an index's size. A writer holds its temporary (`_hold_new`) until it is in place or removed,
-    and the kernel drops the hold when its process dies. Nothing is removed where holds cannot be had."""
+    and the kernel drops the hold when its process dies. Nothing is removed where holds cannot be had.
+    The old folder that `replace_dir`'s two-rename fallback moved aside (`.NAME.old-xxxxxxxx`, held the same
+    way) goes too, or back to `out` when its writer died before the new one was in place."""
     try:
         import fcntl
     except ImportError:
@@ -80,9 +82,9 @@ def sweep_leftovers(out: Path) -> None:
         names = os.listdir(out.parent)
     except OSError:
         return
-    prefix = f".{out.name}.tmp-"
     for name in names:
-        if not (name.startswith(prefix) and re.fullmatch(r"[0-9a-f]{8}", name[len(prefix):])):
+        kind = next((k for k in ("tmp", "old") if name.startswith(f".{out.name}.{k}-")), None)
+        if kind is None or not re.fullmatch(r"[0-9a-f]{8}", name[len(out.name) + 6:]):
             continue
         path = out.parent / name
         try:
@@ -95,6 +97,11 @@ def sweep_leftovers(out: Path) -> None:
             os.close(fd)
             continue
         try:
+            if kind == "old" and not os.path.lexists(out):
+                os.replace(path, out)
+                log.warning("restored %s from %s: its writer ended between moving it aside and putting the new "
+                            "one in place", out, path)
+                continue
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -180,15 +187,37 @@ def replace_dir(tmp: Path, out: Path) -> None:
     if _exchange(tmp, out):  # tmp now holds the old folder
         shutil.rmtree(tmp, ignore_errors=True)
         return
-    # rename() cannot replace a non-empty folder: move the old one aside first.
+    # rename() cannot replace a non-empty folder: move the old one aside first, held (as a temporary is) so
+    # that no sweep takes it meanwhile; a writer killed in between leaves it for the next write to put back.
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old)
+    held = _try_hold(out)
     try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def _try_hold(path: Path) -> int | None:
+    """An exclusive hold on the folder at `path` (it moves with the folder), or None where none can be had."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
 
 
 def place_new_dir(tmp: Path, out: Path) -> None:

@@ -80,6 +80,56 @@ def test_replace_dir_restores_the_old_folder_when_the_swap_fails(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter", tmp.name])  # tmp left to the caller
 
 
+def test_a_writer_killed_between_the_fallbacks_two_renames_leaves_the_old_folder_for_the_next_write(tmp_path):
+    """Without RENAME_EXCHANGE the old folder is moved aside, then the new one in. A writer stopped in between
+    holds the old one (no sweep takes it); once it is killed, the next write puts the old one back, whole."""
+    import signal
+    import subprocess
+    import sys
+
+    from embedft.atomic import building, sweep_leftovers
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    code = (f"import os, time; from pathlib import Path; import embedft.atomic as A\n"
+            f"A._exchange = lambda a, b: False\n"
+            f"real = os.replace\n"
+            f"def aside(src, dst):\n"
+            f"    real(src, dst); print(dst, flush=True); time.sleep(60)\n"
+            f"A.os.replace = aside\n"
+            f"with A.building(Path({str(out)!r}), 'x') as tmp:\n"
+            f"    (tmp / 'weights').write_text('new'); A.replace_dir(tmp, Path({str(out)!r}))")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        old = Path(child.stdout.readline().strip())
+        assert old.name.startswith(".adapter.old-") and not out.exists()
+        sweep_leftovers(out)  # the writer is alive and holds it: left alone
+        assert (old / "weights").read_text() == "old" and not out.exists()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    with building(out, "x") as tmp:  # the next write of the adapter sweeps first: the old one goes back
+        assert (out / "weights").read_text() == "old" and not old.exists()
+        (tmp / "weights").write_text("next")
+        replace_dir(tmp, out)
+    assert (out / "weights").read_text() == "next" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    # Killed after the new one was in place: the old one aside is removed, the new one stays.
+    (tmp_path / ".adapter.old-0123abcd").mkdir()
+    sweep_leftovers(out)
+    assert (out / "weights").read_text() == "next" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_resume_finds_a_checkpoint_that_a_killed_writer_left_moved_aside(tmp_path):
+    from embedft.training.checkpoint import require_checkpoint
+
+    aside = tmp_path / ".checkpoint.old-0123abcd"  # the fallback's first rename done, the second not
+    aside.mkdir()
+    (aside / "state.pt").write_bytes(b"state")
+    require_checkpoint(tmp_path / "checkpoint")  # no "no checkpoint" error: it is put back first
+    assert (tmp_path / "checkpoint" / "state.pt").read_bytes() == b"state" and not aside.exists()
+
+
 def test_write_text_keeps_the_old_file_and_no_temporary_when_it_fails(tmp_path, monkeypatch):
     import embedft.atomic as A
 

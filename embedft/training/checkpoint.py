@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from embedft.atomic import replace_dir, write_bytes, write_error
+from embedft.atomic import replace_dir, sweep_leftovers, write_bytes, write_error
 from embedft.config import LossConfig, TrainConfig
 from embedft.data.batches import PairSource
 from embedft.errors import ConfigError
@@ -61,7 +61,9 @@ RESUME_FIX = "resume with the same config and -o options as that run, or start f
 
 
 def require_checkpoint(path: Path) -> None:
-    """A clear error when there is no checkpoint at `path` to resume (checked before any model is loaded)."""
+    """A clear error when there is no checkpoint at `path` to resume (checked before any model is loaded).
+    A checkpoint that a killed writer left moved aside (`replace_dir`'s fallback) is put back first."""
+    sweep_leftovers(path)
     if not (path / "state.pt").is_file():
         raise FileNotFoundError(f"--resume: no checkpoint in {path}; run without --resume to start fresh")
 
@@ -139,6 +141,7 @@ def save_checkpoint(path: Path, encoder: Encoder, opt, sched, epoch: int, step: 
     """
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    sweep_leftovers(path)  # a previous checkpoint left aside by a killed writer: back in place, or removed
     state = io.BytesIO()  # serialised in memory, then written by atomic.write_bytes (one clear error per disk fault)
     torch.save({"adapter": _adapter_state(encoder), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": {**rank_rng_state(), "python": random.getstate(), "numpy": _numpy_rng_state()},
