@@ -31,9 +31,12 @@ def false_negative_mask(anchor_keys: torch.Tensor, cand_keys: torch.Tensor,
     """
     a = anchor_keys.reshape(len(anchor_keys), -1)  # (B, Wa)
     c = cand_keys.reshape(len(cand_keys), -1)  # (C, Wc)
-    same_key = ((a[:, None, :, None] == c[None, :, None, :]) & (c[None, :, None, :] >= 0)).any(-1).any(-1)  # (B, C)
-    same_text = anchor_ids[:, None] == cand_ids[None, :]  # (B, C)
-    return same_key | same_text
+    out = anchor_ids[:, None] == cand_ids[None, :]  # (B, C): the same text
+    for j in range(c.shape[1]):  # one (B, C) test per key pair: no (B, C, Wa, Wc) tensor at large batches
+        has_key = (c[:, j] >= 0)[None, :]  # (1, C)
+        for i in range(a.shape[1]):
+            out |= (a[:, i, None] == c[None, :, j]) & has_key
+    return out
 
 
 def info_nce(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None, *,

@@ -237,3 +237,13 @@ def test_label_contrastive_is_l_out_with_several_positives():
             rows.append(-torch.stack([s[i, j] - log_den for j in pos]).mean())
     got = label_contrastive(e, labels, temperature=t)
     assert got.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-12)
+
+
+def test_false_negative_mask_tests_every_key_of_a_text():
+    # Anchor 0 has key 0; anchor 1 is a text of keys 1 and 2. Candidates: key 2; no key; keys 0 and 1.
+    a = torch.tensor([[0, -1], [1, 2]])
+    c = torch.tensor([[2, -1], [-1, -1], [0, 1]])
+    got = false_negative_mask(a, c, torch.tensor([10, 11]), torch.tensor([20, 10, 21]))
+    assert got.tolist() == [[False, True, True], [True, False, True]]  # [0, 1]: the same text (id 10), no key
+    assert false_negative_mask(a[:, 0], c[:, 0], torch.tensor([10, 11]), torch.tensor([20, 10, 21])).tolist() == \
+        [[False, True, True], [False, False, False]]  # one key per text: the (T,) form as before
