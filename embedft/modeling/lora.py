@@ -47,7 +47,7 @@ def apply_lora(encoder: Encoder, lora: LoraConfig) -> Encoder:
     from peft import get_peft_model
 
     targets = lora_targets(encoder, lora)
-    names = [n for n, m in encoder.backbone.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    names = [n for n, m in encoder.backbone.named_modules() if isinstance(m, nn.Linear)]
     # peft's rule: a target is a module's full name or a suffix of it after a dot.
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:

@@ -83,9 +83,7 @@ def make_optimizer(encoder: Encoder, cfg: TrainConfig, device: torch.device) -> 
     if not params:
         raise RuntimeError("no trainable parameters: LoRA was not applied")
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    import os
-    lr = float(os.environ.get("FULLFT_LR", cfg.lr))
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
 def lr_lambda(total: int, warmup: int, kind: str):
@@ -127,10 +125,6 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * n_total)
     if cfg.compile:
         log.info("compiling %d layers (torch.compile)", compile_layers(encoder))
-    import os
-    if os.environ.get("FULLFT_LR"):  # screen hack: full fine-tuning, LoRA frozen at zero
-        for n, p in encoder.named_parameters():
-            p.requires_grad_("lora_" not in n)
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     distributed.broadcast_params(trainable)  # every rank starts from rank 0's LoRA weights
     opt = make_optimizer(encoder, cfg, device)
