@@ -32,10 +32,18 @@ def false_negative_mask(anchor_keys: torch.Tensor, cand_keys: torch.Tensor,
     a = anchor_keys.reshape(len(anchor_keys), -1)  # (B, Wa)
     c = cand_keys.reshape(len(cand_keys), -1)  # (C, Wc)
     out = anchor_ids[:, None] == cand_ids[None, :]  # (B, C): the same text
-    for j in range(c.shape[1]):  # one (B, C) test per key pair: no (B, C, Wa, Wc) tensor at large batches
-        has_key = (c[:, j] >= 0)[None, :]  # (1, C)
-        for i in range(a.shape[1]):
-            out |= (a[:, i, None] == c[None, :, j]) & has_key
+    # A join on the key of the (row, key) and (column, key) entries: memory in the matches, not in B x C x Wa x Wc
+    # (a title such as "washing machine" is of dozens of products).
+    ra, ia = torch.nonzero(a >= 0, as_tuple=True)
+    rc, ic = torch.nonzero(c >= 0, as_tuple=True)
+    ka, kc = a[ra, ia], c[rc, ic]
+    kc, order = torch.sort(kc)
+    rc = rc[order]
+    lo = torch.searchsorted(kc, ka)
+    n = torch.searchsorted(kc, ka, right=True) - lo  # columns sharing each (row, key) entry's key
+    rows = torch.repeat_interleave(ra, n)
+    start = torch.repeat_interleave(lo - (torch.cumsum(n, 0) - n), n)  # per match: lo of its entry, less its offset
+    out[rows, rc[start + torch.arange(len(rows), device=out.device)]] = True
     return out
 
 

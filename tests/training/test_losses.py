@@ -247,3 +247,14 @@ def test_false_negative_mask_tests_every_key_of_a_text():
     assert got.tolist() == [[False, True, True], [True, False, True]]  # [0, 1]: the same text (id 10), no key
     assert false_negative_mask(a[:, 0], c[:, 0], torch.tensor([10, 11]), torch.tensor([20, 10, 21])).tolist() == \
         [[False, True, True], [False, False, False]]  # one key per text: the (T,) form as before
+
+
+def test_false_negative_mask_agrees_with_a_brute_force_over_random_key_sets():
+    g = torch.Generator().manual_seed(0)
+    for wa, wc in ((1, 1), (3, 1), (2, 5)):
+        a = torch.randint(-1, 6, (9, wa), generator=g)
+        c = torch.randint(-1, 6, (13, wc), generator=g)
+        ai, ci = torch.randint(0, 20, (9,), generator=g), torch.randint(0, 20, (13,), generator=g)
+        want = [[bool(ai[i] == ci[j]) or bool(set(a[i].tolist()) & set(c[j].tolist()) - {-1}) for j in range(13)]
+                for i in range(9)]
+        assert false_negative_mask(a, c, ai, ci).tolist() == want
