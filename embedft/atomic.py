@@ -75,26 +75,17 @@ def sweep_leftovers(out: Path) -> None:
     The old folder that `replace_dir`'s two-rename fallback moved aside (`.NAME.old-xxxxxxxx`, held the same
     way) goes too, or back to `out` when its writer died before the new one was in place."""
     try:
-        import fcntl
-    except ImportError:
-        return
-    try:
         names = os.listdir(out.parent)
     except OSError:
         return
+    leftover = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-[0-9a-f]{{8}}")
     for name in names:
-        kind = next((k for k in ("tmp", "old") if name.startswith(f".{out.name}.{k}-")), None)
-        if kind is None or not re.fullmatch(r"[0-9a-f]{8}", name[len(out.name) + 6:]):
+        m = leftover.fullmatch(name)
+        if m is None:
             continue
-        path = out.parent / name
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # a running writer holds it, or the file system cannot tell
-            os.close(fd)
+        kind, path = m.group(1), out.parent / name
+        fd = _try_hold(path)
+        if fd is None:  # a running writer holds it, or the file system cannot tell
             continue
         try:
             if kind == "old" and not os.path.lexists(out):
@@ -205,11 +196,12 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 
 def _try_hold(path: Path) -> int | None:
-    """An exclusive hold on the folder at `path` (it moves with the folder), or None where none can be had."""
+    """An exclusive hold on what is at `path` (it moves with it; a symbolic link is not followed), or None where
+    none can be had: no locks here, another process holds it, or it cannot be opened."""
     try:
         import fcntl
 
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except (ImportError, OSError):
         return None
     try:
