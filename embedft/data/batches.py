@@ -42,11 +42,6 @@ class PairSource:
     key_sets: np.ndarray | None = None
 
     @functools.cached_property
-    def shared(self) -> np.ndarray | None:
-        """(T,) True for a text of more than one key (mining never takes one: it may be of the anchor's)."""
-        return None if self.key_sets is None else (self.key_sets[:, 1:] >= 0).any(axis=1)
-
-    @functools.cached_property
     def keys(self) -> np.ndarray:
         """(T, W) each text's keys for a false-negative mask: `key_sets`, else `text_keys` as one column."""
         return self.text_keys[:, None] if self.key_sets is None else self.key_sets

@@ -75,17 +75,14 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
     # As sentence-transformers sizes its range when margins filter: room for ~10x the wanted negatives.
     depth = min(len(pool), range_min + 10 * n + 32)
     scores, ranked = exact_search(docs[pool], q[anchors], depth)  # (A, depth) positions into pool
-    anchor_key = np.full(len(src.texts), -2, dtype=np.int64)
-    anchor_key[src.anchors] = src.anchor_keys
+    keys = src.keys  # (T, W) every key of each text: a title of two products is a positive of both
     out = np.full((len(src.texts), n), -1, dtype=np.int64)
     n_margin = n_short = 0
     for row, a in enumerate(anchors.tolist()):
         ok = ranked[row] >= 0
         cand, s = pool[ranked[row][ok]], scores[row][ok]
-        eligible = (src.text_keys[cand] != anchor_key[a]) | (src.text_keys[cand] < 0)
-        eligible &= cand != a
-        if src.shared is not None:  # a text of several groups may be of the anchor's: never a negative
-            eligible &= ~src.shared[cand]
+        own = keys[a][keys[a] >= 0]
+        eligible = ~np.isin(keys[cand], own).any(axis=1) & (cand != a)  # no key shared with the anchor's text
         cand, s = cand[eligible][range_min:], s[eligible][range_min:]
         keep = np.ones(len(cand), dtype=bool)
         if np.isfinite(pos[a]):

@@ -88,20 +88,24 @@ def test_mining_finds_the_planted_hard_negative_and_filters_the_near_duplicate_o
         assert got and all(GROUP_OF[src.texts[m]] != GROUP_OF[t] for m in got), t
 
 
-def test_a_text_of_two_groups_is_never_mined():
+def test_a_text_of_two_groups_is_mined_only_for_the_other_groups():
     # "twin" is one title on two products, A and B (as 396 PriceRunner training titles are). The pair source keeps
     # one key per text (B's, the last), so a key test took twin, a member of a1's own group, for a1's nearest
-    # negative of another group.
+    # negative of another group, and a1 for twin's. Mining tests every key of both texts: twin is no negative of
+    # A's or B's texts, nor they of twin, and it is a negative of C's like any other text.
     vec = {"a1": _unit(1.0, 1), "a2": _unit(0.8, 1), "twin": _unit(0.9, 2), "b2": _unit(0.0, 4),
            "hard": _unit(0.7, 3), "c2": _unit(0.0, 5)}
     rows = [("a1", "A"), ("a2", "A"), ("twin", "A"), ("twin", "B"), ("b2", "B"), ("hard", "C"), ("c2", "C")]
     ex = Examples("grouped", "planted", np.arange(len(rows)) + 1, [t for t, _ in rows], groups=[g for _, g in rows])
     src = build_pair_source(ex)
-    assert [src.texts[i] for i in np.flatnonzero(src.shared)] == ["twin"]
+    assert [src.texts[i] for i in np.flatnonzero((src.keys >= 0).sum(axis=1) > 1)] == ["twin"]
     enc = VectorEncoder({t: vec[t] for t in src.texts})
-    mined = mine_hard_negatives(enc, src, TokenCache(enc, src.texts), 1, CPU, relative_margin=None)
-    assert _mined_for(src, mined, "a1") == ["hard"]
-    assert all(src.texts.index("twin") not in row.tolist() for row in mined)
+    mine = lambda n: mine_hard_negatives(enc, src, TokenCache(enc, src.texts), n, CPU, relative_margin=None)  # noqa: E731
+    assert _mined_for(src, mine(1), "a1") == ["hard"]
+    assert _mined_for(src, mine(1), "twin") == ["hard"]  # a1 (0.90) and a2 are of twin's product A
+    assert _mined_for(src, mine(2), "hard") == ["a1", "twin"]  # twin (0.63) is of neither product of C
+    twin = src.texts.index("twin")
+    assert all(twin not in mine(2)[src.texts.index(t)].tolist() for t in ("a1", "a2", "b2"))
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
