@@ -8,15 +8,7 @@ import pytest
 
 
 def test_alpha_zero_is_the_base_and_alpha_one_the_adapter(benchmark_script, tiny_bert_experiment, tiny_bert_adapter,
-                                                           monkeypatch, capsys):
-    import torch
-
-    from embedft.config import load_config
-    from embedft.modeling.encoder import load_encoder
-    from embedft.modeling.lora import load_adapter
-    from embedft.recipes.common import prepare_data
-    from embedft.training.validation import build_val_set, validate
-
+                                                           validation_recall, monkeypatch, capsys):
     script = benchmark_script("adapter_scale")
     monkeypatch.setattr(sys, "argv", ["adapter_scale.py", str(tiny_bert_experiment), str(tiny_bert_adapter),
                                       "--alphas", "0,0.5,1"])
@@ -25,18 +17,6 @@ def test_alpha_zero_is_the_base_and_alpha_one_the_adapter(benchmark_script, tiny
     assert report["metric"] == "val/recall@10" and [r["alpha"] for r in report["results"]] == [0, 0.5, 1]
     got = [r["val/recall@10"] for r in report["results"]]
 
-    cfg = load_config(tiny_bert_experiment)
-    data = prepare_data(cfg)
-
-    def measured(adapter) -> float:
-        enc = load_encoder(cfg.model)
-        if adapter:
-            enc = load_adapter(enc, adapter)
-        enc.eval()
-        val = build_val_set(enc, data.fit, data.val, cfg.train.val_max_queries, cfg.train.val_max_index,
-                            cfg.eval.knn_k, cfg.train.seed)
-        return validate(enc, val, None, None, 32, torch.device("cpu"), cfg.train.seed)["val/recall@10"]
-
-    assert got[0] == pytest.approx(measured(None), abs=1e-9)
-    assert got[2] == pytest.approx(measured(tiny_bert_adapter), abs=1e-9)
+    assert got[0] == pytest.approx(validation_recall(tiny_bert_experiment, None), abs=1e-9)
+    assert got[2] == pytest.approx(validation_recall(tiny_bert_experiment, tiny_bert_adapter), abs=1e-9)
     assert got[0] != pytest.approx(got[2])  # the adapter changes the ranking, so the two ends differ
