@@ -21,18 +21,19 @@ import json
 
 
 def per_query(ranked, positives, k: int):
-    """(recall, r_cap) per query: |top k ∩ positives| over |positives|, and over min(|positives|, k)."""
+    """(recall, r_cap) per query, each by the evaluation's own metric function on that query's row."""
     import numpy as np
 
-    pos = [{int(d) for d in p} for p in positives]
-    got = np.array([len(set(row[:k].tolist()) & p) for row, p in zip(ranked, pos)], dtype=np.float64)
-    n_pos = np.array([len(p) for p in pos], dtype=np.float64)
-    return got / n_pos, got / n_pos.clip(max=k)
+    from embedft.evaluation.metrics import r_cap_at_k, recall_at_k
+
+    return tuple(np.array([metric(ranked[i:i + 1], [p], k) for i, p in enumerate(positives)])
+                 for metric in (recall_at_k, r_cap_at_k))
 
 
-def knn_correct(encoder, fit, val, k: int, max_index: int, seed: int, device):
+def knn_correct(encoder, fit, val, queries, k: int, max_index: int, seed: int, device):
     """Per validation text, whether kNN over the labels (categories) of at most `max_index` training texts
-    classifies it right, and the macro-F1: the evaluation's classification task on the validation split."""
+    classifies it right, and the macro-F1: the evaluation's classification task on the validation split.
+    `queries` are the validation texts' query vectors, (len(val), D)."""
     import numpy as np
 
     from embedft.evaluation.index import exact_search
@@ -43,7 +44,6 @@ def knn_correct(encoder, fit, val, k: int, max_index: int, seed: int, device):
     rng = np.random.default_rng(seed)
     idx = np.arange(len(fit)) if len(fit) <= max_index else np.sort(rng.choice(len(fit), max_index, replace=False))
     index = encoder.encode_ids(encoder.tokenize([fit.texts[i] for i in idx.tolist()]), device=device)
-    queries = encoder.encode_ids(encoder.tokenize(val.texts, is_query=True), device=device)
     scores, nn = exact_search(index, queries, k)
     index_labels = np.array([cid[fit.labels[i]] for i in idx.tolist()])
     pred = knn_vote(np.where(nn >= 0, index_labels[np.clip(nn, 0, None)], -1), scores, len(classes))
@@ -101,7 +101,10 @@ def main() -> None:
         _, ranked = exact_search(c, q, args.k, self_ids=val.self_ids)
         got = per_query(ranked, val.positives, args.k)
         if data.val.labels is not None:  # grouped data with categories: the kNN classification task as well
-            got += knn_correct(encoder, data.fit, data.val, cfg.eval.knn_k, cfg.train.val_max_index,
+            # The corpus is the validation texts in order; without a query form it is their query vectors too.
+            kq = c if not encoder.spec.query_template else encoder.encode_ids(
+                encoder.tokenize(data.val.texts, is_query=True), device=device)
+            got += knn_correct(encoder, data.fit, data.val, kq, cfg.eval.knn_k, cfg.train.val_max_index,
                                cfg.train.seed, device)
         return got
 

@@ -104,8 +104,8 @@ def test_a_text_of_two_groups_is_mined_only_for_the_other_groups():
     assert _mined_for(src, mine(1), "a1") == ["hard"]
     assert _mined_for(src, mine(1), "twin") == ["hard"]  # a1 (0.90) and a2 are of twin's product A
     assert _mined_for(src, mine(2), "hard") == ["a1", "twin"]  # twin (0.63) is of neither product of C
-    twin = src.texts.index("twin")
-    assert all(twin not in mine(2)[src.texts.index(t)].tolist() for t in ("a1", "a2", "b2"))
+    twin, mined = src.texts.index("twin"), mine(2)
+    assert all(twin not in mined[src.texts.index(t)].tolist() for t in ("a1", "a2", "b2"))
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
