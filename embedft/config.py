@@ -210,6 +210,10 @@ class LossConfig:
     mine_relative_margin: float | None = 0.05
     mine_absolute_margin: float | None = None  # also drop candidates scoring above p - absolute_margin; null = off
     mine_range_min: int = 0  # skip this many nearest eligible candidates (sentence-transformers' range_min)
+    # Refreshes (mine_every) search the vectors the training steps since the last mining computed for the texts
+    # they embedded (anchors, positives, negatives; at most one refresh old) and encode only the texts no step
+    # embedded: a refresh costs a search, not a pass over the training texts. false: encode them all anew.
+    mine_from_steps: bool = False
     # Grouped data with a label column (offers of products, with categories): weight of a supervised
     # contrastive term that keeps items of one label together (what kNN classification needs) next
     # to the matching InfoNCE. 0 = off.
@@ -462,6 +466,12 @@ class ExperimentConfig:
                               f"and train.batch_sampling={sampling} finds no neighbouring groups; set "
                               "-o loss.hard_negatives=N (N >= 1), or remove loss.mine_every",
                               ("loss.mine_every", "loss.hard_negatives"))
+        if self.loss.mine_from_steps and (self.loss.mine_every is None or self.loss.hard_negatives == 0):
+            raise ConfigError("loss.mine_from_steps=true reuses the training steps' vectors when mined negatives are "
+                              f"refreshed, but loss.hard_negatives={self.loss.hard_negatives} and loss.mine_every="
+                              f"{self.loss.mine_every!r} refresh none; set -o loss.hard_negatives=1 -o "
+                              "loss.mine_every=epoch, or remove loss.mine_from_steps",
+                              ("loss.mine_from_steps", "loss.mine_every", "loss.hard_negatives"))
         if sampling in GROUP_SAMPLINGS and self.loss.symmetric:
             raise ConfigError(f"loss.symmetric=true is not used with train.batch_sampling={sampling}{auto} "
                               "(every text of a group batch is already an anchor against all the others, so there "

@@ -312,6 +312,12 @@ def test_mining_settings_are_checked_with_the_option_and_the_fix():
             load_config(None, ["loss.hard_negatives=2", opt])
     with pytest.raises(ConfigError, match=r"loss.mine_every=10 has nothing to mine: .*set -o loss.hard_negatives=N"):
         load_config(None, ["loss.mine_every=10"])
+    assert load_config(None, ["loss.hard_negatives=1", "loss.mine_every=epoch", "loss.mine_from_steps=true"]
+                       ).loss.mine_from_steps
+    for opts in (["loss.hard_negatives=1"], ["train.batch_sampling=similar_groups", "loss.mine_every=epoch"]):
+        with pytest.raises(ConfigError, match=r"loss.mine_from_steps=true .* refresh none; set -o "
+                                              r"loss.hard_negatives=1 -o loss.mine_every=epoch"):
+            load_config(None, opts + ["loss.mine_from_steps=true"])
 
 
 def test_by_label_batches_of_labeled_data_are_refused_without_negatives():

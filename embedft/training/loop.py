@@ -172,7 +172,9 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                 t0 = time.perf_counter()
                 batch = miner.attach(batch)
                 seqs, gather = batch_sequences(batch, cache)
-                loss_of = lambda emb: loss_fn(emb, batch, gather, src.keys)  # noqa: E731
+                def loss_of(emb: torch.Tensor) -> torch.Tensor:  # emb (N, D): the step's whole global batch
+                    miner.record(gather, emb)  # loss.mine_from_steps: the vectors the next refresh searches
+                    return loss_fn(emb, batch, gather, src.keys)
                 with lora_input_casts(encoder, enabled=not amp):  # forward and backward alike
                     if cfg.mini_batch_size:
                         loss = train_step_cached(encoder, seqs, loss_of, device, cfg.mini_batch_size, amp)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import numpy as np
 import torch
@@ -49,27 +50,97 @@ def _candidate_pool(src: PairSource) -> np.ndarray:
     return np.unique(docs[docs >= 0])
 
 
+class StepVectors:
+    """The vectors the training steps computed since the last mining, by text id (`loss.mine_from_steps`):
+    what a refresh searches instead of encoding every training text again. Kept as float16, in the
+    checkpoint too, so a resumed run mines from the very vectors the uninterrupted one did."""
+
+    def __init__(self, n_texts: int, dim: int, two_forms: bool):
+        self.docs = np.zeros((n_texts, dim), dtype=np.float16)
+        self.doc_known = np.zeros(n_texts, dtype=bool)
+        # Without a query instruction a query vector is its document vector: one table serves both.
+        self.queries = np.zeros_like(self.docs) if two_forms else self.docs
+        self.query_known = np.zeros(n_texts, dtype=bool) if two_forms else self.doc_known
+
+    def record(self, gather: dict, emb: torch.Tensor) -> None:
+        """Keep a step's rows (`tokens.batch_sequences`' gather; emb (N, D) the step's embeddings)."""
+        e = emb.detach().float().cpu().numpy().astype(np.float16)
+        n, q_ids = gather["n_q"], gather["q_ids"]
+        self._put(self.queries, self.query_known, q_ids, e[:n])
+        if "d_ids" in gather:  # pairs: query rows, then the document rows
+            self._put(self.docs, self.doc_known, gather["d_ids"], e[n:n + len(gather["d_ids"])])
+            return
+        if gather["two_forms"]:  # group batches: every text as a query, then as a document
+            self._put(self.docs, self.doc_known, q_ids, e[n:2 * n])
+        if "neg_ids" in gather:  # then the mined negatives (document form)
+            start = gather["neg_start"]
+            self._put(self.docs, self.doc_known, gather["neg_ids"], e[start:start + len(gather["neg_ids"])])
+
+    @staticmethod
+    def _put(table: np.ndarray, known: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
+        table[ids] = rows
+        known[ids] = True
+
+    def forget(self) -> None:
+        """After a mining: the next one uses only what the steps compute from now on."""
+        self.doc_known[:] = False
+        self.query_known[:] = False
+
+    def state(self) -> dict[str, np.ndarray]:
+        out = {"seen_docs": self.docs, "seen_doc_known": self.doc_known}
+        if self.queries is not self.docs:
+            out.update({"seen_queries": self.queries, "seen_query_known": self.query_known})
+        return out
+
+    def load(self, saved: dict[str, np.ndarray]) -> None:
+        if "seen_docs" not in saved:  # a checkpoint of a run without them: the next refresh encodes all
+            return
+        self.docs[:], self.doc_known[:] = saved["seen_docs"], saved["seen_doc_known"]
+        if "seen_queries" in saved and self.queries is not self.docs:
+            self.queries[:], self.query_known[:] = saved["seen_queries"], saved["seen_query_known"]
+
+
+def _vectors(ids: np.ndarray, encode, table: np.ndarray | None, known: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """(len(ids), D) vectors of texts ids: the table's rows where known, the others encoded now; and how many
+    were encoded."""
+    if table is None:
+        return encode(ids), len(ids)
+    have = known[ids]
+    out = table[ids].astype(np.float32)
+    if not have.all():
+        out[~have] = encode(ids[~have])
+    return out, int((~have).sum())
+
+
 @torch.no_grad()
 def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n: int, device: torch.device,
                         range_min: int = 0, relative_margin: float | None = None,
-                        absolute_margin: float | None = None) -> np.ndarray:
+                        absolute_margin: float | None = None, seen: StepVectors | None = None) -> np.ndarray:
     """(T, n) per text id: the anchor text's n nearest candidates of another key, nearest first,
     -1 padded (rows of texts that are no anchor stay -1), by the current encoder.
 
     The `range_min` nearest eligible candidates are skipped. A candidate scoring above the anchor's
     positive score p minus |p| * relative_margin, or above p - absolute_margin, is dropped as a
     likely false negative (sentence-transformers' `mine_hard_negatives` semantics; relative_margin
-    0.05 is NV-Retriever's "95% of the positive's score").
+    0.05 is NV-Retriever's "95% of the positive's score"). With `seen`, the texts the training steps
+    embedded since the last mining keep those vectors and only the others are encoded.
     """
     from embedft.evaluation.index import exact_search
 
     anchors = np.unique(src.anchors)
-    docs = encoder.encode_ids(cache.docs(range(len(src.texts))), device=device)  # (T, D)
+    all_ids = np.arange(len(src.texts))
+    docs, n_enc = _vectors(all_ids, lambda ids: encoder.encode_ids(cache.docs(ids), device=device),
+                           seen.docs if seen else None, seen.doc_known if seen else None)  # (T, D)
     if cache.two_forms:
         q = np.zeros_like(docs)
-        q[anchors] = encoder.encode_ids(cache.queries(anchors), device=device)
+        q[anchors], n_q = _vectors(anchors, lambda ids: encoder.encode_ids(cache.queries(ids), device=device),
+                                   seen.queries if seen else None, seen.query_known if seen else None)
+        n_enc += n_q
     else:  # no query instruction: an anchor's query vector is its doc vector
         q = docs
+    if seen is not None:
+        log.info("mining: %d texts' vectors from the training steps, %d encoded", len(all_ids) + (
+            len(anchors) if cache.two_forms else 0) - n_enc, n_enc)
     pos = positive_scores(q, docs, src)  # (T,)
     pool = _candidate_pool(src)
     # As sentence-transformers sizes its range when margins filter: room for ~10x the wanted negatives.
@@ -153,6 +224,8 @@ class Miner:
         self.negatives: np.ndarray | None = None  # (T, H) by text id
         self.neighbours: np.ndarray | None = None  # (n_groups, m)
         self.mined_at: int | None = None  # the step whose weights mined them
+        self.seen = StepVectors(len(src.texts), encoder.spec.hidden_size, cache.two_forms) \
+            if loss_cfg.mine_from_steps and self.mines_negatives else None
 
     def start(self, saved: dict[str, np.ndarray] | None = None) -> None:
         """Take what a resumed run's checkpoint holds (`state()`), else mine with the encoder as it is
@@ -160,6 +233,8 @@ class Miner:
         if saved is not None and "mined_at" in saved:
             self.negatives, self.neighbours = saved.get("negatives"), saved.get("neighbours")
             self.mined_at = int(saved["mined_at"])
+            if self.seen is not None:
+                self.seen.load(saved)
             return
         self._refresh(0, self.mines_negatives, self.mines_neighbours, "the starting encoder")
 
@@ -170,9 +245,13 @@ class Miner:
         state = torch.get_rng_state()
         if negatives:
             log.info("step %d: mining %d hard negatives per anchor with %s", step, self.cfg.hard_negatives, what)
+            t0 = time.perf_counter()
             self.negatives = mine_hard_negatives(self.encoder, self.src, self.cache, self.cfg.hard_negatives,
                                                  self.device, self.cfg.mine_range_min, self.cfg.mine_relative_margin,
-                                                 self.cfg.mine_absolute_margin)
+                                                 self.cfg.mine_absolute_margin, self.seen)
+            if self.seen is not None:
+                self.seen.forget()
+            log.info("mining: %.1f s", time.perf_counter() - t0)
         if neighbours:
             log.info("step %d: finding each group's nearest groups with %s", step, what)
             self.neighbours = group_neighbours(self.encoder, self.src, self.cache, self.device)
@@ -193,6 +272,11 @@ class Miner:
         if step < n_total and mining_due(self.cfg.mine_every, step, False):
             self._refresh(step, self.mines_negatives, False)
 
+    def record(self, gather: dict, emb: torch.Tensor) -> None:
+        """Under `loss.mine_from_steps`, keep a step's vectors for the next refresh (`StepVectors.record`)."""
+        if self.seen is not None:
+            self.seen.record(gather, emb)
+
     def attach(self, batch: Batch) -> Batch:
         """The batch with its anchors' mined negatives (unchanged when nothing is mined)."""
         return batch if self.negatives is None else attach_negatives(batch, self.negatives, self.cfg.hard_negatives)
@@ -207,4 +291,6 @@ class Miner:
             out["negatives"] = self.negatives
         if self.neighbours is not None:
             out["neighbours"] = self.neighbours
+        if self.seen is not None:
+            out.update(self.seen.state())
         return out

@@ -48,11 +48,12 @@ def batch_sequences(batch: Batch, cache: TokenCache) -> tuple[list[list[int]], d
 
     Duplicate texts in a batch are embedded once. Anchors use the query form. A group batch's
     texts are anchors and candidates at once: query form, then document form when it differs.
+    The gather's `q_ids` (and a pairs batch's `d_ids`) are the text ids of the query-form (document-form) rows.
     """
     if batch.positives is None:
         u, inv = np.unique(batch.anchors, return_inverse=True)
         seqs = cache.queries(u) + (cache.docs(u) if cache.two_forms else [])
-        gather = {"q_inv": inv, "n_q": len(u), "two_forms": cache.two_forms}
+        gather = {"q_inv": inv, "n_q": len(u), "two_forms": cache.two_forms, "q_ids": u}
         if batch.negatives is not None:  # mined negatives: extra candidates, document form, after the texts
             neg = batch.negatives.reshape(-1)
             n_unique = np.unique(neg[neg >= 0])
@@ -65,4 +66,5 @@ def batch_sequences(batch: Batch, cache: TokenCache) -> tuple[list[list[int]], d
     valid = docs >= 0
     d_unique, d_inv = np.unique(docs[valid], return_inverse=True)
     seqs = cache.queries(q_unique) + cache.docs(d_unique)
-    return seqs, {"q_inv": q_inv, "d_inv": d_inv, "n_q": len(q_unique), "valid": valid}
+    return seqs, {"q_inv": q_inv, "d_inv": d_inv, "n_q": len(q_unique), "valid": valid, "q_ids": q_unique,
+                  "d_ids": d_unique}

@@ -18,7 +18,7 @@ from embedft.data.batches import Batch, PairSource, build_pair_source
 from embedft.data.examples import Examples
 from embedft.training.loop import train
 from embedft.training.losses import batch_loss, group_info_nce
-from embedft.training.mining import mine_hard_negatives, mining_due
+from embedft.training.mining import StepVectors, mine_hard_negatives, mining_due
 from embedft.training.tokens import TokenCache, batch_sequences
 
 CPU = torch.device("cpu")
@@ -144,6 +144,42 @@ def test_a_text_of_two_groups_is_no_in_batch_negative_of_either(symmetric):
     assert loss_of(group) == pytest.approx(want / 4, rel=1e-5)
 
 
+def test_mining_from_step_vectors_searches_them_and_encodes_only_the_other_texts():
+    src, enc, cache = _grouped_source()
+    seen = StepVectors(len(src.texts), 8, two_forms=False)
+    # A training step embedded a1 and easy, with weights that have moved easy to 0.75 of a1: above the
+    # planted hard negative (0.70), below the false-negative filter (95% of the positive's 0.80).
+    ids = np.array([src.texts.index("easy"), src.texts.index("a1")])
+    seen.record({"n_q": 2, "q_ids": ids, "two_forms": False}, torch.tensor([_unit(0.75, 3), _unit(1.0, 1)]))
+    encoded, real = [], enc.encode_ids
+    enc.encode_ids = lambda ids, **kw: (encoded.extend(i[0] for i in ids), real(ids))[1]
+    mined = mine_hard_negatives(enc, src, cache, 1, CPU, relative_margin=0.05, seen=seen)
+    assert _mined_for(src, mined, "a1") == ["easy"]
+    assert sorted(encoded) == sorted(set(range(len(src.texts))) - set(ids.tolist()))
+    encoded.clear()
+    seen.forget()  # after a mining, only what later steps embed is reused
+    assert _mined_for(src, mine_hard_negatives(enc, src, cache, 1, CPU, relative_margin=0.05, seen=seen),
+                      "a1") == ["hard"]
+    assert sorted(encoded) == list(range(len(src.texts)))
+
+
+def test_step_vectors_keep_each_row_in_its_form():
+    sv = StepVectors(6, 2, two_forms=True)
+    emb = torch.arange(10.0).reshape(5, 2)
+    # A group batch: texts 0 and 3 as queries (rows 0-1), as documents (rows 2-3), mined negative 5 (row 4).
+    sv.record({"n_q": 2, "q_ids": np.array([0, 3]), "two_forms": True, "neg_start": 4, "neg_ids": np.array([5])},
+              emb)
+    assert sv.queries[[0, 3]].tolist() == emb[:2].tolist() and sv.docs[[0, 3, 5]].tolist() == emb[2:].tolist()
+    assert sv.query_known.tolist() == [1, 0, 0, 1, 0, 0] and sv.doc_known.tolist() == [1, 0, 0, 1, 0, 1]
+    # A pairs batch: query 1 (row 0), documents 2 and 4 (rows 1-2).
+    sv.record({"n_q": 1, "q_ids": np.array([1]), "d_ids": np.array([2, 4])}, emb[:3] + 100)
+    assert sv.queries[1].tolist() == (emb[0] + 100).tolist() and sv.docs[[2, 4]].tolist() == (emb[1:3] + 100).tolist()
+    assert sv.query_known.sum() == 3 and sv.doc_known.sum() == 5
+    fresh = StepVectors(6, 2, two_forms=True)
+    fresh.load(sv.state())  # what a checkpoint keeps
+    assert all(np.array_equal(v, fresh.state()[k]) for k, v in sv.state().items())
+
+
 def test_mining_pairs_uses_each_rows_positive_and_only_documents_as_candidates():
     # q1's positive p1 scores 0.80; dup (q3's positive) 0.85: filtered; p2 0.50 is the hard negative;
     # q2 scores 0.90 but is a query, never a document: not a candidate.
@@ -235,15 +271,16 @@ def _spy_mining(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("sampling, mine_every, n_mined", [("groups", 2, 5), ("random", 4, 3),
-                                                         ("similar_groups", "epoch", 3)])
+@pytest.mark.parametrize("sampling, mine_every, n_mined, from_steps", [
+    ("groups", 2, 5, False), ("random", 4, 3, False), ("similar_groups", "epoch", 3, False),
+    ("groups", 2, 5, True), ("random", "epoch", 3, True)])
 def test_refreshed_negatives_use_the_current_weights_and_resume_exactly(tiny_bert_dir, tmp_path, monkeypatch,
-                                                                        sampling, mine_every, n_mined):
+                                                                        sampling, mine_every, n_mined, from_steps):
     from embedft.training.checkpoint import load_checkpoint_arrays
 
     src = build_pair_source(toy_examples())  # 12 groups x 4 texts
     cfg = TrainConfig(epochs=3, batch_size=16, lr=3e-2, warmup_ratio=0.0, log_every=1, batch_sampling=sampling)
-    loss_cfg = LossConfig(temperature=0.1, hard_negatives=2, mine_every=mine_every)
+    loss_cfg = LossConfig(temperature=0.1, hard_negatives=2, mine_every=mine_every, mine_from_steps=from_steps)
     calls = _spy_mining(monkeypatch)
     full = _encoder(tiny_bert_dir, dropout=0.1)
     res = train(full, src, cfg, loss_cfg, tmp_path / "full", progress=False)
@@ -257,6 +294,10 @@ def test_refreshed_negatives_use_the_current_weights_and_resume_exactly(tiny_ber
     assert neg.shape == (len(src.texts), 2) and (neg[rows] >= 0).all()
     assert (src.text_keys[neg[rows]] != src.text_keys[rows][:, None]).all()  # never of the anchor's group
     assert ("neighbours" in arrays) == (sampling == "similar_groups")
+    # loss.mine_from_steps: the checkpoint keeps the steps' vectors since the last refresh, as float16.
+    assert ("seen_docs" in arrays) == from_steps
+    if from_steps:
+        assert arrays["seen_docs"].dtype == np.float16 and arrays["seen_doc_known"].any()
 
     killed = _encoder(tiny_bert_dir, dropout=0.1)
     with _killed_after_checkpoint(monkeypatch), pytest.raises(KeyboardInterrupt):
