@@ -210,9 +210,6 @@ class LossConfig:
     mine_relative_margin: float | None = 0.05
     mine_absolute_margin: float | None = None  # also drop candidates scoring above p - absolute_margin; null = off
     mine_range_min: int = 0  # skip this many nearest eligible candidates (sentence-transformers' range_min)
-    # Mined negatives of group batches embedded with graph (pushed away from the anchors, as the anchors are
-    # from them) or without (only the anchors move; cheaper steps).
-    negatives_grad: bool = True
     # Refreshes (mine_every) search the vectors the training steps since the last mining computed for the texts
     # they embedded (anchors, positives, negatives; at most one refresh old) and encode only the texts no step
     # embedded: a refresh costs a search, not a pass over the training texts. false: encode them all anew.

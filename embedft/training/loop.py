@@ -44,7 +44,7 @@ from embedft.training.losses import build_loss
 from embedft.training.mining import Miner
 from embedft.training.result import TrainResult
 from embedft.training.selection import Selection
-from embedft.training.step import embed_step, train_step_cached
+from embedft.training.step import embed_global, train_step_cached
 from embedft.training.tokens import TokenCache, batch_sequences
 from embedft.training.validation import ValSet, validate
 
@@ -179,8 +179,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                     if cfg.mini_batch_size:
                         loss = train_step_cached(encoder, seqs, loss_of, device, cfg.mini_batch_size, amp)
                     else:
-                        emb = embed_step(encoder, seqs, device, amp,  # (N, D): the whole global batch
-                                         None if loss_cfg.negatives_grad else gather.get("neg_start"))
+                        emb = embed_global(encoder, seqs, device, amp=amp)  # (N, D): the whole global batch
                         loss_t = loss_of(emb)
                         loss_t.backward()
                         loss = float(loss_t.detach())

@@ -60,18 +60,6 @@ def embed_global(encoder: Encoder, seqs: Sequence[Sequence[int]], device: torch.
     return share.restore(distributed.gather_rows(local, share.counts))
 
 
-def embed_step(encoder: Encoder, seqs: Sequence[Sequence[int]], device: torch.device, amp: bool,
-               no_grad_from: int | None = None) -> torch.Tensor:
-    """(N, D) a step's embeddings (`embed_global`); the rows from `no_grad_from` on (the mined negatives,
-    under `loss.negatives_grad: false`) embedded without graph, so only the anchors' side learns from them."""
-    if no_grad_from is None or no_grad_from >= len(seqs):
-        return embed_global(encoder, seqs, device, amp=amp)
-    head = embed_global(encoder, seqs[:no_grad_from], device, amp=amp)
-    with torch.no_grad():
-        tail = embed_global(encoder, seqs[no_grad_from:], device, amp=amp)
-    return torch.cat([head, tail.to(head.dtype)])
-
-
 def train_step_cached(encoder: Encoder, seqs: Sequence[Sequence[int]], loss_of, device: torch.device,
                       chunk: int, amp: bool) -> float:
     """GradCache: embed chunks without graph, loss on all, then back-propagate chunk by chunk.
