@@ -100,11 +100,12 @@ class StepVectors:
             self.queries[:], self.query_known[:] = saved["seen_queries"], saved["seen_query_known"]
 
 
-def _vectors(ids: np.ndarray, encode, table: np.ndarray | None, known: np.ndarray | None) -> tuple[np.ndarray, int]:
-    """(len(ids), D) vectors of texts ids: the table's rows where known, the others encoded now; and how many
-    were encoded."""
-    if table is None:
+def _vectors(ids: np.ndarray, encode, seen: StepVectors | None, query: bool) -> tuple[np.ndarray, int]:
+    """(len(ids), D) vectors of texts ids in one form: `seen`'s rows where a step embedded them, the others
+    encoded now; and how many were encoded."""
+    if seen is None:
         return encode(ids), len(ids)
+    table, known = (seen.queries, seen.query_known) if query else (seen.docs, seen.doc_known)
     have = known[ids]
     out = table[ids].astype(np.float32)
     if not have.all():
@@ -129,18 +130,18 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
 
     anchors = np.unique(src.anchors)
     all_ids = np.arange(len(src.texts))
-    docs, n_enc = _vectors(all_ids, lambda ids: encoder.encode_ids(cache.docs(ids), device=device),
-                           seen.docs if seen else None, seen.doc_known if seen else None)  # (T, D)
+    docs, n_enc = _vectors(all_ids, lambda ids: encoder.encode_ids(cache.docs(ids), device=device), seen,
+                           query=False)  # (T, D)
+    n_wanted = len(all_ids)
     if cache.two_forms:
         q = np.zeros_like(docs)
-        q[anchors], n_q = _vectors(anchors, lambda ids: encoder.encode_ids(cache.queries(ids), device=device),
-                                   seen.queries if seen else None, seen.query_known if seen else None)
-        n_enc += n_q
+        q[anchors], n_q = _vectors(anchors, lambda ids: encoder.encode_ids(cache.queries(ids), device=device), seen,
+                                   query=True)
+        n_enc, n_wanted = n_enc + n_q, n_wanted + len(anchors)
     else:  # no query instruction: an anchor's query vector is its doc vector
         q = docs
     if seen is not None:
-        log.info("mining: %d texts' vectors from the training steps, %d encoded", len(all_ids) + (
-            len(anchors) if cache.two_forms else 0) - n_enc, n_enc)
+        log.info("mining: %d texts' vectors from the training steps, %d encoded", n_wanted - n_enc, n_enc)
     pos = positive_scores(q, docs, src)  # (T,)
     pool = _candidate_pool(src)
     # As sentence-transformers sizes its range when margins filter: room for ~10x the wanted negatives.
