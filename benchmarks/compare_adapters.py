@@ -37,7 +37,7 @@ def knn_correct(encoder, fit, val, queries, k: int, max_index: int, seed: int, d
     import numpy as np
 
     from embedft.evaluation.index import exact_search
-    from embedft.evaluation.metrics import knn_vote, macro_f1
+    from embedft.evaluation.metrics import knn_predict, macro_f1
 
     classes = sorted(set(fit.labels) | set(val.labels))
     cid = {c: i for i, c in enumerate(classes)}
@@ -46,7 +46,7 @@ def knn_correct(encoder, fit, val, queries, k: int, max_index: int, seed: int, d
     index = encoder.encode_ids(encoder.tokenize([fit.texts[i] for i in idx.tolist()]), device=device)
     scores, nn = exact_search(index, queries, k)
     index_labels = np.array([cid[fit.labels[i]] for i in idx.tolist()])
-    pred = knn_vote(np.where(nn >= 0, index_labels[np.clip(nn, 0, None)], -1), scores, len(classes))
+    pred = knn_predict(index_labels, scores, nn, len(classes))
     truth = np.array([cid[c] for c in val.labels])
     return (pred == truth).astype(np.float64), macro_f1(truth, pred, labels=list(range(len(classes))))
 

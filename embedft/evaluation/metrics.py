@@ -21,6 +21,7 @@ __all__ = [
     "mrr_at_k",
     "ndcg_at_k",
     "knn_vote",
+    "knn_predict",
     "accuracy",
     "macro_f1",
     "per_class_prf",
@@ -170,6 +171,15 @@ def knn_vote(
     pred = labels[np.arange(n_queries), first_col].astype(np.int64)
     pred[~valid.any(axis=1)] = -1
     return pred
+
+
+def knn_predict(index_labels: np.ndarray, scores: np.ndarray, ids: np.ndarray, n_classes: int,
+                weighted: bool = True) -> np.ndarray:
+    """`knn_vote` over a search's result: `ids` (Q, k) index rows (-1 pads, voting for nothing) with their
+    `scores` (Q, k), over an index whose row r has class id `index_labels[r]`."""
+    ids = np.asarray(ids)
+    neighbours = np.where(ids >= 0, np.asarray(index_labels)[np.clip(ids, 0, None)], -1)  # (Q, k) class ids
+    return knn_vote(neighbours, scores, n_classes, weighted=weighted)
 
 
 def _check_pair(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

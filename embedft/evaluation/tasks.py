@@ -75,7 +75,7 @@ def evaluate_classification(train_emb: np.ndarray, train_labels: list[str], test
                             linear_probe: bool = False) -> EvalOutput:
     """kNN over FAISS (index = train split) with a similarity-weighted vote; optional linear probe."""
     from embedft.evaluation.index import exact_search
-    from embedft.evaluation.metrics import classification_metrics, classification_report, knn_vote
+    from embedft.evaluation.metrics import classification_metrics, classification_report, knn_predict
 
     if len(train_emb) == 0 or len(test_emb) == 0:
         raise EvalError("classification: the train (index) or eval (query) split is empty")
@@ -88,7 +88,7 @@ def evaluate_classification(train_emb: np.ndarray, train_labels: list[str], test
     y_train = np.array([class_id[x] for x in train_labels])
     y_true = np.array([all_id[x] for x in test_labels])
     scores, nn = exact_search(train_emb, test_emb, k)
-    y_pred = knn_vote(np.where(nn >= 0, y_train[np.clip(nn, 0, None)], -1), scores, len(classes), weighted=weighted)
+    y_pred = knn_predict(y_train, scores, nn, len(classes), weighted=weighted)
     metrics = classification_metrics(y_true, y_pred, names, prefix="classification/")
     n_unseen = int(np.isin(y_true, [all_id[u] for u in unseen]).sum())
     metrics["classification/unseen_label_queries"] = float(n_unseen)

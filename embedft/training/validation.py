@@ -52,14 +52,14 @@ def validate(encoder: Encoder, val: ValSet, text_keys_cache: tuple[PairSource, T
     """Validation recall@k (standard: over all positives) by exact search, and validation loss on fixed batches (drawn as the
     training batches are, random groups standing in for similar ones)."""
     from embedft.evaluation.index import exact_search
-    from embedft.evaluation.metrics import classification_metrics, knn_vote, recall_at_k
+    from embedft.evaluation.metrics import classification_metrics, knn_predict, recall_at_k
 
     q = encoder.encode_ids(val.query_ids, device=device)
     c = encoder.encode_ids(val.corpus_ids, device=device)
     if val.query_labels is not None:
         kk = min(val.knn_k, len(val.corpus_ids))
         scores, nn = exact_search(c, q, kk)
-        pred = knn_vote(np.where(nn >= 0, val.corpus_labels[np.clip(nn, 0, None)], -1), scores, val.n_classes)
+        pred = knn_predict(val.corpus_labels, scores, nn, val.n_classes)
         out = classification_metrics(val.query_labels, pred, range(val.n_classes), prefix="val/")
     else:
         kk = min(k, len(val.corpus_ids) - (1 if val.self_ids is not None else 0))

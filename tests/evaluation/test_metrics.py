@@ -11,6 +11,7 @@ from embedft.evaluation.metrics import (
     classification_metrics,
     classification_report,
     confusion_matrix,
+    knn_predict,
     knn_vote,
     macro_f1,
     mrr_at_k,
@@ -152,6 +153,17 @@ def test_knn_vote_sums_equal_up_to_rounding_are_a_tie():
 def test_knn_vote_rejects_out_of_range_labels():
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         knn_vote(np.array([[2]]), np.array([[1.0]]), 2)
+
+
+def test_knn_predict_maps_index_rows_to_their_labels():
+    pad = np.finfo(np.float32).min
+    index_labels = np.array([2, 0, 0, 1])  # index row -> class id
+    ids = np.array([[3, 1, 2], [0, -1, -1], [-1, -1, -1]])  # search result: row 3 (class 1), rows 1, 2 (class 0)
+    scores = np.array([[0.9, 0.5, 0.5], [0.4, pad, pad], [pad, pad, pad]])
+    # row0: class0 = 1.0 beats class1 = 0.9 (a vote on the row ids themselves would say 3); row1: class 2;
+    # row2: padding only -> -1 (a clipped -1 read as row 0 would say class 2)
+    assert knn_predict(index_labels, scores, ids, 3).tolist() == [0, 2, -1]
+    assert knn_predict(index_labels, scores, ids, 3, weighted=False).tolist() == [0, 2, -1]
 
 
 Y_TRUE = np.array([0, 0, 1, 1, 2])
