@@ -151,6 +151,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
     encoder.train()
     _say_batch(src, cfg, loss_cfg, sampling, dist)
     seen, tokens, t_train = 0, 0, 0.0
+    logged = (0, 0.0)  # (seen, t_train) at the last log line: the logged rate is over the steps since it
     # The bar is closed however the loop ends (a NaN loss, Ctrl-C), so the error line starts on a
     # line of its own; the base model's dropout is put back however it ends, too.
     with tqdm(total=n_total, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not progress) as bar, \
@@ -206,8 +207,10 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                     result.history.append({"step": step, **rec})
                     sink.log_metrics(rec, step=step)
                     if not progress:
-                        log.info("step %d/%d loss=%.4f lr=%.2e samples/s=%.1f", step, n_total, loss,
-                                 rec["train/lr"], seen / max(t_train, 1e-9))
+                        log.info("step %d/%d loss=%.4f lr=%.2e samples/s=%.1f (run average %.1f)", step, n_total,
+                                 loss, rec["train/lr"], (seen - logged[0]) / max(t_train - logged[1], 1e-9),
+                                 seen / max(t_train, 1e-9))
+                        logged = (seen, t_train)
                 miner.after_step(step, n_total)  # before the checkpoint, which keeps what it mined
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < n_total:
                     _checkpoint(ckpt, encoder, opt, sched, epoch, step, result, identity, batches_done=i + 1,

@@ -105,6 +105,32 @@ def test_a_few_steps_lower_the_loss(tiny_model_dir, tmp_path):
     assert (tmp_path / "checkpoint" / "state.pt").is_file()
 
 
+def test_the_log_line_gives_the_rate_since_the_last_line_and_the_run_average(tiny_model_dir, tmp_path, monkeypatch,
+                                                                             caplog):
+    import types
+
+    import embedft.training.loop as loop
+
+    clock = {"t": 0.0, "calls": 0}
+
+    def perf_counter():  # the loop reads it at each step's start and end: step k takes k seconds
+        clock["calls"] += 1
+        if clock["calls"] % 2 == 0:
+            clock["t"] += clock["calls"] // 2
+        return clock["t"]
+
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    enc = _encoder(tiny_model_dir)
+    src = build_pair_source(toy_examples())
+    with caplog.at_level("INFO", logger="embedft.training.loop"):
+        train(enc, src, TrainConfig(epochs=1, batch_size=8, warmup_ratio=0.0, log_every=2), LossConfig(), tmp_path,
+              progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    # 8 anchors a step: steps 3-4 took 3 + 4 s (16 / 7 = 2.3 a second), steps 1-4 took 10 s (32 / 10)
+    assert [ln.split(" lr=")[1].split(" ", 1)[1] for ln in lines] == [
+        "samples/s=5.3 (run average 5.3)", "samples/s=2.3 (run average 3.2)", "samples/s=1.5 (run average 2.3)"]
+
+
 def test_similar_group_batches_lower_the_loss(tiny_model_dir, tmp_path):
     enc = _encoder(tiny_model_dir)
     src = build_pair_source(toy_examples())
