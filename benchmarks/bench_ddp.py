@@ -91,12 +91,12 @@ def run_training(config: str, steps: int, overrides: list[str], out_dir: str) ->
         rows.append(len(seqs))
         return real_embed(encoder, seqs, device, amp)
 
-    loop.embed_global = counting
+    step.embed_global = counting  # what forward_backward calls
     try:
         res = loop.train(enc, src, tcfg, loss_cfg, Path(out_dir), progress=False)
     finally:
         distributed.gather_rows, distributed.all_reduce_grads = real_gather, real_reduce
-        loop.embed_global = real_embed
+        step.embed_global = real_embed
     losses = [h["train/loss"] for h in res.history]
     n_params = sum(p.numel() for p in enc.parameters() if p.requires_grad)
     return {"steps": res.steps, "samples_per_s": res.samples_per_s, "train_seconds": res.train_seconds,

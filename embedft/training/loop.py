@@ -44,7 +44,7 @@ from embedft.training.losses import build_loss
 from embedft.training.mining import Miner
 from embedft.training.result import TrainResult
 from embedft.training.selection import Selection
-from embedft.training.step import embed_global, train_step_cached
+from embedft.training.step import forward_backward
 from embedft.training.tokens import TokenCache, batch_sequences
 from embedft.training.validation import ValSet, validate
 
@@ -177,13 +177,9 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                     miner.record(gather, emb)  # loss.mine_from_steps: the vectors the next refresh searches
                     return loss_fn(emb, batch, gather, src.keys)
                 with lora_input_casts(encoder, enabled=not amp):  # forward and backward alike
-                    if cfg.mini_batch_size:
-                        loss = train_step_cached(encoder, seqs, loss_of, device, cfg.mini_batch_size, amp)
-                    else:
-                        emb = embed_global(encoder, seqs, device, amp=amp)  # (N, D): the whole global batch
-                        loss_t = loss_of(emb)
-                        loss_t.backward()
-                        loss = float(loss_t.detach())
+                    # loss.hard_negatives_grad=false: the rows that serve only as hard negatives without graph
+                    loss = forward_backward(encoder, seqs, loss_of, device, amp, mini_batch_size=cfg.mini_batch_size,
+                                            n_graph=None if loss_cfg.hard_negatives_grad else gather["n_graph"])
                 distributed.all_reduce_grads(trainable)  # under torchrun: the ranks' shares summed
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 opt.step()
