@@ -214,10 +214,6 @@ class LossConfig:
     # they embedded (anchors, positives, negatives; at most one refresh old) and encode only the texts no step
     # embedded: a refresh costs a search, not a pass over the training texts. false: encode them all anew.
     mine_from_steps: bool = False
-    # Back-propagate through the hard negatives' embeddings (the texts that are only negatives in a step). false:
-    # embed them without graph, forward only, so only the anchors move away from them (as a momentum encoder's
-    # negatives do in MoCo); a step then costs little more than one without hard negatives.
-    hard_negatives_grad: bool = True
     # Grouped data with a label column (offers of products, with categories): weight of a supervised
     # contrastive term that keeps items of one label together (what kNN classification needs) next
     # to the matching InfoNCE. 0 = off.

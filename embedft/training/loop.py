@@ -177,9 +177,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
                     miner.record(gather, emb)  # loss.mine_from_steps: the vectors the next refresh searches
                     return loss_fn(emb, batch, gather, src.keys)
                 with lora_input_casts(encoder, enabled=not amp):  # forward and backward alike
-                    # loss.hard_negatives_grad=false: the rows that serve only as hard negatives without graph
-                    loss = forward_backward(encoder, seqs, loss_of, device, amp, mini_batch_size=cfg.mini_batch_size,
-                                            n_graph=None if loss_cfg.hard_negatives_grad else gather["n_graph"])
+                    loss = forward_backward(encoder, seqs, loss_of, device, amp, mini_batch_size=cfg.mini_batch_size)
                 distributed.all_reduce_grads(trainable)  # under torchrun: the ranks' shares summed
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 opt.step()

@@ -61,25 +61,12 @@ def embed_global(encoder: Encoder, seqs: Sequence[Sequence[int]], device: torch.
 
 
 def forward_backward(encoder: Encoder, seqs: Sequence[Sequence[int]], loss_of, device: torch.device, amp: bool, *,
-                     mini_batch_size: int | None = None, n_graph: int | None = None) -> float:
+                     mini_batch_size: int | None = None) -> float:
     """One step's forward and backward: `loss_of` the step's (N, D) embeddings, its gradient left in the
-    trainable weights; returns the loss. With `mini_batch_size`, GradCache (`train_step_cached`).
-
-    Rows from `n_graph` on (`loss.hard_negatives_grad: false`: the rows that serve only as hard negatives)
-    are embedded forward only, without graph: the loss sees them, the gradient flows through the others.
-    """
-    n_graph = len(seqs) if n_graph is None else n_graph
-    fixed = None
-    if n_graph < len(seqs):
-        with torch.no_grad():
-            fixed = embed_global(encoder, seqs[n_graph:], device, amp=amp).float()  # (N - n_graph, D)
-
-    def loss_of_all(emb: torch.Tensor) -> torch.Tensor:  # emb (n_graph, D)
-        return loss_of(emb if fixed is None else torch.cat([emb, fixed.to(emb.dtype)]))
-
+    trainable weights; returns the loss. With `mini_batch_size`, GradCache (`train_step_cached`)."""
     if mini_batch_size:
-        return train_step_cached(encoder, seqs[:n_graph], loss_of_all, device, mini_batch_size, amp)
-    loss = loss_of_all(embed_global(encoder, seqs[:n_graph], device, amp=amp))
+        return train_step_cached(encoder, seqs, loss_of, device, mini_batch_size, amp)
+    loss = loss_of(embed_global(encoder, seqs, device, amp=amp))  # the whole global batch
     loss.backward()
     return float(loss.detach())
 

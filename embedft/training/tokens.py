@@ -49,13 +49,11 @@ def batch_sequences(batch: Batch, cache: TokenCache) -> tuple[list[list[int]], d
     Duplicate texts in a batch are embedded once. Anchors use the query form. A group batch's
     texts are anchors and candidates at once: query form, then document form when it differs.
     The gather's `q_ids` (and a pairs batch's `d_ids`) are the text ids of the query-form (document-form) rows.
-    Its first `n_graph` rows are the anchors' and positives'; the rows after them serve only as hard negatives
-    (`loss.hard_negatives_grad: false` embeds those without graph).
     """
     if batch.positives is None:
         u, inv = np.unique(batch.anchors, return_inverse=True)
         seqs = cache.queries(u) + (cache.docs(u) if cache.two_forms else [])
-        gather = {"q_inv": inv, "n_q": len(u), "two_forms": cache.two_forms, "q_ids": u, "n_graph": len(seqs)}
+        gather = {"q_inv": inv, "n_q": len(u), "two_forms": cache.two_forms, "q_ids": u}
         if batch.negatives is not None:  # mined negatives: extra candidates, document form, after the texts
             neg = batch.negatives.reshape(-1)
             n_unique = np.unique(neg[neg >= 0])
@@ -67,12 +65,6 @@ def batch_sequences(batch: Batch, cache: TokenCache) -> tuple[list[list[int]], d
         [batch.positives, batch.negatives.reshape(-1)])
     valid = docs >= 0
     d_unique, d_inv = np.unique(docs[valid], return_inverse=True)
-    is_pos = np.isin(d_unique, batch.positives)
-    if not is_pos.all():  # the texts that are only negatives go last
-        order = np.concatenate([np.flatnonzero(is_pos), np.flatnonzero(~is_pos)])
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        d_unique, d_inv = d_unique[order], rank[d_inv]
     seqs = cache.queries(q_unique) + cache.docs(d_unique)
     return seqs, {"q_inv": q_inv, "d_inv": d_inv, "n_q": len(q_unique), "valid": valid, "q_ids": q_unique,
-                  "d_ids": d_unique, "n_graph": len(q_unique) + int(is_pos.sum())}
+                  "d_ids": d_unique}

@@ -16,7 +16,7 @@ from embedft.modeling.encoder import load_encoder
 from embedft.modeling.lora import apply_lora
 from embedft.training.loop import base_dropout, train
 from embedft.training.losses import batch_loss
-from embedft.training.step import embed, forward_backward, train_step_cached
+from embedft.training.step import embed, train_step_cached
 from embedft.training.tokens import TokenCache, batch_sequences
 
 WORDS = ["apple", "samsung", "sony", "bosch", "intel", "canon", "nikon", "miele", "lg", "amd", "pixel", "galaxy"]
@@ -264,50 +264,6 @@ def test_cached_negatives_match_full_batch(tiny_model_dir, sampling, device):
     assert abs(l_full - l_cached) <= 1e-5
     assert sum(g.abs().sum().item() for g in g_full.values()) > 0
     assert max((g_full[k] - g_cached[k]).abs().max().item() for k in g_full) <= 1e-5
-
-
-def _with_negatives(batch, src, per_anchor=2):
-    """The batch with `per_anchor` hard negatives per anchor, drawn from the other groups' texts."""
-    rng = np.random.default_rng(3)
-    neg = np.array([rng.choice(np.flatnonzero(src.text_keys != k), per_anchor, replace=False)
-                    for k in batch.anchor_keys])
-    return replace(batch, negatives=neg)
-
-
-@pytest.mark.parametrize("sampling", ["random", "groups"])
-@pytest.mark.parametrize("mini", [None, 5], ids=["full", "cached"])
-def test_hard_negatives_without_graph_give_the_gradient_through_the_other_rows(tiny_model_dir, sampling, mini):
-    """loss.hard_negatives_grad=false: the same loss; the gradient is the full graph's with the rows that serve only
-    as hard negatives detached, and differs from the full graph's (those rows carried gradient)."""
-    cpu = torch.device("cpu")
-    src = build_pair_source(toy_examples())
-    loss_cfg = LossConfig(temperature=0.05, hard_negatives=2)
-    batch = _with_negatives(_one_batch(src, sampling=sampling), src)
-    enc = _encoder(tiny_model_dir)
-    seqs, gather = batch_sequences(batch, TokenCache(enc, src.texts))
-    n_graph = gather["n_graph"]
-    assert n_graph < len(seqs)  # some texts serve only as negatives
-    if sampling == "random":  # pairs: query rows, then the positives' document rows, then the others
-        assert set(gather["d_ids"][: n_graph - gather["n_q"]]) == set(batch.positives)
-        assert not set(gather["d_ids"][n_graph - gather["n_q"]:]) & set(batch.positives)
-    loss_of = lambda e: batch_loss(e, batch, gather, src.text_keys, loss_cfg)  # noqa: E731
-    runs = {}
-    for name in ("graph", "detached", "fixed"):
-        enc = _encoder(tiny_model_dir)
-        if name == "fixed":
-            loss = forward_backward(enc, seqs, loss_of, cpu, False, mini_batch_size=mini, n_graph=n_graph)
-        else:
-            emb = embed(enc, seqs, cpu, False, chunk=64)
-            if name == "detached":
-                emb = torch.cat([emb[:n_graph], emb[n_graph:].detach()])
-            loss_t = loss_of(emb)
-            loss_t.backward()
-            loss = float(loss_t.detach())
-        runs[name] = (loss, _grads(enc))
-    (l_graph, g_graph), (l_det, g_det), (l_fixed, g_fixed) = runs["graph"], runs["detached"], runs["fixed"]
-    assert abs(l_fixed - l_graph) <= 1e-5 and abs(l_det - l_graph) <= 1e-5
-    assert max((g_det[k] - g_fixed[k]).abs().max().item() for k in g_det) <= 1e-5
-    assert max((g_graph[k] - g_fixed[k]).abs().max().item() for k in g_det) > 1e-4
 
 
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
