@@ -232,6 +232,15 @@ def test_group_loss_takes_mined_negatives_as_extra_candidates():
                        LossConfig(temperature=t))
     assert float(loss) > float(plain)  # dup entered a1's and a2's denominators
 
+    # A batch whose anchors all went without a mined negative (a wide mine_relative_margin leaves most offers
+    # without one): the loss of the batch without negatives, not a crash.
+    none = replace(batch, negatives=np.full((4, 1), -1))
+    seqs_n, gather_n = batch_sequences(none, cache)
+    assert len(seqs_n) == 4 and len(gather_n["neg_ids"]) == 0
+    for keys_t in (src.text_keys, src.text_keys[:, None]):  # (T,) and (T, W) keys
+        assert float(batch_loss(torch.as_tensor(enc.encode_ids(seqs_n)), none, gather_n, keys_t,
+                                LossConfig(temperature=t))) == pytest.approx(float(plain))
+
 
 def test_mining_due_by_steps_or_epochs():
     assert [s for s in range(1, 9) if mining_due(3, s, False)] == [3, 6]
