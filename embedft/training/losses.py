@@ -20,6 +20,11 @@ from embedft.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def _columns(keys: torch.Tensor) -> torch.Tensor:
+    """(n, W) keys from (n,) or (n, W) ones; n may be 0 (a batch with no mined negative)."""
+    return keys if keys.ndim == 2 else keys[:, None]
+
+
 def false_negative_mask(anchor_keys: torch.Tensor, cand_keys: torch.Tensor,
                         anchor_ids: torch.Tensor, cand_ids: torch.Tensor) -> torch.Tensor:
     """(B, C) True where candidate j must not be a negative for anchor i.
@@ -29,8 +34,7 @@ def false_negative_mask(anchor_keys: torch.Tensor, cand_keys: torch.Tensor,
     of each text padded with -1 (a title of two products is a positive of both). The caller keeps
     each anchor's own positive (column i).
     """
-    a = anchor_keys.reshape(len(anchor_keys), -1) if len(anchor_keys) else anchor_keys.reshape(0, 1)  # (B, Wa)
-    c = cand_keys.reshape(len(cand_keys), -1) if len(cand_keys) else cand_keys.reshape(0, 1)  # (C, Wc); C may be 0
+    a, c = _columns(anchor_keys), _columns(cand_keys)  # (B, Wa), (C, Wc); C may be 0
     out = anchor_ids[:, None] == cand_ids[None, :]  # (B, C): the same text
     # A join on the key of the (row, key) and (column, key) entries: memory in the matches, not in B x C x Wa x Wc
     # (a title such as "washing machine" is of dozens of products).
@@ -194,8 +198,7 @@ def _group_batch_loss(emb: torch.Tensor, batch: Batch, gather: dict[str, Any], t
 
 def _keys(text_keys: np.ndarray, ids: np.ndarray, dev: torch.device) -> torch.Tensor:
     """(n, W) the keys of texts `ids`: rows of a (T, W) key-set array, or a (T,) one as one column."""
-    width = text_keys.shape[1] if text_keys.ndim > 1 else 1
-    return torch.as_tensor(text_keys[ids], device=dev).reshape(len(ids), width)  # (0, W) for no ids
+    return _columns(torch.as_tensor(text_keys[ids], device=dev))
 
 
 # ---------------------------------------------------------------------------------------
