@@ -7,8 +7,9 @@ A screen's validation figure moves by a few thousandths between two runs of one 
 validation looks at `train.val_max_queries` queries (1,000 by default). This measures each model on the same
 queries of the validation split carved as training carves it (`train.val_fraction`, `data.split_seed`; the
 overrides must match the ones the runs trained with, or their validation products were trained on). For each B
-it prints recall@10 and R_cap@10 of A and B, the mean per-query difference B - A, and a 95% bootstrap interval
-of that difference over queries (resampled in pairs, so what both models share cancels). Grouped data with a
+it prints recall@10, R_cap@10, R_cap@1 and MRR@10 of A and B (the top of the ranking as well as its first ten), the
+mean per-query difference B - A, and a 95% bootstrap interval of that difference over queries (resampled in pairs,
+so what both models share cancels). Grouped data with a
 label column (categories) also gets the evaluation's kNN classification on the validation texts, against at
 most `train.val_max_index` training texts: macro-F1 per model, and accuracy with its paired interval. `base` is
 the untuned model. Grouped and pairs data (retrieval validation) only. The test split is never scored.
@@ -21,13 +22,15 @@ import json
 
 
 def per_query(ranked, positives, k: int):
-    """(recall, r_cap) per query, each by the evaluation's own metric function on that query's row."""
+    """(recall@k, R_cap@k, R_cap@1, MRR@k) per query, each by the evaluation's own metric function on that
+    query's row."""
     import numpy as np
 
-    from embedft.evaluation.metrics import r_cap_at_k, recall_at_k
+    from embedft.evaluation.metrics import mrr_at_k, r_cap_at_k, recall_at_k
 
-    return tuple(np.array([metric(ranked[i:i + 1], [p], k) for i, p in enumerate(positives)])
-                 for metric in (recall_at_k, r_cap_at_k))
+    metrics = ((recall_at_k, k), (r_cap_at_k, k), (r_cap_at_k, 1), (mrr_at_k, k))
+    return tuple(np.array([metric(ranked[i:i + 1], [p], at) for i, p in enumerate(positives)])
+                 for metric, at in metrics)
 
 
 def knn_correct(encoder, fit, val, queries, k: int, max_index: int, seed: int, device):
@@ -109,15 +112,16 @@ def main() -> None:
         return got
 
     ref = measure(args.a)
-    names = (f"recall@{args.k}", f"r_cap@{args.k}", "knn accuracy")[:3 if len(ref) > 2 else 2]
+    names = (f"recall@{args.k}", f"r_cap@{args.k}", "r_cap@1", f"mrr@{args.k}", "knn accuracy")
+    names = names[:len(names) if len(ref) > 4 else 4]
     for b in args.b:
         other = measure(b)
         out = {"experiment": args.experiment, "overrides": args.override, "a": args.a, "b": b,
                "queries": len(val.query_ids), "corpus": len(val.corpus_ids)}
         print(f"B = {b} against A = {args.a}:", flush=True)
-        if len(ref) > 2:
-            out["knn macro_f1"] = {"A": round(float(ref[3]), 4), "B": round(float(other[3]), 4)}
-            print(f"  knn macro_f1: A {ref[3]:.4f}  B {other[3]:.4f}", flush=True)
+        if len(ref) > 4:
+            out["knn macro_f1"] = {"A": round(float(ref[5]), 4), "B": round(float(other[5]), 4)}
+            print(f"  knn macro_f1: A {ref[5]:.4f}  B {other[5]:.4f}", flush=True)
         for i, name in enumerate(names):
             x, y = ref[i], other[i]
             lo, hi = paired_interval(y - x, args.boot, cfg.train.seed)
