@@ -4,8 +4,9 @@
         -o train.val_fraction=0.25 -o train.val_max_queries=100000
 
 A screen's validation figure moves by a few thousandths between two runs of one setting, and the per-epoch
-validation looks at `train.val_max_queries` queries (1,000 by default). This measures each model on the same
-queries of the validation split carved as training carves it (`train.val_fraction`, `data.split_seed`; the
+validation gives one figure without an interval (and, where queries are encoded apart from the corpus, looks at
+`train.val_max_queries` of them, 1,000 by default). This measures each model on the same queries of the
+validation split carved as training carves it (`train.val_fraction`, `data.split_seed`; the
 overrides must match the ones the runs trained with, or their validation products were trained on). For each B
 it prints recall@10, R_cap@10, R_cap@1 and MRR@10 of A and B (the top of the ranking as well as its first ten), the
 mean per-query difference B - A, and a 95% bootstrap interval of that difference over queries (resampled in pairs,
@@ -80,7 +81,7 @@ def main() -> None:
     from embedft.modeling.encoder import load_encoder
     from embedft.modeling.lora import load_adapter
     from embedft.recipes.common import prepare_data
-    from embedft.training.validation import build_val_set
+    from embedft.training.validation import build_val_set, query_vectors
 
     cfg = load_config(args.experiment, args.override)
     data = prepare_data(cfg)
@@ -99,8 +100,8 @@ def main() -> None:
             if val is None or val.positives is None:
                 raise SystemExit(f"{args.experiment}: no retrieval validation split (labeled data, or "
                                  "train.val_fraction=0); this compares retrieval validation only")
-        q = encoder.encode_ids(val.query_ids, device=device)
         c = encoder.encode_ids(val.corpus_ids, device=device)
+        q = query_vectors(encoder, val, c, device)
         _, ranked = exact_search(c, q, args.k, self_ids=val.self_ids)
         got = per_query(ranked, val.positives, args.k)
         if data.val.labels is not None:  # grouped data with categories: the kNN classification task as well

@@ -285,7 +285,9 @@ class TrainConfig:
     val_fraction: float = 0.1
     select_best: bool = True  # end with the best epoch's adapter (saved, and evaluated), not the last one's
     patience: int | None = 2  # stop after this many epochs without a better validation metric; null: never
-    val_max_queries: int = 1000  # per-epoch validation on at most this many validation texts/queries
+    # Per-epoch validation encodes at most this many validation texts/queries. Grouped data without a query
+    # instruction scores every query, as its queries are corpus texts whose vectors it has.
+    val_max_queries: int = 1000
     val_max_index: int = 10000  # labeled data: the kNN index holds at most this many training texts
     threads: int | None = None  # torch CPU threads; null = torch's default
     # Frozen base weights (LoRA weights and optimizer state stay fp32): auto = bf16 on CUDA and on
