@@ -39,8 +39,8 @@ class ValSet:
     n_classes: int = 0
     knn_k: int = 10
     # Retrieval on grouped data without a query instruction: each query is a corpus text in the same form, so its
-    # vector is the corpus row query_rows[i] (the same ids as self_ids) and no query is encoded.
-    query_rows: np.ndarray | None = None
+    # vector is its own corpus row (self_ids) and no query is encoded.
+    queries_in_corpus: bool = False
 
     @property
     def metric(self) -> str:
@@ -127,16 +127,16 @@ def build_val_set(encoder, fit_ex: Examples, val_ex: Examples | None, max_querie
     corpus = encoder.tokenize(task.corpus)
     if same_form:
         return ValSet([corpus[i] for i in task.self_ids.tolist()], corpus, task.positives, task.self_ids,
-                      loss_source=loss_src, query_rows=task.self_ids)
+                      loss_source=loss_src, queries_in_corpus=True)
     return ValSet(encoder.tokenize(task.queries, is_query=True), corpus, task.positives, task.self_ids,
                   loss_source=loss_src)
 
 
 def query_vectors(encoder: Encoder, val: ValSet, corpus: np.ndarray, device: torch.device) -> np.ndarray:
     """(Q, D) the validation queries' vectors: rows of the corpus's (C, D) vectors when the queries are corpus
-    texts in the same form (`ValSet.query_rows`), else encoded."""
-    if val.query_rows is not None:
-        return corpus[val.query_rows]
+    texts in the same form (`ValSet.queries_in_corpus`: their own rows, `self_ids`), else encoded."""
+    if val.queries_in_corpus:
+        return corpus[val.self_ids]
     return encoder.encode_ids(val.query_ids, device=device)
 
 

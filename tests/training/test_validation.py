@@ -29,7 +29,8 @@ def test_without_a_query_instruction_every_query_is_scored_from_the_corpus_vecto
     val = build_val_set(enc, fit, val_ex, 5, 100, 10, 0)  # max_queries 5 of the 30 queries
     task = retrieval_task(val_ex)
     assert len(task) == 30 and len(val.query_ids) == 30
-    np.testing.assert_array_equal(val.query_rows, task.self_ids)
+    assert val.queries_in_corpus
+    np.testing.assert_array_equal(val.self_ids, task.self_ids)
     assert val.query_ids == enc.tokenize(task.queries, is_query=True)
     encoded = []
     real = enc.encode_ids
@@ -44,7 +45,7 @@ def test_with_a_query_instruction_queries_are_encoded_in_their_form_and_capped(t
     enc = _encoder(tiny_qwen3_dir, query_instruction="Query: {text}").eval()
     fit, val_ex = toy_examples(4, 4), toy_examples(10, 3)
     val = build_val_set(enc, fit, val_ex, 5, 100, 10, 0)
-    assert val.query_rows is None and len(val.query_ids) == 5
+    assert not val.queries_in_corpus and len(val.query_ids) == 5
     task = retrieval_task(val_ex, max_queries=5, seed=0)
     assert val.query_ids == enc.tokenize(task.queries, is_query=True) != enc.tokenize(task.queries)
     assert validate(enc, val, None, None, 8, CPU, 0)["val/recall@10"] == pytest.approx(
