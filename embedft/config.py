@@ -210,6 +210,9 @@ class LossConfig:
     mine_relative_margin: float | None = 0.05
     mine_absolute_margin: float | None = None  # also drop candidates scoring above p - absolute_margin; null = off
     mine_range_min: int = 0  # skip this many nearest eligible candidates (sentence-transformers' range_min)
+    # Nearest candidates searched per anchor (sentence-transformers' range_max); an anchor none of whose candidates
+    # passes the margins goes without a mined negative. null: range_min + 10 x hard_negatives + 32.
+    mine_range_max: int | None = None
     # Refreshes (mine_every) search the vectors the training steps since the last mining computed for the texts
     # they embedded (anchors, positives, negatives; at most one refresh old) and encode only the texts no step
     # embedded: a refresh costs a search, not a pass over the training texts. false: encode them all anew.
@@ -232,6 +235,9 @@ class LossConfig:
         _check(self.mine_absolute_margin is None or 0.0 <= self.mine_absolute_margin < math.inf,
                "loss.mine_absolute_margin", f"must be a finite number >= 0 or null, got {self.mine_absolute_margin}")
         _check(self.mine_range_min >= 0, "loss.mine_range_min", f"must be >= 0, got {self.mine_range_min}")
+        least = self.mine_range_min + max(self.hard_negatives, 1)  # room for the negatives past range_min
+        _check(self.mine_range_max is None or self.mine_range_max >= least, "loss.mine_range_max",
+               f"must be >= loss.mine_range_min + loss.hard_negatives ({least}) or null, got {self.mine_range_max}")
         _check(self.label_weight >= 0.0 and math.isfinite(self.label_weight), "loss.label_weight",
                f"must be >= 0, got {self.label_weight}")
         _check(0.0 < self.label_temperature <= 1.0, "loss.label_temperature",

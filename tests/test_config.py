@@ -307,7 +307,9 @@ def test_mining_settings_are_checked_with_the_option_and_the_fix():
                         ("loss.mine_every=weekly", "loss.mine_every: must be null"),
                         ("loss.mine_relative_margin=1.5", "loss.mine_relative_margin: must be in [0, 1) or null"),
                         ("loss.mine_absolute_margin=-0.1", "loss.mine_absolute_margin: must be a finite number >= 0"),
-                        ("loss.mine_range_min=-1", "loss.mine_range_min: must be >= 0")):
+                        ("loss.mine_range_min=-1", "loss.mine_range_min: must be >= 0"),
+                        ("loss.mine_range_max=1", "loss.mine_range_max: must be >= loss.mine_range_min + "
+                                                  "loss.hard_negatives (2) or null, got 1")):
         with pytest.raises(ConfigError, match=re.escape(needle)):
             load_config(None, ["loss.hard_negatives=2", opt])
     with pytest.raises(ConfigError, match=r"loss.mine_every=10 has nothing to mine: .*set -o loss.hard_negatives=N"):

@@ -116,11 +116,13 @@ def _vectors(ids: np.ndarray, encode, seen: StepVectors | None, query: bool) -> 
 @torch.no_grad()
 def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n: int, device: torch.device,
                         range_min: int = 0, relative_margin: float | None = None,
-                        absolute_margin: float | None = None, seen: StepVectors | None = None) -> np.ndarray:
+                        absolute_margin: float | None = None, seen: StepVectors | None = None,
+                        range_max: int | None = None) -> np.ndarray:
     """(T, n) per text id: the anchor text's n nearest candidates of another key, nearest first,
     -1 padded (rows of texts that are no anchor stay -1), by the current encoder.
 
-    The `range_min` nearest eligible candidates are skipped. A candidate scoring above the anchor's
+    The `range_max` nearest candidates are searched (null: range_min + 10 n + 32), and the `range_min` nearest
+    eligible ones skipped. A candidate scoring above the anchor's
     positive score p minus |p| * relative_margin, or above p - absolute_margin, is dropped as a
     likely false negative (sentence-transformers' `mine_hard_negatives` semantics; relative_margin
     0.05 is NV-Retriever's "95% of the positive's score"). With `seen`, the texts the training steps
@@ -144,8 +146,8 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
         log.info("mining: %d texts' vectors from the training steps, %d encoded", n_wanted - n_enc, n_enc)
     pos = positive_scores(q, docs, src)  # (T,)
     pool = _candidate_pool(src)
-    # As sentence-transformers sizes its range when margins filter: room for ~10x the wanted negatives.
-    depth = min(len(pool), range_min + 10 * n + 32)
+    # By default as sentence-transformers sizes its range when margins filter: room for ~10x the wanted negatives.
+    depth = min(len(pool), range_max if range_max is not None else range_min + 10 * n + 32)
     scores, ranked = exact_search(docs[pool], q[anchors], depth)  # (A, depth) positions into pool
     keys = src.keys  # (T, W) every key of each text: a title of two products is a positive of both
     out = np.full((len(src.texts), n), -1, dtype=np.int64)
@@ -170,8 +172,8 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
         log.info("mining: %d candidates dropped as likely false negatives (scoring within the margin of the "
                  "anchor's positive: loss.mine_relative_margin / loss.mine_absolute_margin)", n_margin)
     if n_short:
-        log.warning("mining: %d of %d anchors got fewer than %d negatives (padded); lower loss.mine_range_min or "
-                    "the margins, or loss.hard_negatives", n_short, len(anchors), n)
+        log.warning("mining: %d of %d anchors got fewer than %d negatives (padded); raise loss.mine_range_max, lower "
+                    "loss.mine_range_min or the margins, or loss.hard_negatives", n_short, len(anchors), n)
     return out
 
 
@@ -249,7 +251,7 @@ class Miner:
             t0 = time.perf_counter()
             self.negatives = mine_hard_negatives(self.encoder, self.src, self.cache, self.cfg.hard_negatives,
                                                  self.device, self.cfg.mine_range_min, self.cfg.mine_relative_margin,
-                                                 self.cfg.mine_absolute_margin, self.seen)
+                                                 self.cfg.mine_absolute_margin, self.seen, self.cfg.mine_range_max)
             if self.seen is not None:
                 self.seen.forget()
             log.info("mining: %.1f s", time.perf_counter() - t0)

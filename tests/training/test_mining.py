@@ -81,6 +81,10 @@ def test_mining_finds_the_planted_hard_negative_and_filters_the_near_duplicate_o
     assert _mined_for(src, mine(absolute_margin=0.2), "a1")[0] == "easy"
     # range_min skips the nearest eligible candidate (sentence-transformers' range_min).
     assert _mined_for(src, mine(range_min=1), "a1") == ["hard", "easy"]
+    # range_max bounds the search: a1's 4 nearest texts are itself, dup, its positive a2 and hard, so easy (5th) is
+    # out of reach and the second slot is padded; 2 reach dup alone, which the margin drops: nothing is mined.
+    assert _mined_for(src, mine(relative_margin=0.05, range_max=4), "a1") == ["hard", None]
+    assert _mined_for(src, mine(relative_margin=0.05, range_max=2), "a1") == [None, None]
     # Never the anchor's own group, never the anchor itself, for any anchor.
     mined = mine(relative_margin=0.05)
     for t in src.texts:
