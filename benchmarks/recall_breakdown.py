@@ -5,11 +5,14 @@
 
 Embeds the experiment's eval split (document form, as `embedft eval` does for grouped data),
 searches exactly, and prints recall@10 per bucket of positives with each bucket's share of
-the queries and of the lost recall, then a few queries with recall < 0.5 and their top hits
-(+ = a positive). Without --adapter it reports the base model. `--compare DIR` (an adapter
-folder, or `base`) adds that model's recall@10 per bucket and how many of the bucket's queries
-changed recall between the two. `--metric r_cap` breaks down R_cap@10 (hits / min(|positives|, 10),
-what embedft called recall@10 before issue 29) instead of standard recall@10 (hits / |positives|).
+the queries and of the lost recall; then, for grouped data, the lost recall by the kind of miss
+(`miss_kind`: a wrong top hit with the query's very title, a title of three words or fewer, wrong
+hits all of the query's label, a wrong hit of another label); then a few queries with recall < 0.5
+and their top hits (+ = a positive). Without --adapter it reports the base model. `--compare DIR`
+(an adapter folder, or `base`) adds that model's recall@10 per bucket and how many of the bucket's
+queries changed recall between the two. `--metric r_cap` breaks down R_cap@10 (hits /
+min(|positives|, 10), what embedft called recall@10 before issue 29) instead of standard recall@10
+(hits / |positives|).
 """
 
 from __future__ import annotations
@@ -19,6 +22,21 @@ import argparse
 import numpy as np
 
 BUCKETS = ((1, 1), (2, 3), (4, 9), (10, 10**9))
+KINDS = ("identical title", "short title", "same label", "other label")
+
+
+def miss_kind(query: str, wrong: list[int], corpus: list[str], labels: list | None, own_label) -> str:
+    """Why a query lost recall, by the first that holds: a wrong top hit has the query's very title (no encoder
+    can rank it below the positives); the title has three words or fewer (too generic to tell products apart);
+    every wrong hit has the query's label (a near twin: another product of its category); else a wrong hit of
+    another label. Without labels, the last two are one kind, "other label"."""
+    if any(corpus[j] == query for j in wrong):
+        return "identical title"
+    if len(query.split()) <= 3:
+        return "short title"
+    if labels is not None and all(labels[j] == own_label for j in wrong):
+        return "same label"
+    return "other label"
 
 
 def main() -> None:
@@ -73,6 +91,19 @@ def main() -> None:
         if other is not None:
             line += f"  {other[m].mean():18.4f}  {(other[m] != per_query[m]).sum():15d}"
         print(line)
+    if task.self_ids is not None:  # grouped data: queries are corpus texts, labelled where the data has labels
+        labels = eval_ex.labels
+        kinds = {}
+        for i in np.flatnonzero(per_query < 1):
+            pos = set(task.positives[i].tolist())
+            q = task.self_ids[i]
+            wrong = [j for j in ranked[i].tolist() if j not in pos and j >= 0]
+            kind = miss_kind(task.corpus[q], wrong, task.corpus, labels, None if labels is None else labels[q])
+            kinds.setdefault(kind, []).append(i)
+        print("kind of miss      queries  share of lost recall")
+        for kind in KINDS:
+            got = kinds.get(kind, [])
+            print(f"{kind:16s}  {len(got):7d}  {(1 - per_query[got]).sum() / lost if lost else 0:5.1%}")
     bad = np.flatnonzero(per_query < 0.5)
     rng = np.random.default_rng(0)
     for i in rng.choice(bad, min(args.samples, len(bad)), replace=False):

@@ -1,5 +1,6 @@
 """benchmarks/recall_breakdown.py on the sample data with a tiny random BERT: the buckets cover
-every query, and --compare reports the other model's recall and the queries that changed."""
+every query, the kinds of miss share out all the lost recall, --compare reports the other model's recall and
+the queries that changed; and each kind of miss on planted titles."""
 
 import re
 import sys
@@ -21,7 +22,9 @@ def _run(breakdown, monkeypatch, capsys, *argv) -> dict:
     out = capsys.readouterr().out
     overall = [float(x) for x in re.findall(r"(?:recall|r_cap)@10 ([0-9.]+)", out)]
     rows = [line.split() for line in out.splitlines() if re.match(r"^\s+(\d+|\d+-\d+|>=\d+)\s+\d+\s", line)]
-    return {"overall": overall, "rows": rows, "queries": int(re.search(r"over (\d+) queries", out).group(1))}
+    kinds = {line[:16].strip(): line[16:].split() for line in out.splitlines() if line[:16].strip() in breakdown.KINDS}
+    return {"overall": overall, "rows": rows, "queries": int(re.search(r"over (\d+) queries", out).group(1)),
+            "kinds": kinds}
 
 
 def test_buckets_cover_every_query_and_compare_counts_changes(breakdown, tiny_bert_experiment, tiny_bert_adapter,
@@ -39,6 +42,10 @@ def test_buckets_cover_every_query_and_compare_counts_changes(breakdown, tiny_be
     assert [r[5] for r in tuned["rows"]] == [r[3] for r in base["rows"]]
     assert tuned["overall"][0] != pytest.approx(base["overall"][0])
     assert sum(int(r[6]) for r in tuned["rows"]) > 0
+    # Every kind has its row, and they share out all the lost recall (a random model loses plenty).
+    assert list(tuned["kinds"]) == list(breakdown.KINDS)
+    assert sum(int(q) for q, _ in tuned["kinds"].values()) > 0
+    assert sum(float(share.rstrip("%")) for _, share in tuned["kinds"].values()) == pytest.approx(100, abs=0.3)
 
     # R_cap divides by min(|positives|, 10) <= |positives|: never below standard recall.
     capped = _run(breakdown, monkeypatch, capsys, experiment, "--metric", "r_cap", "--samples", 0)
@@ -46,3 +53,17 @@ def test_buckets_cover_every_query_and_compare_counts_changes(breakdown, tiny_be
 
     same = _run(breakdown, monkeypatch, capsys, experiment, "--adapter", adapter, "--compare", adapter, "--samples", 0)
     assert [int(r[6]) for r in same["rows"]] == [0] * len(base["rows"])
+
+
+def test_miss_kind_takes_the_first_reason_that_holds(breakdown):
+    corpus = ["washer dryer", "washer dryer", "bosch wab28161gb 6kg washing machine", "bosch wab28162gb 6kg",
+              "samsung galaxy s9 64gb black"]
+    labels = ["washers", "washers", "washers", "washers", "phones"]
+    kind = breakdown.miss_kind
+    # Another product's very title among the wrong hits comes first, even for a short title.
+    assert kind("washer dryer", [1, 4], corpus, labels, "washers") == "identical title"
+    assert kind("washer dryer 8kg", [1], corpus, labels, "washers") == "short title"
+    # A near twin: every wrong hit is of the query's category.
+    assert kind("bosch wab28161gb 6kg washing machine", [3, 1], corpus, labels, "washers") == "same label"
+    assert kind("bosch wab28161gb 6kg washing machine", [3, 4], corpus, labels, "washers") == "other label"
+    assert kind("bosch wab28161gb 6kg washing machine", [3], corpus, None, None) == "other label"
