@@ -53,7 +53,7 @@ test-fast: setup ## The fast subset for the edit-test loop (under 2 min on 2 cor
 config-docs: setup ## Write docs/config.md from the dataclasses in embedft/config.py (tests/test_docs.py checks it)
 	$(PY) tools/config_docs.py
 
-bench-pricerunner: setup ## Train + evaluate on real PriceRunner data (../shared/datasets), 21-37 min on 2 cores
+bench-pricerunner: setup ## Train + evaluate on real PriceRunner data (../shared/datasets), 24-37 min on 2 cores
 	$(PY) -m embedft train experiments/pricerunner-matching.yaml --no-progress
 
 bench-labeled: setup ## Labeled data (classification): base vs adapted on four PriceRunner proxies, 2 seeds, table (over an hour on 2 cores)
