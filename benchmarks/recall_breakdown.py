@@ -1,9 +1,12 @@
 """Where retrieval recall@10 is lost: by the number of positives a query has, plus sample failures.
 
     python benchmarks/recall_breakdown.py experiments/pricerunner-matching.yaml [--adapter DIR] [--samples 10]
-                                          [--compare DIR] [--metric recall|r_cap]
+                                          [--compare DIR] [--metric recall|r_cap] [--split validation|test] [-o K=V]
 
-Embeds the experiment's eval split (document form, as `embedft eval` does for grouped data),
+Embeds the experiment's validation split (`--split validation`, the default: the products training carves out of
+the training data, `train.val_fraction` and `data.split_seed`, as the runs' per-epoch validation and
+benchmarks/compare_adapters.py carve them; `-o` overrides must match the runs') or its eval split (`--split test`,
+a record only: what it shows must not choose a setting), in document form as `embedft eval` does for grouped data,
 searches exactly, and prints recall@10 per bucket of positives with each bucket's share of
 the queries and of the lost recall; then, for grouped data, the lost recall by the kind of miss
 (`miss_kind`: a wrong top hit with the query's very title, a title of three words or fewer, wrong
@@ -47,17 +50,25 @@ def main() -> None:
     ap.add_argument("--compare", help="a second adapter folder, or 'base', to compare per bucket")
     ap.add_argument("--metric", choices=("recall", "r_cap"), default="recall",
                     help="standard recall@10 (default) or R_cap@10 (the figures in docs/benchmarks.md before issue 29)")
+    ap.add_argument("--split", choices=("validation", "test"), default="validation",
+                    help="the validation products carved from training (default), or the eval split (a record only)")
+    ap.add_argument("-o", "--override", action="append", default=[], help="config override, as embedft train -o")
     args = ap.parse_args()
 
     from embedft.config import load_config
-    from embedft.data.examples import load_splits, retrieval_task
+    from embedft.data.examples import carve_validation, load_splits, retrieval_task
     from embedft.evaluation.index import exact_search
     from embedft.evaluation.metrics import r_cap_at_k, recall_at_k
     from embedft.modeling.encoder import load_encoder
     from embedft.modeling.lora import load_adapter
 
-    cfg = load_config(args.experiment)
-    _, eval_ex, _ = load_splits(cfg.data)
+    cfg = load_config(args.experiment, args.override)
+    train_ex, eval_ex, _ = load_splits(cfg.data)
+    if args.split == "validation":
+        _, eval_ex = carve_validation(train_ex, cfg.train.val_fraction, cfg.data.split_seed)
+        if eval_ex is None:
+            raise SystemExit(f"{args.experiment}: train.val_fraction={cfg.train.val_fraction} carves no validation "
+                             "split; pass -o train.val_fraction=0.1 (as the runs trained), or --split test")
     task = retrieval_task(eval_ex)
     metric = recall_at_k if args.metric == "recall" else r_cap_at_k
     name = f"{args.metric}@10"
@@ -77,7 +88,8 @@ def main() -> None:
         _, other = per_query_recall(None if args.compare == "base" else args.compare)
     lost = (1 - per_query).sum()
     n_pos = np.array([len(p) for p in task.positives])
-    print(f"{args.adapter or cfg.model.name}: {name} {per_query.mean():.4f} over {len(per_query)} queries")
+    print(f"{args.adapter or cfg.model.name}: {name} {per_query.mean():.4f} over {len(per_query)} queries "
+          f"({args.split} split)")
     if other is not None:
         print(f"{args.compare}: {name} {other.mean():.4f}")
     print(f"positives  queries  share  {name:>9}  share of lost recall"
