@@ -114,7 +114,7 @@ def _vectors(ids: np.ndarray, encode, seen: StepVectors | None, query: bool) -> 
 
 
 @torch.no_grad()
-def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n: int, device: torch.device,
+def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n: int, device: torch.device, *,
                         range_min: int = 0, relative_margin: float | None = None,
                         absolute_margin: float | None = None, seen: StepVectors | None = None,
                         range_max: int | None = None) -> np.ndarray:
@@ -249,9 +249,11 @@ class Miner:
         if negatives:
             log.info("step %d: mining %d hard negatives per anchor with %s", step, self.cfg.hard_negatives, what)
             t0 = time.perf_counter()
-            self.negatives = mine_hard_negatives(self.encoder, self.src, self.cache, self.cfg.hard_negatives,
-                                                 self.device, self.cfg.mine_range_min, self.cfg.mine_relative_margin,
-                                                 self.cfg.mine_absolute_margin, self.seen, self.cfg.mine_range_max)
+            cfg = self.cfg
+            self.negatives = mine_hard_negatives(self.encoder, self.src, self.cache, cfg.hard_negatives, self.device,
+                                                 range_min=cfg.mine_range_min, range_max=cfg.mine_range_max,
+                                                 relative_margin=cfg.mine_relative_margin,
+                                                 absolute_margin=cfg.mine_absolute_margin, seen=self.seen)
             if self.seen is not None:
                 self.seen.forget()
             log.info("mining: %.1f s", time.perf_counter() - t0)
