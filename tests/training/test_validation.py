@@ -1,6 +1,7 @@
 """Per-epoch retrieval validation on grouped data: without a query instruction every query is scored from the
 corpus's own vectors (no query encoded, `train.val_max_queries` not a cap), with the recall that encoding the
-queries gives; with an instruction the queries are encoded in their own form and capped."""
+queries gives (and R_cap@10 beside it); with an instruction the queries are encoded in their own form and
+capped."""
 
 import numpy as np
 import pytest
@@ -9,17 +10,17 @@ from test_train import _encoder, toy_examples  # tests/training is on sys.path (
 
 from embedft.data.examples import retrieval_task
 from embedft.evaluation.index import exact_search
-from embedft.evaluation.metrics import recall_at_k
+from embedft.evaluation.metrics import r_cap_at_k, recall_at_k
 from embedft.training.validation import build_val_set, validate
 
 CPU = torch.device("cpu")
 
 
-def _recall_encoding_the_queries(enc, task, k=10):
+def _recall_encoding_the_queries(enc, task, k=10, metric=recall_at_k):
     q = enc.encode_ids(enc.tokenize(task.queries, is_query=True), device=CPU)
     c = enc.encode_ids(enc.tokenize(task.corpus), device=CPU)
     _, ranked = exact_search(c, q, k, self_ids=task.self_ids)
-    return recall_at_k(ranked, task.positives, k)
+    return metric(ranked, task.positives, k)
 
 
 def test_without_a_query_instruction_every_query_is_scored_from_the_corpus_vectors(tiny_bert_dir, monkeypatch):
@@ -35,10 +36,24 @@ def test_without_a_query_instruction_every_query_is_scored_from_the_corpus_vecto
     encoded = []
     real = enc.encode_ids
     monkeypatch.setattr(enc, "encode_ids", lambda ids, **kw: encoded.append(len(ids)) or real(ids, **kw))
-    got = validate(enc, val, None, None, 8, CPU, 0)["val/recall@10"]
+    out = validate(enc, val, None, None, 8, CPU, 0)
+    got = out["val/recall@10"]
     assert encoded == [len(task.corpus)]  # the corpus only
     assert got == pytest.approx(_recall_encoding_the_queries(enc, task), abs=1e-9)
     assert 0 < got < 1
+    assert out["val/r_cap@10"] == pytest.approx(_recall_encoding_the_queries(enc, task, metric=r_cap_at_k), abs=1e-9)
+
+
+def test_r_cap_is_logged_beside_standard_recall_and_differs_past_k_positives(tiny_bert_dir):
+    """Queries with 14 positives: standard recall@10 cannot pass 10/14, R_cap@10 (the evaluation's figure) can."""
+    enc = _encoder(tiny_bert_dir).eval()
+    val_ex = toy_examples(2, 15)
+    val = build_val_set(enc, toy_examples(4, 4), val_ex, 100, 100, 10, 0)
+    out = validate(enc, val, None, None, 8, CPU, 0)
+    task = retrieval_task(val_ex)
+    assert out["val/recall@10"] == pytest.approx(_recall_encoding_the_queries(enc, task), abs=1e-9)
+    assert out["val/r_cap@10"] == pytest.approx(_recall_encoding_the_queries(enc, task, metric=r_cap_at_k), abs=1e-9)
+    assert out["val/recall@10"] <= 10 / 14 + 1e-9 < out["val/r_cap@10"]
 
 
 def test_with_a_query_instruction_queries_are_encoded_in_their_form_and_capped(tiny_qwen3_dir):
