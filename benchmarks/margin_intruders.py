@@ -24,6 +24,8 @@ def intruder_counts(docs: np.ndarray, src, margins: tuple[float, ...], k: int = 
     """Per margin, the intruders (other-group texts in an anchor's top k scoring above its weakest positive) the
     margin drops (scoring above p - |p| * margin, p = the anchor's best positive: the miner's rule), and per
     margin the rank of each anchor's first eligible candidate among its `depth` nearest (depth: none there).
+    `first_intruder` maps each anchor's row (position in np.unique(src.anchors)) that has one to (anchor, nearest
+    intruder, its score, weakest positive, its score, best positive score), for printing samples.
 
     docs (T, D) L2-normalised vectors by text id of a grouped `PairSource` src (no query form)."""
     from embedft.evaluation.index import exact_search
@@ -34,8 +36,8 @@ def intruder_counts(docs: np.ndarray, src, margins: tuple[float, ...], k: int = 
     member_of = {int(t): m for m in src.members.values() for t in m.tolist()}
     scores, ranked = exact_search(docs, docs[anchors], min(depth, len(docs)))
     keys = src.keys
-    out = {"anchors": len(anchors), "with_intruder": 0, "intruders": 0,
-           "dropped": {m: 0 for m in margins}, "first_eligible": {m: [] for m in margins}}
+    out = {"anchors": len(anchors), "with_intruder": 0, "intruders": 0, "depth": depth,
+           "dropped": {m: 0 for m in margins}, "first_eligible": {m: [] for m in margins}, "first_intruder": {}}
     for row, a in enumerate(anchors.tolist()):
         own_pos = member_of[a][member_of[a] != a]
         cand, s = ranked[row], scores[row]
@@ -46,11 +48,15 @@ def intruder_counts(docs: np.ndarray, src, margins: tuple[float, ...], k: int = 
             out["first_eligible"][m].append(int(ok[0]) if len(ok) else depth)
         if len(own_pos) == 0:
             continue
-        weakest = float((docs[own_pos] @ docs[a]).min())
+        ps = docs[own_pos] @ docs[a]
+        weakest = float(ps.min())
         intr = other[:k] & (s[:k] > weakest)
         if intr.any():
             out["with_intruder"] += 1
             out["intruders"] += int(intr.sum())
+            j = int(np.flatnonzero(intr)[0])
+            out["first_intruder"][row] = (a, int(cand[j]), float(s[j]), int(own_pos[ps.argmin()]), weakest,
+                                          float(ps.max()))
             for m in margins:
                 out["dropped"][m] += int((s[:k][intr] > best[a] - abs(best[a]) * m).sum())
     return out
@@ -94,30 +100,14 @@ def main() -> None:
         share = got["dropped"][m] / max(got["intruders"], 1)
         ranks = np.percentile(first, [10, 25, 50, 75, 90]).tolist()
         print(f"  margin {m:g}: drops {got['dropped'][m]} of the intruders ({share:.1%}); first eligible candidate at "
-              f"rank (10/25/50/75/90%) {ranks}, none within 42 for {np.mean(first >= 42):.1%} of the anchors")
-    rng = np.random.default_rng(0)
-    member_of = {int(t): m for m in src.members.values() for t in m.tolist()}
-    anchors = np.unique(src.anchors)
-    shown = 0
-    from embedft.evaluation.index import exact_search
-    scores, ranked = exact_search(docs, docs[anchors], 10)
-    for row in rng.permutation(len(anchors)).tolist():
-        if shown >= args.samples:
-            break
-        a = int(anchors[row])
-        own_pos = member_of[a][member_of[a] != a]
-        if len(own_pos) == 0:
-            continue
-        ps = docs[own_pos] @ docs[a]
-        own = src.keys[a][src.keys[a] >= 0]
-        hits = [(j, s) for j, s in zip(ranked[row].tolist(), scores[row].tolist())
-                if j != a and not np.isin(src.keys[j], own).any() and s > ps.min()]
-        if not hits:
-            continue
-        shown += 1
-        j, s = hits[0]
-        print(f"\n{src.texts[a]!r}\n  weakest positive {ps.min():.3f} {src.texts[int(own_pos[ps.argmin()])]!r}; best "
-              f"{ps.max():.3f}\n  intruder         {s:.3f} {src.texts[j]!r}")
+              f"rank (10/25/50/75/90%) {ranks}, none within {got['depth']} for {np.mean(first >= got['depth']):.1%} "
+              "of the anchors")
+    # Samples: anchors in a seeded random order, each with its nearest intruder.
+    rows = [r for r in np.random.default_rng(0).permutation(got["anchors"]).tolist() if r in got["first_intruder"]]
+    for row in rows[:args.samples]:
+        a, j, s, weak, weak_s, best_s = got["first_intruder"][row]
+        print(f"\n{src.texts[a]!r}\n  weakest positive {weak_s:.3f} {src.texts[weak]!r}; best "
+              f"{best_s:.3f}\n  intruder         {s:.3f} {src.texts[j]!r}")
 
 
 if __name__ == "__main__":

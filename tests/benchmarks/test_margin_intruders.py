@@ -37,6 +37,10 @@ def test_intruders_and_what_each_margin_drops(intruders):
     assert got["dropped"] == {0.05: 0, 0.2: 4}
     # a0's ranking: itself, a1, b0, b1, a2; the first candidate past the margin is b0 (rank 2), none at 0.2
     assert got["first_eligible"][0.05][0] == 2 and got["first_eligible"][0.2][0] == 42
+    # the samples' record: a0 (row 0) with its nearest intruder (b0 or b1, tied at 0.9) and its weakest positive a2
+    a, j, s, weak, weak_s, best_s = got["first_intruder"][0]
+    assert (a, weak) == (0, 2) and j in (3, 4) and sorted(got["first_intruder"]) == [0, 1]
+    assert (s, weak_s, best_s) == pytest.approx((0.9, 0.6, 0.99), abs=1e-5)
 
 
 def test_the_script_reports_each_margin(intruders, tiny_bert_experiment, tiny_bert_adapter, monkeypatch, capsys):
