@@ -7,7 +7,9 @@ on proxies built from PriceRunner, over several seeds.
 Each (proxy, setting, seed) is one `embedft train` of a `shape: labeled`, `split: given`
 experiment (`recipes.train.run_train`, tracking off), whose evaluation puts the base model's kNN
 accuracy / macro-F1 and linear probe next to the adapted model's. Nothing is chosen on the test
-files: the training run selects its epoch on a validation split carved out of its training file.
+files: the training run selects its epoch on a validation split carved out of its training file, and the
+table's `val F1` (that split's kNN macro-F1 at the kept epoch, mean over seeds) is what a setting is chosen on;
+the test columns are records.
 
 Proxies (written as CSVs under --out, never into the repo; the seed draws the subsample):
 
@@ -184,7 +186,9 @@ def run_one(proxy: Proxy, setting: str, overrides: tuple[str, ...], seed: int, a
     row = {"proxy": proxy.name, "setting": setting, "seed": seed, "classes": proxy.n_classes,
            "train": proxy.n_train, "test": proxy.n_test, "steps": summary["steps"],
            "epochs": summary.get("epochs_done"), "best_epoch": summary.get("best_epoch"),
-           "wall_s": round(time.perf_counter() - t0, 1)}
+           "wall_s": round(time.perf_counter() - t0, 1),
+           # the kept epoch's validation kNN macro-F1 (carved from the training file): what a setting is chosen on
+           "val/macro_f1": m.get("train/best_val/macro_f1")}
     for k in METRICS:
         row[f"base/{k}"] = m.get(f"base/classification/{k}")
         row[f"adapted/{k}"] = m.get(f"adapted/classification/{k}")
@@ -194,18 +198,20 @@ def run_one(proxy: Proxy, setting: str, overrides: tuple[str, ...], seed: int, a
 def table(rows: list[dict]) -> str:
     """Per (proxy, setting): mean over seeds, and per seed, base vs adapted."""
     head = ("| proxy | setting | seeds | base acc | base F1 | base probe F1 | adapted acc | adapted F1 | "
-            "F1 delta | adapted probe F1 | steps | best/epochs | wall s |")
-    lines = [head, "|" + "---|" * 13]
+            "F1 delta | adapted probe F1 | val F1 | steps | best/epochs | wall s |")
+    lines = [head, "|" + "---|" * 14]
     keys = list(dict.fromkeys((r["proxy"], r["setting"]) for r in rows))
     for proxy, setting in keys:
         rs = [r for r in rows if r["proxy"] == proxy and r["setting"] == setting]
         mean = lambda k: statistics.fmean(r[k] for r in rs)  # noqa: E731
         deltas = [r["adapted/macro_f1"] - r["base/macro_f1"] for r in rs]
         spread = f" ({min(deltas):+.4f}..{max(deltas):+.4f})" if len(rs) > 1 else ""
+        vals = [r["val/macro_f1"] for r in rs if r.get("val/macro_f1") is not None]
+        val = f"{statistics.fmean(vals):.4f}" if len(vals) == len(rs) else "-"
         lines.append(f"| {proxy} | {setting} | {len(rs)} | {mean('base/accuracy'):.4f} | {mean('base/macro_f1'):.4f} | "
                      f"{mean('base/probe/macro_f1'):.4f} | {mean('adapted/accuracy'):.4f} | "
                      f"{mean('adapted/macro_f1'):.4f} | {statistics.fmean(deltas):+.4f}{spread} | "
-                     f"{mean('adapted/probe/macro_f1'):.4f} | {mean('steps'):.0f} | "
+                     f"{mean('adapted/probe/macro_f1'):.4f} | {val} | {mean('steps'):.0f} | "
                      f"{', '.join(str(r['best_epoch']) + '/' + str(r['epochs']) for r in rs)} | "
                      f"{mean('wall_s'):.0f} |")
     return "\n".join(lines)

@@ -88,14 +88,17 @@ def test_experiment_is_labeled_with_defaults_plus_the_setting(bench, tmp_path):
 
 
 def test_table_averages_seeds_and_shows_the_spread(bench):
-    def row(seed, base, adapted):
+    def row(seed, base, adapted, val):
         r = {"proxy": "fewshot8", "setting": "defaults", "seed": seed, "steps": 10, "epochs": 3, "best_epoch": 2,
-             "wall_s": 5.0}
+             "wall_s": 5.0, "val/macro_f1": val}
         for k in bench.METRICS:
             r[f"base/{k}"], r[f"adapted/{k}"] = base, adapted
         return r
 
-    table = bench.table([row(0, 0.5, 0.6), row(1, 0.7, 0.75)])
+    table = bench.table([row(0, 0.5, 0.6, 0.8), row(1, 0.7, 0.75, 0.9)])
     line = table.splitlines()[2]
     assert line.startswith("| fewshot8 | defaults | 2 | 0.6000 | 0.6000 | 0.6000 | 0.6750 | 0.6750 | +0.0750 "
-                           "(+0.0500..+0.1000) |"), line
+                           "(+0.0500..+0.1000) | 0.6750 | 0.8500 | 10 | 2/3, 2/3 |"), line
+    # a run without a validation split (the `before` setting) has no validation figure to average
+    line = bench.table([row(0, 0.5, 0.6, None), row(1, 0.7, 0.75, 0.9)]).splitlines()[2]
+    assert "| 0.6750 | - | 10 |" in line, line
