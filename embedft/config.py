@@ -210,8 +210,10 @@ class LossConfig:
     mine_relative_margin: float | None = 0.05
     mine_absolute_margin: float | None = None  # also drop candidates scoring above p - absolute_margin; null = off
     mine_range_min: int = 0  # skip this many nearest eligible candidates (sentence-transformers' range_min)
-    # Nearest candidates searched per anchor (sentence-transformers' range_max); an anchor none of whose candidates
-    # passes the margins goes without a mined negative. null: range_min + 10 x hard_negatives + 32.
+    # Nearest candidates searched per anchor, of any key, its own group's or label's included (sentence-transformers'
+    # range_max); an anchor none of whose candidates passes the margins goes without a mined negative. null: the
+    # range_min + 10 x hard_negatives + 32 nearest of another key, the search reaching past the anchor's own texts
+    # (up to 1,024 of them: a label of a few hundred texts has gathered around its anchors once training ran).
     mine_range_max: int | None = None
     # Refreshes (mine_every) search the vectors the training steps since the last mining computed for the texts
     # they embedded (anchors, positives, negatives; at most one refresh old) and encode only the texts no step

@@ -42,6 +42,19 @@ def positive_scores(q: np.ndarray, docs: np.ndarray, src: PairSource) -> np.ndar
     return best
 
 
+# How far the default search reaches past an anchor's own texts: (A, depth) ids and scores are held at once.
+OWN_DEPTH_MAX = 1024
+
+
+def _most_own(keys: np.ndarray, pool: np.ndarray, anchors: np.ndarray) -> int:
+    """The most candidates of `pool` that share a key with one anchor, the anchor itself included: how far past
+    them a search must reach to find texts of other keys. `keys` (T, W), -1 padded."""
+    k = keys[pool]
+    per_key = np.bincount(k[k >= 0], minlength=max(int(keys.max()) + 1, 1))  # pool texts per key
+    own = keys[anchors]  # (A, W)
+    return int(np.where(own >= 0, per_key[np.maximum(own, 0)], 0).sum(1).max(initial=0)) + 1
+
+
 def _candidate_pool(src: PairSource) -> np.ndarray:
     """Text ids a negative may be: documents for pairs (positives and given negatives), any text otherwise."""
     if src.positives is None:
@@ -121,8 +134,10 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
     """(T, n) per text id: the anchor text's n nearest candidates of another key, nearest first,
     -1 padded (rows of texts that are no anchor stay -1), by the current encoder.
 
-    The `range_max` nearest candidates are searched (null: range_min + 10 n + 32), and the `range_min` nearest
-    eligible ones skipped. A candidate scoring above the anchor's
+    The `range_max` nearest candidates are searched, and the `range_min` nearest eligible ones skipped. null: the
+    range_min + 10 n + 32 nearest candidates of another key, searched past the texts of the anchor's own keys (at
+    most OWN_DEPTH_MAX of them), so an anchor whose label or group has gathered around it still reaches texts of
+    other keys. A candidate scoring above the anchor's
     positive score p minus |p| * relative_margin, or above p - absolute_margin, is dropped as a
     likely false negative (sentence-transformers' `mine_hard_negatives` semantics; relative_margin
     0.05 is NV-Retriever's "95% of the positive's score"). With `seen`, the texts the training steps
@@ -146,10 +161,12 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
         log.info("mining: %d texts' vectors from the training steps, %d encoded", n_wanted - n_enc, n_enc)
     pos = positive_scores(q, docs, src)  # (T,)
     pool = _candidate_pool(src)
-    # By default as sentence-transformers sizes its range when margins filter: room for ~10x the wanted negatives.
-    depth = min(len(pool), range_max if range_max is not None else range_min + 10 * n + 32)
-    scores, ranked = exact_search(docs[pool], q[anchors], depth)  # (A, depth) positions into pool
     keys = src.keys  # (T, W) every key of each text: a title of two products is a positive of both
+    # By default as sentence-transformers sizes its range when margins filter: room for ~10x the wanted negatives,
+    # counted among the texts of other keys (the search reaches past the anchor's own ones).
+    other_depth = range_min + 10 * n + 32 if range_max is None else None
+    depth = range_max if range_max is not None else other_depth + min(_most_own(keys, pool, anchors), OWN_DEPTH_MAX)
+    scores, ranked = exact_search(docs[pool], q[anchors], min(len(pool), depth))  # (A, depth) positions into pool
     out = np.full((len(src.texts), n), -1, dtype=np.int64)
     n_margin = n_short = 0
     for row, a in enumerate(anchors.tolist()):
@@ -157,7 +174,7 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
         cand, s = pool[ranked[row][ok]], scores[row][ok]
         own = keys[a][keys[a] >= 0]
         eligible = ~np.isin(keys[cand], own).any(axis=1) & (cand != a)  # no key shared with the anchor's text
-        cand, s = cand[eligible][range_min:], s[eligible][range_min:]
+        cand, s = cand[eligible][:other_depth][range_min:], s[eligible][:other_depth][range_min:]
         keep = np.ones(len(cand), dtype=bool)
         if np.isfinite(pos[a]):
             if relative_margin is not None:

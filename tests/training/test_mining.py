@@ -92,6 +92,28 @@ def test_mining_finds_the_planted_hard_negative_and_filters_the_near_duplicate_o
         assert got and all(GROUP_OF[src.texts[m]] != GROUP_OF[t] for m in got), t
 
 
+def test_the_default_search_reaches_past_a_label_that_gathered_around_its_anchor():
+    # Labeled data after some training: label A's 60 texts all score 0.95-0.99 with anchor a0, above any other
+    # label's text; b0 (0.5) is the nearest text of another label. The explicit depth 42 (what the default was:
+    # 10 x 1 + 32 nearest texts of any label) holds only A's texts, so a0 goes without a negative; the default
+    # counts 42 texts of other labels past A's own and finds b0. The margin still applies (A's best positive 0.99).
+    vec = {"a0": _unit(1.0, 1)}
+    vec.update({f"a{i}": _unit(0.95 + 0.04 * i / 60, 1 + i % 5) for i in range(1, 61)})
+    vec.update({"b0": _unit(0.5, 6), **{f"b{i}": _unit(0.0, 7) for i in range(1, 11)}})
+    texts = list(vec)
+    ex = Examples("labeled", "planted", np.arange(len(texts)) + 1, texts, groups=[t[0] for t in texts],
+                  labels=[t[0] for t in texts])
+    src = build_pair_source(ex)
+    enc = VectorEncoder({t: vec[t] for t in src.texts})
+    cache = TokenCache(enc, src.texts)
+    mine = lambda **kw: mine_hard_negatives(enc, src, cache, 1, CPU, relative_margin=0.05, **kw)  # noqa: E731
+    assert _mined_for(src, mine(range_max=42), "a0") == [None]
+    assert _mined_for(src, mine(), "a0") == ["b0"]
+    assert _mined_for(src, mine(range_max=100), "a0") == ["b0"]  # an explicit depth past the label does too
+    mined = mine()  # every anchor of A finds a text of B, none its own label's
+    assert all(src.texts[mined[src.texts.index(t), 0]].startswith("b") for t in texts if t.startswith("a"))
+
+
 def test_a_text_of_two_groups_is_mined_only_for_the_other_groups():
     # "twin" is one title on two products, A and B (as 396 PriceRunner training titles are). The pair source keeps
     # one key per text (B's, the last), so a key test took twin, a member of a1's own group, for a1's nearest
