@@ -85,6 +85,8 @@ def test_experiment_is_labeled_with_defaults_plus_the_setting(bench, tmp_path):
     assert bench.parse_settings(None) == {"defaults": (), "before": bench.BEFORE}
     assert bench.parse_settings(["hot:train.lr=1e-3,train.epochs=2"]) == {
         "defaults": (), "hot": ("train.lr=1e-3", "train.epochs=2")}
+    assert bench.parse_settings(["hot:train.lr=1e-3"], defaults=False) == {"hot": ("train.lr=1e-3",)}
+    assert bench.parse_settings(None, defaults=False) == {"before": bench.BEFORE}
 
 
 def test_table_averages_seeds_and_shows_the_spread(bench):
