@@ -164,8 +164,11 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
     keys = src.keys  # (T, W) every key of each text: a title of two products is a positive of both
     # By default as sentence-transformers sizes its range when margins filter: room for ~10x the wanted negatives,
     # counted among the texts of other keys (the search reaches past the anchor's own ones).
-    other_depth = range_min + 10 * n + 32 if range_max is None else None
-    depth = range_max if range_max is not None else other_depth + min(_most_own(keys, pool, anchors), OWN_DEPTH_MAX)
+    if range_max is None:
+        other_depth = range_min + 10 * n + 32
+        depth = other_depth + min(_most_own(keys, pool, anchors), OWN_DEPTH_MAX)
+    else:  # range_max texts of any key, as sentence-transformers counts
+        other_depth, depth = None, range_max
     scores, ranked = exact_search(docs[pool], q[anchors], min(len(pool), depth))  # (A, depth) positions into pool
     out = np.full((len(src.texts), n), -1, dtype=np.int64)
     n_margin = n_short = 0
@@ -174,7 +177,8 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
         cand, s = pool[ranked[row][ok]], scores[row][ok]
         own = keys[a][keys[a] >= 0]
         eligible = ~np.isin(keys[cand], own).any(axis=1) & (cand != a)  # no key shared with the anchor's text
-        cand, s = cand[eligible][:other_depth][range_min:], s[eligible][:other_depth][range_min:]
+        take = np.flatnonzero(eligible)[:other_depth][range_min:]
+        cand, s = cand[take], s[take]
         keep = np.ones(len(cand), dtype=bool)
         if np.isfinite(pos[a]):
             if relative_margin is not None:
