@@ -212,8 +212,8 @@ class LossConfig:
     mine_range_min: int = 0  # skip this many nearest eligible candidates (sentence-transformers' range_min)
     # Nearest candidates searched per anchor, of any key, its own group's or label's included (sentence-transformers'
     # range_max); an anchor none of whose candidates passes the margins goes without a mined negative. null: the
-    # range_min + 10 x hard_negatives + 32 nearest of another key, the search reaching past the anchor's own texts
-    # (up to 1,024 of them: a label of a few hundred texts has gathered around its anchors once training ran).
+    # range_min + 10 x hard_negatives + 32 nearest of another key, by an exact search that leaves the anchor's own
+    # texts out (however many: a label has gathered around its anchors once training ran).
     mine_range_max: int | None = None
     # Refreshes (mine_every) search the vectors the training steps since the last mining computed for the texts
     # they embedded (anchors, positives, negatives; at most one refresh old) and encode only the texts no step

@@ -42,17 +42,37 @@ def positive_scores(q: np.ndarray, docs: np.ndarray, src: PairSource) -> np.ndar
     return best
 
 
-# How far the default search reaches past an anchor's own texts: (A, depth) ids and scores are held at once.
-OWN_DEPTH_MAX = 1024
+# The default search scores a chunk of anchors against the whole pool at once: at most this many scores.
+SCORES_AT_ONCE = 1 << 25
 
 
-def _most_own(keys: np.ndarray, pool: np.ndarray, anchors: np.ndarray) -> int:
-    """The most candidates of `pool` that share a key with one anchor, the anchor itself included: how far past
-    them a search must reach to find texts of other keys. `keys` (T, W), -1 padded."""
-    k = keys[pool]
-    per_key = np.bincount(k[k >= 0], minlength=max(int(keys.max()) + 1, 1))  # pool texts per key
-    own = keys[anchors]  # (A, W)
-    return int(np.where(own >= 0, per_key[np.maximum(own, 0)], 0).sum(1).max(initial=0)) + 1
+def nearest_of_other_keys(pool_vecs: np.ndarray, queries: np.ndarray, pool: np.ndarray, anchors: np.ndarray,
+                          keys: np.ndarray, k: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of each anchor over the pool texts that share no key with it and are not it:
+    (A, k) scores and positions into `pool`, nearest first, -inf / -1 where fewer exist. pool_vecs (P, D),
+    queries (A, D) the anchors' vectors, keys (T, W) every key of each text, -1 padded. However many texts of
+    its own label have gathered around an anchor, its k nearest texts of other labels are found."""
+    from embedft.training.losses import false_negative_mask
+
+    dev = device if device.type == "cuda" else torch.device("cpu")
+    k = min(k, len(pool))
+    scores = np.full((len(anchors), k), -np.inf, dtype=np.float32)
+    ranked = np.full((len(anchors), k), -1, dtype=np.int64)
+    if k == 0:
+        return scores, ranked
+    corpus = torch.from_numpy(np.ascontiguousarray(pool_vecs, dtype=np.float32)).to(dev)
+    pool_keys, pool_ids = torch.from_numpy(keys[pool]).to(dev), torch.from_numpy(pool).to(dev)
+    rows = max(1, SCORES_AT_ONCE // len(pool))
+    for lo in range(0, len(anchors), rows):
+        a = anchors[lo:lo + rows]
+        sim = torch.from_numpy(np.ascontiguousarray(queries[lo:lo + rows], dtype=np.float32)).to(dev) @ corpus.T
+        sim.masked_fill_(false_negative_mask(torch.from_numpy(keys[a]).to(dev), pool_keys,
+                                             torch.from_numpy(a).to(dev), pool_ids), float("-inf"))
+        top = torch.topk(sim, k, dim=1)
+        s, i = top.values.cpu().numpy(), top.indices.cpu().numpy()
+        i[~np.isfinite(s)] = -1
+        scores[lo:lo + rows], ranked[lo:lo + rows] = s, i
+    return scores, ranked
 
 
 def _candidate_pool(src: PairSource) -> np.ndarray:
@@ -135,9 +155,9 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
     -1 padded (rows of texts that are no anchor stay -1), by the current encoder.
 
     The `range_max` nearest candidates are searched, and the `range_min` nearest eligible ones skipped. null: the
-    range_min + 10 n + 32 nearest candidates of another key, searched past the texts of the anchor's own keys (at
-    most OWN_DEPTH_MAX of them), so an anchor whose label or group has gathered around it still reaches texts of
-    other keys. A candidate scoring above the anchor's
+    range_min + 10 n + 32 nearest candidates of another key, by an exact search that leaves the anchor's own
+    group's or label's texts out (`nearest_of_other_keys`), so an anchor whose label has gathered around it still
+    reaches texts of other keys. A candidate scoring above the anchor's
     positive score p minus |p| * relative_margin, or above p - absolute_margin, is dropped as a
     likely false negative (sentence-transformers' `mine_hard_negatives` semantics; relative_margin
     0.05 is NV-Retriever's "95% of the positive's score"). With `seen`, the texts the training steps
@@ -163,13 +183,12 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
     pool = _candidate_pool(src)
     keys = src.keys  # (T, W) every key of each text: a title of two products is a positive of both
     # By default as sentence-transformers sizes its range when margins filter: room for ~10x the wanted negatives,
-    # counted among the texts of other keys (the search reaches past the anchor's own ones).
+    # counted among the texts of other keys. An explicit range_max counts texts of any key, as sentence-transformers.
     if range_max is None:
-        other_depth = range_min + 10 * n + 32
-        depth = other_depth + min(_most_own(keys, pool, anchors), OWN_DEPTH_MAX)
-    else:  # range_max texts of any key, as sentence-transformers counts
-        other_depth, depth = None, range_max
-    scores, ranked = exact_search(docs[pool], q[anchors], min(len(pool), depth))  # (A, depth) positions into pool
+        scores, ranked = nearest_of_other_keys(docs[pool], q[anchors], pool, anchors, keys, range_min + 10 * n + 32,
+                                               device)
+    else:
+        scores, ranked = exact_search(docs[pool], q[anchors], min(len(pool), range_max))  # (A, depth) into pool
     out = np.full((len(src.texts), n), -1, dtype=np.int64)
     n_margin = n_short = 0
     for row, a in enumerate(anchors.tolist()):
@@ -177,7 +196,7 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
         cand, s = pool[ranked[row][ok]], scores[row][ok]
         own = keys[a][keys[a] >= 0]
         eligible = ~np.isin(keys[cand], own).any(axis=1) & (cand != a)  # no key shared with the anchor's text
-        take = np.flatnonzero(eligible)[:other_depth][range_min:]
+        take = np.flatnonzero(eligible)[range_min:]
         cand, s = cand[take], s[take]
         keep = np.ones(len(cand), dtype=bool)
         if np.isfinite(pos[a]):

@@ -114,6 +114,28 @@ def test_the_default_search_reaches_past_a_label_that_gathered_around_its_anchor
     assert all(src.texts[mined[src.texts.index(t), 0]].startswith("b") for t in texts if t.startswith("a"))
 
 
+def test_the_default_search_is_exact_however_large_the_anchors_own_label():
+    # Label A's 1,500 texts all score above every text of B with A's anchors (a full category after training):
+    # a depth search of any fixed reach past them (the default reached 1,024 of an anchor's own texts before)
+    # leaves some anchors without a negative. The default search leaves A's texts out and finds B's nearest text
+    # for every anchor of A, and for B's anchors A's nearest text.
+    rng = np.random.default_rng(0)
+    a = np.hstack([np.ones((1500, 1)), 0.05 * rng.standard_normal((1500, 7))])
+    b = np.hstack([np.full((20, 1), 0.3), np.ones((20, 1)), 0.05 * rng.standard_normal((20, 6))])
+    b[0, :2] = [0.6, 0.8]  # b0: B's text nearest to A
+    vec = {**{f"a{i}": v.tolist() for i, v in enumerate(a)}, **{f"b{i}": v.tolist() for i, v in enumerate(b)}}
+    texts = list(vec)
+    ex = Examples("labeled", "planted", np.arange(len(texts)) + 1, texts, groups=[t[0] for t in texts],
+                  labels=[t[0] for t in texts])
+    src = build_pair_source(ex)
+    enc = VectorEncoder({t: vec[t] for t in src.texts})
+    mined = mine_hard_negatives(enc, src, TokenCache(enc, src.texts), 1, CPU, relative_margin=None)
+    assert {got for t in texts if t[0] == "a" for got in _mined_for(src, mined, t)} == {"b0"}
+    assert {got[0] for t in texts if t[0] == "b" for got in _mined_for(src, mined, t)} == {"a"}
+    assert _mined_for(src, mine_hard_negatives(enc, src, TokenCache(enc, src.texts), 1, CPU, relative_margin=None,
+                                               range_max=1024), "a0") == [None]  # an explicit depth counts A's texts
+
+
 def test_a_text_of_two_groups_is_mined_only_for_the_other_groups():
     # "twin" is one title on two products, A and B (as 396 PriceRunner training titles are). The pair source keeps
     # one key per text (B's, the last), so a key test took twin, a member of a1's own group, for a1's nearest
