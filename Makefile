@@ -13,7 +13,7 @@ RUN ?= runs/pricerunner-matching
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup lock train train-ddp test test-fast config-docs bench-pricerunner bench-labeled bench-deploy bench-encode bench-train bench-chunking bench-serve bench-index-stream gpu-check gpu-bundle gpu-smoke-image ui ui-check ui-screenshots clean
+.PHONY: help setup lock train train-ddp test test-fast config-docs bench-pricerunner bench-labeled bench-pairs bench-deploy bench-encode bench-train bench-chunking bench-serve bench-index-stream gpu-check gpu-bundle gpu-smoke-image ui ui-check ui-screenshots clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ bench-pricerunner: setup ## Train + evaluate on real PriceRunner data (../shared
 
 bench-labeled: setup ## Labeled data (classification): base vs adapted on four PriceRunner proxies, 2 seeds, table (over an hour on 2 cores)
 	$(PY) benchmarks/bench_labeled.py --seeds 0,1 --threads 1
+
+bench-pairs: setup ## Pairs (query-document retrieval): base vs adapted on PriceRunner product search, 2 seeds, table (~10 min on 2 cores)
+	$(PY) benchmarks/bench_pairs.py --seeds 0,1
 
 bench-deploy: setup ## After bench-pricerunner: export its adapter, index build + search --classify vs its evaluation (RUN=...)
 	$(PY) -m embedft export --adapter $(RUN)/adapter --out $(RUN)/export --overwrite

@@ -31,14 +31,13 @@ def main() -> None:
     from embedft.modeling.encoder import load_encoder
     from embedft.modeling.lora import load_adapter
     from embedft.recipes.common import prepare_data
-    from embedft.training.validation import build_val_set, validate
+    from embedft.training.validation import val_set_for, validate
 
     cfg = load_config(args.experiment)
     data = prepare_data(cfg)
     encoder = load_adapter(load_encoder(cfg.model), args.adapter)
     encoder.eval()
-    val = build_val_set(encoder, data.fit, data.val, cfg.train.val_max_queries, cfg.train.val_max_index,
-                        cfg.eval.knn_k, cfg.train.seed)
+    val = val_set_for(encoder, data.fit, data.val, cfg)
     if val is None:
         raise SystemExit(f"{args.experiment}: no validation split (train.val_fraction=0 or train.eval_every_epoch "
                          "false); there is nothing to measure alpha on")

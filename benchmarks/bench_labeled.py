@@ -218,28 +218,57 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_settings(items: list[str] | None, defaults: bool = True) -> dict[str, tuple[str, ...]]:
-    """`NAME:k=v,k=v` -> {NAME: (k=v, ...)}; `defaults` unless told not to, `before` when none is given."""
+def parse_settings(items: list[str] | None, defaults: bool = True,
+                   before: tuple[str, ...] | None = BEFORE) -> dict[str, tuple[str, ...]]:
+    """`NAME:k=v,k=v` -> {NAME: (k=v, ...)}; `defaults` unless told not to, `before` when none is given (and
+    `before` is not None)."""
     settings: dict[str, tuple[str, ...]] = {"defaults": ()} if defaults else {}
-    if not items:
-        settings["before"] = BEFORE
+    if not items and before is not None:
+        settings["before"] = before
     for item in items or []:
         name, _, rest = item.partition(":")
         settings[name] = tuple(o for o in rest.split(",") if o)
     return settings
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def argument_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """The options every PriceRunner quality bench takes (this one and bench_pairs.py)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--data", default=str(PRICERUNNER))
-    p.add_argument("--proxies", default="categories,products,fewshot,brands")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--setting", action="append")
     p.add_argument("--no-defaults", action="store_true",
                    help="skip the defaults rows (deterministic on a CPU: an earlier invocation's stand)")
     p.add_argument("--model", default="minilm")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="/tmp/bench-labeled")
+    p.add_argument("--out", default=out)
+    return p
+
+
+def load_offers(data: str) -> list[tuple[str, int, str, str]] | None:
+    """The offers of --data (`read_offers`), offline and quiet as a bench runs; None (and why, on stderr) when the
+    file is missing."""
+    if not Path(data).is_file():
+        print(f"{data}: not found (the PriceRunner offers, ../shared/datasets/pricerunner)", file=sys.stderr)
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    return read_offers(Path(data))
+
+
+def report(rows: list[dict], markdown: str, out: Path, what: str) -> None:
+    """Print the date, machine and `what` over the table, and keep the rows in out/results.json."""
+    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} CPUs, {what}\n")
+    print(markdown)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argument_parser(__doc__.splitlines()[0], "/tmp/bench-labeled")
+    p.add_argument("--proxies", default="categories,products,fewshot,brands")
     p.add_argument("--cat-train", type=int, default=3000)
     p.add_argument("--cat-test", type=int, default=2000)
     p.add_argument("--classes", type=int, default=100)
@@ -250,15 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--brand-cap", type=int, default=130)
     args = p.parse_args(argv)
     settings = parse_settings(args.setting, defaults=not args.no_defaults)
-    if not Path(args.data).is_file():
-        print(f"{args.data}: not found (the PriceRunner offers, ../shared/datasets/pricerunner)", file=sys.stderr)
+    offers = load_offers(args.data)
+    if offers is None:
         return 2
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import logging
-
-    logging.basicConfig(level=logging.WARNING)
-    offers = read_offers(Path(args.data))
     out = Path(args.out)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -280,10 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_one(proxy, setting, overrides, seed, args)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} CPUs, model {args.model}, "
-          f"seeds {args.seeds}\n")
-    print(table(rows))
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    report(rows, table(rows), out, f"model {args.model}, seeds {args.seeds}")
     return 0
 
 

@@ -81,7 +81,7 @@ def main() -> None:
     from embedft.modeling.encoder import load_encoder
     from embedft.modeling.lora import load_adapter
     from embedft.recipes.common import prepare_data
-    from embedft.training.validation import build_val_set, query_vectors
+    from embedft.training.validation import query_vectors, val_set_for
 
     cfg = load_config(args.experiment, args.override)
     data = prepare_data(cfg)
@@ -95,8 +95,7 @@ def main() -> None:
             encoder = load_adapter(encoder, path)
         encoder.eval()
         if val is None:
-            val = build_val_set(encoder, data.fit, data.val, cfg.train.val_max_queries, cfg.train.val_max_index,
-                                cfg.eval.knn_k, cfg.train.seed)
+            val = val_set_for(encoder, data.fit, data.val, cfg)
             if val is None or val.positives is None:
                 raise SystemExit(f"{args.experiment}: no retrieval validation split (labeled data, or "
                                  "train.val_fraction=0); this compares retrieval validation only")
@@ -105,8 +104,9 @@ def main() -> None:
         _, ranked = exact_search(c, q, args.k, self_ids=val.self_ids)
         got = per_query(ranked, val.positives, args.k)
         if data.val.labels is not None:  # grouped data with categories: the kNN classification task as well
-            # The corpus is the validation texts in order; without a query form it is their query vectors too.
-            kq = c if not encoder.spec.query_template else encoder.encode_ids(
+            # The corpus opens with the validation texts in order (training texts follow: train.val_distractors);
+            # without a query form those rows are their query vectors too.
+            kq = c[:len(data.val)] if not encoder.spec.query_template else encoder.encode_ids(
                 encoder.tokenize(data.val.texts, is_query=True), device=device)
             got += knn_correct(encoder, data.fit, data.val, kq, cfg.eval.knn_k, cfg.train.val_max_index,
                                cfg.train.seed, device)

@@ -297,6 +297,10 @@ class TrainConfig:
     # instruction scores every query, as its queries are corpus texts whose vectors it has.
     val_max_queries: int = 1000
     val_max_index: int = 10000  # labeled data: the kNN index holds at most this many training texts
+    # Grouped and pairs data: at most this many documents of the training split (drawn by the seed) join the
+    # validation corpus. Its own documents alone are a tenth of the data's, where recall@10 sits near 1 and ranks
+    # settings unlike the full corpus of the evaluation does (docs/benchmarks.md, "Pairs data"). 0: its own only.
+    val_distractors: int = 10000
     threads: int | None = None  # torch CPU threads; null = torch's default
     # Frozen base weights (LoRA weights and optimizer state stay fp32): auto = bf16 on CUDA and on
     # CPUs with native bf16 (AVX512-BF16, AMX), fp32 on other CPUs.
@@ -355,6 +359,7 @@ class TrainConfig:
                    "or -o train.base_quantization=null for an fp32 base")
         _check(self.val_max_queries >= 1, "train.val_max_queries", f"must be >= 1, got {self.val_max_queries}")
         _check(0 <= self.seed < 2**32, "train.seed", f"must be in [0, 2**32) (numpy's seeds), got {self.seed}")
+        _check(self.val_distractors >= 0, "train.val_distractors", f"must be >= 0, got {self.val_distractors}")
         _check(self.val_max_index >= 1, "train.val_max_index", f"must be >= 1, got {self.val_max_index}")
         _check(0.0 <= self.val_fraction < 1.0, "train.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         _check(self.patience is None or self.patience >= 1, "train.patience",

@@ -118,7 +118,7 @@ def validation_recall():
     from embedft.modeling.encoder import load_encoder
     from embedft.modeling.lora import load_adapter
     from embedft.recipes.common import prepare_data
-    from embedft.training.validation import build_val_set, validate
+    from embedft.training.validation import val_set_for, validate
 
     def measure(experiment, adapter) -> float:
         cfg = load_config(experiment)
@@ -127,8 +127,7 @@ def validation_recall():
         if adapter:
             enc = load_adapter(enc, adapter)
         enc.eval()
-        val = build_val_set(enc, data.fit, data.val, cfg.train.val_max_queries, cfg.train.val_max_index,
-                            cfg.eval.knn_k, cfg.train.seed)
+        val = val_set_for(enc, data.fit, data.val, cfg)
         return validate(enc, val, None, None, 32, torch.device("cpu"), cfg.train.seed)["val/recall@10"]
 
     return measure

@@ -15,7 +15,7 @@ from embedft.errors import ConfigError
 from embedft.recipes.common import ending, open_tracker, prepare_data, setup_processes
 from embedft.tracking.base import NullTracker
 from embedft.tracking import ui as mlflow_ui
-from embedft.training.validation import build_val_set
+from embedft.training.validation import val_set_for
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ def _train_and_evaluate(cfg: ExperimentConfig, data, device, dist, tracker, resu
     make_trainable(encoder, cfg.lora, dtype)
     # Validation (model selection, early stopping) reads the split carved out of the training data,
     # never data.eval: that is read by the evaluations alone.
-    val = build_val_set(encoder, data.fit, data.val, cfg.train.val_max_queries, cfg.train.val_max_index,
-                        cfg.eval.knn_k, cfg.train.seed)
+    val = val_set_for(encoder, data.fit, data.val, cfg)
 
     tags = _run_tags(cfg, encoder.spec, device)
     previous = (out / RUN_ID_FILE).read_text().strip() if resume and (out / RUN_ID_FILE).is_file() else None

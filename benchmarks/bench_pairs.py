@@ -1,0 +1,128 @@
+"""Query-document retrieval (pairs data): the base model vs the adapted one, side by side in each run, on
+PriceRunner product search, over several seeds.
+
+    python benchmarks/bench_pairs.py [--seeds 0,1] [--train-rows 8000] [--setting NAME:key=value,key=value ...]
+        [--no-defaults] [--model minilm] [--threads N] [--out DIR]
+
+The task: a product's name (PriceRunner's cluster_label, "Bosch KIV32X23GB Integrated") is the query, and the
+titles its shops list it under ("bosch kiv32x23gb serie 2 50/50 integrated fridge freezer white") are the
+documents it should find, as a shop's search log pairs a query with the items clicked for it. Split by product as
+the dataset README's benchmark split (test = cluster_id % 5 == 0): every test product's name searches all the test
+titles (each title once); the training file holds --train-rows (name, title) rows drawn by the seed from the other
+products, less any name or title that is also on the test side.
+
+Each (setting, seed) is one `embedft train` of a `shape: pairs`, `split: given` experiment with no training
+settings but the setting's `-o` overrides (`recipes.train.run_train`, tracking off); its evaluation puts the base
+model's retrieval figures next to the adapted model's on the test queries. Nothing is chosen on them: the run
+keeps the epoch with the best recall@10 on a validation split carved out of its training file (by query), and the
+table's `val R@10` (that figure at the kept epoch, mean over seeds) is what a setting is chosen on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_labeled import argument_parser, load_offers, parse_settings, report  # noqa: E402
+
+METRICS = ("recall@1", "recall@10", "r_cap@10", "mrr@10", "ndcg@10")
+
+
+def make_search(offers, out: Path, seed: int, n_train: int) -> tuple[Path, Path, int, int]:
+    """(train.csv, test.csv, training rows, test queries): (query, positive) rows, a product's name and one of its
+    titles, each row once; test = cluster_id % 5 == 0, and a name or title of the test side never in training."""
+    rows = {side: sorted({(name, title) for title, c, _, name in offers if (c % 5 == 0) == (side == "test")})
+            for side in ("train", "test")}
+    test_texts = {t for row in rows["test"] for t in row}
+    train = [r for r in rows["train"] if r[0] not in test_texts and r[1] not in test_texts]
+    train = [train[i] for i in sorted(np.random.default_rng(seed).permutation(len(train))[:n_train])]
+    d = out / f"search-s{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    for side, data in (("train", train), ("test", rows["test"])):
+        with open(d / f"{side}.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["query", "positive"])
+            w.writerows(data)
+    return d / "train.csv", d / "test.csv", len(train), len({q for q, _ in rows["test"]})
+
+
+def experiment(train: Path, test: Path, model: str, seed: int, out: Path, overrides: tuple[str, ...],
+               threads: int | None):
+    """The `shape: pairs` experiment: defaults, plus the setting's overrides."""
+    from embedft.config import apply_overrides, config_from_dict
+
+    values = {"name": f"search-s{seed}",
+              "data": {"train": str(train), "eval": str(test), "split": "given", "shape": "pairs",
+                       "query_column": "query", "positive_column": "positive"},
+              "model": {"name": model},
+              "train": {"seed": seed, "output_dir": str(out), "threads": threads},
+              "eval": {"tasks": ["retrieval"]},
+              "tracking": {"enabled": False}}
+    return config_from_dict(apply_overrides(values, list(overrides)))
+
+
+def run_one(train: Path, test: Path, setting: str, overrides: tuple[str, ...], seed: int, args) -> dict:
+    from embedft.recipes.train import run_train
+
+    cfg = experiment(train, test, args.model, seed, Path(args.out) / "runs" / f"search-{setting}-s{seed}", overrides,
+                     args.threads)
+    t0 = time.perf_counter()
+    summary = run_train(cfg, progress=False)
+    m = summary["metrics"]
+    row = {"setting": setting, "seed": seed, "steps": summary["steps"], "epochs": summary.get("epochs_done"),
+           "best_epoch": summary.get("best_epoch"), "wall_s": round(time.perf_counter() - t0, 1),
+           "queries": m.get("adapted/retrieval/n_queries"), "val/recall@10": m.get("train/best_val/recall@10")}
+    for k in METRICS:
+        row[f"base/{k}"], row[f"adapted/{k}"] = m.get(f"base/retrieval/{k}"), m.get(f"adapted/retrieval/{k}")
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    """Per setting: mean over seeds of base and adapted test figures, and the validation recall@10."""
+    cols = " | ".join(f"base {k} | adapted {k}" for k in METRICS)
+    lines = [f"| setting | seeds | {cols} | val R@10 | steps | best/epochs | wall s |",
+             "|" + "---|" * (2 * len(METRICS) + 6)]
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        rs = [r for r in rows if r["setting"] == setting]
+        mean = lambda k: statistics.fmean(r[k] for r in rs)  # noqa: E731
+        figures = " | ".join(f"{mean('base/' + k):.4f} | {mean('adapted/' + k):.4f}" for k in METRICS)
+        vals = [r["val/recall@10"] for r in rs if r.get("val/recall@10") is not None]
+        val = f"{statistics.fmean(vals):.4f}" if len(vals) == len(rs) else "-"
+        lines.append(f"| {setting} | {len(rs)} | {figures} | {val} | {mean('steps'):.0f} | "
+                     f"{', '.join(str(r['best_epoch']) + '/' + str(r['epochs']) for r in rs)} | {mean('wall_s'):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argument_parser(__doc__.splitlines()[0], "/tmp/bench-pairs")
+    p.add_argument("--train-rows", type=int, default=8000)
+    args = p.parse_args(argv)
+    settings = parse_settings(args.setting, defaults=not args.no_defaults, before=None)
+    if not settings:
+        p.error("nothing to run: --no-defaults needs a --setting")
+    offers = load_offers(args.data)
+    if offers is None:
+        return 2
+    out = Path(args.out)
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        train, test, n_train, n_queries = make_search(offers, out / "data", seed, args.train_rows)
+        print(f"seed {seed}: {n_train} training rows, {n_queries} test queries", flush=True)
+        for setting, overrides in settings.items():
+            rows.append(run_one(train, test, setting, overrides, seed, args))
+            print(json.dumps(rows[-1]), flush=True)
+    report(rows, table(rows), out, f"model {args.model}, seeds {args.seeds}, {args.train_rows} training rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""benchmarks/bench_pairs.py: its product-search data keeps every test name and title out of training, draws the
+training rows by the seed, its experiments are pairs experiments with the defaults plus the setting's overrides, and
+its table averages over seeds."""
+
+import csv
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench(benchmark_script):
+    return benchmark_script("bench_pairs")
+
+
+def _offers():
+    """PriceRunner-like offers: (title, cluster, category, product name); 20 products of 6 offers, every offer listed
+    twice (two shops, one title), one title in a training and a test product, one name on both sides."""
+    rows = [(f"brand{c} model {c} offer {j}", c, "cat", f"Maker Model {c}") for c in range(1, 21) for j in range(6)]
+    rows += rows
+    rows.append(("brand5 model 5 offer 0", 3, "cat", "Maker Model 3"))  # a test title under a training product
+    rows.append(("brand7 model 7 offer 9", 7, "cat", "Maker Model 10"))  # a test name on a training product
+    return rows
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return [tuple(r) for r in csv.reader(f)]
+
+
+def test_search_data_keeps_the_test_side_out_of_training(bench, tmp_path):
+    train_csv, test_csv, n_train, n_queries = bench.make_search(_offers(), tmp_path, seed=0, n_train=50)
+    train, test = _read(train_csv), _read(test_csv)
+    assert train[0] == test[0] == ("query", "positive")
+    train, test = train[1:], test[1:]
+    assert (n_train, len(train), n_queries) == (50, 50, 4)  # products 5, 10, 15 and 20 are the test side
+    assert len(set(train)) == len(train) and len(set(test)) == len(test) == 24  # each (name, title) once
+    assert {q for q, _ in test} == {f"Maker Model {c}" for c in (5, 10, 15, 20)}
+    test_texts = {t for row in test for t in row}
+    assert not test_texts & {t for row in train for t in row}
+    assert ("Maker Model 3", "brand5 model 5 offer 0") not in train and "Maker Model 10" not in {q for q, _ in train}
+    again = bench.make_search(_offers(), tmp_path / "again", seed=1, n_train=50)
+    assert _read(again[1])[1:] == test and _read(again[0])[1:] != train  # the seed draws training rows only
+
+
+def test_experiment_is_pairs_with_defaults_plus_the_setting(bench, tmp_path):
+    from embedft.config import TrainConfig
+
+    train_csv, test_csv, _, _ = bench.make_search(_offers(), tmp_path, seed=0, n_train=50)
+    cfg = bench.experiment(train_csv, test_csv, "minilm", 3, tmp_path / "run", (), 1)
+    assert (cfg.data.shape, cfg.data.split, cfg.data.query_column, cfg.data.positive_column, cfg.eval.tasks) == (
+        "pairs", "given", "query", "positive", ("retrieval",))
+    assert (cfg.train.seed, cfg.train.lr, cfg.train.epochs, cfg.loss.hard_negatives) == (3, TrainConfig.lr,
+                                                                                         TrainConfig.epochs, 0)
+    hn = bench.experiment(train_csv, test_csv, "minilm", 3, tmp_path / "run", ("loss.hard_negatives=1",), 1)
+    assert hn.loss.hard_negatives == 1
+    assert bench.parse_settings(None, before=None) == {"defaults": ()}
+
+
+def test_table_averages_seeds(bench):
+    def row(seed, base, adapted, val):
+        r = {"setting": "defaults", "seed": seed, "steps": 10, "epochs": 3, "best_epoch": 2, "wall_s": 5.0,
+             "val/recall@10": val}
+        for k in bench.METRICS:
+            r[f"base/{k}"], r[f"adapted/{k}"] = base, adapted
+        return r
+
+    line = bench.table([row(0, 0.5, 0.6, 0.8), row(1, 0.7, 0.8, 0.9)]).splitlines()[2]
+    assert line.startswith("| defaults | 2 | 0.6000 | 0.7000 | 0.6000 | 0.7000 |"), line
+    assert line.endswith("| 0.8500 | 10 | 2/3, 2/3 | 5 |"), line
