@@ -1,7 +1,7 @@
 """Per-epoch validation on a split carved out of the training data (never the eval split): the
 task's own metric (kNN macro-F1 for labeled data, recall@10 for grouped and pairs data), which
-model selection and early stopping follow, R_cap@10 beside recall@10 (the evaluation's capped figure, logged, not
-selected on), and the loss on a few fixed batches."""
+model selection and early stopping follow, R_cap@10 (the evaluation's capped figure) and MRR@10 (the top of the
+ranking) beside recall@10, logged, not selected on, and the loss on a few fixed batches."""
 
 from __future__ import annotations
 
@@ -53,12 +53,12 @@ class ValSet:
 def validate(encoder: Encoder, val: ValSet, text_keys_cache: tuple[PairSource, TokenCache] | None,
              loss_fn: BatchLoss, batch_size: int, device: torch.device, seed: int, k: int = 10,
              sampling: str = "random", group_size: int = 4) -> dict[str, float]:
-    """Validation recall@k (standard: over all positives; what selection follows) and R_cap@k (over min(positives, k),
-    the figure the evaluation's `retrieval/r_cap@k` reports) by exact search, or kNN macro-F1 and accuracy for
-    labeled data; and validation loss on fixed batches (drawn as the training batches are, random groups standing
-    in for similar ones)."""
+    """Validation recall@k (standard: over all positives; what selection follows), R_cap@k (over min(positives, k),
+    the figure the evaluation's `retrieval/r_cap@k` reports) and MRR@k by exact search, or kNN macro-F1 and
+    accuracy for labeled data; and validation loss on fixed batches (drawn as the training batches are, random
+    groups standing in for similar ones)."""
     from embedft.evaluation.index import exact_search
-    from embedft.evaluation.metrics import classification_metrics, knn_predict, r_cap_at_k, recall_at_k
+    from embedft.evaluation.metrics import classification_metrics, knn_predict, mrr_at_k, r_cap_at_k, recall_at_k
 
     c = encoder.encode_ids(val.corpus_ids, device=device)
     q = query_vectors(encoder, val, c, device)
@@ -71,7 +71,8 @@ def validate(encoder: Encoder, val: ValSet, text_keys_cache: tuple[PairSource, T
         kk = min(k, len(val.corpus_ids) - (1 if val.self_ids is not None else 0))
         _, ranked = exact_search(c, q, kk, self_ids=val.self_ids)
         out = {f"val/recall@{k}": recall_at_k(ranked, val.positives, kk),
-               f"val/r_cap@{k}": r_cap_at_k(ranked, val.positives, kk)}
+               f"val/r_cap@{k}": r_cap_at_k(ranked, val.positives, kk),
+               f"val/mrr@{k}": mrr_at_k(ranked, val.positives, kk)}  # the top of the ranking, logged, not selected on
     if text_keys_cache is not None:
         src, cache = text_keys_cache
         losses = []
