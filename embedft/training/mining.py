@@ -194,10 +194,11 @@ def mine_hard_negatives(encoder: Encoder, src: PairSource, cache: TokenCache, n:
     for row, a in enumerate(anchors.tolist()):
         ok = ranked[row] >= 0
         cand, s = pool[ranked[row][ok]], scores[row][ok]
-        own = keys[a][keys[a] >= 0]
-        eligible = ~np.isin(keys[cand], own).any(axis=1) & (cand != a)  # no key shared with the anchor's text
-        take = np.flatnonzero(eligible)[range_min:]
-        cand, s = cand[take], s[take]
+        if range_max is not None:  # a search of any key: keep the texts sharing no key with the anchor's text
+            own = keys[a][keys[a] >= 0]
+            eligible = ~np.isin(keys[cand], own).any(axis=1) & (cand != a)
+            cand, s = cand[eligible], s[eligible]
+        cand, s = cand[range_min:], s[range_min:]
         keep = np.ones(len(cand), dtype=bool)
         if np.isfinite(pos[a]):
             if relative_margin is not None:
