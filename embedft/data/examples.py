@@ -56,6 +56,13 @@ class Examples:
             out += [t for ns in self.negatives for t in ns]
         return out
 
+    def documents(self) -> list[str]:
+        """What a retrieval corpus holds, in order: pairs' positives then their non-empty negatives; every text
+        otherwise (grouped and labeled data search their own texts)."""
+        if self.shape != "pairs":
+            return list(self.texts)
+        return self.positives + [t for ns in (self.negatives or []) for t in ns if t.strip()]
+
     def digest(self) -> str:
         """A content digest (for tracking and model cards)."""
         h = hashlib.sha256()
@@ -284,7 +291,7 @@ def retrieval_task(ex: Examples, max_queries: int | None = None, seed: int = 0) 
     Pairs: unique queries against the unique positives and negatives."""
     if ex.shape == "pairs":
         corpus_of: dict[str, int] = {}
-        for t in ex.positives + [t for ns in (ex.negatives or []) for t in ns if t.strip()]:
+        for t in ex.documents():
             corpus_of.setdefault(t, len(corpus_of))
         pos_of: dict[str, set[int]] = {}
         for q, p in zip(ex.texts, ex.positives):
@@ -300,7 +307,7 @@ def retrieval_task(ex: Examples, max_queries: int | None = None, seed: int = 0) 
             members.setdefault(g, []).append(i)
         qidx = [i for i, g in enumerate(inverse.tolist()) if len(members[g]) > 1]
         positives = [np.array([j for j in members[inverse[i]] if j != i]) for i in qidx]
-        task = RetrievalTask([ex.texts[i] for i in qidx], list(ex.texts), positives, np.array(qidx, dtype=np.int64))
+        task = RetrievalTask([ex.texts[i] for i in qidx], ex.documents(), positives, np.array(qidx, dtype=np.int64))
     if max_queries is not None and len(task) > max_queries:
         pick = np.sort(np.random.default_rng(seed).choice(len(task), size=max_queries, replace=False))
         task = RetrievalTask([task.queries[i] for i in pick], task.corpus, [task.positives[i] for i in pick],

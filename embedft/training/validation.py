@@ -153,9 +153,8 @@ def with_distractors(task: RetrievalTask, fit_ex: Examples, n: int, seed: int) -
     does; these make it search a corpus nearer that size. A text already in the corpus is not added again."""
     if n <= 0:
         return task
-    docs = fit_ex.all_texts()[len(fit_ex):] if fit_ex.shape == "pairs" else fit_ex.texts
     have = set(task.corpus)
-    extra = [t for t in dict.fromkeys(docs) if t.strip() and t not in have]
+    extra = [t for t in dict.fromkeys(fit_ex.documents()) if t.strip() and t not in have]
     if len(extra) > n:
         extra = [extra[i] for i in np.sort(np.random.default_rng(seed).choice(len(extra), size=n, replace=False))]
     log.info("validation: %d queries against %d documents (%d of them from the training split: "
