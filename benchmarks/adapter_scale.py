@@ -31,7 +31,7 @@ def main() -> None:
     from embedft.modeling.encoder import load_encoder
     from embedft.modeling.lora import load_adapter
     from embedft.recipes.common import prepare_data
-    from embedft.training.validation import val_set_for, validate
+    from embedft.training.validation import selected_metric, val_set_for, validate
 
     cfg = load_config(args.experiment)
     data = prepare_data(cfg)
@@ -44,15 +44,15 @@ def main() -> None:
     layers = [m for m in encoder.backbone.modules() if isinstance(m, LoraLayer)]
     scales = [dict(m.scaling) for m in layers]  # peft multiplies each layer's B A x by scaling[adapter]
     device = next(encoder.backbone.parameters()).device
-    results = []
+    results, metric = [], selected_metric(val, cfg.train.select_metric)
     for alpha in alphas:
         for m, scale in zip(layers, scales):
             m.scaling.update({name: s * alpha for name, s in scale.items()})
         t0 = time.perf_counter()
         out = validate(encoder, val, None, None, cfg.train.batch_size, device, cfg.train.seed)
         results.append({"alpha": alpha, **out, "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"alpha {alpha:g}: {val.metric} {out[val.metric]:.4f}", flush=True)
-    print(json.dumps({"experiment": args.experiment, "adapter": args.adapter, "metric": val.metric,
+        print(f"alpha {alpha:g}: {metric} {out[metric]:.4f}", flush=True)
+    print(json.dumps({"experiment": args.experiment, "adapter": args.adapter, "metric": metric,
                       "results": results}))
 
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_labeled import argument_parser, load_offers, parse_settings, report  # noqa: E402
 
 METRICS = ("recall@1", "recall@10", "r_cap@10", "mrr@10", "ndcg@10")
+VAL_METRICS = ("recall@10", "mrr@10")  # the kept epoch's, on the validation split
 
 
 def make_search(offers, out: Path, seed: int, n_train: int) -> tuple[Path, Path, int, int]:
@@ -80,23 +81,28 @@ def run_one(train: Path, test: Path, setting: str, overrides: tuple[str, ...], s
     m = summary["metrics"]
     row = {"setting": setting, "seed": seed, "steps": summary["steps"], "epochs": summary.get("epochs_done"),
            "best_epoch": summary.get("best_epoch"), "wall_s": round(time.perf_counter() - t0, 1),
-           "queries": m.get("adapted/retrieval/n_queries"), "val/recall@10": m.get("train/best_val/recall@10")}
+           "queries": m.get("adapted/retrieval/n_queries"),
+           **{f"val/{k}": m.get(f"train/best_val/{k}") for k in VAL_METRICS}}
     for k in METRICS:
         row[f"base/{k}"], row[f"adapted/{k}"] = m.get(f"base/retrieval/{k}"), m.get(f"adapted/retrieval/{k}")
     return row
 
 
+def _mean_or_dash(values: list[float | None]) -> str:
+    return "-" if not values or None in values else f"{statistics.fmean(values):.4f}"
+
+
 def table(rows: list[dict]) -> str:
-    """Per setting: mean over seeds of base and adapted test figures, and the validation recall@10."""
+    """Per setting: mean over seeds of base and adapted test figures, and the kept epoch's validation recall@10
+    and MRR@10."""
     cols = " | ".join(f"base {k} | adapted {k}" for k in METRICS)
-    lines = [f"| setting | seeds | {cols} | val R@10 | steps | best/epochs | wall s |",
-             "|" + "---|" * (2 * len(METRICS) + 6)]
+    lines = [f"| setting | seeds | {cols} | {' | '.join(f'val {k}' for k in VAL_METRICS)} | steps | best/epochs | "
+             "wall s |", "|" + "---|" * (2 * len(METRICS) + 5 + len(VAL_METRICS))]
     for setting in dict.fromkeys(r["setting"] for r in rows):
         rs = [r for r in rows if r["setting"] == setting]
         mean = lambda k: statistics.fmean(r[k] for r in rs)  # noqa: E731
         figures = " | ".join(f"{mean('base/' + k):.4f} | {mean('adapted/' + k):.4f}" for k in METRICS)
-        vals = [r["val/recall@10"] for r in rs if r.get("val/recall@10") is not None]
-        val = f"{statistics.fmean(vals):.4f}" if len(vals) == len(rs) else "-"
+        val = " | ".join(_mean_or_dash([r.get(f"val/{k}") for r in rs]) for k in VAL_METRICS)
         lines.append(f"| {setting} | {len(rs)} | {figures} | {val} | {mean('steps'):.0f} | "
                      f"{', '.join(str(r['best_epoch']) + '/' + str(r['epochs']) for r in rs)} | {mean('wall_s'):.0f} |")
     return "\n".join(lines)

@@ -55,6 +55,20 @@ def resolve_batch_sampling(sampling: str, shape: str) -> str:
     return "groups" if shape == "labeled" else "random"
 
 
+# train.select_metric's values (validation metrics, higher is better): kNN classification for labeled data,
+# retrieval at 10 for grouped and pairs data.
+LABELED_SELECT_METRICS = ("macro_f1", "accuracy")
+RETRIEVAL_SELECT_METRICS = ("recall@10", "r_cap@10", "mrr@10", "ndcg@10")
+
+
+def resolve_select_metric(metric: str, labeled: bool) -> str:
+    """The validation key that train.select_metric names (`val/...`): auto means kNN macro-F1 for labeled data and
+    recall@10 for grouped and pairs data."""
+    if metric == "auto":
+        metric = "macro_f1" if labeled else "recall@10"
+    return f"val/{metric}"
+
+
 def is_device(name: str) -> bool:
     """Whether `name` is one of DEVICES (auto: CUDA when there is one, else the CPU)."""
     return name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name) is not None
@@ -292,6 +306,11 @@ class TrainConfig:
     # (then set select_best=false and patience=null too).
     val_fraction: float = 0.1
     select_best: bool = True  # end with the best epoch's adapter (saved, and evaluated), not the last one's
+    # The validation metric select_best and patience follow (higher is better). auto: macro_f1 for labeled data,
+    # recall@10 for grouped and pairs data. Labeled: macro_f1 or accuracy (kNN); grouped and pairs: recall@10,
+    # r_cap@10, mrr@10 or ndcg@10 (the top of the ranking, for a search whose first hits matter most). Every one of
+    # them is logged each epoch whichever is chosen.
+    select_metric: str = "auto"
     patience: int | None = 2  # stop after this many epochs without a better validation metric; null: never
     # Per-epoch validation encodes at most this many validation texts/queries. Grouped data without a query
     # instruction scores every query, as its queries are corpus texts whose vectors it has.
@@ -364,6 +383,10 @@ class TrainConfig:
         _check(0.0 <= self.val_fraction < 1.0, "train.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         _check(self.patience is None or self.patience >= 1, "train.patience",
                f"must be >= 1 or null (never stop early), got {self.patience}")
+        _check(self.select_metric in ("auto", *LABELED_SELECT_METRICS, *RETRIEVAL_SELECT_METRICS),
+               "train.select_metric", f"unknown metric {self.select_metric!r}; use auto, "
+               f"{', '.join(LABELED_SELECT_METRICS)} (labeled data) or {', '.join(RETRIEVAL_SELECT_METRICS)} "
+               "(grouped and pairs data)")
         if self.val_fraction == 0:
             # Without a validation split there is nothing to select or stop on: say so rather than ignore them.
             _check(not self.select_best, "train.select_best", "needs a validation split, and train.val_fraction=0 "
@@ -476,6 +499,12 @@ class ExperimentConfig:
                               "learned); use -o train.batch_sampling=groups (several texts of each of many labels "
                               "per batch), or add mined negatives from other labels with -o loss.hard_negatives=1",
                               ("train.batch_sampling", "loss.hard_negatives"))
+        labeled = self.data.shape == "labeled"
+        allowed = LABELED_SELECT_METRICS if labeled else RETRIEVAL_SELECT_METRICS
+        _check(self.train.select_metric in ("auto", *allowed), "train.select_metric",
+               f"{self.train.select_metric} is not measured on {self.data.shape} data's validation (kNN "
+               f"classification for labeled data, retrieval for grouped and pairs data); use auto or one of "
+               f"{', '.join(allowed)}")
         if self.loss.mine_every is not None and self.loss.hard_negatives == 0 and sampling != "similar_groups":
             raise ConfigError(f"loss.mine_every={self.loss.mine_every!r} has nothing to mine: loss.hard_negatives is 0 "
                               f"and train.batch_sampling={sampling} finds no neighbouring groups; set "

@@ -121,6 +121,12 @@ def test_unknown_key_typo_suggests_close_name():
     ({"train": {"output_dir": "runs/{nam}"}}, "train.output_dir", "the only placeholder is {name}"),
     ({"train": {"output_dir": "runs/{name"}}, "train.output_dir", "the only placeholder is {name}"),
     ({"train": {"base_quantization": "nf8"}}, "train.base_quantization", "use nf4, int8 or null"),
+    ({"train": {"select_metric": "recall@5"}}, "train.select_metric", "use auto, macro_f1, accuracy (labeled data) "
+                                                                     "or recall@10, r_cap@10, mrr@10, ndcg@10"),
+    ({"train": {"select_metric": "mrr@10"}}, "train.select_metric", "mrr@10 is not measured on labeled data's "
+                                                                   "validation (kNN classification"),
+    ({"data": {"shape": "pairs", "positive_column": "p"}, "train": {"select_metric": "macro_f1"}},
+     "train.select_metric", "use auto or one of recall@10, r_cap@10, mrr@10, ndcg@10"),
     ({"train": {"base_quantization": "nf4", "base_dtype": "fp32"}}, "train.base_dtype",
      "set -o train.base_dtype=auto, or -o train.base_quantization=null"),
 ])

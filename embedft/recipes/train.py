@@ -143,7 +143,10 @@ def _train_and_evaluate(cfg: ExperimentConfig, data, device, dist, tracker, resu
         final.update({"train/total_seconds": result.train_seconds, "train/avg_samples_per_s": result.samples_per_s,
                       "train/avg_tokens_per_s": result.tokens_per_s})
         if result.best_epoch is not None:
+            # Every validation metric of the kept epoch (train/best_val/...), the selected one among them.
+            best = next((v for v in result.val_history if v.get("epoch") == result.best_epoch), {})
             final.update({"train/best_epoch": float(result.best_epoch), "train/epochs_done": float(result.epochs_done),
+                          **{f"train/best_{k}": v for k, v in best.items() if k.startswith("val/")},
                           **{f"train/best_{k}": v for k, v in result.best_metric.items()}})
         tracker.log_metrics(final, step=0)  # one value per run: at step 0 the MLflow UI draws it as a bar, not a line
         plots = _make_plots(out / "plots", result, base_eval, adapted_eval)
@@ -205,7 +208,8 @@ def _make_plots(out: Path, result, base_eval, adapted_eval) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     made = []
     if result.history:
-        metric = "val/macro_f1" if any("val/macro_f1" in v for v in result.val_history) else "val/recall@10"
+        metric = next(iter(result.best_metric), None) or \
+            ("val/macro_f1" if any("val/macro_f1" in v for v in result.val_history) else "val/recall@10")
         made.append(plots.plot_loss_curve([h["step"] for h in result.history], [h["train/loss"] for h in result.history],
                                           out / "loss.png",
                                           val_epochs=[v["step"] for v in result.val_history] or None,

@@ -46,7 +46,7 @@ from embedft.training.result import TrainResult
 from embedft.training.selection import Selection
 from embedft.training.step import forward_backward
 from embedft.training.tokens import TokenCache, batch_sequences
-from embedft.training.validation import ValSet, validate
+from embedft.training.validation import ValSet, selected_metric, validate
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def _new_selection(val: ValSet | None, cfg: TrainConfig) -> Selection | None:
     split; the best epoch is recorded whenever there is a validation split."""
     if val is None or not cfg.eval_every_epoch:
         return None
-    return Selection(val.metric, patience=cfg.patience, keep_weights=cfg.select_best)
+    return Selection(selected_metric(val, cfg.select_metric), patience=cfg.patience, keep_weights=cfg.select_best)
 
 
 def _select(selection: Selection | None, metrics: dict[str, float], epoch: int, encoder: Encoder) -> None:

@@ -1,7 +1,7 @@
-"""Per-epoch validation on a split carved out of the training data (never the eval split): the
-task's own metric (kNN macro-F1 for labeled data, recall@10 for grouped and pairs data), which
-model selection and early stopping follow, R_cap@10 (the evaluation's capped figure) and MRR@10 (the top of the
-ranking) beside recall@10, logged, not selected on, and the loss on a few fixed batches."""
+"""Per-epoch validation on a split carved out of the training data (never the eval split): kNN macro-F1 and
+accuracy for labeled data; recall@10, R_cap@10 (the evaluation's capped figure), MRR@10 and nDCG@10 for grouped
+and pairs data; and the loss on a few fixed batches. Model selection and early stopping follow the one
+train.select_metric names (`selected_metric`: by default macro-F1, or recall@10)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from embedft.config import GROUP_SAMPLINGS, ExperimentConfig
+from embedft.config import GROUP_SAMPLINGS, ExperimentConfig, resolve_select_metric
 from embedft.data.batches import PairSource, build_pair_source, epoch_batches
 from embedft.data.examples import Examples, RetrievalTask, retrieval_task
 from embedft.errors import DataError
@@ -43,22 +43,24 @@ class ValSet:
     # vector is its own corpus row (self_ids) and no query is encoded.
     queries_in_corpus: bool = False
 
-    @property
-    def metric(self) -> str:
-        """The key model selection follows (higher is better)."""
-        return "val/macro_f1" if self.query_labels is not None else "val/recall@10"
+
+def selected_metric(val: ValSet, select_metric: str = "auto") -> str:
+    """The key of `validate`'s output that model selection follows (higher is better): train.select_metric, where
+    auto means macro-F1 for labeled data (a kNN validation) and recall@10 for grouped and pairs data."""
+    return resolve_select_metric(select_metric, labeled=val.query_labels is not None)
 
 
 @torch.no_grad()
 def validate(encoder: Encoder, val: ValSet, text_keys_cache: tuple[PairSource, TokenCache] | None,
              loss_fn: BatchLoss, batch_size: int, device: torch.device, seed: int, k: int = 10,
              sampling: str = "random", group_size: int = 4) -> dict[str, float]:
-    """Validation recall@k (standard: over all positives; what selection follows), R_cap@k (over min(positives, k),
-    the figure the evaluation's `retrieval/r_cap@k` reports) and MRR@k by exact search, or kNN macro-F1 and
-    accuracy for labeled data; and validation loss on fixed batches (drawn as the training batches are, random
+    """Validation recall@k (standard: over all positives), R_cap@k (over min(positives, k), the figure the
+    evaluation's `retrieval/r_cap@k` reports), MRR@k and nDCG@k by exact search, or kNN macro-F1 and accuracy for
+    labeled data; and validation loss on fixed batches (drawn as the training batches are, random
     groups standing in for similar ones)."""
     from embedft.evaluation.index import exact_search
-    from embedft.evaluation.metrics import classification_metrics, knn_predict, mrr_at_k, r_cap_at_k, recall_at_k
+    from embedft.evaluation.metrics import (classification_metrics, knn_predict, mrr_at_k, ndcg_at_k, r_cap_at_k,
+                                            recall_at_k)
 
     c = encoder.encode_ids(val.corpus_ids, device=device)
     q = query_vectors(encoder, val, c, device)
@@ -72,7 +74,8 @@ def validate(encoder: Encoder, val: ValSet, text_keys_cache: tuple[PairSource, T
         _, ranked = exact_search(c, q, kk, self_ids=val.self_ids)
         out = {f"val/recall@{k}": recall_at_k(ranked, val.positives, kk),
                f"val/r_cap@{k}": r_cap_at_k(ranked, val.positives, kk),
-               f"val/mrr@{k}": mrr_at_k(ranked, val.positives, kk)}  # the top of the ranking, logged, not selected on
+               f"val/mrr@{k}": mrr_at_k(ranked, val.positives, kk),
+               f"val/ndcg@{k}": ndcg_at_k(ranked, val.positives, kk)}
     if text_keys_cache is not None:
         src, cache = text_keys_cache
         losses = []

@@ -59,11 +59,16 @@ def test_experiment_is_pairs_with_defaults_plus_the_setting(bench, tmp_path):
 def test_table_averages_seeds(bench):
     def row(seed, base, adapted, val):
         r = {"setting": "defaults", "seed": seed, "steps": 10, "epochs": 3, "best_epoch": 2, "wall_s": 5.0,
-             "val/recall@10": val}
+             "val/recall@10": val, "val/mrr@10": val / 2}
         for k in bench.METRICS:
             r[f"base/{k}"], r[f"adapted/{k}"] = base, adapted
         return r
 
     line = bench.table([row(0, 0.5, 0.6, 0.8), row(1, 0.7, 0.8, 0.9)]).splitlines()[2]
     assert line.startswith("| defaults | 2 | 0.6000 | 0.7000 | 0.6000 | 0.7000 |"), line
-    assert line.endswith("| 0.8500 | 10 | 2/3, 2/3 | 5 |"), line
+    assert line.endswith("| 0.8500 | 0.4250 | 10 | 2/3, 2/3 | 5 |"), line
+    head = bench.table([row(0, 0.5, 0.6, 0.8)]).splitlines()
+    assert head[0].endswith("| val recall@10 | val mrr@10 | steps | best/epochs | wall s |")
+    assert head[0].count("|") == head[1].count("|")
+    missing = dict(row(0, 0.5, 0.6, 0.8), **{"val/mrr@10": None})  # a run without validation
+    assert bench.table([missing]).splitlines()[2].endswith("| 0.8000 | - | 10 | 2/3 | 5 |")

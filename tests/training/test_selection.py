@@ -73,6 +73,23 @@ def test_the_run_ends_with_the_best_epochs_weights(tiny_bert_dir, tmp_path, monk
     assert res.best_epoch == 2 and all(torch.equal(_adapter(enc)[k], seen[3][k]) for k in seen[3])
 
 
+def test_select_metric_names_the_validation_metric_selection_follows(tiny_bert_dir, tmp_path, monkeypatch):
+    """train.select_metric=mrr@10: the kept epoch is the one with the best MRR@10, where recall@10 peaks elsewhere."""
+    recall, mrr = [0.3, 0.8, 0.5, 0.4], [0.2, 0.5, 0.7, 0.6]
+    seen = []
+
+    def fake_validate(encoder, *a, **k):
+        seen.append(_adapter(encoder))
+        return {"val/recall@10": recall[len(seen) - 1], "val/mrr@10": mrr[len(seen) - 1]}
+
+    monkeypatch.setattr(loop_mod, "validate", fake_validate)
+    enc = _encoder(tiny_bert_dir)
+    res = train(enc, build_pair_source(toy_examples()), replace(CFG, select_metric="mrr@10"), LOSS, tmp_path,
+                val=VAL, progress=False)
+    assert res.best_epoch == 3 and res.best_metric == {"val/mrr@10": 0.7}
+    assert all(torch.equal(_adapter(enc)[k], seen[2][k]) for k in seen[2])
+
+
 def test_patience_stops_training_when_the_metric_stops_improving(tiny_bert_dir, tmp_path, monkeypatch):
     seen = _scripted(monkeypatch, [0.6, 0.5, 0.55, 0.9, 0.9, 0.9])
     enc = _encoder(tiny_bert_dir)
@@ -175,6 +192,10 @@ def test_the_eval_split_is_read_only_by_the_evaluations(tiny_bert_dir, tmp_path,
     report = json.loads((tmp_path / "run" / "checkpoint" / "progress.json").read_text())
     assert [set(v) >= {"val/macro_f1", "val/accuracy"} for v in report["val_history"]] == [True] * 3
     assert summary["best_epoch"] in (1, 2, 3) and summary["metrics"]["train/best_epoch"] == summary["best_epoch"]
+    # Every validation metric of the kept epoch is logged beside the one selected on.
+    kept = report["val_history"][summary["best_epoch"] - 1]
+    assert {k: summary["metrics"][f"train/best_{k}"] for k in ("val/macro_f1", "val/accuracy")} == \
+        {k: kept[k] for k in ("val/macro_f1", "val/accuracy")}
 
 
 @pytest.mark.parametrize("shape, want", [("labeled", "groups"), ("grouped", "random")])

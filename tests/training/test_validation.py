@@ -10,7 +10,7 @@ from test_train import _encoder, toy_examples  # tests/training is on sys.path (
 
 from embedft.data.examples import Examples, retrieval_task
 from embedft.evaluation.index import exact_search
-from embedft.evaluation.metrics import mrr_at_k, r_cap_at_k, recall_at_k
+from embedft.evaluation.metrics import mrr_at_k, ndcg_at_k, r_cap_at_k, recall_at_k
 from embedft.training.validation import build_val_set, validate
 
 CPU = torch.device("cpu")
@@ -44,6 +44,7 @@ def test_without_a_query_instruction_every_query_is_scored_from_the_corpus_vecto
     assert out["val/r_cap@10"] == pytest.approx(_recall_encoding_the_queries(enc, task, metric=r_cap_at_k), abs=1e-9)
     assert out["val/mrr@10"] == pytest.approx(_recall_encoding_the_queries(enc, task, metric=mrr_at_k), abs=1e-9)
     assert 0 < out["val/mrr@10"] < 1
+    assert out["val/ndcg@10"] == pytest.approx(_recall_encoding_the_queries(enc, task, metric=ndcg_at_k), abs=1e-9)
 
 
 def test_r_cap_is_logged_beside_standard_recall_and_differs_past_k_positives(tiny_bert_dir):
