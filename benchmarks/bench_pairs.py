@@ -1,21 +1,28 @@
 """Query-document retrieval (pairs data): the base model vs the adapted one, side by side in each run, on
 PriceRunner product search, over several seeds.
 
-    python benchmarks/bench_pairs.py [--seeds 0,1] [--train-rows 8000] [--setting NAME:key=value,key=value ...]
-        [--no-defaults] [--model minilm] [--threads N] [--out DIR]
+    python benchmarks/bench_pairs.py [--seeds 0,1] [--train-rows 8000] [--task search|catalog]
+        [--setting NAME:key=value,key=value ...] [--no-defaults] [--model minilm] [--threads N] [--out DIR]
 
 The task: a product's name (PriceRunner's cluster_label, "Bosch KIV32X23GB Integrated") is the query, and the
 titles its shops list it under ("bosch kiv32x23gb serie 2 50/50 integrated fridge freezer white") are the
 documents it should find, as a shop's search log pairs a query with the items clicked for it. Split by product as
 the dataset README's benchmark split (test = cluster_id % 5 == 0): every test product's name searches all the test
 titles (each title once); the training file holds --train-rows (name, title) rows drawn by the seed from the other
-products, less any name or title that is also on the test side.
+products, less any name or title that is also on the test side (a number above the rows there are takes them all:
+about 28,000).
+
+`--task catalog` turns the rows round: a shop's title is the query and its product's name the document, as a shop
+feed is matched to a catalog (each test title searches the 2,614 test names; the same rows, so the same training
+data). A second query-document task with another corpus (short names) and one positive per query, for settings
+that must hold on more than one.
 
 Each (setting, seed) is one `embedft train` of a `shape: pairs`, `split: given` experiment with no training
 settings but the setting's `-o` overrides (`recipes.train.run_train`, tracking off); its evaluation puts the base
 model's retrieval figures next to the adapted model's on the test queries. Nothing is chosen on them: the run
-keeps the epoch with the best recall@10 on a validation split carved out of its training file (by query), and the
-table's `val R@10` (that figure at the kept epoch, mean over seeds) is what a setting is chosen on.
+keeps the epoch with the best validation metric (recall@10, or what `train.select_metric` names) on a split carved
+out of its training file (by query), and the table's `val recall@10` and `val mrr@10` (the kept epoch's, mean over
+seeds) are what a setting is chosen on.
 """
 
 from __future__ import annotations
@@ -38,15 +45,18 @@ METRICS = ("recall@1", "recall@10", "r_cap@10", "mrr@10", "ndcg@10")
 VAL_METRICS = ("recall@10", "mrr@10")  # the kept epoch's, on the validation split
 
 
-def make_search(offers, out: Path, seed: int, n_train: int) -> tuple[Path, Path, int, int]:
+def make_search(offers, out: Path, seed: int, n_train: int, task: str = "search") -> tuple[Path, Path, int, int]:
     """(train.csv, test.csv, training rows, test queries): (query, positive) rows, a product's name and one of its
-    titles, each row once; test = cluster_id % 5 == 0, and a name or title of the test side never in training."""
+    titles (`catalog`: a title and its product's name), each row once; test = cluster_id % 5 == 0, and a name or
+    title of the test side never in training."""
     rows = {side: sorted({(name, title) for title, c, _, name in offers if (c % 5 == 0) == (side == "test")})
             for side in ("train", "test")}
     test_texts = {t for row in rows["test"] for t in row}
     train = [r for r in rows["train"] if r[0] not in test_texts and r[1] not in test_texts]
     train = [train[i] for i in sorted(np.random.default_rng(seed).permutation(len(train))[:n_train])]
-    d = out / f"search-s{seed}"
+    if task == "catalog":
+        train, rows["test"] = [(t, n) for n, t in train], sorted((t, n) for n, t in rows["test"])
+    d = out / f"{task}-s{seed}"
     d.mkdir(parents=True, exist_ok=True)
     for side, data in (("train", train), ("test", rows["test"])):
         with open(d / f"{side}.csv", "w", newline="", encoding="utf-8") as f:
@@ -74,8 +84,8 @@ def experiment(train: Path, test: Path, model: str, seed: int, out: Path, overri
 def run_one(train: Path, test: Path, setting: str, overrides: tuple[str, ...], seed: int, args) -> dict:
     from embedft.recipes.train import run_train
 
-    cfg = experiment(train, test, args.model, seed, Path(args.out) / "runs" / f"search-{setting}-s{seed}", overrides,
-                     args.threads)
+    run_dir = Path(args.out) / "runs" / f"{args.task}-{setting}-s{seed}"
+    cfg = experiment(train, test, args.model, seed, run_dir, overrides, args.threads)
     t0 = time.perf_counter()
     summary = run_train(cfg, progress=False)
     m = summary["metrics"]
@@ -111,6 +121,8 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argument_parser(__doc__.splitlines()[0], "/tmp/bench-pairs")
     p.add_argument("--train-rows", type=int, default=8000)
+    p.add_argument("--task", choices=("search", "catalog"), default="search",
+                   help="search: a product's name finds its titles; catalog: a title finds its product's name")
     args = p.parse_args(argv)
     settings = parse_settings(args.setting, defaults=not args.no_defaults, before=None)
     if not settings:
@@ -121,12 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        train, test, n_train, n_queries = make_search(offers, out / "data", seed, args.train_rows)
+        train, test, n_train, n_queries = make_search(offers, out / "data", seed, args.train_rows, args.task)
         print(f"seed {seed}: {n_train} training rows, {n_queries} test queries", flush=True)
         for setting, overrides in settings.items():
             rows.append(run_one(train, test, setting, overrides, seed, args))
             print(json.dumps(rows[-1]), flush=True)
-    report(rows, table(rows), out, f"model {args.model}, seeds {args.seeds}, {args.train_rows} training rows")
+    report(rows, table(rows), out, f"task {args.task}, model {args.model}, seeds {args.seeds}, {args.train_rows} "
+           "training rows")
     return 0
 
 

@@ -42,6 +42,19 @@ def test_search_data_keeps_the_test_side_out_of_training(bench, tmp_path):
     assert _read(again[1])[1:] == test and _read(again[0])[1:] != train  # the seed draws training rows only
 
 
+def test_catalog_task_turns_the_same_rows_round(bench, tmp_path):
+    """--task catalog: a title is the query and its product's name the document, from the same rows."""
+    search = [_read(p)[1:] for p in bench.make_search(_offers(), tmp_path, seed=0, n_train=50)[:2]]
+    train_csv, test_csv, n_train, n_queries = bench.make_search(_offers(), tmp_path, seed=0, n_train=50,
+                                                               task="catalog")
+    assert train_csv.parent.name == "catalog-s0"
+    train, test = _read(train_csv)[1:], _read(test_csv)[1:]
+    assert sorted(train) == sorted((t, n) for n, t in search[0])
+    assert sorted(test) == sorted((t, n) for n, t in search[1])
+    assert (n_train, n_queries) == (50, 24)  # every test title is a query, its product's name the one positive
+    assert {n for _, n in test} == {f"Maker Model {c}" for c in (5, 10, 15, 20)}
+
+
 def test_experiment_is_pairs_with_defaults_plus_the_setting(bench, tmp_path):
     from embedft.config import TrainConfig
 
