@@ -143,11 +143,11 @@ def _train_and_evaluate(cfg: ExperimentConfig, data, device, dist, tracker, resu
         final.update({"train/total_seconds": result.train_seconds, "train/avg_samples_per_s": result.samples_per_s,
                       "train/avg_tokens_per_s": result.tokens_per_s})
         if result.best_epoch is not None:
-            # Every validation metric of the kept epoch (train/best_val/...), the selected one among them.
-            best = next((v for v in result.val_history if v.get("epoch") == result.best_epoch), {})
+            # Every validation metric of the kept epoch (train/best_val/...), the selected one among them: each epoch
+            # selection saw is in val_history.
+            best = next(v for v in result.val_history if v["epoch"] == result.best_epoch)
             final.update({"train/best_epoch": float(result.best_epoch), "train/epochs_done": float(result.epochs_done),
-                          **{f"train/best_{k}": v for k, v in best.items() if k.startswith("val/")},
-                          **{f"train/best_{k}": v for k, v in result.best_metric.items()}})
+                          **{f"train/best_{k}": v for k, v in best.items() if k.startswith("val/")}})
         tracker.log_metrics(final, step=0)  # one value per run: at step 0 the MLflow UI draws it as a bar, not a line
         plots = _make_plots(out / "plots", result, base_eval, adapted_eval)
         tracker.log_artifacts(str(adapter_dir), "adapter")
