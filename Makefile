@@ -60,7 +60,7 @@ bench-pricerunner: setup ## Train + evaluate on real PriceRunner data (../shared
 bench-labeled: setup ## Labeled data (classification): base vs adapted on four PriceRunner proxies, 2 seeds, table (over an hour on 2 cores)
 	$(PY) benchmarks/bench_labeled.py --seeds 0,1 --threads 1
 
-bench-pairs: setup ## Pairs (query-document retrieval): base vs adapted on PriceRunner product search (PAIRS_TASK=catalog: a title finds its product), 2 seeds (~10 min on 2 cores)
+bench-pairs: setup ## Retrieval: base vs adapted on PriceRunner product search (PAIRS_TASK=catalog: a title finds its product; matching: grouped offers), 2 seeds (~10-25 min on 2 cores)
 	$(PY) benchmarks/bench_pairs.py --seeds 0,1 --task $(PAIRS_TASK)
 
 bench-deploy: setup ## After bench-pricerunner: export its adapter, index build + search --classify vs its evaluation (RUN=...)

@@ -1,7 +1,7 @@
-"""Query-document retrieval (pairs data): the base model vs the adapted one, side by side in each run, on
-PriceRunner product search, over several seeds.
+"""Retrieval (pairs and grouped data): the base model vs the adapted one, side by side in each run, on
+PriceRunner product search, catalog matching and offer matching, over several seeds.
 
-    python benchmarks/bench_pairs.py [--seeds 0,1] [--train-rows 8000] [--task search|catalog]
+    python benchmarks/bench_pairs.py [--seeds 0,1] [--train-rows 8000] [--task search|catalog|matching]
         [--setting NAME:key=value,key=value ...] [--no-defaults] [--model minilm] [--threads N] [--out DIR]
 
 The task: a product's name (PriceRunner's cluster_label, "Bosch KIV32X23GB Integrated") is the query, and the
@@ -17,12 +17,17 @@ feed is matched to a catalog (each test title searches the 2,614 test names; the
 data). A second query-document task with another corpus (short names) and one positive per query, for settings
 that must hold on more than one.
 
-Each (setting, seed) is one `embedft train` of a `shape: pairs`, `split: given` experiment with no training
-settings but the setting's `-o` overrides (`recipes.train.run_train`, tracking off); its evaluation puts the base
-model's retrieval figures next to the adapted model's on the test queries. Nothing is chosen on them: the run
-keeps the epoch with the best validation metric (recall@10, or what `train.select_metric` names) on a split carved
-out of its training file (by query), and the table's `val recall@10` and `val mrr@10` (the kept epoch's, mean over
-seeds) are what a setting is chosen on.
+`--task matching` is grouped data (`shape: grouped`, text and product): offers of the training products, drawn
+product by product by the seed until --train-rows offers, each title once per product; every test offer queries
+the other test offers (its positives: its product's). The PriceRunner matching experiment's task with no settings,
+on a third of its training data, for what grouped data gets by default.
+
+Each (setting, seed) is one `embedft train` of a `shape: pairs` (matching: `grouped`), `split: given` experiment
+with no training settings but the setting's `-o` overrides (`recipes.train.run_train`, tracking off); its evaluation
+puts the base model's retrieval figures next to the adapted model's on the test queries. Nothing is chosen on them:
+the run keeps the epoch with the best validation metric (recall@10, or what `train.select_metric` names) on a split
+carved out of its training file (by query; matching: by product), and the table's `val recall@10` and `val mrr@10`
+(the kept epoch's, mean over seeds) are what a setting is chosen on.
 """
 
 from __future__ import annotations
@@ -66,14 +71,45 @@ def make_search(offers, out: Path, seed: int, n_train: int, task: str = "search"
     return d / "train.csv", d / "test.csv", len(train), len({q for q, _ in rows["test"]})
 
 
+def make_matching(offers, out: Path, seed: int, n_train: int) -> tuple[Path, Path, int, int]:
+    """(train.csv, test.csv, training offers, test queries): (text, product) rows, each title once per product; the
+    training products (drawn by the seed until n_train offers, those with two titles or more) less any title of the
+    test side; test = every product with cluster_id % 5 == 0."""
+    products: dict[str, dict[int, dict[str, None]]] = {"train": {}, "test": {}}
+    for title, c, _, _ in offers:
+        products["test" if c % 5 == 0 else "train"].setdefault(c, {})[title] = None
+    test_titles = {t for titles in products["test"].values() for t in titles}
+    train_products = {c: [t for t in titles if t not in test_titles] for c, titles in products["train"].items()}
+    train_products = {c: titles for c, titles in sorted(train_products.items()) if len(titles) >= 2}
+    ids = list(train_products)
+    train: list[tuple[str, int]] = []
+    for i in np.random.default_rng(seed).permutation(len(ids)):
+        if len(train) >= n_train:
+            break
+        train += [(t, ids[i]) for t in train_products[ids[i]]]
+    test = [(t, c) for c, titles in sorted(products["test"].items()) for t in titles]
+    d = out / f"matching-s{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    for side, data in (("train", sorted(train, key=lambda r: r[1])), ("test", test)):
+        with open(d / f"{side}.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "product"])
+            w.writerows(data)
+    queries = sum(len(titles) for titles in products["test"].values() if len(titles) >= 2)
+    return d / "train.csv", d / "test.csv", len(train), queries
+
+
 def experiment(train: Path, test: Path, model: str, seed: int, out: Path, overrides: tuple[str, ...],
-               threads: int | None):
-    """The `shape: pairs` experiment: defaults, plus the setting's overrides."""
+               threads: int | None, task: str = "search"):
+    """The `shape: pairs` experiment (`shape: grouped` for matching): defaults, plus the setting's overrides."""
     from embedft.config import apply_overrides, config_from_dict
 
-    values = {"name": f"search-s{seed}",
-              "data": {"train": str(train), "eval": str(test), "split": "given", "shape": "pairs",
-                       "query_column": "query", "positive_column": "positive"},
+    columns = ({"shape": "grouped", "text_column": "text", "group_column": "product",
+                # as the PriceRunner experiment: single-offer products and titles of two products stay in the corpus
+                "on_singleton": "warn", "on_duplicate": "warn", "on_overlap": "warn"} if task == "matching" else
+               {"shape": "pairs", "query_column": "query", "positive_column": "positive"})
+    values = {"name": f"{task}-s{seed}",
+              "data": {"train": str(train), "eval": str(test), "split": "given", **columns},
               "model": {"name": model},
               "train": {"seed": seed, "output_dir": str(out), "threads": threads},
               "eval": {"tasks": ["retrieval"]},
@@ -85,7 +121,7 @@ def run_one(train: Path, test: Path, setting: str, overrides: tuple[str, ...], s
     from embedft.recipes.train import run_train
 
     run_dir = Path(args.out) / "runs" / f"{args.task}-{setting}-s{seed}"
-    cfg = experiment(train, test, args.model, seed, run_dir, overrides, args.threads)
+    cfg = experiment(train, test, args.model, seed, run_dir, overrides, args.threads, args.task)
     t0 = time.perf_counter()
     summary = run_train(cfg, progress=False)
     m = summary["metrics"]
@@ -121,8 +157,9 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argument_parser(__doc__.splitlines()[0], "/tmp/bench-pairs")
     p.add_argument("--train-rows", type=int, default=8000)
-    p.add_argument("--task", choices=("search", "catalog"), default="search",
-                   help="search: a product's name finds its titles; catalog: a title finds its product's name")
+    p.add_argument("--task", choices=("search", "catalog", "matching"), default="search",
+                   help="search: a product's name finds its titles; catalog: a title finds its product's name; "
+                        "matching (grouped data): an offer finds its product's other offers")
     args = p.parse_args(argv)
     settings = parse_settings(args.setting, defaults=not args.no_defaults, before=None)
     if not settings:
@@ -133,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        train, test, n_train, n_queries = make_search(offers, out / "data", seed, args.train_rows, args.task)
+        train, test, n_train, n_queries = (
+            make_matching(offers, out / "data", seed, args.train_rows) if args.task == "matching"
+            else make_search(offers, out / "data", seed, args.train_rows, args.task))
         print(f"seed {seed}: {n_train} training rows, {n_queries} test queries", flush=True)
         for setting, overrides in settings.items():
             rows.append(run_one(train, test, setting, overrides, seed, args))

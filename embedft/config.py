@@ -281,7 +281,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping
     seed: int = 42  # batch order, LoRA initialisation, dropout
     device: str = "auto"  # auto|cpu|cuda
-    # auto: groups for labeled data, random for grouped and pairs data (`resolve_batch_sampling`);
+    # auto: groups for labeled data, random for grouped and pairs data (`resolve_batch_sampling`; on grouped
+    #   data random pairs were above group batches on validation: docs/benchmarks.md, "Grouped data");
     # random: anchors shuffled, each with a positive drawn from its group/label;
     # by_label: each batch drawn from one label (harder in-batch negatives);
     # groups (grouped/labeled data): batches of whole groups, every text an anchor whose positives

@@ -1,6 +1,6 @@
 """benchmarks/bench_pairs.py: its product-search data keeps every test name and title out of training, draws the
-training rows by the seed, its experiments are pairs experiments with the defaults plus the setting's overrides, and
-its table averages over seeds."""
+training rows by the seed (whole products for the matching task), its experiments are pairs (or grouped) experiments
+with the defaults plus the setting's overrides, and its table averages over seeds."""
 
 import csv
 
@@ -53,6 +53,34 @@ def test_catalog_task_turns_the_same_rows_round(bench, tmp_path):
     assert sorted(test) == sorted((t, n) for n, t in search[1])
     assert (n_train, n_queries) == (50, 24)  # every test title is a query, its product's name the one positive
     assert {n for _, n in test} == {f"Maker Model {c}" for c in (5, 10, 15, 20)}
+
+
+def test_matching_task_draws_whole_training_products_and_keeps_test_titles_out(bench, tmp_path):
+    """--task matching: grouped (text, product) rows; training products whole (less any test title), drawn by the
+    seed until the offers asked for; every test product's titles, each once."""
+    offers = _offers() + [("solo", 21, "cat", "Maker Model 21")]  # a one-title training product
+    train_csv, test_csv, n_train, n_queries = bench.make_matching(offers, tmp_path, seed=0, n_train=13)
+    assert train_csv.parent.name == "matching-s0"
+    train, test = _read(train_csv), _read(test_csv)
+    assert train[0] == test[0] == ("text", "product")
+    train, test = train[1:], test[1:]
+    test_titles = {t for t, _ in test}
+    whole = {str(c): {t for t, oc, _, _ in offers if oc == c} - test_titles for c in range(1, 22) if c % 5}
+    drawn = {c: [t for t, pc in train if pc == c] for _, c in train}
+    assert all(len(ts) == len(set(ts)) and set(ts) == whole[c] for c, ts in drawn.items())  # whole, each title once
+    sizes = [len(ts) for ts in drawn.values()]
+    assert n_train == len(train) == sum(sizes) >= 13 > n_train - max(sizes)  # stops once it has enough
+    assert "21" not in bench.make_matching(offers, tmp_path / "all", seed=0, n_train=10_000)[0].read_text()
+    assert whole["3"] == {f"brand3 model 3 offer {j}" for j in range(6)}  # product 3 lost the test title it had
+    assert len(test) == len(set(test)) == n_queries == 24  # products 5, 10, 15, 20: 6 titles each, once
+    assert {c for _, c in test} == {"5", "10", "15", "20"}
+    assert not test_titles & {t for t, _ in train}
+    again = bench.make_matching(offers, tmp_path / "again", seed=1, n_train=13)
+    assert _read(again[1])[1:] == test and {c for _, c in _read(again[0])[1:]} != set(drawn)  # the seed draws
+    cfg = bench.experiment(train_csv, test_csv, "minilm", 3, tmp_path / "run", (), 1, task="matching")
+    assert (cfg.data.shape, cfg.data.text_column, cfg.data.group_column, cfg.data.split) == (
+        "grouped", "text", "product", "given")
+    assert (cfg.data.on_singleton, cfg.data.on_duplicate, cfg.train.batch_sampling) == ("warn", "warn", "auto")
 
 
 def test_experiment_is_pairs_with_defaults_plus_the_setting(bench, tmp_path):
