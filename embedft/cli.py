@@ -129,6 +129,9 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
     if not _is_main():  # under torchrun, rank 0 alone prints the run's table
         return
     click.echo(summary["table"])
+    if summary.get("still_improving"):
+        click.echo(f"\nnote: the last epoch ({summary['epochs_done']}) was the best on validation; more epochs may "
+                   f"pay (-o train.epochs={summary['epochs_done'] + 2})")
     click.echo(f"\nadapter: {summary['adapter']}\nreport:  {summary['report']}/report.md")
     if summary.get("run_id"):
         click.echo(f"mlflow run: {summary.get('run_name')} ({summary['run_id']})")

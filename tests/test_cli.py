@@ -479,6 +479,11 @@ def test_every_eval_train_and_runs_option_reaches_the_code(experiment, tmp_path,
     assert invoke("train", str(experiment), "--resume", "--no-progress", "-o", "lora.r=4").exit_code == 0
     (cfg,), k = seen["train"]
     assert cfg.lora.r == 4 and k == {"resume": True, "progress": False}
+    assert "note:" not in invoke("train", str(experiment)).output
+    monkeypatch.setattr(embedft.recipes.train, "run_train", record("train", {
+        "table": "", "adapter": "a", "report": "r", "still_improving": True, "epochs_done": 3}))
+    assert "note: the last epoch (3) was the best on validation; more epochs may pay (-o train.epochs=5)" in \
+        invoke("train", str(experiment)).output
     monkeypatch.setattr(embedft.recipes.sweep, "run_sweep", record("sweep", []))
     assert invoke("train", str(experiment), "-o", "lora.r=4", "--sweep", "train.lr=1e-4,2e-4").exit_code == 0
     (_, path, overrides, sweeps), k = seen["sweep"]

@@ -147,6 +147,7 @@ def _train_and_evaluate(cfg: ExperimentConfig, data, device, dist, tracker, resu
             # selection saw is in val_history.
             best = next(v for v in result.val_history if v["epoch"] == result.best_epoch)
             final.update({"train/best_epoch": float(result.best_epoch), "train/epochs_done": float(result.epochs_done),
+                          "train/still_improving": float(result.still_improving),
                           **{f"train/best_{k}": v for k, v in best.items() if k.startswith("val/")}})
         tracker.log_metrics(final, step=0)  # one value per run: at step 0 the MLflow UI draws it as a bar, not a line
         plots = _make_plots(out / "plots", result, base_eval, adapted_eval)
@@ -158,6 +159,7 @@ def _train_and_evaluate(cfg: ExperimentConfig, data, device, dist, tracker, resu
                    "report": str(report_dir),
                    "steps": result.steps, "train_seconds": result.train_seconds, "epochs_done": result.epochs_done,
                    "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+                   "still_improving": result.still_improving,
                    "samples_per_s": result.samples_per_s, "metrics": final,
                    "table": format_table(compare(base_eval.metrics if base_eval else None, adapted_eval.metrics))}
         write_text(out / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2),

@@ -268,12 +268,26 @@ def _select(selection: Selection | None, metrics: dict[str, float], epoch: int, 
                  selection.metric, selection.bad_epochs, selection.best_value, selection.best_epoch)
 
 
+def still_improving(val_history: list[dict[str, float]], metric: str, best_epoch: int, epochs: int) -> bool:
+    """Whether the schedule's last epoch (of 2 or more) was the best by `metric` and raised it over the epoch before
+    (not a tie of a saturated metric that the validation loss broke)."""
+    if epochs < 2 or best_epoch != epochs or len(val_history) < 2 or val_history[-1]["epoch"] != epochs:
+        return False
+    return val_history[-1][metric] > val_history[-2][metric]
+
+
 def _finish_selection(selection: Selection | None, encoder: Encoder, result: TrainResult, cfg: TrainConfig) -> None:
     """Put the best epoch's weights back (train.select_best) and record which epoch that was."""
     if selection is None or selection.best_epoch == 0:
         return
     result.best_epoch, result.best_metric = selection.best_epoch, {selection.metric: selection.best_value}
     result.stopped_early = selection.should_stop and result.epochs_done < cfg.epochs
+    result.still_improving = still_improving(result.val_history, selection.metric, selection.best_epoch, cfg.epochs)
+    if result.still_improving:
+        last, before = (v[selection.metric] for v in result.val_history[-1:-3:-1])
+        log.warning("the last epoch (%d of %d) was the best, %s %.4f -> %.4f: the model may still be improving; more "
+                    "epochs may pay (-o train.epochs=%d: train.select_best keeps the best epoch, train.patience stops "
+                    "when the metric does)", cfg.epochs, cfg.epochs, selection.metric, before, last, cfg.epochs + 2)
     if cfg.select_best and selection.restore(encoder):
         log.info("kept epoch %d of %d (train.select_best): %s=%.4f", selection.best_epoch, result.epochs_done,
                  selection.metric, selection.best_value)

@@ -22,3 +22,6 @@ class TrainResult:
     best_epoch: int | None = None
     best_metric: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
+    # The schedule's last epoch (of 2 or more) was the best and raised the metric over the one before: the model
+    # may still be improving, and more epochs may pay (`still_improving` in `training.loop`).
+    still_improving: bool = False

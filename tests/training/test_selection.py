@@ -62,6 +62,7 @@ def test_the_run_ends_with_the_best_epochs_weights(tiny_bert_dir, tmp_path, monk
     res = train(enc, build_pair_source(toy_examples()), CFG, LOSS, tmp_path, val=VAL, progress=False)
     assert res.epochs_done == 4 and res.steps == 24 and len(seen) == 4
     assert res.best_epoch == 2 and res.best_metric == {"val/recall@10": 0.8} and not res.stopped_early
+    assert not res.still_improving  # the best epoch was not the last
     final = _adapter(enc)
     assert all(torch.equal(final[k], seen[1][k]) for k in final)  # epoch 2's weights, not epoch 4's
     assert any(not torch.equal(final[k], seen[3][k]) for k in final)
@@ -71,6 +72,28 @@ def test_the_run_ends_with_the_best_epochs_weights(tiny_bert_dir, tmp_path, monk
     res = train(enc, build_pair_source(toy_examples()), replace(CFG, select_best=False), LOSS, tmp_path / "last",
                 val=VAL, progress=False)
     assert res.best_epoch == 2 and all(torch.equal(_adapter(enc)[k], seen[3][k]) for k in seen[3])
+
+
+def test_a_run_whose_last_epoch_is_best_says_more_epochs_may_pay(tiny_bert_dir, tmp_path, monkeypatch, caplog):
+    _scripted(monkeypatch, [0.3, 0.5, 0.6, 0.8])
+    with caplog.at_level("WARNING", logger="embedft.training.loop"):
+        res = train(_encoder(tiny_bert_dir), build_pair_source(toy_examples()), CFG, LOSS, tmp_path, val=VAL,
+                    progress=False)
+    assert res.best_epoch == 4 and res.still_improving
+    assert "the last epoch (4 of 4) was the best, val/recall@10 0.6000 -> 0.8000" in caplog.text
+    assert "-o train.epochs=6" in caplog.text
+
+
+@pytest.mark.parametrize("history, best_epoch, epochs, want", [
+    ([(1, 0.3), (2, 0.5), (3, 0.6)], 3, 3, True),
+    ([(1, 0.3), (2, 0.6), (3, 0.6)], 3, 3, False),  # a tie the validation loss broke: the metric has stopped
+    ([(1, 0.3), (2, 0.6), (3, 0.5)], 2, 3, False),  # an earlier epoch was the best
+    ([(1, 0.3), (2, 0.6)], 2, 3, False),  # max_steps ended the run before the schedule's last epoch
+    ([(1, 0.6)], 1, 1, False),  # one epoch: nothing to compare with
+])
+def test_still_improving(history, best_epoch, epochs, want):
+    val_history = [{"epoch": e, "step": 10 * e, "val/recall@10": v} for e, v in history]
+    assert loop_mod.still_improving(val_history, "val/recall@10", best_epoch, epochs) is want
 
 
 def test_select_metric_names_the_validation_metric_selection_follows(tiny_bert_dir, tmp_path, monkeypatch):
@@ -192,6 +215,10 @@ def test_the_eval_split_is_read_only_by_the_evaluations(tiny_bert_dir, tmp_path,
     report = json.loads((tmp_path / "run" / "checkpoint" / "progress.json").read_text())
     assert [set(v) >= {"val/macro_f1", "val/accuracy"} for v in report["val_history"]] == [True] * 3
     assert summary["best_epoch"] in (1, 2, 3) and summary["metrics"]["train/best_epoch"] == summary["best_epoch"]
+    # Whether the last epoch was still the best (more epochs may pay), in the summary and among the metrics.
+    f1 = [v["val/macro_f1"] for v in report["val_history"]]
+    want = summary["best_epoch"] == 3 and f1[2] > f1[1]
+    assert summary["still_improving"] is want and summary["metrics"]["train/still_improving"] == float(want)
     # Every validation metric of the kept epoch is logged beside the one selected on.
     kept = report["val_history"][summary["best_epoch"] - 1]
     assert {k: summary["metrics"][f"train/best_{k}"] for k in ("val/macro_f1", "val/accuracy")} == \
