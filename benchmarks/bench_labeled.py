@@ -73,11 +73,12 @@ def read_offers(path: Path) -> list[tuple[str, int, str, str]]:
         return [(r[1], int(r[3]), r[6], r[4]) for r in csv.reader(f)]
 
 
-def _write(path: Path, rows: list[tuple[str, str]]) -> int:
+def _write(path: Path, rows: list[tuple], header: tuple[str, ...] = ("text", "label")) -> int:
+    """A CSV of `header` and `rows` at `path` (its folder made); the number of rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["text", "label"])
+        w.writerow(header)
         w.writerows(rows)
     return len(rows)
 

@@ -32,7 +32,6 @@ carved out of its training file (by query; matching: by product), and the table'
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 import sys
@@ -44,7 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_labeled import argument_parser, load_offers, parse_settings, report  # noqa: E402
+from bench_labeled import _write, argument_parser, load_offers, parse_settings, report  # noqa: E402
 
 METRICS = ("recall@1", "recall@10", "r_cap@10", "mrr@10", "ndcg@10")
 VAL_METRICS = ("recall@10", "mrr@10")  # the kept epoch's, on the validation split
@@ -62,12 +61,8 @@ def make_search(offers, out: Path, seed: int, n_train: int, task: str = "search"
     if task == "catalog":
         train, rows["test"] = [(t, n) for n, t in train], sorted((t, n) for n, t in rows["test"])
     d = out / f"{task}-s{seed}"
-    d.mkdir(parents=True, exist_ok=True)
     for side, data in (("train", train), ("test", rows["test"])):
-        with open(d / f"{side}.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["query", "positive"])
-            w.writerows(data)
+        _write(d / f"{side}.csv", data, ("query", "positive"))
     return d / "train.csv", d / "test.csv", len(train), len({q for q, _ in rows["test"]})
 
 
@@ -89,12 +84,8 @@ def make_matching(offers, out: Path, seed: int, n_train: int) -> tuple[Path, Pat
         train += [(t, ids[i]) for t in train_products[ids[i]]]
     test = [(t, c) for c, titles in sorted(products["test"].items()) for t in titles]
     d = out / f"matching-s{seed}"
-    d.mkdir(parents=True, exist_ok=True)
     for side, data in (("train", sorted(train, key=lambda r: r[1])), ("test", test)):
-        with open(d / f"{side}.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["text", "product"])
-            w.writerows(data)
+        _write(d / f"{side}.csv", data, ("text", "product"))
     queries = sum(len(titles) for titles in products["test"].values() if len(titles) >= 2)
     return d / "train.csv", d / "test.csv", len(train), queries
 

@@ -284,7 +284,7 @@ def _finish_selection(selection: Selection | None, encoder: Encoder, result: Tra
     result.stopped_early = selection.should_stop and result.epochs_done < cfg.epochs
     result.still_improving = still_improving(result.val_history, selection.metric, selection.best_epoch, cfg.epochs)
     if result.still_improving:
-        last, before = (v[selection.metric] for v in result.val_history[-1:-3:-1])
+        before, last = (v[selection.metric] for v in result.val_history[-2:])
         log.warning("the last epoch (%d of %d) was the best, %s %.4f -> %.4f: the model may still be improving; more "
                     "epochs may pay (-o train.epochs=%d: train.select_best keeps the best epoch, train.patience stops "
                     "when the metric does)", cfg.epochs, cfg.epochs, selection.metric, before, last, cfg.epochs + 2)
