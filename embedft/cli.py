@@ -131,7 +131,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, sweeps: tuple[s
     click.echo(summary["table"])
     if summary.get("still_improving"):
         click.echo(f"\nnote: the last epoch ({summary['epochs_done']}) was the best on validation; more epochs may "
-                   f"pay (-o train.epochs={summary['epochs_done'] + 2})")
+                   f"pay (-o train.epochs={summary['suggested_epochs']})")
     click.echo(f"\nadapter: {summary['adapter']}\nreport:  {summary['report']}/report.md")
     if summary.get("run_id"):
         click.echo(f"mlflow run: {summary.get('run_name')} ({summary['run_id']})")

@@ -46,6 +46,17 @@ def tracking_uri_problem(uri: str) -> str | None:
 DEVICES = "auto, cpu, cuda or cuda:N (N = 0, 1, ...)"  # what train.device and --device accept
 
 
+# train.epochs=auto by the data's shape (`resolve_epochs`): labeled proxies peaked at epochs 1-3 of 3 and 5 did not
+# pay on their validation; grouped and pairs data kept the last of 3 epochs, and 5 raised validation recall@10 on
+# offer matching, product search and catalog matching, both seeds each (docs/benchmarks.md, "train.epochs: auto").
+AUTO_EPOCHS = {"labeled": 3, "grouped": 5, "pairs": 5}
+
+
+def resolve_epochs(epochs: int | str, shape: str) -> int:
+    """What train.epochs=auto means for data of this shape (`AUTO_EPOCHS`); a number stays itself."""
+    return AUTO_EPOCHS[shape] if epochs == "auto" else int(epochs)
+
+
 def resolve_batch_sampling(sampling: str, shape: str) -> str:
     """What train.batch_sampling=auto means for data of this shape: `groups` for labeled data (batches
     with several texts of each of many labels: every same-label text a positive, every other one a
@@ -267,10 +278,12 @@ QUANTIZATIONS = (None, "none", "nf4", "int8")  # train.base_quantization's value
 class TrainConfig:
     """The training loop."""
 
-    # 3 epochs at lr 1e-3 (LoRA wants about 10x a full fine-tune's rate) with select_best and patience
-    # below: labeled proxies peaked at epochs 2-4 (docs/benchmarks.md, "Labeled data"); grouped data
-    # gained from 5e-4 -> 1e-3 -> 2e-3 in the PriceRunner runs 2-4.
-    epochs: int = 3  # passes over the training data
+    # Passes over the training data. auto: 3 for labeled data, 5 for grouped and pairs data (`resolve_epochs`), at
+    # lr 1e-3 (LoRA wants about 10x a full fine-tune's rate) with select_best and patience below: labeled proxies
+    # peaked at epochs 1-3 of 3; grouped and pairs data kept the last of 3, and 5 raised validation recall@10 on
+    # three tasks, both seeds each (+0.003 to +0.018), in 1.5-2.0x the time (docs/benchmarks.md, "train.epochs:
+    # auto"). Grouped data gained from 5e-4 -> 1e-3 -> 2e-3 in the PriceRunner runs 2-4.
+    epochs: int | str = "auto"
     max_steps: int | None = None  # stop early after this many optimizer steps
     batch_size: int = 64  # anchors per step (each brings a positive)
     lr: float = 1e-3  # peak learning rate (AdamW over the LoRA parameters only)
@@ -342,7 +355,8 @@ class TrainConfig:
     base_dropout: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.epochs == "auto" or (isinstance(self.epochs, int) and self.epochs >= 1), "train.epochs",
+               f"must be a number >= 1 or auto (by the data's shape), got {self.epochs!r}")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
         _check(self.batch_size >= 2, "train.batch_size", f"must be >= 2 (in-batch negatives), got {self.batch_size}")
         _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", f"learning rate must be > 0, got {self.lr}")
@@ -535,6 +549,10 @@ class ExperimentConfig:
         return None if self.eval.output_dir is None else Path(self.eval.output_dir.format(name=self.name))
 
 
+# What a union's error names for each of its types (a dataclass: a mapping).
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", tuple: "a list"}
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Coerce a YAML value into the annotated type; reject what does not fit."""
     origin = get_origin(tp)
@@ -556,8 +574,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of the allowed types",
-                          (where,))
+        kinds = " or ".join(_KINDS.get(get_origin(a) or a, "a mapping") for a in args if a is not type(None))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {kinds}, got {value!r}", (where,))
     if origin is tuple:
         if isinstance(value, (str, int, float)):
             value = [value]

@@ -120,11 +120,11 @@ def test_train_batch_larger_than_data(experiment):
 
 def test_warmup_longer_than_the_run_is_caught_by_check(experiment):
     # 27 train rows (groups 0, 4, 8 held out), one group of 3 carved out for validation -> 24 anchors
-    # -> 6 batches of 4 in each of the 3 epochs (the default).
+    # -> 6 batches of 4 in each of the 5 epochs (train.epochs=auto on grouped data).
     for cmd in ("check", "train"):
         result = invoke(cmd, str(experiment), "-o", "data.split=modulo", "-o", "data.split_modulo=4",
                         "-o", "train.warmup_steps=1000")
-        assert_clean_error(result, "train.warmup_steps=1000 is longer than the 18 training steps (3 epochs x 6 "
+        assert_clean_error(result, "train.warmup_steps=1000 is longer than the 30 training steps (5 epochs x 6 "
                                    "batches of 4", "data.csv")
     assert not (experiment.parent / "run").exists()
 
@@ -481,7 +481,7 @@ def test_every_eval_train_and_runs_option_reaches_the_code(experiment, tmp_path,
     assert cfg.lora.r == 4 and k == {"resume": True, "progress": False}
     assert "note:" not in invoke("train", str(experiment)).output
     monkeypatch.setattr(embedft.recipes.train, "run_train", record("train", {
-        "table": "", "adapter": "a", "report": "r", "still_improving": True, "epochs_done": 3}))
+        "table": "", "adapter": "a", "report": "r", "still_improving": True, "epochs_done": 3, "suggested_epochs": 5}))
     assert "note: the last epoch (3) was the best on validation; more epochs may pay (-o train.epochs=5)" in \
         invoke("train", str(experiment)).output
     monkeypatch.setattr(embedft.recipes.sweep, "run_sweep", record("sweep", []))

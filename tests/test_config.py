@@ -14,6 +14,7 @@ from embedft.config import (
     config_from_dict,
     load_config,
     parse_override,
+    resolve_epochs,
     to_yaml,
 )
 from embedft.errors import ConfigError
@@ -25,8 +26,20 @@ EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 def test_defaults_construct_and_load_config_none_gives_them():
     cfg = load_config(None)
     assert cfg == ExperimentConfig()
-    assert cfg.train.lr == 1e-3 and cfg.train.epochs == 3 and cfg.lora.r == 16 and cfg.data.shape == "labeled"
+    assert cfg.train.lr == 1e-3 and cfg.train.epochs == "auto" and cfg.lora.r == 16 and cfg.data.shape == "labeled"
     assert cfg.output_dir == Path("runs/default")
+
+
+def test_epochs_auto_means_3_for_labeled_data_and_5_for_grouped_and_pairs_data():
+    assert [resolve_epochs("auto", shape) for shape in ("labeled", "grouped", "pairs")] == [3, 5, 5]
+    assert resolve_epochs(2, "pairs") == 2  # a number is itself, whatever the shape
+    for shape in ("labeled", "grouped", "pairs"):  # every shape the data config accepts has its number
+        assert resolve_epochs(load_config(None, [f"data.shape={shape}"]).train.epochs, shape) >= 1
+    cfg = load_config(None, ["train.epochs=auto", "train.max_steps=4"])
+    assert cfg.train.epochs == "auto"
+    for bad in ("five", 0, -1):
+        with pytest.raises(ConfigError, match=r"train.epochs: must be a number >= 1 or auto"):
+            load_config(None, [f"train.epochs={bad}"])
 
 
 def test_experiments_folder_has_yamls():
@@ -96,7 +109,7 @@ def test_unknown_key_typo_suggests_close_name():
     ({"train": {"scheduler": "exponential"}}, "train.scheduler", "linear, cosine or constant"),
     ({"train": {"batch_sampling": "hard"}}, "train.batch_sampling", "auto, random, by_label, groups or similar_groups"),
     ({"train": {"group_size": 1}}, "train.group_size", "must be >= 2"),
-    ({"train": {"epochs": "two"}}, "train.epochs", "expected an integer, got 'two'"),
+    ({"train": {"epochs": "two"}}, "train.epochs", "must be a number >= 1 or auto (by the data's shape), got 'two'"),
     ({"train": {"epochs": 1.5}}, "train.epochs", "expected an integer"),
     ({"data": {"on_duplicate": "ignore"}}, "data.on_duplicate", "must be one of"),
     ({"data": {"split": "given"}}, "data.eval", "needs an eval file"),

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from embedft.config import GROUP_SAMPLINGS, TrainConfig, resolve_batch_sampling
+from embedft.config import GROUP_SAMPLINGS, TrainConfig, resolve_batch_sampling, resolve_epochs
 from embedft.data.examples import Examples
 from embedft.errors import ConfigError, DataError
 
@@ -175,10 +175,11 @@ def check_schedule(src: PairSource, cfg: TrainConfig, source: str = "training da
         raise DataError(f"{source}: train.batch_size={cfg.batch_size} is larger than the {n} training anchors per "
                         f"epoch (texts with a positive); lower train.batch_size to at most {n}")
     per_epoch = n // cfg.batch_size
-    steps = min(cfg.epochs * per_epoch, cfg.max_steps or cfg.epochs * per_epoch)
+    epochs = resolve_epochs(cfg.epochs, src.shape)
+    steps = min(epochs * per_epoch, cfg.max_steps or epochs * per_epoch)
     if cfg.warmup_steps is not None and cfg.warmup_steps > steps:
         raise ConfigError(f"train.warmup_steps={cfg.warmup_steps} is longer than the {steps} training steps "
-                          f"({cfg.epochs} epochs x {per_epoch} batches of {cfg.batch_size} from {source}); "
+                          f"({epochs} epochs x {per_epoch} batches of {cfg.batch_size} from {source}); "
                           f"lower train.warmup_steps or use train.warmup_ratio")
     return steps
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from embedft import distributed
 from embedft.atomic import building, holding, replace_dir, write_text
-from embedft.config import ExperimentConfig, flatten, to_dict, to_yaml
+from embedft.config import ExperimentConfig, flatten, resolve_epochs, to_dict, to_yaml
 from embedft.errors import ConfigError
 from embedft.recipes.common import ending, open_tracker, prepare_data, setup_processes
 from embedft.tracking.base import NullTracker
@@ -35,6 +36,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
     the folder while it does: a second training on it meanwhile is refused (`atomic.holding`)."""
     from embedft.training.checkpoint import require_checkpoint
 
+    cfg = _resolve_epochs(cfg)
     data = prepare_data(cfg)
     out = cfg.output_dir
     if resume:  # nothing to resume: refused before the run folder is made or a model loaded
@@ -51,6 +53,16 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True
                               "set -o train.output_dir to a folder you can write") from None
     with holding(out, "embedft train", OUT_IN_USE) if dist.is_main else contextlib.nullcontext():
         return _train_and_evaluate(cfg, data, device, dist, tracker, resume, progress, parent_run_id)
+
+
+def _resolve_epochs(cfg: ExperimentConfig) -> ExperimentConfig:
+    """train.epochs=auto as the number it means for this data's shape, so MLflow's params, the run's config.yaml
+    and the adapter's metadata record what ran."""
+    if cfg.train.epochs != "auto":
+        return cfg
+    epochs = resolve_epochs(cfg.train.epochs, cfg.data.shape)
+    log.info("train.epochs=auto: %d epochs for %s data", epochs, cfg.data.shape)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
 
 
 def _train_and_evaluate(cfg: ExperimentConfig, data, device, dist, tracker, resume: bool, progress: bool,
@@ -159,7 +171,7 @@ def _train_and_evaluate(cfg: ExperimentConfig, data, device, dist, tracker, resu
                    "report": str(report_dir),
                    "steps": result.steps, "train_seconds": result.train_seconds, "epochs_done": result.epochs_done,
                    "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
-                   "still_improving": result.still_improving,
+                   "still_improving": result.still_improving, "suggested_epochs": result.suggested_epochs,
                    "samples_per_s": result.samples_per_s, "metrics": final,
                    "table": format_table(compare(base_eval.metrics if base_eval else None, adapted_eval.metrics))}
         write_text(out / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2),

@@ -16,6 +16,7 @@ optimizer step. Rank 0 alone writes checkpoints and logs metrics.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -27,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from embedft import distributed
-from embedft.config import LossConfig, TrainConfig, resolve_batch_sampling
+from embedft.config import LossConfig, TrainConfig, resolve_batch_sampling, resolve_epochs
 from embedft.data.batches import PairSource, check_schedule, epoch_batches
 from embedft.modeling.encoder import Encoder, compile_layers
 from embedft.modeling.lora import lora_settings
@@ -116,6 +117,7 @@ def train(encoder: Encoder, src: PairSource, cfg: TrainConfig, loss_cfg: LossCon
     if dist.rank:  # each rank its own dropout masks; the batch schedule is numpy's, seeded alike everywhere
         torch.manual_seed(cfg.seed + dist.rank)
 
+    cfg = dataclasses.replace(cfg, epochs=resolve_epochs(cfg.epochs, src.shape))  # auto: by the data's shape
     n_total = check_schedule(src, cfg)
     ckpt = out / "checkpoint"
     loss_fn = build_loss(loss_cfg)
@@ -284,10 +286,12 @@ def _finish_selection(selection: Selection | None, encoder: Encoder, result: Tra
     result.stopped_early = selection.should_stop and result.epochs_done < cfg.epochs
     result.still_improving = still_improving(result.val_history, selection.metric, selection.best_epoch, cfg.epochs)
     if result.still_improving:
+        result.suggested_epochs = cfg.epochs + 2
         before, last = (v[selection.metric] for v in result.val_history[-2:])
         log.warning("the last epoch (%d of %d) was the best, %s %.4f -> %.4f: the model may still be improving; more "
                     "epochs may pay (-o train.epochs=%d: train.select_best keeps the best epoch, train.patience stops "
-                    "when the metric does)", cfg.epochs, cfg.epochs, selection.metric, before, last, cfg.epochs + 2)
+                    "when the metric does)", cfg.epochs, cfg.epochs, selection.metric, before, last,
+                    result.suggested_epochs)
     if cfg.select_best and selection.restore(encoder):
         log.info("kept epoch %d of %d (train.select_best): %s=%.4f", selection.best_epoch, result.epochs_done,
                  selection.metric, selection.best_value)

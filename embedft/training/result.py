@@ -25,3 +25,4 @@ class TrainResult:
     # The schedule's last epoch (of 2 or more) was the best and raised the metric over the one before: the model
     # may still be improving, and more epochs may pay (`still_improving` in `training.loop`).
     still_improving: bool = False
+    suggested_epochs: int | None = None  # when still_improving: the train.epochs the run's note suggests

@@ -62,7 +62,7 @@ def test_the_run_ends_with_the_best_epochs_weights(tiny_bert_dir, tmp_path, monk
     res = train(enc, build_pair_source(toy_examples()), CFG, LOSS, tmp_path, val=VAL, progress=False)
     assert res.epochs_done == 4 and res.steps == 24 and len(seen) == 4
     assert res.best_epoch == 2 and res.best_metric == {"val/recall@10": 0.8} and not res.stopped_early
-    assert not res.still_improving  # the best epoch was not the last
+    assert not res.still_improving and res.suggested_epochs is None  # the best epoch was not the last
     final = _adapter(enc)
     assert all(torch.equal(final[k], seen[1][k]) for k in final)  # epoch 2's weights, not epoch 4's
     assert any(not torch.equal(final[k], seen[3][k]) for k in final)
@@ -79,7 +79,7 @@ def test_a_run_whose_last_epoch_is_best_says_more_epochs_may_pay(tiny_bert_dir, 
     with caplog.at_level("WARNING", logger="embedft.training.loop"):
         res = train(_encoder(tiny_bert_dir), build_pair_source(toy_examples()), CFG, LOSS, tmp_path, val=VAL,
                     progress=False)
-    assert res.best_epoch == 4 and res.still_improving
+    assert res.best_epoch == 4 and res.still_improving and res.suggested_epochs == 6
     assert "the last epoch (4 of 4) was the best, val/recall@10 0.6000 -> 0.8000" in caplog.text
     assert "-o train.epochs=6" in caplog.text
 
@@ -219,6 +219,7 @@ def test_the_eval_split_is_read_only_by_the_evaluations(tiny_bert_dir, tmp_path,
     f1 = [v["val/macro_f1"] for v in report["val_history"]]
     want = summary["best_epoch"] == 3 and f1[2] > f1[1]
     assert summary["still_improving"] is want and summary["metrics"]["train/still_improving"] == float(want)
+    assert summary["suggested_epochs"] == (5 if want else None)
     # Every validation metric of the kept epoch is logged beside the one selected on.
     kept = report["val_history"][summary["best_epoch"] - 1]
     assert {k: summary["metrics"][f"train/best_{k}"] for k in ("val/macro_f1", "val/accuracy")} == \
@@ -242,3 +243,26 @@ def test_the_loop_draws_group_batches_for_labeled_data_by_default(tiny_bert_dir,
     with pytest.raises(KeyboardInterrupt):
         train(_encoder(tiny_bert_dir), build_pair_source(ex), TrainConfig(batch_size=8), LOSS, tmp_path, progress=False)
     assert TrainConfig().batch_sampling == "auto" and drawn == [want]
+
+
+def test_epochs_auto_trains_5_epochs_on_grouped_data(tiny_bert_dir, tmp_path):
+    src = build_pair_source(toy_examples())  # 48 grouped texts: 6 batches of 8 an epoch
+    res = train(_encoder(tiny_bert_dir), src, replace(CFG, epochs="auto"), LOSS, tmp_path, progress=False)
+    assert src.shape == "grouped" and (res.epochs_done, res.steps) == (5, 30)
+
+
+def test_epochs_auto_is_recorded_as_the_number_it_meant(tiny_bert_dir, tmp_path, caplog):
+    """A labeled run with no train.epochs: 3 epochs, and its config.yaml says 3, not auto (MLflow's params alike)."""
+    from embedft.config import config_from_dict, load_config
+    from embedft.recipes.train import run_train
+
+    train_csv, eval_csv, _ = _labeled_files(tmp_path)
+    cfg = config_from_dict({"name": "auto", "model": {"name": str(tiny_bert_dir)},
+                            "data": {"train": str(train_csv), "eval": str(eval_csv), "split": "given"},
+                            "train": {"batch_size": 16, "output_dir": str(tmp_path / "run"), "max_steps": 2},
+                            "eval": {"knn_k": 3}, "tracking": {"enabled": False}})
+    assert cfg.train.epochs == "auto"
+    with caplog.at_level("INFO", logger="embedft.recipes.train"):
+        run_train(cfg, progress=False)
+    assert "train.epochs=auto: 3 epochs for labeled data" in caplog.text
+    assert load_config(tmp_path / "run" / "config.yaml").train.epochs == 3
