@@ -201,13 +201,17 @@ def eval_cmd(config, overrides, model, adapter, run_id, data, indexes, save_inde
 @click.option("-o", "--override", "overrides", multiple=True, help=OVERRIDE_HELP)
 def check(config: str, overrides: tuple[str, ...]) -> None:
     """Validate CONFIG and its data without loading a model; print the resolved config."""
-    from embedft.config import to_yaml
+    from embedft.config import resolve_epochs, to_yaml
+    from embedft.data.batches import check_schedule
     from embedft.recipes.common import prepare_data
 
     cfg = _load(config, overrides)
     data = prepare_data(cfg)
     click.echo(to_yaml(cfg))
     click.echo(f"training anchors: {data.source.n_anchors}")
+    steps, epochs = check_schedule(data.source, cfg.train), resolve_epochs(cfg.train.epochs, cfg.data.shape)
+    auto = f", train.epochs=auto for {cfg.data.shape} data" if cfg.train.epochs == "auto" else ""
+    click.echo(f"training steps: {steps} ({epochs} epochs{auto}; batches of {cfg.train.batch_size})")
     for k, v in sorted(data.report.counts.items()):
         click.echo(f"  {k}: {v}")
 

@@ -75,6 +75,11 @@ def test_check_our_experiment(experiment):
     # groups 0, 4, 8 (3 texts each) are eval; the other 9 groups are train, one of them carved out
     # as the validation split (train.val_fraction: at least one group).
     assert "training anchors: 24" in result.stdout and "val_rows: 3" in result.stdout
+    # 6 batches of 4 an epoch, 5 epochs: what train.epochs=auto means for grouped data
+    assert "training steps: 30 (5 epochs, train.epochs=auto for grouped data; batches of 4)" in result.stdout
+    result = invoke("check", str(experiment), "-o", "data.split=modulo", "-o", "data.split_modulo=4",
+                    "-o", "train.epochs=2")
+    assert "training steps: 12 (2 epochs; batches of 4)" in result.stdout
     assert "  train_rows: 27" in result.stdout and "  eval_rows: 9" in result.stdout
 
 
