@@ -284,8 +284,7 @@ def _finish_selection(selection: Selection | None, encoder: Encoder, result: Tra
         return
     result.best_epoch, result.best_metric = selection.best_epoch, {selection.metric: selection.best_value}
     result.stopped_early = selection.should_stop and result.epochs_done < cfg.epochs
-    result.still_improving = still_improving(result.val_history, selection.metric, selection.best_epoch, cfg.epochs)
-    if result.still_improving:
+    if still_improving(result.val_history, selection.metric, selection.best_epoch, cfg.epochs):
         result.suggested_epochs = cfg.epochs + 2
         before, last = (v[selection.metric] for v in result.val_history[-2:])
         log.warning("the last epoch (%d of %d) was the best, %s %.4f -> %.4f: the model may still be improving; more "

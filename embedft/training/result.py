@@ -22,7 +22,11 @@ class TrainResult:
     best_epoch: int | None = None
     best_metric: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
-    # The schedule's last epoch (of 2 or more) was the best and raised the metric over the one before: the model
-    # may still be improving, and more epochs may pay (`still_improving` in `training.loop`).
-    still_improving: bool = False
-    suggested_epochs: int | None = None  # when still_improving: the train.epochs the run's note suggests
+    # When the schedule's last epoch (of 2 or more) was the best and raised the metric over the one before
+    # (`still_improving` in `training.loop`): the train.epochs the run's note suggests; None otherwise.
+    suggested_epochs: int | None = None
+
+    @property
+    def still_improving(self) -> bool:
+        """The model may still be improving, and more epochs may pay."""
+        return self.suggested_epochs is not None
